@@ -1,0 +1,24 @@
+"""mlocore: bilevel and multilevel optimization by implicit differentiation, compiled with Numba.
+
+Public API at a glance::
+
+    Objective(grad, hvp=None, value=None, tvp=None, args=(), n_samples=None)
+    BilevelProblem(upper, lower, dims=(dx, dy), bounds=None, project=None)
+    solve_lower(problem, x, y0, method="newton-cg")
+    hypergrad(problem, x, y, method="cg" | "direct" | "neumann" | "itd-reverse" | "itd-forward")
+    minimize_bilevel(problem, x0, y0, method="aid" | "itd" | "alternating")
+    HyperObjective(problem, y0)            # (F(x), grad F(x)) for scipy.optimize.minimize
+    mlocore.linalg.cg / neumann / solve_direct
+    mlocore.problems                        # benchmark problems with known solutions
+"""
+from ._callbacks import CallbackError
+from ._config import backend, get_backend, set_backend
+from ._hypergrad import hypergrad, solve_lower
+from ._problem import BilevelProblem, Objective
+from ._results import HypergradResult
+from . import linalg
+
+__version__ = "0.1.0"
+
+__all__ = ["Objective", "BilevelProblem", "hypergrad", "solve_lower", "HypergradResult",
+           "CallbackError", "linalg", "backend", "get_backend", "set_backend"]

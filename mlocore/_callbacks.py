@@ -1,0 +1,252 @@
+"""Compiling user callbacks and calling compiled kernels with them.
+
+Design choice (measured with numba 0.68 on the 2-core CI machine, see README "Performance
+notes"): kernels receive user callbacks as first-class ``numba.types.FunctionType`` values,
+not as dispatcher objects. A kernel is then compiled once per *argument-type* signature and
+cached on disk (``cache=True``), whatever the callbacks are; a new problem only pays for
+compiling its own callbacks (about 0.1 s each) instead of about 1-3 s per kernel per problem.
+The price is an indirect call (~30 ns) per oracle call and, per kernel call, a look-up of each
+callback's address that numba does in Python (~25 us per callback). We memoize that look-up for
+the dispatchers mlocore compiled itself (``_install_address_memo``), which brings it to ~5 us.
+
+Kernels are never called through their dispatcher (which would re-specialize on each
+dispatcher type); :func:`call_kernel` compiles (or loads from the cache) the overload for the
+exact signature and calls its entry point.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+import weakref
+
+import numba
+import numpy as np
+from numba import types
+from numba.core.errors import NumbaExperimentalFeatureWarning, NumbaError
+
+__all__ = ["CallbackError", "compile_callback", "missing_callback", "call_kernel", "FnTuple"]
+
+VEC = types.float64[::1]
+IDX = types.int64[::1]
+
+
+class CallbackError(ValueError):
+    """A user callback cannot be compiled, raised, or returned something unusable."""
+
+
+# ---------------------------------------------------------------------------------------
+# Memoized first-class-function addresses (performance shim, see module docstring).
+# ---------------------------------------------------------------------------------------
+_ADDRESS_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_memo_lock = threading.Lock()
+
+
+def _install_address_memo():
+    try:
+        from numba.experimental import function_type as _ft
+        orig_wrapper, orig_jit = _ft._get_wrapper_address, _ft._get_jit_address
+    except (ImportError, AttributeError):  # pragma: no cover - other numba versions
+        return
+    if getattr(orig_wrapper, "_mlocore_memo", False):
+        return
+
+    def _memoized(orig, tag):
+        # numba passes the same unpickled Signature object on every call from one call site,
+        # so the table is keyed by its id; the Signature is stored to keep that id valid.
+        def get(func, sig):
+            try:
+                table = _ADDRESS_MEMO.get(func)
+            except TypeError:
+                table = None
+            if table is None:
+                return orig(func, sig)
+            key = (tag, id(sig))
+            hit = table.get(key)
+            if hit is not None and hit[0] is sig:
+                return hit[1]
+            addr = orig(func, sig)
+            with _memo_lock:
+                table[key] = (sig, addr)
+            return addr
+        get._mlocore_memo = True
+        return get
+
+    _ft._get_wrapper_address = _memoized(orig_wrapper, "w")
+    _ft._get_jit_address = _memoized(orig_jit, "j")
+
+
+_install_address_memo()
+
+
+def _numba_reason(exc: BaseException) -> str:
+    msg = str(exc)
+    # numba messages carry ANSI bold codes and long tracebacks of the typing stack
+    for code in ("\x1b[1m", "\x1b[0m"):
+        msg = msg.replace(code, "")
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    return "\n".join(lines[:12])
+
+
+def _describe(func) -> str:
+    py = getattr(func, "py_func", func)
+    name = getattr(py, "__qualname__", repr(py))
+    try:
+        where = f" ({inspect.getsourcefile(py)}:{inspect.getsourcelines(py)[1]})"
+    except (TypeError, OSError):
+        where = ""
+    return f"{name}{where}"
+
+
+def compile_callback(func, role: str, argtypes: tuple, kind: str):
+    """Compile ``func`` for ``argtypes`` and return ``(dispatcher, FunctionType)``.
+
+    Parameters
+    ----------
+    func : callable
+        A numba ``@njit`` dispatcher or a plain Python/NumPy function (then jitted here).
+    role : str
+        Name used in error messages, e.g. ``"lower.hvp"``.
+    argtypes : tuple of numba types
+        The exact argument types the kernels call it with.
+    kind : {"vector", "scalar"}
+        What the callback must return: a 1-D float64 array or a real scalar.
+    """
+    if not callable(func):
+        raise CallbackError(f"{role} must be callable, got {type(func).__name__}")
+    if isinstance(func, numba.core.registry.CPUDispatcher):
+        disp = func
+    elif hasattr(func, "py_func") or isinstance(func, numba.core.dispatcher.Dispatcher):
+        raise CallbackError(f"{role}: {_describe(func)} is a {type(func).__name__}; "
+                            "expected a CPU @njit function or a plain Python function")
+    else:
+        disp = numba.njit(func)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
+            disp.compile(argtypes)
+    except NumbaError as exc:
+        raise CallbackError(
+            f"Numba could not compile callback {role} = {_describe(func)} for arguments "
+            f"({', '.join(str(t) for t in argtypes)}). Numba says:\n{_numba_reason(exc)}"
+        ) from None
+    except TypeError as exc:
+        raise CallbackError(
+            f"callback {role} = {_describe(func)} does not accept arguments "
+            f"({', '.join(str(t) for t in argtypes)}): {exc}") from None
+    cres = disp.overloads.get(tuple(argtypes))
+    if cres is None:  # explicit-signature dispatchers may have converted types
+        raise CallbackError(f"callback {role} = {_describe(func)} has no overload for "
+                            f"({', '.join(str(t) for t in argtypes)})")
+    rtype = cres.signature.return_type
+    if kind == "vector":
+        ok = isinstance(rtype, types.Array) and rtype.ndim == 1 and rtype.dtype == types.float64
+        want = "a 1-D float64 array"
+    else:
+        ok = isinstance(rtype, (types.Float, types.Integer)) and not isinstance(rtype, types.Boolean)
+        want = "a real scalar"
+    if not ok:
+        raise CallbackError(f"callback {role} = {_describe(func)} must return {want}; "
+                            f"Numba infers that it returns {rtype}")
+    with _memo_lock:
+        _ADDRESS_MEMO.setdefault(disp, {})
+    return disp, types.FunctionType(cres.signature)
+
+
+_MISSING: dict = {}
+
+
+def missing_callback(nvec: int, argtypes: tuple, kind: str = "vector"):
+    """A placeholder with the right arity for an absent optional callback.
+
+    Kernels take every callback slot they might use; flags tell them which are real, so a
+    missing ``hvp`` is replaced by differences of ``grad`` and the placeholder is never called.
+    """
+    nargs = len(argtypes) - nvec
+    key = (nvec, nargs, kind)
+    disp = _MISSING.get(key)
+    if disp is None:
+        names = ", ".join([f"v{i}" for i in range(nvec)] + [f"a{i}" for i in range(nargs)])
+        body = "np.empty(0)" if kind == "vector" else "np.nan"
+        ns = {"np": np}
+        exec(f"def _missing_callback({names}):\n    return {body}\n", ns)
+        disp = _MISSING[key] = numba.njit(ns["_missing_callback"])
+    return compile_callback(disp, "placeholder", argtypes, kind)
+
+
+class FnTuple:
+    """Compiled callbacks with their numba type, passed to kernels as one argument.
+
+    ``FnTuple(funcs, fntypes)`` is a tuple of first-class functions;
+    ``FnTuple(func, fntype, single=True)`` is one first-class function.
+    """
+
+    __slots__ = ("funcs", "nbtype")
+
+    def __init__(self, funcs, fntypes, single=False):
+        if single:
+            self.funcs, self.nbtype = funcs, fntypes
+        else:
+            self.funcs = tuple(funcs)
+            self.nbtype = types.Tuple(tuple(fntypes))
+
+
+_ENTRY_POINTS: dict = {}
+
+# numba warns that first-class functions are experimental each time it unboxes one; mlocore
+# relies on them deliberately (module docstring), so that one warning is silenced.
+warnings.filterwarnings("ignore", message="First-class function type feature is experimental",
+                        category=NumbaExperimentalFeatureWarning)
+
+
+def _nbtype(value):
+    if isinstance(value, FnTuple):
+        return value.nbtype
+    if isinstance(value, tuple) and any(isinstance(v, (FnTuple, tuple)) for v in value):
+        return types.Tuple(tuple(_nbtype(v) for v in value))
+    return numba.typeof(value)
+
+
+def _unwrap(value):
+    if isinstance(value, FnTuple):
+        return value.funcs
+    if isinstance(value, tuple) and any(isinstance(v, (FnTuple, tuple)) for v in value):
+        return tuple(_unwrap(v) for v in value)
+    return value
+
+
+def _fast_key(value):
+    """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us)."""
+    if isinstance(value, np.ndarray):
+        f = value.flags
+        return (value.dtype.num, value.ndim, f.c_contiguous, f.f_contiguous, f.writeable,
+                f.aligned)
+    if isinstance(value, FnTuple):
+        return id(value.nbtype)  # numba types are interned; kept alive by _ENTRY_POINTS
+    if isinstance(value, tuple):
+        return tuple(_fast_key(v) for v in value)
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return type(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return type(value)
+    return numba.typeof(value)
+
+
+def call_kernel(kernel, *args):
+    """Call the njit ``kernel`` on ``args``; :class:`FnTuple` arguments become function tuples.
+
+    The overload for the exact argument types is compiled (or loaded from numba's disk cache)
+    on first use and its entry point memoized by a cheap type key.
+    """
+    key = (kernel, _fast_key(args))
+    entry = _ENTRY_POINTS.get(key)
+    if entry is None:
+        sig = tuple(_nbtype(a) for a in args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
+            kernel.compile(sig)
+        entry = kernel.overloads[sig].entry_point
+        _ENTRY_POINTS[key] = (entry, sig)
+    else:
+        entry = entry[0]
+    return entry(*[_unwrap(a) for a in args])

@@ -1,0 +1,37 @@
+"""Tunables in one place (tests may patch them) and the process-wide backend default."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+#: relative step for central-difference Hessian-vector products: eps**(1/3)
+FD_REL_STEP = 6.0e-6
+#: power-iteration steps used to estimate the largest Hessian eigenvalue
+POWER_ITERS = 30
+#: safety factor applied to power-iteration estimates (they approach lambda_max from below)
+LIPSCHITZ_SAFETY = 1.05
+
+_backend = os.environ.get("MLOCORE_BACKEND", "cpu")
+
+
+def get_backend() -> str:
+    """The process-wide default backend (``MLOCORE_BACKEND`` environment variable)."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend."""
+    global _backend
+    from ._validation import check_choice
+    _backend = check_choice("backend", name, ("cpu", "cuda"))
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager: use ``name`` as the default backend inside the block."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)

@@ -1,0 +1,214 @@
+"""Public bilevel entry points: :func:`solve_lower` and :func:`hypergrad`."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from ._callbacks import call_kernel
+from ._kernels import implicit as _imp
+from ._kernels import lower as _low
+from ._kernels import unrolled as _itd
+from ._problem import BilevelProblem
+from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
+                       status_message)
+from ._validation import (as_vector, check_backend, check_choice, check_int, check_positive)
+
+__all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
+
+LOWER_METHODS = {"gd": _low.GD, "agd": _low.AGD, "newton-cg": _low.NEWTON_CG}
+HYPERGRAD_METHODS = ("direct", "cg", "neumann", "itd-forward", "itd-reverse")
+_SOLVERS = {"direct": _imp.DIRECT, "cg": _imp.CG, "neumann": _imp.NEUMANN}
+
+
+def _check_problem(problem):
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be an mlocore.BilevelProblem, got {type(problem).__name__}")
+
+
+class _Compiled:
+    """Both objectives compiled, and checked once at a first point."""
+
+    def __init__(self, problem, x, y):
+        self.upper = problem.upper.compiled("upper")
+        self.lower = problem.lower.compiled("lower")
+        if not getattr(problem, "_checked", False):
+            z = np.concatenate([x, y])
+            self.upper.check_at(z)
+            self.lower.check_at(z)
+            problem._checked = True
+
+
+def _compiled(problem, x, y):
+    return _Compiled(problem, x, y)
+
+
+class LowerOptions:
+    """Validated options of the lower-level solver (shared by every bilevel driver)."""
+
+    def __init__(self, method="newton-cg", tol=1e-10, maxiter=1000, step=None):
+        check_choice("lower_method", method, tuple(LOWER_METHODS))
+        self.name = method
+        self.code = LOWER_METHODS[method]
+        self.tol = check_positive("lower_tol", tol, allow_zero=True)
+        self.maxiter = check_int("lower_maxiter", maxiter, 0)
+        self.step = -1.0 if step is None else check_positive("lower_step", step)
+
+
+def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, step=None,
+                backend=None):
+    """Minimize the lower objective g(x, .) from y0 until ``|grad_y g| <= tol``.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    x, y0 : array_like
+        Upper point and starting lower point (warm start).
+    method : {"newton-cg", "agd", "gd"}
+        Newton-CG on the Hessian-vector products (backtracking on ``|grad_y g|``), Nesterov's
+        accelerated gradient with adaptive restart, or gradient descent with a fixed step.
+    step : float, optional
+        Step for "gd"/"agd"; default ``1/L`` with L a power-iteration estimate of
+        ``lambda_max(H_yy)`` at (x, y0) (times a 1.05 safety factor).
+
+    Returns
+    -------
+    OptimizeResult
+        ``y``, ``success``, ``status``, ``message``, ``nit``, ``grad_norm``, ``step``,
+        ``oracle_calls``.
+    """
+    check_backend(backend)
+    _check_problem(problem)
+    x = as_vector("x", x, problem.dx)
+    y0 = as_vector("y0", y0, problem.dy)
+    opts = LowerOptions(method, tol, maxiter, step)
+    comp = _compiled(problem, x, y0)
+    counts = new_counts()
+    lo = comp.lower
+    y, status, nit, gnorm, used_step = call_kernel(
+        _low.solve_lower_kernel, lo.fns, lo.args, lo.has_hvp, x, y0, opts.code, opts.tol,
+        opts.maxiter, opts.step, counts)
+    detail = f"|grad_y g| = {gnorm:.3e} after {nit} iterations (lower_tol = {opts.tol:.1e})."
+    return OptimizeResult(y=y, x=x, success=status == 0, status=int(status),
+                          message=status_message(status, detail), nit=int(nit),
+                          grad_norm=float(gnorm), step=None if used_step <= 0 else used_step,
+                          method=method, oracle_calls=counts_dict(counts))
+
+
+def hypergrad(problem, x, y, method="cg", *, tol=1e-10, atol=0.0, maxiter=None, v0=None,
+              eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
+              lower_maxiter=1000, lower_step=None, T=100, K=None, step=None, backend=None):
+    """Hypergradient ``grad F(x)`` of ``F(x) = f(x, y*(x))``.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    x : array_like, shape (dx,)
+    y : array_like, shape (dy,)
+        Implicit methods: warm start of the lower solve (or the solution itself with
+        ``lower_solved=True``). Unrolled methods: the starting point y_0 of the unrolled loop.
+    method : {"cg", "direct", "neumann", "itd-reverse", "itd-forward"}
+        Implicit differentiation with ``H_yy v = grad_y f`` solved by conjugate gradient,
+        a dense Cholesky solve, or a Neumann series; or unrolled differentiation through
+        T gradient steps in reverse or forward mode (ALGORITHMS.md sections 1-2).
+    tol, atol : float
+        Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. Also the default
+        lower tolerance ``|grad_y g| <= lower_tol``.
+    maxiter : int, optional
+        Linear-solver iterations (default ``10 dy`` for CG, ``100 dy`` for Neumann).
+    v0 : array_like, optional
+        Warm start of the adjoint v (CG, Neumann).
+    eta : float, optional
+        Neumann step (default ``1/L`` from power iteration).
+    lower_solved : bool
+        Implicit methods: y is already the lower solution; skip the lower solve.
+    lower_method, lower_tol, lower_maxiter, lower_step
+        Options of :func:`solve_lower`.
+    T, K : int
+        Unrolled methods: T inner gradient steps, differentiated through the last K
+        (truncated back-propagation; default K = T).
+    step : float, optional
+        Unrolled methods: inner step beta (default ``1/L`` at (x, y)).
+
+    Returns
+    -------
+    HypergradResult
+        ``grad``, ``y`` (the lower point used), ``v``, ``fun``, ``success``, ``message``,
+        ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
+    """
+    check_backend(backend)
+    _check_problem(problem)
+    check_choice("method", method, HYPERGRAD_METHODS)
+    x = as_vector("x", x, problem.dx)
+    y = as_vector("y", y, problem.dy)
+    tol = check_positive("tol", tol, allow_zero=True)
+    atol = check_positive("atol", atol, allow_zero=True)
+    comp = _compiled(problem, x, y)
+    counts = new_counts()
+    if method.startswith("itd"):
+        T = check_int("T", T, 0)
+        K = T if K is None else check_int("K", K, 0)
+        if K > T:
+            raise ValueError(f"K (steps differentiated) must be <= T = {T}, got K={K}")
+        beta = -1.0 if step is None else check_positive("step", step)
+        return _unrolled(comp, method, x, y, T, K, beta, counts)
+    lower = LowerOptions(lower_method, tol if lower_tol is None else lower_tol, lower_maxiter,
+                         lower_step)
+    default_maxiter = {"cg": 10, "neumann": 100, "direct": 1}[method] * problem.dy
+    maxiter = default_maxiter if maxiter is None else check_int("maxiter", maxiter, 0)
+    v0 = np.zeros(problem.dy) if v0 is None else as_vector("v0", v0, problem.dy)
+    eta = -1.0 if eta is None else check_positive("eta", eta)
+    return implicit_call(comp, method, x, y, v0, not lower_solved, lower, tol, atol, maxiter,
+                         eta, counts)
+
+
+def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
+                  counts):
+    """Run the implicit kernel on validated inputs and build the result (also used by
+    the optimization drivers, which keep y and v warm between calls)."""
+    up, lo = comp.upper, comp.lower
+    (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
+     eta_used) = call_kernel(
+        _imp.implicit_hypergrad, up.fns, up.args, up.has_value, lo.fns, lo.args, lo.has_hvp,
+        x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
+        _SOLVERS[method], tol, atol, maxiter, eta, counts)
+    detail = ""
+    if solve_lower_flag:
+        detail = f"Lower level: |grad_y g| = {lgnorm:.3e} after {lnit} iterations."
+    if status == _imp.LINEAR_FAILED:
+        detail += f" Linear solve ({method}): {linear_info_message(info)}, residual {res:.3e}."
+    out = HypergradResult(
+        grad=grad, x=x, y=ysol, v=v, fun=fun, method=method, success=status == 0,
+        status=int(status), message=status_message(status, detail), nit=int(nit),
+        lin_info=int(info), lin_residual=float(res), lower_nit=int(lnit),
+        lower_grad_norm=float(lgnorm), lower_status=int(lstatus),
+        eta=float(eta_used) if method == "neumann" else None)
+    _add_counts(out, counts)
+    return out
+
+
+def _add_counts(out, counts):
+    calls = counts_dict(counts)
+    out.oracle_calls = calls
+    out.ngrad = calls["upper_grad"] + calls["lower_grad"]
+    out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
+
+
+def _unrolled(comp, method, x, y, T, K, beta, counts):
+    up, lo = comp.upper, comp.lower
+    kernel = _itd.itd_reverse if method == "itd-reverse" else _itd.itd_forward
+    grad, yT, aux, fun, status, beta_used = call_kernel(
+        kernel, up.fns, up.args, up.has_value, lo.fns, lo.args, lo.has_hvp, x, y, T, K, beta,
+        counts)
+    out = HypergradResult(
+        grad=grad, x=x, y=yT, v=aux if method == "itd-reverse" else None,
+        jacobian=aux if method == "itd-forward" else None, fun=fun, method=method,
+        success=status == 0, status=int(status),
+        message=status_message(status, f"Unrolled T={T} steps (K={K}) with step {beta_used:.3e}."),
+        nit=T, K=K, step=beta_used, lower_nit=T, lower_grad_norm=np.nan)
+    _add_counts(out, counts)
+    return out
+
+
+def unrolled_call(comp, method, x, y, T, K, beta, counts):
+    """Unrolled hypergradient on validated inputs (used by the drivers)."""
+    return _unrolled(comp, method, x, y, T, K, beta, counts)

@@ -1,0 +1,1 @@
+"""Compiled kernels (CPU, numba njit). Private: the public modules validate input first."""

@@ -1,0 +1,191 @@
+"""Matrix-free linear-solver kernels (CPU, njit).
+
+Every solver takes an operator tuple ``op`` and computes products as ``apply_op(op, p)``
+(see :mod:`.operators`); through ``.py_func`` the same code runs interpreted with a Python
+product (scipy ``LinearOperator``s) and a Python per-iteration ``callback``.
+
+Info codes follow ``scipy.sparse.linalg.cg``: 0 converged, ``> 0`` the iteration count when
+``maxiter`` was reached, ``< 0`` a failure (see ``INFO_*``).
+"""
+import numpy as np
+from numba import njit
+
+from .operators import apply_op, notify
+
+INFO_BREAKDOWN = -1          #: p^T A p == 0 or a non-finite value: cannot go on
+INFO_NEGATIVE_CURVATURE = -2  #: p^T A p < 0: the operator is not positive definite
+INFO_DIVERGED = -3           #: Neumann/Richardson residual grew: step eta too large
+INFO_NOT_PD = -4             #: Cholesky failed: the operator is not positive definite
+
+PRECOND_NONE = 0
+PRECOND_DIAG = 1   #: M given as a 1-D array: z = M * r
+PRECOND_DENSE = 2  #: M given as a 2-D array: z = M @ r
+
+
+@njit(cache=True)
+def _apply_precond(kind, Mdiag, Mmat, r):
+    if kind == PRECOND_DIAG:
+        return Mdiag * r
+    if kind == PRECOND_DENSE:
+        return Mmat @ r
+    return r.copy()
+
+
+@njit(cache=True)
+def cg_core(op, b, x0, rtol, atol, maxiter, mkind, Mdiag, Mmat, callback):
+    """Preconditioned conjugate gradient for SPD A (slides, Algorithm 7).
+
+    Returns ``(x, info, nit, residual_norm, n_matvec)``. Curvature ``p^T A p <= 0`` stops
+    the iteration with ``INFO_NEGATIVE_CURVATURE`` (or ``INFO_BREAKDOWN`` when zero or not
+    finite) instead of dividing by it; x is then the last iterate.
+    """
+    x = x0.copy()
+    nmv = 0
+    if np.any(x0 != 0.0):
+        r = b - apply_op(op, x)
+        nmv += 1
+    else:
+        r = b.copy()
+    bnorm = np.sqrt(b @ b)
+    tol = max(rtol * bnorm, atol)
+    rnorm = np.sqrt(r @ r)
+    if not np.isfinite(rnorm):
+        return x, INFO_BREAKDOWN, 0, rnorm, nmv
+    if rnorm <= tol:
+        return x, 0, 0, rnorm, nmv
+    zv = _apply_precond(mkind, Mdiag, Mmat, r)
+    rz = r @ zv
+    if not (rz > 0.0):
+        return x, INFO_BREAKDOWN, 0, rnorm, nmv
+    p = zv.copy()
+    for k in range(maxiter):
+        Ap = apply_op(op, p)
+        nmv += 1
+        pAp = p @ Ap
+        if not np.isfinite(pAp):
+            return x, INFO_BREAKDOWN, k, rnorm, nmv
+        if pAp <= 0.0:
+            if pAp < 0.0:
+                return x, INFO_NEGATIVE_CURVATURE, k, rnorm, nmv
+            return x, INFO_BREAKDOWN, k, rnorm, nmv
+        alpha = rz / pAp
+        x += alpha * p
+        r -= alpha * Ap
+        rnorm = np.sqrt(r @ r)
+        notify(callback, x)
+        if rnorm <= tol:
+            return x, 0, k + 1, rnorm, nmv
+        zv = _apply_precond(mkind, Mdiag, Mmat, r)
+        rz_new = r @ zv
+        if not (rz_new > 0.0):
+            return x, INFO_BREAKDOWN, k + 1, rnorm, nmv
+        p = zv + (rz_new / rz) * p
+        rz = rz_new
+    return x, max(maxiter, 1), maxiter, rnorm, nmv
+
+
+@njit(cache=True)
+def neumann_core(op, b, x0, eta, rtol, atol, maxiter, callback):
+    """Truncated Neumann series ``eta * sum_q (I - eta A)^q b`` as Richardson iteration.
+
+    From ``x0 = 0``, k iterations give exactly the series truncated after k terms; a nonzero
+    ``x0`` warm-starts it. Requires ``0 < eta < 2 / lambda_max(A)`` (``eta <= 1/L`` is the
+    usual choice). Returns ``(x, info, nit, residual_norm, n_matvec)``.
+    """
+    x = x0.copy()
+    nmv = 0
+    if np.any(x0 != 0.0):
+        r = b - apply_op(op, x)
+        nmv += 1
+    else:
+        r = b.copy()
+    bnorm = np.sqrt(b @ b)
+    tol = max(rtol * bnorm, atol)
+    rnorm = np.sqrt(r @ r)
+    r0 = max(rnorm, bnorm)
+    for k in range(maxiter):
+        if rnorm <= tol:
+            return x, 0, k, rnorm, nmv
+        Ar = apply_op(op, r)
+        nmv += 1
+        x += eta * r
+        r -= eta * Ar
+        rnorm = np.sqrt(r @ r)
+        notify(callback, x)
+        if not np.isfinite(rnorm) or rnorm > 1e4 * r0:
+            return x, INFO_DIVERGED, k + 1, rnorm, nmv
+    if rnorm <= tol:
+        return x, 0, maxiter, rnorm, nmv
+    return x, max(maxiter, 1), maxiter, rnorm, nmv
+
+
+@njit(cache=True)
+def power_iteration(op, n, iters):
+    """Rayleigh-quotient estimate of the largest eigenvalue of a symmetric PSD operator.
+
+    Deterministic start vector, so two calls on the same operator agree bit for bit
+    (forward and reverse ITD then use the same step). Returns ``(estimate, n_matvec)``;
+    the estimate approaches lambda_max from below.
+    """
+    v = np.empty(n)
+    for i in range(n):
+        v[i] = 1.0 + (i % 7) * 0.1 + i / (3.0 * n)
+    v /= np.sqrt(v @ v)
+    lam = 0.0
+    for _ in range(iters):
+        w = apply_op(op, v)
+        lam = v @ w
+        nw = np.sqrt(w @ w)
+        if nw == 0.0 or not np.isfinite(nw):
+            return lam, _ + 1
+        v = w / nw
+    return lam, iters
+
+
+@njit(cache=True)
+def dense_from_matvec(op, n):
+    """The n x n matrix of a linear operator, column by column (n products)."""
+    A = np.empty((n, n))
+    e = np.zeros(n)
+    for j in range(n):
+        e[j] = 1.0
+        A[:, j] = apply_op(op, e)
+        e[j] = 0.0
+    return A
+
+
+@njit(cache=True)
+def cholesky_solve(A, b):
+    """Solve SPD ``A x = b`` by Cholesky on the symmetric part. Returns ``(x, info)``."""
+    S = 0.5 * (A + A.T)
+    n = b.shape[0]
+    try:
+        L = np.linalg.cholesky(S)
+    except Exception:  # numba raises LinAlgError for a matrix that is not PD
+        return np.zeros(n), INFO_NOT_PD
+    y = np.empty(n)
+    for i in range(n):  # forward substitution L y = b
+        s = b[i]
+        for k in range(i):
+            s -= L[i, k] * y[k]
+        y[i] = s / L[i, i]
+    x = np.empty(n)
+    for i in range(n - 1, -1, -1):  # back substitution L^T x = y
+        s = y[i]
+        for k in range(i + 1, n):
+            s -= L[k, i] * x[k]
+        x[i] = s / L[i, i]
+    return x, 0
+
+
+@njit(cache=True)
+def direct_core(op, b):
+    """Dense reference solve: assemble A by n products, then Cholesky.
+
+    Returns ``(x, info, nit, residual_norm, n_matvec)`` like the iterative solvers.
+    """
+    n = b.shape[0]
+    A = dense_from_matvec(op, n)
+    x, info = cholesky_solve(A, b)
+    r = b - A @ x
+    return x, info, 1, np.sqrt(r @ r), n

@@ -1,0 +1,119 @@
+"""Lower-level solvers (CPU, njit): gradient descent, accelerated GD, Newton-CG.
+
+All stop when ``|grad_y g(x, y)| <= tol`` (Euclidean norm). Status codes are shared with the
+hypergradient kernels and explained in :mod:`mlocore._results`.
+"""
+import numpy as np
+from numba import njit
+
+from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
+from .linalg import INFO_BREAKDOWN, INFO_NEGATIVE_CURVATURE, cg_core, power_iteration
+from .oracles import LOWER_GRAD, grad_of, joint
+
+GD = 0
+AGD = 1
+NEWTON_CG = 2
+
+OK = 0
+MAXITER = 1
+NONFINITE = 2
+INDEFINITE = 3
+LINESEARCH = 4
+
+
+@njit(cache=True)
+def lower_grad_y(lfns, largs, x, y, counts):
+    z = joint(x, y)
+    g = grad_of(lfns, largs, z, counts, LOWER_GRAD)
+    return g[x.shape[0]:].copy()
+
+
+@njit(cache=True)
+def lower_lipschitz(lfns, largs, has_hvp, x, y, counts):
+    """Estimate of lambda_max(H_yy) at (x, y), with the safety factor applied."""
+    z = joint(x, y)
+    lam, _ = power_iteration((lfns, largs, has_hvp, z, x.shape[0], counts), y.shape[0],
+                             POWER_ITERS)
+    return LIPSCHITZ_SAFETY * lam
+
+
+@njit(cache=True)
+def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, counts):
+    """Minimize g(x, .) from y0. Returns ``(y, status, nit, grad_norm, step)``.
+
+    ``step <= 0`` means 1/L with L from power iteration on H_yy at (x, y0) (GD and AGD).
+    """
+    y = y0.copy()
+    g = lower_grad_y(lfns, largs, x, y, counts)
+    gnorm = np.sqrt(g @ g)
+    if not np.isfinite(gnorm):
+        return y, NONFINITE, 0, gnorm, step
+    if gnorm <= tol:
+        return y, OK, 0, gnorm, step
+    if method != NEWTON_CG and step <= 0.0:
+        L = lower_lipschitz(lfns, largs, has_hvp, x, y, counts)
+        if not (L > 0.0) or not np.isfinite(L):
+            return y, INDEFINITE, 0, gnorm, step
+        step = 1.0 / L
+    if method == GD:
+        for k in range(maxiter):
+            y -= step * g
+            g = lower_grad_y(lfns, largs, x, y, counts)
+            gnorm = np.sqrt(g @ g)
+            if not np.isfinite(gnorm):
+                return y, NONFINITE, k + 1, gnorm, step
+            if gnorm <= tol:
+                return y, OK, k + 1, gnorm, step
+        return y, MAXITER, maxiter, gnorm, step
+    if method == AGD:
+        # Nesterov's method with gradient-based adaptive restart (O'Donoghue & Candes 2015)
+        w = y.copy()
+        gw = g
+        mom = 0
+        for k in range(maxiter):
+            y_new = w - step * gw
+            mom += 1
+            direction = y_new - y
+            if gw @ direction > 0.0:  # momentum points uphill: restart
+                mom = 0
+            w = y_new + (mom / (mom + 3.0)) * direction
+            y = y_new
+            gw = lower_grad_y(lfns, largs, x, w, counts)
+            gnorm = np.sqrt(gw @ gw)
+            if not np.isfinite(gnorm):
+                return w, NONFINITE, k + 1, gnorm, step
+            if gnorm <= tol:
+                return w, OK, k + 1, gnorm, step
+        return w, MAXITER, maxiter, gnorm, step
+    # Newton-CG with a backtracking search on the gradient norm (merit |grad|^2 / 2, for
+    # which the Newton direction is a descent direction; no value callback needed)
+    dx = x.shape[0]
+    dy = y.shape[0]
+    for k in range(maxiter):
+        z = joint(x, y)
+        op = (lfns, largs, has_hvp, z, dx, counts)
+        forcing = min(0.5, np.sqrt(gnorm))
+        d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, 2 * dy + 20, 0,
+                                   np.empty(0), np.empty((0, 0)), None)
+        if info == INFO_NEGATIVE_CURVATURE:
+            return y, INDEFINITE, k, gnorm, step
+        if info == INFO_BREAKDOWN and not np.any(d != 0.0):
+            d = -g  # zero curvature along g: fall back to steepest descent
+        t = 1.0
+        accepted = False
+        for _ in range(40):
+            y_try = y + t * d
+            g_try = lower_grad_y(lfns, largs, x, y_try, counts)
+            gn_try = np.sqrt(g_try @ g_try)
+            if np.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            return y, LINESEARCH, k, gnorm, step
+        y = y_try
+        g = g_try
+        gnorm = gn_try
+        if gnorm <= tol:
+            return y, OK, k + 1, gnorm, step
+    return y, MAXITER, maxiter, gnorm, step

@@ -1,0 +1,237 @@
+"""Problem definitions: :class:`Objective` and :class:`BilevelProblem` (the public contract)."""
+from __future__ import annotations
+
+import numbers
+
+import numba
+import numpy as np
+
+from ._callbacks import VEC, CallbackError, FnTuple, compile_callback, missing_callback
+
+__all__ = ["Objective", "BilevelProblem"]
+
+
+class Objective:
+    """One level's objective, defined by callbacks over the joint vector z.
+
+    Parameters
+    ----------
+    grad : callable
+        ``grad(z, *args) -> ndarray`` of shape ``z.shape``: the gradient over all of z.
+    hvp : callable, optional
+        ``hvp(z, v, *args)``: Hessian (over z) times v. When absent, Hessian-vector
+        products are central differences of ``grad`` (two gradient calls each).
+    value : callable, optional
+        ``value(z, *args) -> float``. Needed for reported objective values and line searches.
+    tvp : callable, optional
+        ``tvp(z, u, w, *args)``: third-order product d/ds hvp(z + s u, w) at s = 0
+        (used by the n-level "exact" mode).
+    args : tuple
+        Extra arguments passed to every callback, as scipy's ``args``. Pass data here, never
+        through closures (Numba would freeze closed-over arrays into the compiled code).
+    n_samples : int, optional
+        For stochastic objectives: callbacks take an int64 index array right after the
+        vectors (``grad(z, idx, *args)``). Deterministic methods use the full batch.
+
+    Notes
+    -----
+    Callbacks may be ``@numba.njit`` functions or plain NumPy functions; the latter are compiled
+    by mlocore, and a function Numba cannot compile gives a :class:`CallbackError` that names it
+    and quotes Numba's reason. Vectors passed to callbacks are C-contiguous float64 arrays that
+    callbacks must not modify.
+    """
+
+    def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None):
+        for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("tvp", tvp)):
+            if fn is None and name != "grad":
+                continue
+            if not callable(fn):
+                raise TypeError(f"Objective {name} must be callable, got {type(fn).__name__}")
+        if isinstance(args, list):
+            args = tuple(args)
+        if not isinstance(args, tuple):
+            args = (args,)
+        if n_samples is not None:
+            if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) \
+                    or n_samples < 1:
+                raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+            n_samples = int(n_samples)
+        self.grad, self.hvp, self.value, self.tvp = grad, hvp, value, tvp
+        self.args = args
+        self.n_samples = n_samples
+        self._compiled = None
+
+    def __repr__(self):
+        parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
+        for name in ("hvp", "value", "tvp"):
+            fn = getattr(self, name)
+            if fn is not None:
+                parts.append(f"{name}={getattr(fn, '__name__', fn)!s}")
+        if self.n_samples is not None:
+            parts.append(f"n_samples={self.n_samples}")
+        return f"Objective({', '.join(parts)})"
+
+    # -- compiled form --------------------------------------------------------------------
+    def compiled(self, role: str) -> "CompiledObjective":
+        """Callbacks compiled for the kernels' calling convention (cached on the object)."""
+        if self._compiled is None:
+            self._compiled = CompiledObjective(self, role)
+        return self._compiled
+
+
+class CompiledObjective:
+    """Kernel-facing form: ``fns = (grad, hvp, value)`` as a :class:`FnTuple`, flags, args.
+
+    For stochastic objectives the full-batch index array is prepended to ``args``, so that
+    deterministic kernels call ``grad(z, idx, *args)`` as ``grad(z, *args_full)``.
+    """
+
+    def __init__(self, objective: Objective, role: str):
+        args = objective.args
+        if objective.n_samples is not None:
+            args = (np.arange(objective.n_samples, dtype=np.int64),) + tuple(args)
+        try:
+            argt = tuple(numba.typeof(a) for a in args)
+        except ValueError as exc:
+            raise TypeError(f"{role} args contain a value Numba cannot pass to compiled code: "
+                            f"{exc}") from None
+        self.role = role
+        self.args = args
+        self.grad, gt = compile_callback(objective.grad, f"{role}.grad", (VEC,) + argt, "vector")
+        if objective.hvp is not None:
+            self.hvp, ht = compile_callback(objective.hvp, f"{role}.hvp", (VEC, VEC) + argt,
+                                            "vector")
+        else:
+            self.hvp, ht = missing_callback(2, (VEC, VEC) + argt)
+        if objective.value is not None:
+            self.value, vt = compile_callback(objective.value, f"{role}.value", (VEC,) + argt,
+                                              "scalar")
+        else:
+            self.value, vt = missing_callback(1, (VEC,) + argt, "scalar")
+        self.has_hvp = objective.hvp is not None
+        self.has_value = objective.value is not None
+        self.fns = FnTuple((self.grad, self.hvp, self.value), (gt, ht, vt))
+
+    def _call(self, name, fn, *vecs):
+        try:
+            return fn(*vecs, *self.args)
+        except Exception as exc:
+            raise CallbackError(f"callback {self.role}.{name} raised "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+    def check_at(self, z: np.ndarray):
+        """Call each callback once at z and check shapes and finiteness (clear errors early)."""
+        n = z.shape[0]
+        g = self._call("grad", self.grad, z.copy())
+        _check_vector(f"{self.role}.grad", g, n)
+        if self.has_hvp:
+            v = np.linspace(1.0, 2.0, n)
+            _check_vector(f"{self.role}.hvp", self._call("hvp", self.hvp, z.copy(), v), n)
+        if self.has_value:
+            f = self._call("value", self.value, z.copy())
+            if not np.isfinite(f):
+                raise CallbackError(f"callback {self.role}.value returned {f} at the initial "
+                                    "point; expected a finite number")
+        return g
+
+
+def _check_vector(role, out, n):
+    if not isinstance(out, np.ndarray) or out.shape != (n,):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise CallbackError(f"callback {role} returned shape {shape}; expected ({n},), the "
+                            "shape of the joint vector z")
+    if not np.all(np.isfinite(out)):
+        raise CallbackError(f"callback {role} returned non-finite values at the initial point")
+
+
+class BilevelProblem:
+    """``min_x f(x, y*(x))`` with ``y*(x) = argmin_y g(x, y)``, over ``z = concat(x, y)``.
+
+    Parameters
+    ----------
+    upper, lower : Objective
+        f and g, each over the joint vector z of size ``dx + dy``.
+    dims : tuple of int
+        ``(dx, dy)``.
+    bounds : optional
+        Box on x: ``scipy.optimize.Bounds``, a sequence of ``dx`` pairs ``(lo, hi)``, or one
+        pair of scalars/arrays; ``None`` entries mean unbounded.
+    project : callable, optional
+        ``project(x) -> x``: projection onto the feasible set of x (instead of bounds).
+
+    Notes
+    -----
+    ``g(x, .)`` must be strongly convex near the solution: its Hessian block ``H_yy`` is
+    inverted (ALGORITHMS.md section 1).
+    """
+
+    def __init__(self, upper, lower, dims, bounds=None, project=None):
+        if not isinstance(upper, Objective) or not isinstance(lower, Objective):
+            raise TypeError("upper and lower must be mlocore.Objective instances, got "
+                            f"{type(upper).__name__} and {type(lower).__name__}")
+        try:
+            dx, dy = dims
+        except (TypeError, ValueError):
+            raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
+        for name, d in (("dx", dx), ("dy", dy)):
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"dims must be positive integers, got {name}={d!r}")
+        if bounds is not None and project is not None:
+            raise ValueError("give either bounds or project, not both")
+        if project is not None and not callable(project):
+            raise TypeError(f"project must be callable, got {type(project).__name__}")
+        self.upper, self.lower = upper, lower
+        self.dx, self.dy = int(dx), int(dy)
+        self.dims = (self.dx, self.dy)
+        self.lb, self.ub = _parse_bounds(bounds, self.dx)
+        self._project = project
+
+    @property
+    def constrained(self) -> bool:
+        return self._project is not None or self.lb is not None
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Project x onto the feasible set (a copy; x itself is not modified)."""
+        if self._project is not None:
+            try:
+                out = self._project(x.copy())
+            except Exception as exc:
+                raise CallbackError(f"callback project raised {type(exc).__name__}: {exc}") \
+                    from exc
+            out = np.asarray(out, dtype=np.float64)
+            if out.shape != (self.dx,) or not np.all(np.isfinite(out)):
+                raise CallbackError(f"callback project returned shape {out.shape} or non-finite"
+                                    f" values; expected a finite array of shape ({self.dx},)")
+            return out
+        if self.lb is not None:
+            return np.clip(x, self.lb, self.ub)
+        return x.copy()
+
+    def __repr__(self):
+        return f"BilevelProblem(dims={self.dims}, upper={self.upper!r}, lower={self.lower!r})"
+
+
+def _parse_bounds(bounds, dx):
+    if bounds is None:
+        return None, None
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        lo, hi = bounds.lb, bounds.ub
+    else:
+        seq = list(bounds)
+        if len(seq) == dx and all(np.ndim(b) == 1 and len(b) == 2 for b in seq):
+            lo = [b[0] for b in seq]
+            hi = [b[1] for b in seq]
+        elif len(seq) == 2:
+            lo, hi = seq
+        else:
+            raise ValueError(f"bounds must be scipy.optimize.Bounds, {dx} pairs (lo, hi), or one "
+                             f"pair; got {bounds!r}")
+    lo = np.array([-np.inf if v is None else v for v in np.atleast_1d(np.asarray(lo, dtype=object))],
+                  dtype=np.float64) if lo is not None else np.full(dx, -np.inf)
+    hi = np.array([np.inf if v is None else v for v in np.atleast_1d(np.asarray(hi, dtype=object))],
+                  dtype=np.float64) if hi is not None else np.full(dx, np.inf)
+    lo = np.broadcast_to(lo, (dx,)).copy()
+    hi = np.broadcast_to(hi, (dx,)).copy()
+    if np.any(lo > hi) or np.any(np.isnan(lo)) or np.any(np.isnan(hi)):
+        raise ValueError(f"bounds must satisfy lo <= hi, got lo={lo}, hi={hi}")
+    return lo, hi

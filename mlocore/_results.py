@@ -1,0 +1,82 @@
+"""Result objects and the one table of status messages (as scipy's ``_status_message``)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
+
+#: status code -> message. Codes 0-6 come from kernels; 10+ from the Python drivers.
+STATUS_MESSAGES = {
+    0: "Converged.",
+    1: "The lower-level solver reached maxiter before |grad_y g| <= lower_tol.",
+    2: "A non-finite value appeared in the lower-level iterates: a callback returned NaN/inf "
+       "or the step size is too large for this problem.",
+    3: "The lower-level Hessian H_yy is not positive definite at the current point "
+       "(negative or zero curvature): g(x, .) must be strongly convex.",
+    4: "The lower-level Newton-CG line search could not decrease |grad_y g|: lower_tol is "
+       "below what round-off allows, or the Hessian callback is inconsistent with grad.",
+    5: "The linear solve H_yy v = grad_y f failed (see lin_info).",
+    6: "The hypergradient is not finite: a callback returned NaN/inf.",
+    10: "Maximum number of iterations reached before the tolerance.",
+    11: "The line search on F found no decrease: the hypergradient is inaccurate (tighten "
+        "tol / lower_tol) or the step is too large.",
+    12: "The upper-level objective became non-finite.",
+    99: "Stopped by the callback (StopIteration).",
+}
+
+LINEAR_INFO_MESSAGES = {
+    0: "converged",
+    -1: "breakdown: p^T A p == 0 or a non-finite value (singular operator or NaN)",
+    -2: "negative curvature p^T A p < 0: the operator is not positive definite",
+    -3: "diverged: the Neumann step eta is too large for this operator (need eta < 2/L)",
+    -4: "Cholesky failed: the operator is not positive definite",
+}
+
+
+def linear_info_message(info: int) -> str:
+    if info > 0:
+        return f"not converged after {info} iterations (maxiter reached)"
+    return LINEAR_INFO_MESSAGES.get(int(info), f"unknown info {info}")
+
+
+def status_message(status: int, detail: str = "") -> str:
+    msg = STATUS_MESSAGES.get(int(status), f"Unknown status {status}.")
+    return f"{msg} {detail}".strip()
+
+
+def new_counts() -> np.ndarray:
+    return np.zeros(N_COUNTERS, dtype=np.int64)
+
+
+def counts_dict(counts: np.ndarray) -> dict:
+    return {name: int(c) for name, c in zip(COUNTER_NAMES, counts)}
+
+
+class HypergradResult(OptimizeResult):
+    """Result of :func:`mlocore.hypergrad` (a ``scipy.optimize.OptimizeResult``).
+
+    Attributes
+    ----------
+    grad : ndarray
+        The hypergradient of F at x (NaN-free when ``success``; see ``message`` otherwise).
+    x, y : ndarray
+        The upper point and the lower solution used (for ITD, the last iterate y_T).
+    v : ndarray or None
+        The adjoint, solution of ``H_yy v = grad_y f`` (implicit methods); for reverse ITD
+        the implicit adjoint of the unrolled loop; None for forward ITD (see ``jacobian``).
+    fun : float
+        f(x, y) when the upper objective has a ``value`` callback, else NaN.
+    method, success, status, message
+        As scipy.
+    nit : int
+        Iterations of the linear solver (implicit) or unrolled steps T (ITD).
+    lower_nit, lower_grad_norm : int, float
+        Lower-level solver iterations and the final ``|grad_y g|``.
+    oracle_calls : dict
+        Counts per callback (``upper_grad``, ``lower_grad``, ``lower_hvp``, ...);
+        ``ngrad`` and ``nhvp`` are totals.
+    """
+
+    def __repr__(self):  # keep the default scipy layout but omit the long arrays' noise
+        return super().__repr__()

@@ -1,0 +1,73 @@
+"""Input validation shared by the public entry points. Kernels never see bad input."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["as_vector", "check_positive", "check_int", "check_choice", "check_backend"]
+
+
+def as_vector(name: str, value, size: int | None = None) -> np.ndarray:
+    """Return a fresh C-contiguous float64 copy of a finite 1-D array.
+
+    Real integer and floating inputs are converted; complex, boolean, object and string
+    inputs are refused with a message that says what was received and what is expected.
+    The copy means the caller's array is never modified.
+    """
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a real float64 array, got dtype={arr.dtype}; "
+                        f"convert it with np.asarray({name}, dtype=np.float64)")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape={arr.shape}")
+    if size is not None and arr.shape[0] != size:
+        raise ValueError(f"{name} must have shape ({size},), got shape={arr.shape}")
+    out = np.array(arr, dtype=np.float64, order="C", copy=True)
+    if not np.all(np.isfinite(out)):
+        bad = np.flatnonzero(~np.isfinite(out))
+        raise ValueError(f"{name} must be finite, got {out[bad[0]]} at index {bad[0]}"
+                         f" ({bad.size} non-finite entries)")
+    return out
+
+
+def check_positive(name: str, value, allow_none: bool = False, allow_zero: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, "
+                         f"got {value!r}")
+    return value
+
+
+def check_int(name: str, value, minimum: int = 0, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of "
+                         + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def check_backend(backend):
+    """Resolve the backend. Only the CPU backend exists in this release."""
+    from . import _config
+    if backend is None:
+        backend = _config.get_backend()
+    check_choice("backend", backend, ("cpu", "cuda"))
+    if backend == "cuda":
+        raise NotImplementedError(
+            "backend='cuda' was requested, but mlocore's CUDA backend is not implemented in "
+            "this version; use backend='cpu' (nothing runs silently on the CPU instead)")
+    return backend
