@@ -14,6 +14,7 @@ Public API at a glance::
 from ._callbacks import CallbackError
 from ._config import backend, get_backend, set_backend
 from ._hypergrad import hypergrad, solve_lower
+from ._minimize import HyperObjective, minimize_bilevel
 from ._problem import BilevelProblem, Objective
 from ._results import HypergradResult
 from . import linalg
@@ -21,4 +22,5 @@ from . import linalg
 __version__ = "0.1.0"
 
 __all__ = ["Objective", "BilevelProblem", "hypergrad", "solve_lower", "HypergradResult",
+           "minimize_bilevel", "HyperObjective",
            "CallbackError", "linalg", "backend", "get_backend", "set_backend"]

@@ -150,7 +150,9 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
                             f"Numba infers that it returns {rtype}")
     with _memo_lock:
         _ADDRESS_MEMO.setdefault(disp, {})
-    return disp, types.FunctionType(cres.signature)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
+        return disp, types.FunctionType(cres.signature)
 
 
 _MISSING: dict = {}
@@ -188,7 +190,9 @@ class FnTuple:
             self.funcs, self.nbtype = funcs, fntypes
         else:
             self.funcs = tuple(funcs)
-            self.nbtype = types.Tuple(tuple(fntypes))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
+                self.nbtype = types.Tuple(tuple(fntypes))
 
 
 _ENTRY_POINTS: dict = {}
@@ -241,9 +245,9 @@ def call_kernel(kernel, *args):
     key = (kernel, _fast_key(args))
     entry = _ENTRY_POINTS.get(key)
     if entry is None:
-        sig = tuple(_nbtype(a) for a in args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
+            sig = tuple(_nbtype(a) for a in args)
             kernel.compile(sig)
         entry = kernel.overloads[sig].entry_point
         _ENTRY_POINTS[key] = (entry, sig)

@@ -1,0 +1,309 @@
+"""Deterministic bilevel optimization: :func:`minimize_bilevel` and :class:`HyperObjective`."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from ._callbacks import CallbackError, call_kernel
+from ._hypergrad import (LowerOptions, _check_problem, _compiled, implicit_call, unrolled_call)
+from ._kernels import lower as _low
+from ._results import counts_dict, new_counts, status_message
+from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
+
+__all__ = ["minimize_bilevel", "HyperObjective", "BILEVEL_METHODS"]
+
+BILEVEL_METHODS = ("aid", "itd", "alternating")
+_ARMIJO = 1e-4
+_MAX_BACKTRACK = 40
+
+
+class _Driver:
+    """State shared by the methods: compiled problem, warm starts, counters."""
+
+    def __init__(self, problem, x, y, lower, tol_lin, lin_maxiter, T, K, inner_step):
+        self.problem = problem
+        self.comp = _compiled(problem, x, y)
+        self.counts = new_counts()
+        self.lower = lower
+        self.tol_lin = tol_lin
+        self.lin_maxiter = lin_maxiter
+        self.T, self.K = T, K
+        self.inner_step = inner_step
+        self.y = y
+        self.v = np.zeros(problem.dy)
+        self.nfev = 0
+
+    def solve_lower(self, x, y0, method=None, maxiter=None, tol=None, step=None):
+        lo = self.comp.lower
+        m = self.lower.code if method is None else method
+        y, status, nit, gnorm, _ = call_kernel(
+            _low.solve_lower_kernel, lo.fns, lo.args, lo.has_hvp, x, y0, m,
+            self.lower.tol if tol is None else tol,
+            self.lower.maxiter if maxiter is None else maxiter,
+            self.lower.step if step is None else step, self.counts)
+        return y, int(status), gnorm
+
+    def upper_value(self, x, y):
+        up = self.comp.upper
+        self.counts[1] += 1
+        self.nfev += 1
+        return float(up.value(np.concatenate([x, y]), *up.args))
+
+    def upper_grad(self, x, y):
+        up = self.comp.upper
+        self.counts[0] += 1
+        return up.grad(np.concatenate([x, y]), *up.args)
+
+    def F(self, x, y0):
+        """F(x) = f(x, y*(x)) with a warm-started lower solve; returns (F, y, status)."""
+        y, status, _ = self.solve_lower(x, y0)
+        if status not in (_low.OK, _low.MAXITER):
+            return np.nan, y, status
+        return self.upper_value(x, y), y, status
+
+    def direction(self, method, x):
+        """The (hyper)gradient of the method at x; updates the warm starts."""
+        if method == "aid":
+            res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
+                                self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts)
+            self.y, self.v = res.y, res.v
+            return res.grad, res.status, res.message, res.fun
+        if method == "itd":
+            res = unrolled_call(self.comp, "itd-reverse", x, self.y, self.T, self.K,
+                                self.inner_step, self.counts)
+            self.y = res.y
+            return res.grad, res.status, res.message, res.fun
+        # alternating: T inner gradient steps, then the partial gradient grad_x f (no
+        # implicit term): the baseline that ignores how y* moves with x
+        y, status, _ = self.solve_lower(x, self.y, method=_low.GD, maxiter=self.T, tol=0.0,
+                                        step=self.inner_step)
+        self.y = y
+        if status not in (_low.OK, _low.MAXITER):
+            return np.full(x.shape[0], np.nan), status, status_message(status), np.nan
+        g = self.upper_grad(x, y)[: x.shape[0]]
+        return g, 0 if np.all(np.isfinite(g)) else 6, "", np.nan
+
+
+def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
+                     callback=None, lower_method="newton-cg", lower_tol=1e-10,
+                     lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
+                     T=100, K=None, inner_step=None, backend=None):
+    """Minimize ``F(x) = f(x, y*(x))`` by projected (hyper)gradient steps.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        Bounds or a projection on x are honoured by projected steps.
+    x0, y0 : array_like
+        Starting points; y is warm-started from one iteration to the next.
+    method : {"aid", "itd", "alternating"}
+        "aid" (AID-BiO, Ji et al. 2021): lower level solved warm-started to ``lower_tol``,
+        adjoint by CG warm-started from the previous v. "itd": reverse-mode unrolled
+        differentiation through T inner gradient steps (truncated to the last K) warm-started
+        from the previous y_T. "alternating": T inner gradient steps, then a step along
+        ``grad_x f`` only (ignores the implicit term; the baseline).
+    step : float, optional
+        Fixed upper step. Default: Barzilai-Borwein trial steps with a backtracking (Armijo)
+        line search on F, which needs ``upper.value`` (each trial solves the lower level,
+        warm-started).
+    maxiter : int
+        Upper iterations.
+    tol : float
+        Stop when the projected-gradient mapping ``|x - P(x - grad)|`` is below tol
+        (``|grad|`` without constraints).
+    callback : callable, optional
+        ``callback(intermediate_result)`` after each iteration with an ``OptimizeResult``
+        (x, fun, jac, nit, y); raising ``StopIteration`` stops (status 99), as in scipy.
+    lower_method, lower_tol, lower_maxiter, lower_step
+        Lower solver options (see :func:`mlocore.solve_lower`).
+    lin_tol, lin_maxiter
+        CG options of "aid".
+    T, K, inner_step
+        Inner steps, truncation and inner step of "itd" and "alternating"
+        (default inner step 1/L from power iteration).
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        ``x``, ``fun`` (F(x) when ``upper.value`` exists), ``jac`` (last hypergradient),
+        ``nit``, ``nfev``, ``success``, ``status``, ``message``, ``y`` (lower solution),
+        ``oracle_calls``, ``history`` (per-iteration ``fun``, ``grad_norm``, ``time``).
+    """
+    check_backend(backend)
+    _check_problem(problem)
+    check_choice("method", method, BILEVEL_METHODS)
+    x = problem.project(as_vector("x0", x0, problem.dx))
+    y = as_vector("y0", y0, problem.dy)
+    maxiter = check_int("maxiter", maxiter, 0)
+    tol = check_positive("tol", tol, allow_zero=True)
+    if step is not None:
+        step = check_positive("step", step)
+    elif problem.upper.value is None:
+        raise ValueError("step=None uses a backtracking line search on F, which needs the "
+                         "upper objective's value callback; pass a fixed step=... instead")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
+    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
+    lin_maxiter = 10 * problem.dy if lin_maxiter is None else check_int("lin_maxiter",
+                                                                         lin_maxiter, 0)
+    T = check_int("T", T, 1)
+    K = T if K is None else check_int("K", K, 1)
+    if K > T:
+        raise ValueError(f"K must be <= T = {T}, got K={K}")
+    inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
+
+    drv = _Driver(problem, x, y, lower, lin_tol, lin_maxiter, T, K, inner_step)
+    has_value = problem.upper.value is not None
+    history = {"fun": [], "grad_norm": [], "time": []}
+    t0 = time.perf_counter()
+    fun = np.nan
+    if step is None:  # the line search compares exact values of F
+        fun, drv.y, lstatus = drv.F(x, drv.y)
+        if lstatus not in (_low.OK, _low.MAXITER):
+            return _result(drv, x, fun, None, 0, lstatus, "At x0: " + status_message(lstatus),
+                           history, method)
+    trial = 1.0 if step is None else step
+    prev = None
+    status, detail, grad, nit = 10, "", None, 0
+    for it in range(maxiter + 1):
+        grad, gstatus, gmsg, fun_here = drv.direction(method, x)
+        if step is not None:
+            fun = fun_here
+        if gstatus != 0 and gstatus != _low.MAXITER:
+            status, detail = gstatus, gmsg
+            break
+        pg_norm = float(np.linalg.norm(x - problem.project(x - grad)))
+        _record(history, fun, pg_norm, t0)
+        if it > 0 and callback is not None:
+            inter = OptimizeResult(x=x.copy(), fun=fun, jac=grad.copy(), nit=nit,
+                                   y=drv.y.copy())
+            try:
+                callback(inter)
+            except StopIteration:
+                status = 99
+                break
+        if pg_norm <= tol:
+            status = 0
+            break
+        if it == maxiter:
+            break
+        if step is not None:
+            x = problem.project(x - step * grad)
+        else:
+            if prev is not None:  # Barzilai-Borwein trial step from the last two iterates
+                s_k, g_k = x - prev[0], grad - prev[1]
+                sy = s_k @ g_k
+                trial = (s_k @ s_k) / sy if sy > 0 else 2.0 * trial
+            prev = (x.copy(), grad.copy())
+            accepted = False
+            slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
+            for _ in range(_MAX_BACKTRACK):
+                x_try = problem.project(x - trial * grad)
+                f_try, y_try, lstatus = drv.F(x_try, drv.y)
+                if np.isfinite(f_try) and \
+                        f_try <= fun + _ARMIJO * (grad @ (x_try - x)) + slack:
+                    accepted = True
+                    break
+                trial *= 0.5
+            if not accepted:
+                status = 11
+                break
+            x, fun, drv.y = x_try, f_try, y_try
+        nit += 1
+        if not np.all(np.isfinite(x)):
+            status = 12
+            break
+    if has_value and (step is not None or status != 0):
+        fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
+    return _result(drv, x, fun, grad, nit, status, detail, history, method)
+
+
+def _record(history, fun, pg_norm, t0):
+    history["fun"].append(fun)
+    history["grad_norm"].append(pg_norm)
+    history["time"].append(time.perf_counter() - t0)
+
+
+def _result(drv, x, fun, grad, nit, status, detail, history, method):
+    return OptimizeResult(
+        x=x, fun=fun, jac=grad, nit=nit, nfev=drv.nfev, success=status == 0, status=status,
+        message=status_message(status, detail), y=drv.y, v=drv.v if method == "aid" else None,
+        oracle_calls=counts_dict(drv.counts), method=method,
+        history={k: np.asarray(v) for k, v in history.items()})
+
+
+class HyperObjective:
+    """``x -> (F(x), grad F(x))`` for ``scipy.optimize.minimize(..., jac=True)``.
+
+    The lower solution y and the adjoint v are warm-started from the previous call, so a
+    quasi-Newton run (L-BFGS-B with bounds, say) pays for short inner solves only.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        Its upper objective needs a ``value`` callback.
+    y0 : array_like
+        Initial lower point.
+    method : {"cg", "direct", "neumann"}
+        Implicit hypergradient method (see :func:`mlocore.hypergrad`).
+    tol, lower_method, lower_tol, lower_maxiter, maxiter
+        Options of :func:`mlocore.hypergrad`.
+
+    Attributes
+    ----------
+    y, v : ndarray
+        Current warm starts (the lower solution at the last x).
+    ncalls : int
+    oracle_calls : dict
+        Accumulated over all calls.
+    last : HypergradResult
+        The last hypergradient result (check ``last.success``).
+
+    Notes
+    -----
+    A call whose lower solve or linear solve fails raises ``RuntimeError`` with the solver's
+    message rather than handing scipy a NaN.
+    """
+
+    def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
+                 lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
+        check_backend(backend)
+        _check_problem(problem)
+        check_choice("method", method, ("cg", "direct", "neumann"))
+        if problem.upper.value is None:
+            raise ValueError("HyperObjective needs the upper objective's value callback")
+        self.problem = problem
+        self.method = method
+        self.y = as_vector("y0", y0, problem.dy)
+        self.v = np.zeros(problem.dy)
+        self.tol = check_positive("tol", tol, allow_zero=True)
+        self.lower = LowerOptions(lower_method, self.tol if lower_tol is None else lower_tol,
+                                  lower_maxiter, None)
+        default = {"cg": 10, "neumann": 100, "direct": 1}[method] * problem.dy
+        self.maxiter = default if maxiter is None else check_int("maxiter", maxiter, 0)
+        self._counts = new_counts()
+        self.ncalls = 0
+        self.last = None
+        self._comp = None
+
+    @property
+    def oracle_calls(self):
+        return counts_dict(self._counts)
+
+    def __call__(self, x):
+        x = as_vector("x", x, self.problem.dx)
+        if self._comp is None:
+            self._comp = _compiled(self.problem, x, self.y)
+        res = implicit_call(self._comp, self.method, x, self.y, self.v, True, self.lower,
+                            self.tol, 0.0, self.maxiter, -1.0, self._counts)
+        self.ncalls += 1
+        self.last = res
+        if not res.success and res.status != _low.MAXITER:
+            raise RuntimeError(f"hypergradient at x failed: {res.message}")
+        if not (np.isfinite(res.fun) and np.all(np.isfinite(res.grad))):
+            raise CallbackError(f"F or its hypergradient is not finite at x: {res.message}")
+        self.y, self.v = res.y, res.v
+        return float(res.fun), res.grad.copy()

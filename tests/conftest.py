@@ -1,0 +1,102 @@
+"""Shared test problems. Callbacks are module-level ``@njit(cache=True)`` functions so that
+every test reuses one compilation (and CI's later runs load it from numba's disk cache)."""
+import numpy as np
+import pytest
+from numba import njit
+
+import mlocore as mlo
+
+
+# g(x, y) = 0.5 y.A y + y.C x + a.y ;  f(x, y) = 0.5 |y - t|^2 + 0.5 mu |x|^2 + h.x
+@njit(cache=True)
+def quad_lower_grad(z, A, C, a):
+    dx = C.shape[1]
+    out = np.empty_like(z)
+    out[:dx] = C.T @ z[dx:]
+    out[dx:] = A @ z[dx:] + C @ z[:dx] + a
+    return out
+
+
+@njit(cache=True)
+def quad_lower_hvp(z, v, A, C, a):
+    dx = C.shape[1]
+    out = np.empty_like(z)
+    out[:dx] = C.T @ v[dx:]
+    out[dx:] = A @ v[dx:] + C @ v[:dx]
+    return out
+
+
+@njit(cache=True)
+def quad_lower_value(z, A, C, a):
+    dx = C.shape[1]
+    y = z[dx:]
+    return 0.5 * y @ (A @ y) + y @ (C @ z[:dx]) + a @ y
+
+
+@njit(cache=True)
+def quad_upper_grad(z, t, mu, h):
+    dx = h.shape[0]
+    out = np.empty_like(z)
+    out[:dx] = mu * z[:dx] + h
+    out[dx:] = z[dx:] - t
+    return out
+
+
+@njit(cache=True)
+def quad_upper_value(z, t, mu, h):
+    dx = h.shape[0]
+    r = z[dx:] - t
+    return 0.5 * r @ r + 0.5 * mu * z[:dx] @ z[:dx] + h @ z[:dx]
+
+
+class DenseQuadratic:
+    """A small bilevel quadratic with closed forms (tests' reference)."""
+
+    def __init__(self, dx=3, dy=6, cond=20.0, mu=0.1, seed=0, eigs=None):
+        rng = np.random.default_rng(seed)
+        Q, _ = np.linalg.qr(rng.standard_normal((dy, dy)))
+        if eigs is None:
+            eigs = np.geomspace(1.0, cond, dy)
+        self.eigs = np.asarray(eigs, dtype=float)
+        self.A = np.ascontiguousarray((Q * self.eigs) @ Q.T)
+        self.A = 0.5 * (self.A + self.A.T)
+        self.C = np.ascontiguousarray(rng.standard_normal((dy, dx)))
+        self.a = rng.standard_normal(dy)
+        self.t = rng.standard_normal(dy)
+        self.h = rng.standard_normal(dx)
+        self.mu = mu
+        self.dx, self.dy = dx, dy
+        self.J = -np.linalg.solve(self.A, self.C)
+        self.y0 = -np.linalg.solve(self.A, self.a)
+
+    def problem(self, hvp=True, value=True, **kw):
+        upper = mlo.Objective(quad_upper_grad, value=quad_upper_value if value else None,
+                              args=(self.t, self.mu, self.h))
+        lower = mlo.Objective(quad_lower_grad, hvp=quad_lower_hvp if hvp else None,
+                              value=quad_lower_value, args=(self.A, self.C, self.a))
+        return mlo.BilevelProblem(upper, lower, dims=(self.dx, self.dy), **kw)
+
+    def y_star(self, x):
+        return self.y0 + self.J @ x
+
+    def F(self, x):
+        r = self.y_star(x) - self.t
+        return 0.5 * r @ r + 0.5 * self.mu * x @ x + self.h @ x
+
+    def hypergrad(self, x):
+        return self.mu * x + self.h + self.J.T @ (self.y_star(x) - self.t)
+
+    @property
+    def x_star(self):
+        H = self.J.T @ self.J + self.mu * np.eye(self.dx)
+        return -np.linalg.solve(H, self.h + self.J.T @ (self.y0 - self.t))
+
+
+@pytest.fixture(scope="session")
+def quad():
+    return DenseQuadratic()
+
+
+@pytest.fixture(scope="session")
+def quad_problem(quad):
+    return quad.problem()

@@ -1,0 +1,154 @@
+"""Hypergradients against closed forms; unrolled against implicit; oracle bookkeeping."""
+import numpy as np
+import pytest
+
+import mlocore as mlo
+
+from conftest import DenseQuadratic
+
+IMPLICIT = ["direct", "cg", "neumann"]
+
+
+@pytest.mark.parametrize("method", IMPLICIT)
+def test_implicit_matches_closed_form(quad, quad_problem, method):
+    x = np.array([0.3, -1.0, 2.0])
+    y = np.zeros(quad.dy)
+    res = mlo.hypergrad(quad_problem, x, y, method=method, tol=1e-12)
+    assert res.success, res.message
+    exact = quad.hypergrad(x)
+    # error bound: cond(A) * tol relative, well below 1e-9 for cond = 20
+    np.testing.assert_allclose(res.grad, exact, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(res.y, quad.y_star(x), atol=1e-11)
+    np.testing.assert_allclose(quad.A @ res.v, res.y - quad.t, atol=1e-9)  # H_yy v = grad_y f
+    assert res.fun == pytest.approx(quad.F(x), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["itd-reverse", "itd-forward"])
+def test_unrolled_converges_to_implicit(quad, quad_problem, method):
+    x = np.array([0.3, -1.0, 2.0])
+    res = mlo.hypergrad(quad_problem, x, quad.y_star(x), method=method, T=800)
+    assert res.success
+    np.testing.assert_allclose(res.grad, quad.hypergrad(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("K", [None, 7])
+def test_forward_equals_reverse(quad, quad_problem, K):
+    x = np.array([1.0, 0.5, -0.5])
+    y0 = np.ones(quad.dy)  # not the solution: the unrolled map itself is differentiated
+    fwd = mlo.hypergrad(quad_problem, x, y0, method="itd-forward", T=25, K=K)
+    rev = mlo.hypergrad(quad_problem, x, y0, method="itd-reverse", T=25, K=K)
+    np.testing.assert_allclose(fwd.grad, rev.grad, rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(fwd.y, rev.y)
+    assert fwd.step == rev.step
+
+
+def test_reverse_itd_is_gradient_of_unrolled_map(quad, quad_problem):
+    """Central differences of x -> f(x, y_T(x)) (y_T by the same T steps) equal reverse ITD."""
+    x = np.array([1.0, 0.5, -0.5])
+    y0 = np.ones(quad.dy)
+    T = 15
+    res = mlo.hypergrad(quad_problem, x, y0, method="itd-reverse", T=T)
+    beta = res.step
+
+    def unrolled_F(xx):
+        y = y0.copy()
+        for _ in range(T):
+            y = y - beta * (quad.A @ y + quad.C @ xx + quad.a)
+        r = y - quad.t
+        return 0.5 * r @ r + 0.5 * quad.mu * xx @ xx + quad.h @ xx
+
+    h = 1e-5
+    fd = np.array([(unrolled_F(x + h * e) - unrolled_F(x - h * e)) / (2 * h)
+                   for e in np.eye(3)])
+    np.testing.assert_allclose(res.grad, fd, rtol=1e-7, atol=1e-8)
+
+
+def test_itd_error_decays_geometrically():
+    q = DenseQuadratic(dx=2, dy=5, eigs=[1.0, 2.0, 3.0, 5.0, 10.0], seed=3)
+    p = q.problem()
+    x = np.array([0.5, -0.2])
+    y0 = q.y_star(x)  # start at the solution: the error is then the truncated adjoint series
+    beta = 0.05  # contraction factor of the slowest mode: 1 - beta * lambda_min = 0.95
+    errs = []
+    Ts = [20, 40, 80]
+    for T in Ts:
+        r = mlo.hypergrad(p, x, y0, method="itd-reverse", T=T, step=beta)
+        errs.append(np.linalg.norm(r.grad - q.hypergrad(x)))
+    rho = 1 - beta * 1.0
+    for (T1, e1), (T2, e2) in zip(zip(Ts, errs), zip(Ts[1:], errs[1:])):
+        # the slowest mode dominates: the ratio is rho^(T2-T1) up to a modest factor
+        assert e2 / e1 == pytest.approx(rho ** (T2 - T1), rel=0.3)
+
+
+def test_truncated_reverse_is_biased_but_consistent(quad, quad_problem):
+    x = np.array([0.3, -1.0, 2.0])
+    y0 = quad.y_star(x)
+    full = mlo.hypergrad(quad_problem, x, y0, method="itd-reverse", T=300)
+    trunc = mlo.hypergrad(quad_problem, x, y0, method="itd-reverse", T=300, K=3)
+    err_full = np.linalg.norm(full.grad - quad.hypergrad(x))
+    err_trunc = np.linalg.norm(trunc.grad - quad.hypergrad(x))
+    assert err_trunc > 100 * err_full
+    assert trunc.oracle_calls["lower_hvp"] < full.oracle_calls["lower_hvp"]
+
+
+def test_finite_difference_hvp_matches_exact_hvp(quad):
+    x = np.array([0.3, -1.0, 2.0])
+    p = quad.problem(hvp=False)
+    res = mlo.hypergrad(p, x, np.zeros(quad.dy), method="cg", tol=1e-10)
+    assert res.success and res.oracle_calls["lower_hvp"] == 0
+    assert res.oracle_calls["lower_grad"] > 0
+    # central differences on a quadratic are exact up to round-off ~ eps / step
+    np.testing.assert_allclose(res.grad, quad.hypergrad(x), rtol=1e-7, atol=1e-7)
+
+
+def test_lower_solved_and_warm_start(quad, quad_problem):
+    x = np.array([0.3, -1.0, 2.0])
+    ys = quad.y_star(x)
+    res = mlo.hypergrad(quad_problem, x, ys, method="cg", lower_solved=True, tol=1e-12)
+    assert res.lower_nit == 0 and res.oracle_calls["lower_grad"] == 0
+    np.testing.assert_allclose(res.grad, quad.hypergrad(x), rtol=1e-9)
+    warm = mlo.hypergrad(quad_problem, x, ys, method="cg", lower_solved=True, tol=1e-12,
+                         v0=res.v)
+    assert warm.nit < res.nit
+
+
+def test_inputs_are_not_modified(quad, quad_problem):
+    x = np.array([0.3, -1.0, 2.0])
+    y = np.ones(quad.dy)
+    xc, yc = x.copy(), y.copy()
+    args_before = [a.copy() for a in quad_problem.lower.args]
+    for method in mlo._hypergrad.HYPERGRAD_METHODS:
+        mlo.hypergrad(quad_problem, x, y, method=method, T=10)
+    np.testing.assert_array_equal(x, xc)
+    np.testing.assert_array_equal(y, yc)
+    for a, b in zip(quad_problem.lower.args, args_before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_oracle_counts_of_reverse_itd(quad, quad_problem):
+    x = np.zeros(3)
+    res = mlo.hypergrad(quad_problem, x, np.zeros(quad.dy), method="itd-reverse", T=12, K=5,
+                        step=0.01)
+    calls = res.oracle_calls
+    assert calls["lower_grad"] == 12 and calls["lower_hvp"] == 5
+    assert calls["upper_grad"] == 1
+
+
+@pytest.mark.parametrize("method", ["gd", "agd", "newton-cg"])
+def test_solve_lower_methods(quad, quad_problem, method):
+    x = np.array([0.3, -1.0, 2.0])
+    res = mlo.solve_lower(quad_problem, x, np.zeros(quad.dy), method=method, tol=1e-10,
+                          maxiter=5000)
+    assert res.success, res.message
+    assert res.grad_norm <= 1e-10
+    np.testing.assert_allclose(res.y, quad.y_star(x), atol=1e-9)
+
+
+def test_agd_needs_fewer_iterations_than_gd():
+    q = DenseQuadratic(dx=2, dy=8, cond=300.0, seed=5)
+    p = q.problem()
+    x = np.ones(2)
+    gd = mlo.solve_lower(p, x, np.zeros(8), method="gd", tol=1e-8, maxiter=100000)
+    agd = mlo.solve_lower(p, x, np.zeros(8), method="agd", tol=1e-8, maxiter=100000)
+    assert gd.success and agd.success
+    assert agd.nit < gd.nit / 3
