@@ -1,0 +1,188 @@
+"""Bad input gets a clear error; failing solvers give success=False and a message."""
+import numpy as np
+import pytest
+from numba import njit
+from scipy.special import expit
+
+import mlocore as mlo
+from mlocore import CallbackError
+
+from conftest import (DenseQuadratic, quad_lower_grad, quad_lower_hvp, quad_upper_grad,
+                      quad_upper_value)
+
+
+@njit(cache=True)
+def grad_raises(z, A, C, a):
+    if z[0] > 100.0:
+        raise ValueError("x too large for this model")
+    return quad_lower_grad(z, A, C, a)
+
+
+@njit(cache=True)
+def grad_wrong_shape(z, A, C, a):
+    return quad_lower_grad(z, A, C, a)[1:]
+
+
+@njit(cache=True)
+def grad_nan_far(z, A, C, a):
+    g = quad_lower_grad(z, A, C, a)
+    if z[0] > 10.0:
+        g[-1] = np.nan  # in the y-block, which the lower solver uses
+    return g
+
+
+@njit(cache=True)
+def grad_returns_int(z, A, C, a):
+    return np.zeros(z.shape[0], dtype=np.int64)
+
+
+def not_compilable(z, A, C, a):
+    return expit(quad_lower_grad(z, A, C, a))  # a scipy function: Numba cannot compile it
+
+
+def make(q, lower_grad=quad_lower_grad, lower_hvp=quad_lower_hvp):
+    upper = mlo.Objective(quad_upper_grad, value=quad_upper_value, args=(q.t, q.mu, q.h))
+    lower = mlo.Objective(lower_grad, hvp=lower_hvp, args=(q.A, q.C, q.a))
+    return mlo.BilevelProblem(upper, lower, dims=(q.dx, q.dy))
+
+
+@pytest.fixture(scope="module")
+def q():
+    return DenseQuadratic()
+
+
+@pytest.mark.parametrize("x, y, exc, match", [
+    (np.zeros(4), np.zeros(6), ValueError, r"x must have shape \(3,\)"),
+    (np.zeros(3), np.zeros(5), ValueError, r"y must have shape \(6,\)"),
+    (np.zeros((3, 1)), np.zeros(6), ValueError, "1-D"),
+    (np.array([0.0, np.nan, 0.0]), np.zeros(6), ValueError, "finite"),
+    (np.zeros(3), np.full(6, np.inf), ValueError, "finite"),
+    (np.zeros(3, dtype=complex), np.zeros(6), TypeError, "dtype=complex"),
+    (np.array(["a", "b", "c"]), np.zeros(6), TypeError, "dtype"),
+])
+def test_bad_arrays(q, quad_problem, x, y, exc, match):
+    with pytest.raises(exc, match=match):
+        mlo.hypergrad(quad_problem, x, y)
+
+
+def test_integer_arrays_are_accepted(q, quad_problem):
+    res = mlo.hypergrad(quad_problem, np.array([1, 0, 0]), np.zeros(6, dtype=np.int32))
+    np.testing.assert_allclose(res.grad, q.hypergrad(np.array([1.0, 0, 0])), rtol=1e-8)
+
+
+def test_bad_options(quad_problem):
+    x, y = np.zeros(3), np.zeros(6)
+    with pytest.raises(ValueError, match="unknown method 'newton'"):
+        mlo.hypergrad(quad_problem, x, y, method="newton")
+    with pytest.raises(ValueError, match="tol"):
+        mlo.hypergrad(quad_problem, x, y, tol=-1.0)
+    with pytest.raises(ValueError, match="K"):
+        mlo.hypergrad(quad_problem, x, y, method="itd-reverse", T=5, K=6)
+    with pytest.raises(TypeError, match="T must be an integer"):
+        mlo.hypergrad(quad_problem, x, y, method="itd-reverse", T=5.5)
+    with pytest.raises(ValueError, match="lower_method"):
+        mlo.hypergrad(quad_problem, x, y, lower_method="bfgs")
+    with pytest.raises(TypeError, match="BilevelProblem"):
+        mlo.hypergrad("problem", x, y)
+
+
+def test_bad_problem_definitions(q):
+    up = mlo.Objective(quad_upper_grad, args=(q.t, q.mu, q.h))
+    with pytest.raises(TypeError, match="callable"):
+        mlo.Objective(grad=3)
+    with pytest.raises(ValueError, match="dims"):
+        mlo.BilevelProblem(up, up, dims=(3,))
+    with pytest.raises(ValueError, match="positive"):
+        mlo.BilevelProblem(up, up, dims=(0, 3))
+    with pytest.raises(ValueError, match="either bounds or project"):
+        mlo.BilevelProblem(up, up, dims=(3, 6), bounds=(0, 1), project=lambda x: x)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        mlo.BilevelProblem(up, up, dims=(3, 6), bounds=(1, 0))
+    with pytest.raises(ValueError, match="n_samples"):
+        mlo.Objective(quad_upper_grad, n_samples=0)
+
+
+def test_backend_switch(quad_problem):
+    x, y = np.zeros(3), np.zeros(6)
+    with pytest.raises(NotImplementedError, match="cuda"):
+        mlo.hypergrad(quad_problem, x, y, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        mlo.hypergrad(quad_problem, x, y, backend="tpu")
+    with mlo.backend("cuda"):
+        assert mlo.get_backend() == "cuda"
+        with pytest.raises(NotImplementedError):
+            mlo.hypergrad(quad_problem, x, y)  # never a silent CPU run
+    assert mlo.get_backend() == "cpu"
+
+
+def test_callback_that_raises(q):
+    p = make(q, lower_grad=grad_raises)
+    with pytest.raises(CallbackError, match="lower.grad raised ValueError"):
+        mlo.hypergrad(p, np.array([200.0, 0, 0]), np.zeros(6))
+    # raised inside the compiled loop: the user's exception propagates unchanged
+    p2 = make(q, lower_grad=grad_raises)
+    mlo.hypergrad(p2, np.zeros(3), np.zeros(6))  # checks pass at a good point
+    with pytest.raises(ValueError, match="x too large"):
+        mlo.hypergrad(p2, np.array([200.0, 0, 0]), np.zeros(6))
+
+
+def test_callback_wrong_shape(q):
+    with pytest.raises(CallbackError, match=r"lower.grad returned shape \(8,\); expected \(9,\)"):
+        mlo.hypergrad(make(q, lower_grad=grad_wrong_shape), np.zeros(3), np.zeros(6))
+
+
+def test_callback_wrong_return_type(q):
+    with pytest.raises(CallbackError, match="must return a 1-D float64 array.*int64"):
+        mlo.hypergrad(make(q, lower_grad=grad_returns_int), np.zeros(3), np.zeros(6))
+
+
+def test_callback_numba_cannot_compile(q):
+    with pytest.raises(CallbackError) as info:
+        mlo.hypergrad(make(q, lower_grad=not_compilable), np.zeros(3), np.zeros(6))
+    msg = str(info.value)
+    assert "not_compilable" in msg and "lower.grad" in msg and "Numba says" in msg
+
+
+def test_nan_inside_the_loop_is_reported(q):
+    p = make(q, lower_grad=grad_nan_far)
+    mlo.hypergrad(p, np.zeros(3), np.zeros(6))
+    res = mlo.hypergrad(p, np.array([20.0, 0, 0]), np.zeros(6))
+    assert not res.success and res.status == 2
+    assert "non-finite" in res.message
+
+
+def test_nan_at_initial_point_is_a_clear_error(q):
+    p = make(q, lower_grad=grad_nan_far)
+    with pytest.raises(CallbackError, match="non-finite"):
+        mlo.hypergrad(p, np.array([20.0, 0, 0]), np.zeros(6))
+
+
+@pytest.mark.parametrize("method", ["cg", "neumann", "direct"])
+def test_indefinite_lower_hessian(method):
+    q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
+    p = q.problem()
+    res = mlo.hypergrad(p, np.zeros(3), np.zeros(6), method=method)
+    assert not res.success
+    assert "not positive definite" in res.message
+    # given y, skip the lower solve: the linear solver itself must detect it
+    res = mlo.hypergrad(p, np.zeros(3), np.zeros(6), method=method, lower_solved=True)
+    assert not res.success
+    assert "positive definite" in res.message or "diverged" in res.message
+
+
+def test_non_convergence_is_reported(q, quad_problem):
+    res = mlo.hypergrad(quad_problem, np.ones(3), np.zeros(6), lower_method="gd",
+                        lower_maxiter=2)
+    assert not res.success and res.status == 1 and "maxiter" in res.message
+    assert np.all(np.isfinite(res.grad))  # an answer from the inexact y, flagged
+    res = mlo.hypergrad(quad_problem, np.ones(3), np.zeros(6), maxiter=0)
+    assert not res.success and "maxiter" in res.message
+    res = mlo.solve_lower(quad_problem, np.ones(3), np.zeros(6), maxiter=0)
+    assert not res.success and res.nit == 0
+
+
+def test_divergent_inner_step_is_reported(q, quad_problem):
+    res = mlo.hypergrad(quad_problem, np.ones(3), np.zeros(6), method="itd-reverse", T=500,
+                        step=1.0)  # beta > 2 / lambda_max = 0.1
+    assert not res.success and res.status == 2
+    assert "step size is too large" in res.message
