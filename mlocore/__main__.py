@@ -1,0 +1,141 @@
+"""``python -m mlocore``: hyperparameter learning on real data, every hypergradient method.
+
+The embedded default: l2-regularized logistic regression on scikit-learn's breast cancer data
+(569 samples, 30 features, split train / validation / test), one penalty exp(lambda_j) per
+feature. It prints (1) each hypergradient method at the starting lambda with its error against
+the dense direct solve, its steady-state time, and its oracle calls, then (2) learns lambda by
+L-BFGS-B on (F, grad F) with warm-started inner solves and reports validation and test loss.
+Without scikit-learn it says so and runs on synthetic data of the same shape.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.optimize as so
+
+
+def _timed(fn, repeat=5):
+    best = np.inf
+    out = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _fmt_time(seconds):
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:8.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:8.2f} ms"
+    return f"{seconds:8.2f} s "
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mlocore", description=__doc__.split("\n")[0])
+    parser.add_argument("--lambda0", type=float, default=-2.0,
+                        help="starting log-penalty for every feature (default -2)")
+    parser.add_argument("--T", type=int, default=200, help="unrolled steps for ITD (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", action="store_true", help="use synthetic data")
+    args = parser.parse_args(argv)
+
+    t_import = time.perf_counter()
+    import mlocore as mlo
+    from mlocore import problems
+    t_import = time.perf_counter() - t_import
+
+    source = "scikit-learn breast cancer (569 x 30)"
+    if args.synthetic:
+        data = problems.make_logistic(n_train=285, n_val=142, n_features=30, seed=args.seed)
+        source = "synthetic (285 train / 142 val, 30 features)"
+    else:
+        try:
+            data = problems.load_breast_cancer_logistic(seed=args.seed)
+        except ImportError as exc:
+            print(f"[{exc}] -- falling back to synthetic data of the same shape")
+            data = problems.make_logistic(n_train=285, n_val=142, n_features=30, seed=args.seed)
+            source = "synthetic (scikit-learn not installed)"
+    p = data.problem
+    d = data.n_features
+    x0 = np.full(d, args.lambda0)
+    y0 = np.zeros(d)
+    print(f"mlocore {mlo.__version__}: learning one l2 penalty per feature by bilevel "
+          "optimization")
+    print(f"data: {source}; train {data.X_train.shape[0]}, validation {data.X_val.shape[0]}"
+          + (f", test {data.X_test.shape[0]}" if getattr(data, "X_test", None) is not None
+             else "") + " samples")
+    print(f"upper: validation log-loss; lower: training log-loss + sum_j exp(lambda_j) w_j^2 / 2;"
+          f" lambda0 = {args.lambda0}\n")
+
+    # (1) hypergradients at lambda0
+    t0 = time.perf_counter()
+    ref = mlo.hypergrad(p, x0, y0, method="direct", tol=1e-12)
+    t_first = time.perf_counter() - t0
+    y_star = ref.y
+    rows = []
+    methods = [("direct", {}), ("cg", {}), ("neumann", {}),
+               ("itd-reverse", {"T": args.T}), ("itd-forward", {"T": args.T})]
+    for name, opts in methods:
+        start = y_star if not name.startswith("itd") else y0
+        mlo.hypergrad(p, x0, start, method=name, **opts)  # warm-up: compile outside timing
+        res, t = _timed(lambda: mlo.hypergrad(p, x0, start, method=name, tol=1e-10,
+                                              lower_solved=not name.startswith("itd"),
+                                              **opts)
+                        if not name.startswith("itd") else
+                        mlo.hypergrad(p, x0, start, method=name, **opts))
+        err = np.linalg.norm(res.grad - ref.grad) / np.linalg.norm(ref.grad)
+        rows.append((name + (f" (T={args.T})" if "T" in opts else ""), err, t,
+                     res.oracle_calls["lower_grad"], res.oracle_calls["lower_hvp"],
+                     "yes" if res.success else "NO"))
+    print(f"Hypergradient of the validation loss at lambda0 (|grad F| = "
+          f"{np.linalg.norm(ref.grad):.3e}), lower level solved once to |grad_y g| <= 1e-12:")
+    print(f"  {'method':<22}{'rel. error':>12}{'time':>13}{'grads':>8}{'HVPs':>8}  ok")
+    for name, err, t, ng, nh, ok in rows:
+        print(f"  {name:<22}{err:12.2e}{_fmt_time(t):>13}{ng:8d}{nh:8d}  {ok}")
+    print("  (implicit methods from the solved lower point; ITD unrolls T steps from w = 0;\n"
+          f"   first call incl. compiling the problem's callbacks: {t_first:.2f} s, "
+          f"import {t_import:.2f} s)\n")
+
+    # (2) learn lambda: L-BFGS-B on (F, grad F), inner solutions warm-started
+    fobj = mlo.HyperObjective(p, y0, method="cg", tol=1e-10)
+    f_start, _ = fobj(x0)
+    t0 = time.perf_counter()
+    out = so.minimize(fobj, x0, jac=True, method="L-BFGS-B", bounds=[(-8.0, 8.0)] * d,
+                      options={"maxiter": 200, "gtol": 1e-7})
+    t_opt = time.perf_counter() - t0
+    w_start = mlo.solve_lower(p, x0, y0).y
+    w_final = fobj.y
+    print(f"Learning lambda with scipy L-BFGS-B on mlocore.HyperObjective ({out.nit} "
+          f"iterations, {fobj.ncalls} hypergradients, {_fmt_time(t_opt).strip()}; "
+          f"{out.message}):")
+    print(f"  {'':<22}{'start':>12}{'learned':>12}")
+    print(f"  {'validation loss':<22}{f_start:12.5f}{out.fun:12.5f}")
+    print(f"  {'validation accuracy':<22}{data.accuracy(w_start, 'val'):12.4f}"
+          f"{data.accuracy(w_final, 'val'):12.4f}")
+    if getattr(data, "X_test", None) is not None:
+        print(f"  {'test loss':<22}{data.loss(w_start, 'test'):12.5f}"
+              f"{data.loss(w_final, 'test'):12.5f}")
+        print(f"  {'test accuracy':<22}{data.accuracy(w_start, 'test'):12.4f}"
+              f"{data.accuracy(w_final, 'test'):12.4f}")
+    lam = out.x
+    print(f"  learned exp(lambda): min {np.exp(lam.min()):.3g}, median "
+          f"{np.exp(np.median(lam)):.3g}, max {np.exp(lam.max()):.3g}")
+    calls = fobj.oracle_calls
+    print(f"  oracle calls: {calls['lower_grad']} lower gradients, {calls['lower_hvp']} lower "
+          f"HVPs, {calls['upper_grad']} upper gradients")
+
+    # (3) the same with mlocore's own AID-BiO driver
+    t0 = time.perf_counter()
+    aid = mlo.minimize_bilevel(p, x0, y0, method="aid", maxiter=200, tol=1e-6)
+    t_aid = time.perf_counter() - t0
+    print(f"\nmlocore.minimize_bilevel(method='aid'): validation loss {aid.fun:.5f} after "
+          f"{aid.nit} iterations ({_fmt_time(t_aid).strip()}); {aid.message}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
