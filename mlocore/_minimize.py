@@ -9,6 +9,7 @@ from scipy.optimize import OptimizeResult
 from ._callbacks import CallbackError, call_kernel
 from ._hypergrad import (LowerOptions, _check_problem, _compiled, implicit_call, unrolled_call)
 from ._kernels import lower as _low
+from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
 from ._results import counts_dict, new_counts, status_message
 from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
 
@@ -47,13 +48,13 @@ class _Driver:
 
     def upper_value(self, x, y):
         up = self.comp.upper
-        self.counts[1] += 1
+        self.counts[UPPER_VALUE] += 1
         self.nfev += 1
         return float(up.value(np.concatenate([x, y]), *up.args))
 
     def upper_grad(self, x, y):
         up = self.comp.upper
-        self.counts[0] += 1
+        self.counts[UPPER_GRAD] += 1
         return up.grad(np.concatenate([x, y]), *up.args)
 
     def F(self, x, y0):

@@ -77,6 +77,3 @@ class HypergradResult(OptimizeResult):
         Counts per callback (``upper_grad``, ``lower_grad``, ``lower_hvp``, ...);
         ``ngrad`` and ``nhvp`` are totals.
     """
-
-    def __repr__(self):  # keep the default scipy layout but omit the long arrays' noise
-        return super().__repr__()
