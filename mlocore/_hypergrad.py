@@ -8,7 +8,8 @@ from ._callbacks import call_kernel
 from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
-from ._problem import BilevelProblem
+from ._multilevel import multilevel_hypergrad
+from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
                        status_message)
 from ._validation import (as_vector, check_backend, check_choice, check_int, check_positive)
@@ -94,22 +95,27 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
                           method=method, oracle_calls=counts_dict(counts))
 
 
-def hypergrad(problem, x, y, method="cg", *, tol=1e-10, atol=0.0, maxiter=None, v0=None,
-              eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
-              lower_maxiter=1000, lower_step=None, T=100, K=None, step=None, backend=None):
-    """Hypergradient ``grad F(x)`` of ``F(x) = f(x, y*(x))``.
+def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=None,
+              v0=None, eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
+              lower_maxiter=None, lower_step=None, T=100, K=None, step=None, fd_step=None,
+              backend=None):
+    """Hypergradient ``grad F(x)`` of ``F(x) = f(x, y*(x))``, or of ``F = phi_1`` for n levels.
 
     Parameters
     ----------
-    problem : BilevelProblem
+    problem : BilevelProblem or MultilevelProblem
     x : array_like, shape (dx,)
+        For a MultilevelProblem: ``xs``, a list of the n levels' arrays (levels 2..n are
+        warm starts of the lower solves, or the solutions with ``lower_solved=True``).
     y : array_like, shape (dy,)
         Implicit methods: warm start of the lower solve (or the solution itself with
         ``lower_solved=True``). Unrolled methods: the starting point y_0 of the unrolled loop.
-    method : {"cg", "direct", "neumann", "itd-reverse", "itd-forward"}
-        Implicit differentiation with ``H_yy v = grad_y f`` solved by conjugate gradient,
-        a dense Cholesky solve, or a Neumann series; or unrolled differentiation through
-        T gradient steps in reverse or forward mode (ALGORITHMS.md sections 1-2).
+    method : str
+        Bilevel (default "cg"): implicit differentiation with ``H_yy v = grad_y f`` solved by
+        conjugate gradient ("cg"), a dense Cholesky solve ("direct") or a Neumann series
+        ("neumann"); or unrolled differentiation through T gradient steps ("itd-reverse",
+        "itd-forward"); ALGORITHMS.md sections 1-2. Multilevel (default "exact"): "exact",
+        "fd" or "truncated" (ALGORITHMS.md section 3 and :mod:`mlocore._multilevel`).
     tol, atol : float
         Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. Also the default
         lower tolerance ``|grad_y g| <= lower_tol``.
@@ -136,8 +142,20 @@ def hypergrad(problem, x, y, method="cg", *, tol=1e-10, atol=0.0, maxiter=None, 
         ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
     """
     check_backend(backend)
+    if isinstance(problem, MultilevelProblem):
+        if y is not None:
+            raise TypeError("for a MultilevelProblem pass xs, the list of all levels' arrays, "
+                            "as the second argument and no y")
+        return multilevel_hypergrad(problem, x, "exact" if method is None else method,
+                                    tol=tol, lower_solved=lower_solved, lower_tol=lower_tol,
+                                    lower_maxiter=100 if lower_maxiter is None else lower_maxiter,
+                                    fd_step=fd_step)
     _check_problem(problem)
+    method = "cg" if method is None else method
     check_choice("method", method, HYPERGRAD_METHODS)
+    if y is None:
+        raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
+    lower_maxiter = 1000 if lower_maxiter is None else lower_maxiter
     x = as_vector("x", x, problem.dx)
     y = as_vector("y", y, problem.dy)
     tol = check_positive("tol", tol, allow_zero=True)

@@ -10,10 +10,12 @@ from ._callbacks import CallbackError, call_kernel
 from ._hypergrad import (LowerOptions, _check_problem, _compiled, implicit_call, unrolled_call)
 from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
+from ._multilevel import MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_joint
+from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
 from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
 
-__all__ = ["minimize_bilevel", "HyperObjective", "BILEVEL_METHODS"]
+__all__ = ["minimize_bilevel", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
 
 BILEVEL_METHODS = ("aid", "itd", "alternating")
 _ARMIJO = 1e-4
@@ -157,30 +159,166 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
 
     drv = _Driver(problem, x, y, lower, lin_tol, lin_maxiter, T, K, inner_step)
-    has_value = problem.upper.value is not None
+
+    def F_eval(x_new):
+        f, y_new, lstatus = drv.F(x_new, drv.y)
+        ok = lstatus in (_low.OK, _low.MAXITER)
+        return f, y_new, 0 if ok else lstatus, "" if ok else status_message(lstatus)
+
+    def commit(y_new):
+        drv.y = y_new
+
+    def direction(x_now):
+        return drv.direction(method, x_now)
+
+    x, fun, grad, nit, status, detail, history = descent_loop(
+        problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback,
+        lambda: {"y": drv.y.copy()}, calls=lambda: int(drv.counts.sum()))
+    if problem.upper.value is not None and (step is not None or status != 0):
+        fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
+    return OptimizeResult(
+        x=x, fun=fun, jac=grad, nit=nit, nfev=drv.nfev, success=status == 0, status=status,
+        message=status_message(status, detail), y=drv.y, v=drv.v if method == "aid" else None,
+        oracle_calls=counts_dict(drv.counts), method=method, history=history)
+
+
+def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
+                        callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
+                        fd_step=None, backend=None):
+    """The multilevel gradient method of Gu & Chen (2024), Algorithm 1 and Theorem 4.1.
+
+    Repeat: solve levels n..2 for the current x_1 (warm-started from the previous solution),
+    then ``x_1 <- P(x_1 - alpha grad F(x_1))`` with the hypergradient of the chosen mode.
+
+    Parameters
+    ----------
+    problem : MultilevelProblem
+    x0s : list of arrays
+        Starting points of all levels (levels 2..n are warm starts).
+    method : {"exact", "fd", "truncated"}
+        Hypergradient mode (see :func:`mlocore.hypergrad`).
+    step : float, optional
+        Fixed step alpha (Theorem 4.1 needs ``alpha (1 - L alpha / 2) > 0``). Default:
+        Barzilai-Borwein steps with an Armijo search on F (needs level 1's value callback).
+    maxiter, tol, callback
+        As :func:`minimize_bilevel`.
+    lin_tol, lower_tol, lower_maxiter, fd_step
+        Tolerance of the reduced-Hessian CG solves, of the lower-level solves (gradient norm
+        of each reduced objective), their iteration limit, and the finite-difference step.
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        ``x`` (x_1), ``xs`` (every level's solution at x), ``fun``, ``jac``, ``nit``,
+        ``success``, ``status``, ``message``, ``oracle_calls`` per level and ``history``
+        (per iteration: ``fun``, ``grad_norm``, ``time``, cumulative ``oracle_calls``).
+    """
+    check_backend(backend)
+    if not isinstance(problem, MultilevelProblem):
+        raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
+                        f"{type(problem).__name__}")
+    check_choice("method", method, MULTILEVEL_MODES)
+    maxiter = check_int("maxiter", maxiter, 0)
+    tol = check_positive("tol", tol, allow_zero=True)
+    if step is not None:
+        step = check_positive("step", step)
+    elif problem.levels[0].value is None:
+        raise ValueError("step=None uses a backtracking line search on F, which needs level "
+                         "1's value callback; pass a fixed step=... instead")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
+    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
+    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
+    z = as_joint(problem, x0s, "x0s")
+    d1 = problem.dims[0]
+    z[:d1] = problem.project(z[:d1])
+    eng = MultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
+    if not getattr(problem, "_checked", False):
+        eng.check_at(z)
+        problem._checked = True
+    state = {"z": z}
+
+    def solved(x1):
+        zz = state["z"].copy()
+        zz[:d1] = x1
+        return eng.solve_from(zz, 1)
+
+    def F_eval(x1):
+        try:
+            zz = solved(x1)
+        except LevelFailure as fail:
+            return np.nan, None, fail.status, fail.detail
+        return eng.value(1, zz), zz, 0, ""
+
+    def commit(zz):
+        state["z"] = zz
+
+    def direction(x1):
+        try:
+            zz = solved(x1)
+            state["z"] = zz
+            return eng.grad_reduced(1, zz)[:d1], 0, "", eng.value(1, zz)
+        except LevelFailure as fail:
+            return np.full(d1, np.nan), fail.status, fail.detail, np.nan
+
+    def extra():
+        zz = state["z"]
+        return {"xs": [zz[problem.block(k)].copy() for k in range(1, problem.n + 1)]}
+
+    x1, fun, grad, nit, status, detail, history = descent_loop(
+        problem.project, z[:d1].copy(), direction, F_eval, commit, step, maxiter, tol,
+        callback, extra, calls=lambda: int(eng.counts.sum()))
+    if status != 0 or step is not None:
+        fun, zz, fstatus, fdetail = F_eval(x1)  # F at the returned x_1, levels solved
+        if zz is not None:
+            state["z"] = zz
+    zz = state["z"]
+    return OptimizeResult(
+        x=x1, xs=[zz[problem.block(k)].copy() for k in range(1, problem.n + 1)], z=zz,
+        fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
+        message=status_message(status, detail), method=method,
+        oracle_calls=eng.oracle_calls(), history=history)
+
+
+def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, callback,
+                 extra, calls=None):
+    """Projected (hyper)gradient descent shared by the bilevel and multilevel drivers.
+
+    ``direction(x) -> (grad, status, detail, F or nan)`` updates the caller's warm starts;
+    ``F_eval(x) -> (F, state, status, detail)`` evaluates F exactly (lower levels solved) and
+    ``commit(state)`` keeps the state of an accepted trial point. ``step=None``: Barzilai-
+    Borwein trial steps with an Armijo backtracking search on F (accepting changes within
+    round-off of F); otherwise fixed steps. Stops when ``|x - P(x - grad)| <= tol``.
+    ``calls()``, if given, returns the cumulative oracle count recorded in the history.
+    Returns ``(x, fun, grad, nit, status, detail, history)``.
+    """
     history = {"fun": [], "grad_norm": [], "time": []}
+    if calls is not None:
+        history["oracle_calls"] = []
     t0 = time.perf_counter()
     fun = np.nan
     if step is None:  # the line search compares exact values of F
-        fun, drv.y, lstatus = drv.F(x, drv.y)
-        if lstatus not in (_low.OK, _low.MAXITER):
-            return _result(drv, x, fun, None, 0, lstatus, "At x0: " + status_message(lstatus),
-                           history, method)
+        fun, state, fstatus, detail = F_eval(x)
+        if fstatus != 0:
+            return x, fun, None, 0, fstatus, "At x0: " + detail, _arrays(history)
+        commit(state)
     trial = 1.0 if step is None else step
     prev = None
     status, detail, grad, nit = 10, "", None, 0
     for it in range(maxiter + 1):
-        grad, gstatus, gmsg, fun_here = drv.direction(method, x)
+        grad, gstatus, gmsg, fun_here = direction(x)
         if step is not None:
             fun = fun_here
         if gstatus != 0 and gstatus != _low.MAXITER:
             status, detail = gstatus, gmsg
             break
-        pg_norm = float(np.linalg.norm(x - problem.project(x - grad)))
+        pg_norm = float(np.linalg.norm(x - project(x - grad)))
         _record(history, fun, pg_norm, t0)
+        if calls is not None:
+            history["oracle_calls"].append(calls())
         if it > 0 and callback is not None:
-            inter = OptimizeResult(x=x.copy(), fun=fun, jac=grad.copy(), nit=nit,
-                                   y=drv.y.copy())
+            inter = OptimizeResult(x=x.copy(), fun=fun, jac=grad.copy(), nit=nit, **extra())
             try:
                 callback(inter)
             except StopIteration:
@@ -192,7 +330,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
         if it == maxiter:
             break
         if step is not None:
-            x = problem.project(x - step * grad)
+            x = project(x - step * grad)
         else:
             if prev is not None:  # Barzilai-Borwein trial step from the last two iterates
                 s_k, g_k = x - prev[0], grad - prev[1]
@@ -202,9 +340,9 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
             accepted = False
             slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
             for _ in range(_MAX_BACKTRACK):
-                x_try = problem.project(x - trial * grad)
-                f_try, y_try, lstatus = drv.F(x_try, drv.y)
-                if np.isfinite(f_try) and \
+                x_try = project(x - trial * grad)
+                f_try, state, fstatus, _ = F_eval(x_try)
+                if fstatus == 0 and np.isfinite(f_try) and \
                         f_try <= fun + _ARMIJO * (grad @ (x_try - x)) + slack:
                     accepted = True
                     break
@@ -212,28 +350,23 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
             if not accepted:
                 status = 11
                 break
-            x, fun, drv.y = x_try, f_try, y_try
+            x, fun = x_try, f_try
+            commit(state)
         nit += 1
         if not np.all(np.isfinite(x)):
             status = 12
             break
-    if has_value and (step is not None or status != 0):
-        fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
-    return _result(drv, x, fun, grad, nit, status, detail, history, method)
+    return x, fun, grad, nit, status, detail, _arrays(history)
+
+
+def _arrays(history):
+    return {k: np.asarray(v) for k, v in history.items()}
 
 
 def _record(history, fun, pg_norm, t0):
     history["fun"].append(fun)
     history["grad_norm"].append(pg_norm)
     history["time"].append(time.perf_counter() - t0)
-
-
-def _result(drv, x, fun, grad, nit, status, detail, history, method):
-    return OptimizeResult(
-        x=x, fun=fun, jac=grad, nit=nit, nfev=drv.nfev, success=status == 0, status=status,
-        message=status_message(status, detail), y=drv.y, v=drv.v if method == "aid" else None,
-        oracle_calls=counts_dict(drv.counts), method=method,
-        history={k: np.asarray(v) for k, v in history.items()})
 
 
 class HyperObjective:

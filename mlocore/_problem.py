@@ -8,7 +8,7 @@ import numpy as np
 
 from ._callbacks import VEC, CallbackError, FnTuple, compile_callback, missing_callback
 
-__all__ = ["Objective", "BilevelProblem"]
+__all__ = ["Objective", "BilevelProblem", "MultilevelProblem"]
 
 
 class Objective:
@@ -108,8 +108,13 @@ class CompiledObjective:
                                               "scalar")
         else:
             self.value, vt = missing_callback(1, (VEC,) + argt, "scalar")
+        self.tvp = None
+        if objective.tvp is not None:
+            self.tvp, _ = compile_callback(objective.tvp, f"{role}.tvp", (VEC, VEC, VEC) + argt,
+                                           "vector")
         self.has_hvp = objective.hvp is not None
         self.has_value = objective.value is not None
+        self.has_tvp = objective.tvp is not None
         self.fns = FnTuple((self.grad, self.hvp, self.value), (gt, ht, vt))
 
     def _call(self, name, fn, *vecs):
@@ -127,6 +132,10 @@ class CompiledObjective:
         if self.has_hvp:
             v = np.linspace(1.0, 2.0, n)
             _check_vector(f"{self.role}.hvp", self._call("hvp", self.hvp, z.copy(), v), n)
+        if self.has_tvp:
+            u = np.linspace(-1.0, 1.0, n)
+            v = np.linspace(1.0, 2.0, n)
+            _check_vector(f"{self.role}.tvp", self._call("tvp", self.tvp, z.copy(), u, v), n)
         if self.has_value:
             f = self._call("value", self.value, z.copy())
             if not np.isfinite(f):
@@ -235,3 +244,69 @@ def _parse_bounds(bounds, dx):
     if np.any(lo > hi) or np.any(np.isnan(lo)) or np.any(np.isnan(hi)):
         raise ValueError(f"bounds must satisfy lo <= hi, got lo={lo}, hi={hi}")
     return lo, hi
+
+
+class MultilevelProblem:
+    """An n-level problem: level 1 (outermost) minimizes ``F = phi_1``, each lower level k
+    minimizes its reduced objective given the levels above (ALGORITHMS.md section 3).
+
+    Parameters
+    ----------
+    levels : sequence of Objective
+        ``[f_1, ..., f_n]``, level 1 outermost; every objective is over the joint vector
+        ``z = concat(x_1, ..., x_n)``.
+    dims : sequence of int
+        ``(d_1, ..., d_n)``.
+    bounds, project
+        Constraints on x_1, as for :class:`BilevelProblem`.
+
+    Notes
+    -----
+    Each lower level k >= 2 must be strongly convex in x_k near the solution: the Hessian of
+    its reduced objective phi_k in x_k is inverted (Gu & Chen 2024, Lemmas 3.1-3.2).
+    """
+
+    def __init__(self, levels, dims, bounds=None, project=None):
+        levels = list(levels)
+        if len(levels) < 2:
+            raise ValueError(f"a multilevel problem needs at least 2 levels, got {len(levels)}")
+        for k, obj in enumerate(levels, start=1):
+            if not isinstance(obj, Objective):
+                raise TypeError(f"level {k} must be an mlocore.Objective, got "
+                                f"{type(obj).__name__}")
+        try:
+            dims = tuple(dims)
+        except TypeError:
+            raise ValueError(f"dims must be a sequence of {len(levels)} integers, got "
+                             f"{dims!r}") from None
+        if len(dims) != len(levels):
+            raise ValueError(f"dims has {len(dims)} entries but there are {len(levels)} levels")
+        for k, d in enumerate(dims, start=1):
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"dims must be positive integers, got d_{k}={d!r}")
+        if bounds is not None and project is not None:
+            raise ValueError("give either bounds or project, not both")
+        if project is not None and not callable(project):
+            raise TypeError(f"project must be callable, got {type(project).__name__}")
+        self.levels = levels
+        self.dims = tuple(int(d) for d in dims)
+        self.n = len(levels)
+        self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.dims)]))
+        self.size = self.offsets[-1]
+        self.lb, self.ub = _parse_bounds(bounds, self.dims[0])
+        self._project = project
+
+    def block(self, k: int) -> slice:
+        """The slice of z holding x_k (k = 1..n)."""
+        return slice(self.offsets[k - 1], self.offsets[k])
+
+    def project(self, x1: np.ndarray) -> np.ndarray:
+        """Project x_1 onto its feasible set (a copy)."""
+        return BilevelProblem.project(self, x1)
+
+    @property
+    def dx(self):  # BilevelProblem.project reads dx
+        return self.dims[0]
+
+    def __repr__(self):
+        return f"MultilevelProblem(n={self.n}, dims={self.dims})"
