@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-import weakref
 
 import numba
 import numpy as np
@@ -38,7 +37,6 @@ class CallbackError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Memoized first-class-function addresses (performance shim, see module docstring).
 # ---------------------------------------------------------------------------------------
-_ADDRESS_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _memo_lock = threading.Lock()
 
 
@@ -53,12 +51,10 @@ def _install_address_memo():
 
     def _memoized(orig, tag):
         # numba passes the same unpickled Signature object on every call from one call site,
-        # so the table is keyed by its id; the Signature is stored to keep that id valid.
+        # so the table (an attribute of the dispatchers mlocore compiled) is keyed by its id;
+        # the Signature is stored with the address to keep that id valid.
         def get(func, sig):
-            try:
-                table = _ADDRESS_MEMO.get(func)
-            except TypeError:
-                table = None
+            table = getattr(func, "_mlocore_addresses", None)
             if table is None:
                 return orig(func, sig)
             key = (tag, id(sig))
@@ -149,7 +145,8 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
         raise CallbackError(f"callback {role} = {_describe(func)} must return {want}; "
                             f"Numba infers that it returns {rtype}")
     with _memo_lock:
-        _ADDRESS_MEMO.setdefault(disp, {})
+        if getattr(disp, "_mlocore_addresses", None) is None:
+            disp._mlocore_addresses = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
         return disp, types.FunctionType(cres.signature)
@@ -211,29 +208,46 @@ def _nbtype(value):
     return numba.typeof(value)
 
 
-def _unwrap(value):
-    if isinstance(value, FnTuple):
-        return value.funcs
-    if isinstance(value, tuple) and any(isinstance(v, (FnTuple, tuple)) for v in value):
-        return tuple(_unwrap(v) for v in value)
-    return value
+_SCALARS = (float, int, bool, type(None), np.float64, np.int64, np.bool_)
+_TUPLE_KEYS: dict = {}
 
 
 def _fast_key(value):
-    """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us)."""
-    if isinstance(value, np.ndarray):
+    """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us).
+
+    Tuples (the objectives' ``args``, operator tuples) are memoized by identity, keeping
+    the tuple alive so that its id stays valid.
+    """
+    t = type(value)
+    if t is np.ndarray:
         f = value.flags
         return (value.dtype.num, value.ndim, f.c_contiguous, f.f_contiguous, f.writeable,
                 f.aligned)
-    if isinstance(value, FnTuple):
+    if t in _SCALARS:
+        return t
+    if t is FnTuple:
         return id(value.nbtype)  # numba types are interned; kept alive by _ENTRY_POINTS
-    if isinstance(value, tuple):
-        return tuple(_fast_key(v) for v in value)
-    if value is None or isinstance(value, (bool, np.bool_)):
-        return type(value)
+    if t is tuple:
+        hit = _TUPLE_KEYS.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        key = tuple(_fast_key(v) for v in value)
+        if len(_TUPLE_KEYS) > 4096:
+            _TUPLE_KEYS.clear()
+        _TUPLE_KEYS[id(value)] = (value, key)
+        return key
     if isinstance(value, (int, float, np.integer, np.floating)):
-        return type(value)
+        return t
     return numba.typeof(value)
+
+
+def _unwrap(value):
+    t = type(value)
+    if t is FnTuple:
+        return value.funcs
+    if t is tuple and any(type(v) is FnTuple or type(v) is tuple for v in value):
+        return tuple(_unwrap(v) for v in value)
+    return value
 
 
 def call_kernel(kernel, *args):
@@ -242,7 +256,7 @@ def call_kernel(kernel, *args):
     The overload for the exact argument types is compiled (or loaded from numba's disk cache)
     on first use and its entry point memoized by a cheap type key.
     """
-    key = (kernel, _fast_key(args))
+    key = (kernel, tuple(_fast_key(a) for a in args))
     entry = _ENTRY_POINTS.get(key)
     if entry is None:
         with warnings.catch_warnings():
