@@ -8,7 +8,7 @@ from ._callbacks import call_kernel
 from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
-from ._multilevel import multilevel_hypergrad
+from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
                        status_message)
@@ -115,7 +115,9 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         conjugate gradient ("cg"), a dense Cholesky solve ("direct") or a Neumann series
         ("neumann"); or unrolled differentiation through T gradient steps ("itd-reverse",
         "itd-forward"); ALGORITHMS.md sections 1-2. Multilevel (default "exact"): "exact",
-        "fd" or "truncated" (ALGORITHMS.md section 3 and :mod:`mlocore._multilevel`).
+        "fd" or "truncated" (ALGORITHMS.md section 3 and :mod:`mlocore._multilevel`), or
+        "itd", the unrolled baseline of Sato et al. (T steps per lower level from the given
+        starts; T and step may be per-level sequences).
     tol, atol : float
         Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. Also the default
         lower tolerance ``|grad_y g| <= lower_tol``.
@@ -146,6 +148,8 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         if y is not None:
             raise TypeError("for a MultilevelProblem pass xs, the list of all levels' arrays, "
                             "as the second argument and no y")
+        if method == "itd":
+            return unrolled_multilevel_hypergrad(problem, x, T=T, steps=step, fd_step=fd_step)
         return multilevel_hypergrad(problem, x, "exact" if method is None else method,
                                     tol=tol, lower_solved=lower_solved, lower_tol=lower_tol,
                                     lower_maxiter=100 if lower_maxiter is None else lower_maxiter,

@@ -10,7 +10,8 @@ from ._callbacks import CallbackError, call_kernel
 from ._hypergrad import (LowerOptions, _check_problem, _compiled, implicit_call, unrolled_call)
 from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
-from ._multilevel import MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_joint
+from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_joint,
+                          unrolled_multilevel_hypergrad)
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
 from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
@@ -184,7 +185,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
                         callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
-                        fd_step=None, backend=None):
+                        T=50, inner_step=None, fd_step=None, backend=None):
     """The multilevel gradient method of Gu & Chen (2024), Algorithm 1 and Theorem 4.1.
 
     Repeat: solve levels n..2 for the current x_1 (warm-started from the previous solution),
@@ -195,8 +196,11 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     problem : MultilevelProblem
     x0s : list of arrays
         Starting points of all levels (levels 2..n are warm starts).
-    method : {"exact", "fd", "truncated"}
-        Hypergradient mode (see :func:`mlocore.hypergrad`).
+    method : {"exact", "fd", "truncated", "itd"}
+        Hypergradient mode (see :func:`mlocore.hypergrad`); "itd" is the unrolled baseline
+        of Sato et al. (2021): T gradient steps per lower level (T and ``inner_step`` may be
+        per-level sequences), warm-started from the previous outer iteration, and steps on
+        the unrolled approximation of F.
     step : float, optional
         Fixed step alpha (Theorem 4.1 needs ``alpha (1 - L alpha / 2) > 0``). Default:
         Barzilai-Borwein steps with an Armijo search on F (needs level 1's value callback).
@@ -217,7 +221,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     if not isinstance(problem, MultilevelProblem):
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")
-    check_choice("method", method, MULTILEVEL_MODES)
+    check_choice("method", method, MULTILEVEL_MODES + ("itd",))
     maxiter = check_int("maxiter", maxiter, 0)
     tol = check_positive("tol", tol, allow_zero=True)
     if step is not None:
@@ -233,18 +237,31 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     z = as_joint(problem, x0s, "x0s")
     d1 = problem.dims[0]
     z[:d1] = problem.project(z[:d1])
-    eng = MultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
+    eng = MultilevelEngine(problem, "truncated" if method == "itd" else method, lin_tol,
+                           lower_tol, lower_maxiter, fd_step)
     if not getattr(problem, "_checked", False):
         eng.check_at(z)
         problem._checked = True
     state = {"z": z}
+    unrolled_counts = np.zeros_like(eng.counts)
 
     def solved(x1):
         zz = state["z"].copy()
         zz[:d1] = x1
         return eng.solve_from(zz, 1)
 
+    def unrolled(x1):
+        zz = state["z"].copy()
+        zz[:d1] = x1
+        res = unrolled_multilevel_hypergrad(problem, zz, T=T, steps=inner_step,
+                                            fd_step=fd_step)
+        unrolled_counts[:] += _counts_array(res.oracle_calls)
+        return res
+
     def F_eval(x1):
+        if method == "itd":
+            res = unrolled(x1)
+            return res.fun, res.z, 0 if res.success else res.status, res.message
         try:
             zz = solved(x1)
         except LevelFailure as fail:
@@ -255,6 +272,11 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         state["z"] = zz
 
     def direction(x1):
+        if method == "itd":
+            res = unrolled(x1)
+            if res.success:
+                state["z"] = res.z
+            return res.grad, res.status, res.message, res.fun
         try:
             zz = solved(x1)
             state["z"] = zz
@@ -268,17 +290,25 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
 
     x1, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, z[:d1].copy(), direction, F_eval, commit, step, maxiter, tol,
-        callback, extra, calls=lambda: int(eng.counts.sum()))
+        callback, extra, calls=lambda: int(eng.counts.sum() + unrolled_counts.sum()))
     if status != 0 or step is not None:
-        fun, zz, fstatus, fdetail = F_eval(x1)  # F at the returned x_1, levels solved
+        fun, zz, fstatus, fdetail = F_eval(x1)  # F at the returned x_1
         if zz is not None:
             state["z"] = zz
     zz = state["z"]
+    calls = eng.counts + unrolled_counts
     return OptimizeResult(
         x=x1, xs=[zz[problem.block(k)].copy() for k in range(1, problem.n + 1)], z=zz,
         fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
         message=status_message(status, detail), method=method,
-        oracle_calls=eng.oracle_calls(), history=history)
+        oracle_calls={f"level{k}": dict(zip(("grad", "hvp", "tvp", "value"),
+                                            map(int, row)))
+                      for k, row in enumerate(calls, 1)}, history=history)
+
+
+def _counts_array(calls):
+    return np.array([[c["grad"], c["hvp"], c["tvp"], c["value"]] for c in calls.values()],
+                    dtype=np.int64)
 
 
 def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, callback,

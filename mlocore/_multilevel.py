@@ -28,12 +28,14 @@ from ._callbacks import CallbackError, call_kernel
 from ._config import FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low
+from ._kernels import unrolled as _kl_unrolled
 from ._kernels.oracles import LOWER_GRAD, LOWER_HVP
 from ._problem import MultilevelProblem
 from ._results import HypergradResult, linear_info_message, new_counts, status_message
 from ._validation import as_vector, check_choice, check_int, check_positive
 
-__all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "MultilevelEngine"]
+__all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "MultilevelEngine",
+           "unrolled_multilevel_hypergrad"]
 
 MULTILEVEL_MODES = ("exact", "fd", "truncated")
 _GRAD, _HVP, _TVP, _VALUE = range(4)
@@ -326,4 +328,185 @@ def _hypergrad_with(eng, z, lower_solved):
         oracle_calls=eng.oracle_calls())
     out.ngrad = int(eng.counts[:, _GRAD].sum())
     out.nhvp = int(eng.counts[:, _HVP].sum())
+    return out
+
+
+class UnrolledEngine:
+    """The unrolled baseline of Sato, Tanaka & Takeda (2021) for n levels.
+
+    Each lower level k is replaced by ``T_k`` gradient steps with step ``beta_k`` on its
+    unrolled reduced objective ``phi~_k(x_<=k) = f_k(x_<=k, X_>k(x_<=k))``, every inner loop
+    starting from the fixed points given for levels 2..n. The hypergradient is the gradient of
+    ``f_1(x_1, X_>1(x_1))`` by reverse mode through the nested loops: level n's loop runs in the
+    compiled ``unrolled_vjp`` kernel (exact, with the hvp callback); the Hessian-vector
+    products of ``phi~_k`` that the reverse pass of an outer loop needs (k < n) are central
+    differences of its reverse-mode gradient. Cost and memory grow like T_2 * ... * T_n.
+    """
+
+    def __init__(self, problem, T, steps, starts, fd_step=None):
+        self.p = problem
+        self.n = problem.n
+        self.off = problem.offsets
+        self.T = T            # T[k] for k = 2..n (index k)
+        self.beta = steps     # beta[k], filled lazily when None
+        self.starts = starts  # the joint vector whose blocks 2..n start every inner loop
+        self.fd_step = FD_REL_STEP if fd_step is None else fd_step
+        self.eng = MultilevelEngine(problem, "truncated")  # oracles and their counts
+        self.counts = self.eng.counts
+
+    def _start(self, z, k):
+        """z with the blocks of levels > k reset to the fixed starting points."""
+        out = z.copy()
+        out[self.off[k]:] = self.starts[self.off[k]:]
+        return out
+
+    def step_size(self, k, z):
+        """beta_k: 1/L from power iteration on the block Hessian of phi~_k at z."""
+        if self.beta[k] is None:
+            lo, hi = self.off[k - 1], self.off[k]
+            v = np.linspace(1.0, 2.0, hi - lo)
+            v /= np.linalg.norm(v)
+            lam = 0.0
+            for _ in range(15):
+                s = np.zeros(hi)
+                s[lo:hi] = v
+                w = self.hvp_unrolled(k, z, s)[lo:hi]
+                lam = v @ w
+                nw = np.linalg.norm(w)
+                if nw == 0 or not np.isfinite(nw):
+                    break
+                v = w / nw
+            if not lam > 0:
+                raise LevelFailure(3, k, f"level {k}: the unrolled block Hessian is not "
+                                         "positive definite at the starting point")
+            self.beta[k] = 1.0 / (1.05 * lam)
+        return self.beta[k]
+
+    def forward(self, k, z):
+        """z with levels k+1..n replaced by their unrolled outputs (from the fixed starts)."""
+        if k >= self.n:
+            return z
+        z = self._start(z, k)
+        j = k + 1
+        lo, hi = self.off[j - 1], self.off[j]
+        if j == self.n:
+            c = self.eng.comp[-1]
+            counts6 = new_counts()
+            beta = self.step_size(j, z)
+            y, status, _, _, _ = call_kernel(
+                _low.solve_lower_kernel, c.fns, c.args, c.has_hvp, z[:lo].copy(),
+                z[lo:].copy(), _low.GD, 0.0, self.T[j], beta, counts6)
+            self.eng._fold(counts6)
+            if status == _low.NONFINITE:
+                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
+                                         f"(step {beta:.3e})")
+            z[lo:] = y
+            return z
+        beta = self.step_size(j, z)
+        for _ in range(self.T[j]):
+            g = self.grad_unrolled(j, z)[lo:hi]
+            z[lo:hi] -= beta * g
+            if not np.all(np.isfinite(z[lo:hi])):
+                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
+                                         f"(step {beta:.3e})")
+        return self.forward(j, z)
+
+    def grad_unrolled(self, j, z):
+        """Gradient of phi~_j over x_<=j (reverse mode through the loops of levels > j)."""
+        zz = self.forward(j, z)
+        g = self.eng.grad(j, zz)
+        if j == self.n:
+            return g
+        o = self.off[j]
+        return g[:o] + self.vjp(j, z, g[o:])
+
+    def hvp_unrolled(self, j, z, s):
+        if j == self.n:
+            return self.eng.hvp(j, z, s)
+        o = self.off[j]
+        eps = self.fd_step * (1.0 + np.linalg.norm(z[:o])) / max(np.linalg.norm(s), 1e-300)
+        zp = z.copy()
+        zp[:o] += eps * s
+        zm = z.copy()
+        zm[:o] -= eps * s
+        return (self.grad_unrolled(j, zp) - self.grad_unrolled(j, zm)) / (2.0 * eps)
+
+    def vjp(self, k, z, w):
+        """``w^T d X_>k / d x_<=k`` for the unrolled outputs X_>k (w over levels > k)."""
+        j = k + 1
+        lo, hi = self.off[k], self.off[j]
+        z = self._start(z, k)
+        if j == self.n:
+            c = self.eng.comp[-1]
+            counts6 = new_counts()
+            beta = self.step_size(j, z)
+            _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.args, c.has_hvp,
+                                   z[:lo].copy(), z[lo:].copy(), self.T[j], beta,
+                                   np.ascontiguousarray(w), counts6)
+            self.eng._fold(counts6)
+            if not ok:
+                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged")
+            return h
+        beta = self.step_size(j, z)
+        traj = []
+        for _ in range(self.T[j]):  # forward through level j's loop, keeping its iterates
+            traj.append(z[lo:hi].copy())
+            z[lo:hi] -= beta * self.grad_unrolled(j, z)[lo:hi]
+        u = self.vjp(j, z, w[hi - lo:])
+        a = w[:hi - lo] + u[lo:hi]
+        g = u[:lo].copy()
+        s = np.zeros(hi)
+        for xt in reversed(traj):
+            z[lo:hi] = xt
+            s[lo:hi] = a
+            h = self.hvp_unrolled(j, z, s)
+            g -= beta * h[:lo]
+            a = a - beta * h[lo:hi]
+        return g
+
+
+def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None):
+    """Hypergradient of the n-level unrolled approximation (Sato et al. 2021), see
+    :class:`UnrolledEngine`. ``xs`` gives x_1 and the fixed starts of levels 2..n."""
+    n = problem.n
+    if isinstance(T, (list, tuple)):
+        if len(T) != n - 1:
+            raise ValueError(f"T must be an int or a sequence of {n - 1} ints (levels 2..n), "
+                             f"got {T!r}")
+        Ts = [None, None] + [check_int("T", t, 1) for t in T]
+    else:
+        Ts = [None, None] + [check_int("T", T, 1)] * (n - 1)
+    if steps is None:
+        betas = [None] * (n + 1)
+    elif isinstance(steps, (list, tuple)):
+        if len(steps) != n - 1:
+            raise ValueError(f"step must be a number or a sequence of {n - 1} numbers, got "
+                             f"{steps!r}")
+        betas = [None, None] + [None if s is None else check_positive("step", s)
+                                for s in steps]
+    else:
+        betas = [None, None] + [check_positive("step", steps)] * (n - 1)
+    z = as_joint(problem, xs)
+    ueng = UnrolledEngine(problem, Ts, betas, z.copy(), fd_step)
+    if not getattr(problem, "_checked", False):
+        ueng.eng.check_at(z)
+        problem._checked = True
+    d1 = problem.dims[0]
+    status, detail = 0, ""
+    grad, fun, zz = np.full(d1, np.nan), np.nan, z
+    try:
+        grad = ueng.grad_unrolled(1, z)[:d1]
+        zz = ueng.forward(1, z)
+        fun = ueng.eng.value(1, zz)
+        if not np.all(np.isfinite(grad)):
+            status = 6
+    except LevelFailure as fail:
+        status, detail = fail.status, fail.detail
+    out = HypergradResult(
+        grad=grad, z=zz, xs=[zz[problem.block(k)].copy() for k in range(1, n + 1)], fun=fun,
+        method="itd", success=status == 0, status=int(status),
+        message=status_message(status, detail), T=Ts[2:], step=betas[2:],
+        oracle_calls=ueng.eng.oracle_calls())
+    out.ngrad = int(ueng.counts[:, _GRAD].sum())
+    out.nhvp = int(ueng.counts[:, _HVP].sum())
     return out

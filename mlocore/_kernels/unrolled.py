@@ -24,6 +24,47 @@ def _step_size(lfns, largs, l_has_hvp, x, y0, beta, counts):
 
 
 @njit(cache=True)
+def _unroll_store(lfns, largs, x, y0, T, K, beta, counts):
+    """T gradient steps from y0, keeping the last K iterates y_{T-K}..y_{T-1}.
+
+    Returns ``(Y, y_T, ok)``; ok is False when an iterate became non-finite.
+    """
+    dy = y0.shape[0]
+    first = T - K
+    Y = np.empty((K, dy))
+    y = y0.copy()
+    for t in range(T):
+        if t >= first:
+            Y[t - first] = y
+        g = lower_grad_y(lfns, largs, x, y, counts)
+        y = y - beta * g
+        if not all_finite(y):
+            return Y, y, False
+    return Y, y, True
+
+
+@njit(cache=True)
+def _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, a, h, counts):
+    """Reverse pass: adds ``a_T^T d y_T / d x`` to h through the stored steps.
+
+    Returns ``(h, v)`` with ``v = beta * sum_t a_t``.
+    """
+    dx = x.shape[0]
+    dy = a.shape[0]
+    a = a.copy()
+    v = np.zeros(dy)
+    w = np.zeros(dx + dy)
+    for s in range(Y.shape[0] - 1, -1, -1):
+        zt = joint(x, Y[s])
+        w[dx:] = a
+        hv = hvp_of(lfns, largs, l_has_hvp, zt, w, counts, LOWER_HVP, LOWER_GRAD)
+        h -= beta * hv[:dx]
+        v += beta * a
+        a = a - beta * hv[dx:]
+    return h, v
+
+
+@njit(cache=True)
 def itd_reverse(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, beta, counts):
     """Reverse mode: stores the last K iterates (memory O(K dy)), one HVP per step back.
 
@@ -35,32 +76,28 @@ def itd_reverse(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, b
     beta = _step_size(lfns, largs, l_has_hvp, x, y0, beta, counts)
     if beta <= 0.0:
         return np.full(dx, np.nan), y0.copy(), np.zeros(dy), np.nan, INDEFINITE, beta
-    first = T - K
-    Y = np.empty((K, dy))
-    y = y0.copy()
-    for t in range(T):
-        if t >= first:
-            Y[t - first] = y
-        g = lower_grad_y(lfns, largs, x, y, counts)
-        y = y - beta * g
-        if not all_finite(y):
-            return np.full(dx, np.nan), y, np.zeros(dy), np.nan, NONFINITE, beta
+    Y, y, ok = _unroll_store(lfns, largs, x, y0, T, K, beta, counts)
+    if not ok:
+        return np.full(dx, np.nan), y, np.zeros(dy), np.nan, NONFINITE, beta
     z = joint(x, y)
     gf = grad_of(ufns, uargs, z, counts, UPPER_GRAD)
     fun = value_of(ufns, uargs, z, counts, UPPER_VALUE) if u_has_value else np.nan
-    h = gf[:dx].copy()
-    a = gf[dx:].copy()
-    v = np.zeros(dy)
-    w = np.zeros(dx + dy)
-    for s in range(K - 1, -1, -1):
-        zt = joint(x, Y[s])
-        w[dx:] = a
-        hv = hvp_of(lfns, largs, l_has_hvp, zt, w, counts, LOWER_HVP, LOWER_GRAD)
-        h -= beta * hv[:dx]
-        v += beta * a
-        a = a - beta * hv[dx:]
+    h, v = _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, gf[dx:].copy(),
+                           gf[:dx].copy(), counts)
     status = OK if all_finite(h) else NONFINITE
     return h, y, v, fun, status, beta
+
+
+@njit(cache=True)
+def unrolled_vjp(lfns, largs, l_has_hvp, x, y0, T, beta, w, counts):
+    """``w^T d y_T / d x`` for T gradient steps from a fixed y0 (the innermost level of the
+    n-level unrolled baseline). Returns ``(y_T, vjp, ok)``."""
+    Y, y, ok = _unroll_store(lfns, largs, x, y0, T, T, beta, counts)
+    if not ok:
+        return y, np.full(x.shape[0], np.nan), False
+    h, _ = _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, w, np.zeros(x.shape[0]),
+                           counts)
+    return y, h, True
 
 
 @njit(cache=True)
