@@ -39,6 +39,7 @@ __all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "MultilevelEngine",
 
 MULTILEVEL_MODES = ("exact", "fd", "truncated")
 _GRAD, _HVP, _TVP, _VALUE = range(4)
+FD_SHIFT_STEP = 1e-3
 
 
 class LevelFailure(Exception):
@@ -61,7 +62,10 @@ class MultilevelEngine:
         self.tol = tol
         self.lower_tol = tol if lower_tol is None else lower_tol
         self.lower_maxiter = lower_maxiter
-        self.fd_step = FD_REL_STEP if fd_step is None else fd_step
+        # step of the central differences with re-solved lower levels: their solver noise
+        # (~lower_tol) is divided by the step, so it is much larger than for oracle
+        # differences; 1e-3 relative balances noise against the O(h^2) truncation error
+        self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
         self.comp = [obj.compiled(f"level{k}") for k, obj in enumerate(problem.levels, 1)]
         self.counts = np.zeros((self.n, 4), dtype=np.int64)
         self.lower_nit = np.zeros(self.n, dtype=np.int64)
@@ -89,7 +93,7 @@ class MultilevelEngine:
         vn = np.linalg.norm(v)
         if vn == 0.0:
             return np.zeros_like(z)
-        eps = self.fd_step * (1.0 + np.linalg.norm(z)) / vn
+        eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / vn
         return (self.grad(k, z + eps * v) - self.grad(k, z - eps * v)) / (2.0 * eps)
 
     def tvp(self, k, z, u, w):
@@ -101,7 +105,7 @@ class MultilevelEngine:
         un = np.linalg.norm(u)
         if un == 0.0:
             return np.zeros_like(z)
-        eps = self.fd_step * (1.0 + np.linalg.norm(z)) / un
+        eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / un
         return (self.hvp(k, z + eps * u, w) - self.hvp(k, z - eps * u, w)) / (2.0 * eps)
 
     # -- kernels for the innermost level -----------------------------------------------------

@@ -14,16 +14,17 @@ Problems
 make_trilevel_quadratic(dim=1, seed=42) -> TrilevelQuadratic
     The worked trilevel quadratic of Giovannelli, Kent & Vicente (arXiv 2505.06805, their
     ``Quadratic``): z* = x + y, y* = x, grad F = c + 7 x, x* = -c / 7, F* = -|c|^2 / 14.
-make_nlevel_quadratic(n=3, dims=None, seed=0) -> NLevelQuadratic
+make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0) -> NLevelQuadratic
     Random n-level quadratic f_k = z.P_k z / 2 + q_k.z with P_k symmetric positive definite:
     affine best responses, closed-form hypergradient, x_1*, F*.
-make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0) -> NonquadraticTrilevel
+make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0, scale=1.0) -> NonquadraticTrilevel
     Log-cosh plus quadratic levels; the innermost best response is nonlinear in (x, y), so the
     best-response curvature terms of ALGORITHMS.md section 3 matter. Nested reference solver.
-load_poisoning_trilevel(n_train=8, n_val=40, features=("bmi", "bp", "s5"), seed=0)
-    -> PoisoningTrilevel. Trilevel hyperparameter learning with data poisoning (Sato, Tanaka &
-    Takeda 2021) on scikit-learn's diabetes data: regularization weight / poisoning
-    perturbation / smooth-l1 regression weights. Nested reference solver.
+load_poisoning_trilevel(n_train=8, n_val=40, features=("bmi", "bp", "s5"), seed=0, c=1.0,
+                        eps=1e-2, ridge=1e-3) -> PoisoningTrilevel
+    Trilevel hyperparameter learning with data poisoning (Sato, Tanaka & Takeda 2021) on
+    scikit-learn's diabetes data: regularization weight / poisoning perturbation / smooth-l1
+    regression weights. Nested reference solver.
 """
 from __future__ import annotations
 
@@ -89,6 +90,233 @@ def quadform_hvp(z, v, P, q):
 def quadform_tvp(z, u, w, P, q):
     """Third-order product: zero."""
     return np.zeros(z.shape[0])
+
+
+# =======================================================================================
+# Reference nested solver for trilevel problems (slow, dense, NumPy).
+# =======================================================================================
+class _TrilevelReference:
+    """Nested Newton solves of levels 3 and 2 of a 3-level ``self.problem``, with FD oracles.
+
+    Level 3: damped Newton on ``f_3(x, y, .)`` with the dense Hessian block assembled from
+    the hvp callback. Level 2: damped Newton on ``phi_2(y) = f_2(x, y, z*(x, y))`` whose
+    gradient ``g_y + Jz_y^T g_z`` is exact (implicit function theorem of level 3 only) and
+    whose Hessian is a central difference of that gradient (lower level re-solved at each
+    shifted point), so the reference does not rely on third derivatives.
+    """
+
+    #: central-difference step of the level-2 Hessian (Newton matrix only: it does not change
+    #: the solution, only the convergence rate)
+    fd_step = 1e-5
+    #: tolerance of the level-3 solves inside the level-2 iteration
+    inner_tol = 1e-13
+
+    # -- callback helpers -----------------------------------------------------------------
+    def _call(self, k, name, *vecs):
+        obj = self.problem.levels[k - 1]
+        return getattr(obj, name)(*[_c64(v) for v in vecs], *obj.args)
+
+    def _hessian(self, k, z):
+        N = z.shape[0]
+        H = np.empty((N, N))
+        e = np.zeros(N)
+        for j in range(N):
+            e[j] = 1.0
+            H[:, j] = self._call(k, "hvp", z, e)
+            e[j] = 0.0
+        return 0.5 * (H + H.T)
+
+    def _slices(self):
+        p = self.problem
+        return p.block(1), p.block(2), p.block(3)
+
+    def _join(self, x, y, z):
+        return _c64(np.concatenate([x, y, z]))
+
+    # -- level 3 --------------------------------------------------------------------------
+    def z_star(self, x, y, z0=None, tol=1e-12):
+        """Level-3 best response ``z*(x, y)`` (damped Newton, ``|grad_z f_3| <= tol``)."""
+        return self._solve3(x, y, z0, tol)
+
+    def y_star(self, x, y0=None, z0=None, tol=1e-12):
+        """Level-2 best response: ``(y*(x), z*(x, y*(x)))`` (nested Newton)."""
+        return self._solve2(x, y0, z0, tol)
+
+    def _solve3(self, x, y, z0=None, tol=1e-12, maxiter=100):
+        sx, sy, sz = self._slices()
+        d3 = self.problem.dims[2]
+        z = np.zeros(d3) if z0 is None else np.array(z0, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        w = self._join(x, y, z)
+        g = self._call(3, "grad", w)[sz]
+        for _ in range(maxiter):
+            gn = np.linalg.norm(g)
+            if gn <= tol:
+                break
+            Hzz = self._hessian(3, w)[sz, sz]
+            step = -np.linalg.solve(Hzz, g)
+            f0 = self._call(3, "value", w)
+            t = 1.0
+            while True:
+                wn = self._join(x, y, z + t * step)
+                gnew = self._call(3, "grad", wn)[sz]
+                ok = (self._call(3, "value", wn) <= f0 + 1e-4 * t * (g @ step)
+                      or np.linalg.norm(gnew) < gn)
+                if ok or t < 1e-10:
+                    break
+                t *= 0.5
+            if not ok:  # no progress possible (rounding level): keep the current point
+                break
+            z = z + t * step
+            w, g = wn, gnew
+            if np.linalg.norm(t * step) <= 1e-16 * (1.0 + np.linalg.norm(z)):
+                break
+        return z
+
+    def _level3_jacobians(self, w):
+        sx, sy, sz = self._slices()
+        H = self._hessian(3, w)
+        Hzz = H[sz, sz]
+        return (-np.linalg.solve(Hzz, H[sz, sx]), -np.linalg.solve(Hzz, H[sz, sy]), H)
+
+    # -- level 2 --------------------------------------------------------------------------
+    def phi2(self, x, y, z0=None):
+        """``phi_2(x, y) = f_2(x, y, z*(x, y))``."""
+        z = self._solve3(x, y, z0, self.inner_tol)
+        return float(self._call(2, "value", self._join(x, y, z)))
+
+    def reduced_grad2(self, x, y, z0=None):
+        """``(grad_y phi_2, z*)``: ``g_y + Jz_y^T g_z`` at ``(x, y, z*(x, y))``."""
+        sx, sy, sz = self._slices()
+        z = self._solve3(x, y, z0, self.inner_tol)
+        w = self._join(x, y, z)
+        _, Jy, _ = self._level3_jacobians(w)
+        g = self._call(2, "grad", w)
+        return g[sy] + Jy.T @ g[sz], z
+
+    def _solve2(self, x, y0=None, z0=None, tol=1e-12, maxiter=100):
+        d2 = self.problem.dims[1]
+        x = np.asarray(x, dtype=np.float64)
+        y = np.zeros(d2) if y0 is None else np.array(y0, dtype=np.float64)
+        r, z = self.reduced_grad2(x, y, z0)
+        for _ in range(maxiter):
+            rn = np.linalg.norm(r)
+            if rn <= tol:
+                break
+            h = self.fd_step
+            H = np.empty((d2, d2))
+            for j in range(d2):
+                e = np.zeros(d2)
+                e[j] = h
+                H[:, j] = (self.reduced_grad2(x, y + e, z)[0]
+                           - self.reduced_grad2(x, y - e, z)[0]) / (2 * h)
+            H = 0.5 * (H + H.T)
+            step = -np.linalg.solve(H, r)
+            f0 = self.phi2(x, y, z)
+            t = 1.0
+            while True:
+                yn = y + t * step
+                rnew, zn = self.reduced_grad2(x, yn, z)
+                ok = (np.linalg.norm(rnew) < rn
+                      or self.phi2(x, yn, zn) <= f0 + 1e-4 * t * (r @ step))
+                if ok or t < 1e-10:
+                    break
+                t *= 0.5
+            if not ok:
+                break
+            y, r, z = yn, rnew, zn
+            if np.linalg.norm(t * step) <= 1e-16 * (1.0 + np.linalg.norm(y)):
+                break
+        return y, z
+
+    # -- public reference API -------------------------------------------------------------
+    def solve_all(self, x1, tol=1e-12, y0=None, z0=None):
+        """Joint vector ``concat(x_1, y*(x_1), z*(x_1, y*))``, lower levels solved to ``tol``."""
+        x1 = np.asarray(x1, dtype=np.float64)
+        if x1.shape != (self.problem.dims[0],):
+            raise ValueError(f"x_1 must have shape ({self.problem.dims[0]},), got "
+                             f"shape={x1.shape}")
+        y, z = self._solve2(x1, y0, z0, tol=tol)
+        z = self._solve3(x1, y, z, tol=tol)
+        return self._join(x1, y, z)
+
+    def F(self, x1, tol=1e-12):
+        """``F(x_1) = f_1`` at ``solve_all(x_1)``."""
+        return float(self._call(1, "value", self.solve_all(x1, tol)))
+
+    def hypergrad_fd(self, x1, h=1e-4, tol=1e-13):
+        """Central differences of F (lower levels re-solved at each point, warm-started)."""
+        x1 = np.asarray(x1, dtype=np.float64)
+        d1, d2 = self.problem.dims[:2]
+        w0 = self.solve_all(x1, tol)
+        y0, z0 = w0[d1:d1 + d2], w0[d1 + d2:]
+        out = np.empty(d1)
+        for j in range(d1):
+            e = np.zeros(d1)
+            e[j] = h
+            fp = self._call(1, "value", self.solve_all(x1 + e, tol, y0, z0))
+            fm = self._call(1, "value", self.solve_all(x1 - e, tol, y0, z0))
+            out[j] = (fp - fm) / (2 * h)
+        return out
+
+    def dy_dx_fd(self, x1, h=1e-4, tol=1e-13):
+        """``d y*/d x_1`` (shape (d_2, d_1)) by central differences of the level-2 solution."""
+        x1 = np.asarray(x1, dtype=np.float64)
+        d1, d2 = self.problem.dims[:2]
+        w0 = self.solve_all(x1, tol)
+        y0, z0 = w0[d1:d1 + d2], w0[d1 + d2:]
+        out = np.empty((d2, d1))
+        for j in range(d1):
+            e = np.zeros(d1)
+            e[j] = h
+            yp = self._solve2(x1 + e, y0, z0, tol=tol)[0]
+            ym = self._solve2(x1 - e, y0, z0, tol=tol)[0]
+            out[:, j] = (yp - ym) / (2 * h)
+        return out
+
+    def implicit_derivatives(self, x1, curvature=True, tol=1e-12):
+        """Trilevel implicit differentiation of ALGORITHMS.md section 3, dense, at z*(x_1).
+
+        Returns a dict with ``Jz_x``, ``Jz_y`` (level-3 Jacobians), ``phi_yy``, ``phi_yx``,
+        ``dy_dx``, ``dz_dx`` (total) and ``grad_F``. With ``curvature=True`` the best-response
+        curvature terms ``sum_k (g_z)_k d2 z*_k`` are included, from the tvp callback of
+        level 3: ``sum_k (g_z)_k (z*_ab)_k = -lam.T3[Z_a, Z_b]_z`` with
+        ``lam = (h_zz)^{-1} g_z`` and ``Z_a`` the total direction of z when moving along a;
+        with ``curvature=False`` they are dropped (the "truncated" mode).
+        """
+        sx, sy, sz = self._slices()
+        w = self.solve_all(np.asarray(x1, dtype=np.float64), tol)
+        N = w.shape[0]
+        Jx, Jy, H3 = self._level3_jacobians(w)
+        H2 = self._hessian(2, w)
+        g2 = self._call(2, "grad", w)
+        phi_yy = (H2[sy, sy] + H2[sy, sz] @ Jy + Jy.T @ H2[sz, sy] + Jy.T @ H2[sz, sz] @ Jy)
+        phi_yx = (H2[sy, sx] + H2[sy, sz] @ Jx + Jy.T @ H2[sz, sx] + Jy.T @ H2[sz, sz] @ Jx)
+        if curvature:
+            lam = np.linalg.solve(H3[sz, sz], g2[sz])
+            d1, d2 = Jx.shape[1], Jy.shape[1]
+
+            def direction(block, j, J):
+                v = np.zeros(N)
+                v[block.start + j] = 1.0
+                v[sz] = J[:, j]
+                return v
+
+            Zy = [direction(sy, a, Jy) for a in range(d2)]
+            Zx = [direction(sx, b, Jx) for b in range(d1)]
+            for a in range(d2):
+                for b in range(d2):
+                    phi_yy[a, b] -= lam @ self._call(3, "tvp", w, Zy[a], Zy[b])[sz]
+                for b in range(d1):
+                    phi_yx[a, b] -= lam @ self._call(3, "tvp", w, Zy[a], Zx[b])[sz]
+        phi_yy = 0.5 * (phi_yy + phi_yy.T)
+        dy_dx = -np.linalg.solve(phi_yy, phi_yx)
+        dz_dx = Jx + Jy @ dy_dx
+        g1 = self._call(1, "grad", w)
+        grad_F = g1[sx] + dy_dx.T @ g1[sy] + dz_dx.T @ g1[sz]
+        return {"Jz_x": Jx, "Jz_y": Jy, "phi_yy": phi_yy, "phi_yx": phi_yx,
+                "dy_dx": dy_dx, "dz_dx": dz_dx, "grad_F": grad_F, "z": w}
 
 
 # =======================================================================================
@@ -194,7 +422,7 @@ def tq_upper_tvp(z, u, w, hx, hy, hz):
     return np.zeros(z.shape[0])
 
 
-class TrilevelQuadratic:
+class TrilevelQuadratic(_TrilevelReference):
     """The trilevel quadratic of Giovannelli, Kent & Vicente (their ``Quadratic``).
 
     Over ``z = concat(x, y, w)`` (ALGORITHMS.md calls the third block z), each of size dim::
@@ -207,7 +435,9 @@ class TrilevelQuadratic:
     then ``phi_2(x, y) = y.y - 2 x.y`` (+ const), so ``y*(x) = x`` and ``w* = 2x``;
     ``F(x) = c.x + 7/2 x.x`` with ``c = hx + hy + 2 hz``, ``grad F = c + 7 x``,
     ``x* = -c / 7``, ``F* = -|c|^2 / 14``. The best responses are affine, so every
-    best-response curvature term vanishes.
+    best-response curvature term vanishes. The generic nested reference solver
+    (:meth:`solve_all`, :meth:`hypergrad_fd`, :meth:`implicit_derivatives`, ...) is available
+    too, as a numerical cross-check of the closed forms.
 
     Attributes
     ----------
@@ -544,217 +774,6 @@ def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0):
 
 
 # =======================================================================================
-# Reference nested solver for trilevel problems (slow, dense, NumPy).
-# =======================================================================================
-class _TrilevelReference:
-    """Nested Newton solves of levels 3 and 2 of a 3-level ``self.problem``, with FD oracles.
-
-    Level 3: damped Newton on ``f_3(x, y, .)`` with the dense Hessian block assembled from
-    the hvp callback. Level 2: damped Newton on ``phi_2(y) = f_2(x, y, z*(x, y))`` whose
-    gradient ``g_y + Jz_y^T g_z`` is exact (implicit function theorem of level 3 only) and
-    whose Hessian is a central difference of that gradient (lower level re-solved at each
-    shifted point), so the reference does not rely on third derivatives.
-    """
-
-    fd_step = 1e-5
-
-    # -- callback helpers -----------------------------------------------------------------
-    def _call(self, k, name, *vecs):
-        obj = self.problem.levels[k - 1]
-        return getattr(obj, name)(*[_c64(v) for v in vecs], *obj.args)
-
-    def _hessian(self, k, z):
-        N = z.shape[0]
-        H = np.empty((N, N))
-        e = np.zeros(N)
-        for j in range(N):
-            e[j] = 1.0
-            H[:, j] = self._call(k, "hvp", z, e)
-            e[j] = 0.0
-        return 0.5 * (H + H.T)
-
-    def _slices(self):
-        p = self.problem
-        return p.block(1), p.block(2), p.block(3)
-
-    def _join(self, x, y, z):
-        return _c64(np.concatenate([x, y, z]))
-
-    # -- level 3 --------------------------------------------------------------------------
-    def z_star(self, x, y, z0=None, tol=1e-12, maxiter=100):
-        """Level-3 best response ``z*(x, y)`` (damped Newton, ``|grad_z f_3| <= tol``)."""
-        sx, sy, sz = self._slices()
-        d3 = self.problem.dims[2]
-        z = np.zeros(d3) if z0 is None else np.array(z0, dtype=np.float64)
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        w = self._join(x, y, z)
-        g = self._call(3, "grad", w)[sz]
-        for _ in range(maxiter):
-            gn = np.linalg.norm(g)
-            if gn <= tol:
-                break
-            Hzz = self._hessian(3, w)[sz, sz]
-            step = -np.linalg.solve(Hzz, g)
-            f0 = self._call(3, "value", w)
-            t = 1.0
-            while True:
-                wn = self._join(x, y, z + t * step)
-                gnew = self._call(3, "grad", wn)[sz]
-                if self._call(3, "value", wn) <= f0 + 1e-4 * t * (g @ step) \
-                        or np.linalg.norm(gnew) < gn or t < 1e-10:
-                    break
-                t *= 0.5
-            z = z + t * step
-            w, g = wn, gnew
-            if np.linalg.norm(t * step) <= 1e-16 * (1.0 + np.linalg.norm(z)):
-                break
-        return z
-
-    def _level3_jacobians(self, w):
-        sx, sy, sz = self._slices()
-        H = self._hessian(3, w)
-        Hzz = H[sz, sz]
-        return (-np.linalg.solve(Hzz, H[sz, sx]), -np.linalg.solve(Hzz, H[sz, sy]), H)
-
-    # -- level 2 --------------------------------------------------------------------------
-    def phi2(self, x, y, z0=None):
-        """``phi_2(x, y) = f_2(x, y, z*(x, y))``."""
-        z = self.z_star(x, y, z0)
-        return float(self._call(2, "value", self._join(x, y, z)))
-
-    def reduced_grad2(self, x, y, z0=None):
-        """``(grad_y phi_2, z*)``: ``g_y + Jz_y^T g_z`` at ``(x, y, z*(x, y))``."""
-        sx, sy, sz = self._slices()
-        z = self.z_star(x, y, z0)
-        w = self._join(x, y, z)
-        _, Jy, _ = self._level3_jacobians(w)
-        g = self._call(2, "grad", w)
-        return g[sy] + Jy.T @ g[sz], z
-
-    def y_star(self, x, y0=None, z0=None, tol=1e-12, maxiter=100):
-        """Level-2 best response ``y*(x)`` and ``z*(x, y*(x))`` (nested Newton)."""
-        d2 = self.problem.dims[1]
-        x = np.asarray(x, dtype=np.float64)
-        y = np.zeros(d2) if y0 is None else np.array(y0, dtype=np.float64)
-        r, z = self.reduced_grad2(x, y, z0)
-        for _ in range(maxiter):
-            rn = np.linalg.norm(r)
-            if rn <= tol:
-                break
-            h = self.fd_step
-            H = np.empty((d2, d2))
-            for j in range(d2):
-                e = np.zeros(d2)
-                e[j] = h
-                H[:, j] = (self.reduced_grad2(x, y + e, z)[0]
-                           - self.reduced_grad2(x, y - e, z)[0]) / (2 * h)
-            H = 0.5 * (H + H.T)
-            step = -np.linalg.solve(H, r)
-            f0 = self.phi2(x, y, z)
-            t = 1.0
-            while True:
-                yn = y + t * step
-                rnew, zn = self.reduced_grad2(x, yn, z)
-                if self.phi2(x, yn, zn) <= f0 + 1e-4 * t * (r @ step) \
-                        or np.linalg.norm(rnew) < rn or t < 1e-10:
-                    break
-                t *= 0.5
-            y, r, z = yn, rnew, zn
-            if np.linalg.norm(t * step) <= 1e-16 * (1.0 + np.linalg.norm(y)):
-                break
-        return y, z
-
-    # -- public reference API -------------------------------------------------------------
-    def solve_all(self, x1, tol=1e-12, y0=None, z0=None):
-        """Joint vector ``concat(x_1, y*(x_1), z*(x_1, y*))``, lower levels solved to ``tol``."""
-        x1 = np.asarray(x1, dtype=np.float64)
-        if x1.shape != (self.problem.dims[0],):
-            raise ValueError(f"x_1 must have shape ({self.problem.dims[0]},), got "
-                             f"shape={x1.shape}")
-        y, z = self.y_star(x1, y0, z0, tol=tol)
-        z = self.z_star(x1, y, z, tol=tol)
-        return self._join(x1, y, z)
-
-    def F(self, x1, tol=1e-12):
-        """``F(x_1) = f_1`` at ``solve_all(x_1)``."""
-        return float(self._call(1, "value", self.solve_all(x1, tol)))
-
-    def hypergrad_fd(self, x1, h=1e-4, tol=1e-13):
-        """Central differences of F (lower levels re-solved at each point, warm-started)."""
-        x1 = np.asarray(x1, dtype=np.float64)
-        d1, d2 = self.problem.dims[:2]
-        w0 = self.solve_all(x1, tol)
-        y0, z0 = w0[d1:d1 + d2], w0[d1 + d2:]
-        out = np.empty(d1)
-        for j in range(d1):
-            e = np.zeros(d1)
-            e[j] = h
-            fp = self._call(1, "value", self.solve_all(x1 + e, tol, y0, z0))
-            fm = self._call(1, "value", self.solve_all(x1 - e, tol, y0, z0))
-            out[j] = (fp - fm) / (2 * h)
-        return out
-
-    def dy_dx_fd(self, x1, h=1e-4, tol=1e-13):
-        """``d y*/d x_1`` (shape (d_2, d_1)) by central differences of the level-2 solution."""
-        x1 = np.asarray(x1, dtype=np.float64)
-        d1, d2 = self.problem.dims[:2]
-        w0 = self.solve_all(x1, tol)
-        y0, z0 = w0[d1:d1 + d2], w0[d1 + d2:]
-        out = np.empty((d2, d1))
-        for j in range(d1):
-            e = np.zeros(d1)
-            e[j] = h
-            yp = self.y_star(x1 + e, y0, z0, tol=tol)[0]
-            ym = self.y_star(x1 - e, y0, z0, tol=tol)[0]
-            out[:, j] = (yp - ym) / (2 * h)
-        return out
-
-    def implicit_derivatives(self, x1, curvature=True, tol=1e-12):
-        """Trilevel implicit differentiation of ALGORITHMS.md section 3, dense, at z*(x_1).
-
-        Returns a dict with ``Jz_x``, ``Jz_y`` (level-3 Jacobians), ``phi_yy``, ``phi_yx``,
-        ``dy_dx``, ``dz_dx`` (total) and ``grad_F``. With ``curvature=True`` the best-response
-        curvature terms ``sum_k (g_z)_k d2 z*_k`` are included, from the tvp callback of
-        level 3: ``sum_k (g_z)_k (z*_ab)_k = -lam.T3[Z_a, Z_b]_z`` with
-        ``lam = (h_zz)^{-1} g_z`` and ``Z_a`` the total direction of z when moving along a;
-        with ``curvature=False`` they are dropped (the "truncated" mode).
-        """
-        sx, sy, sz = self._slices()
-        w = self.solve_all(np.asarray(x1, dtype=np.float64), tol)
-        N = w.shape[0]
-        Jx, Jy, H3 = self._level3_jacobians(w)
-        H2 = self._hessian(2, w)
-        g2 = self._call(2, "grad", w)
-        phi_yy = (H2[sy, sy] + H2[sy, sz] @ Jy + Jy.T @ H2[sz, sy] + Jy.T @ H2[sz, sz] @ Jy)
-        phi_yx = (H2[sy, sx] + H2[sy, sz] @ Jx + Jy.T @ H2[sz, sx] + Jy.T @ H2[sz, sz] @ Jx)
-        if curvature:
-            lam = np.linalg.solve(H3[sz, sz], g2[sz])
-            d1, d2 = Jx.shape[1], Jy.shape[1]
-
-            def direction(block, j, J):
-                v = np.zeros(N)
-                v[block.start + j] = 1.0
-                v[sz] = J[:, j]
-                return v
-
-            Zy = [direction(sy, a, Jy) for a in range(d2)]
-            Zx = [direction(sx, b, Jx) for b in range(d1)]
-            for a in range(d2):
-                for b in range(d2):
-                    phi_yy[a, b] -= lam @ self._call(3, "tvp", w, Zy[a], Zy[b])[sz]
-                for b in range(d1):
-                    phi_yx[a, b] -= lam @ self._call(3, "tvp", w, Zy[a], Zx[b])[sz]
-        phi_yy = 0.5 * (phi_yy + phi_yy.T)
-        dy_dx = -np.linalg.solve(phi_yy, phi_yx)
-        dz_dx = Jx + Jy @ dy_dx
-        g1 = self._call(1, "grad", w)
-        grad_F = g1[sx] + dy_dx.T @ g1[sy] + dz_dx.T @ g1[sz]
-        return {"Jz_x": Jx, "Jz_y": Jy, "phi_yy": phi_yy, "phi_yx": phi_yx,
-                "dy_dx": dy_dx, "dz_dx": dz_dx, "grad_F": grad_F, "z": w}
-
-
-# =======================================================================================
 # 3. A non-quadratic trilevel problem: log-cosh plus quadratic levels.
 # =======================================================================================
 @numba.njit(cache=True)
@@ -872,7 +891,7 @@ def make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0, scale=1.0):
     G3 = np.hstack([-A, -B, np.eye(dw)])
     b3 = 0.5 * rng.standard_normal(dw)
     c3 = rng.uniform(2.0, 4.0, dw)
-    S3 = _spd(rng, dw, 0.5, 1.0)
+    S3 = _spd(rng, dw, 1.0, 1.25)
     P3 = np.zeros((N, N))
     P3[sw, sw] = S3
     q3 = np.zeros(N)
@@ -884,14 +903,22 @@ def make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0, scale=1.0):
     c2 = rng.uniform(0.5, 1.5, m2)
     q2 = 0.5 * rng.standard_normal(N)
     S2 = _spd(rng, dy, 1.0, 2.0)
-    K = 0.5 * rng.standard_normal((dx, dy))
-    # strong convexity of phi_2 in y: bound |sum_k (g_w)_k d2 w*_k/dy2| over all points.
-    lam3 = np.linalg.eigvalsh(S3)[0]
+    # Strong convexity of phi_2 in y, for every x. Along a direction v in y,
+    # u' = (dw*/dy - B) v = -(S3 + D)^{-1} S3 B v with D = diag(c3 sech^2(u)) >= 0, so
+    # |u'| <= kappa(S3) |B| |v|; differentiating S3 w + q + c3 tanh(u) = 0 twice gives
+    # (S3 + D) w*'' = -c3 l3(u) u'^2 (l3 = third derivative of log cosh), hence
+    # |w*''| <= c3_max max|l3| kappa(S3)^2 |B|^2 |v|^2 / lambda_min(S3). With
+    # |g_w| <= sum_i c2_i |G2_i,w| + |q2_w| (|tanh| <= 1) the curvature term
+    # sum_k (g_w)_k w*_k'' is at least -mu |v|^2, while the rest of d2 phi_2 / dy2 is
+    # >= S2 + mu I (the log-cosh composite part is positive semidefinite).
+    ev3 = np.linalg.eigvalsh(S3)
+    kappa3 = ev3[-1] / ev3[0]
     nB = np.linalg.norm(B, 2)
-    Jy = c3.max() * nB / lam3                       # |dw*/dy|
-    d2w = c3.max() * _LOGCOSH_D3_MAX * (Jy + nB) ** 2 / lam3  # |d2 w*/dy2[v, v]| / |v|^2
+    d2w = c3.max() * _LOGCOSH_D3_MAX * (kappa3 * nB) ** 2 / ev3[0]
     gw = np.sum(c2 * np.linalg.norm(G2[:, sw], axis=1)) + np.linalg.norm(q2[sw])
     mu = gw * d2w
+    # x-y coupling scaled with the y-curvature, so that y* moves with x at rate O(1).
+    K = 0.5 * (1.0 + mu) * rng.standard_normal((dx, dy))
     P2 = np.zeros((N, N))
     P2[sy, sy] = S2 + mu * np.eye(dy)
     P2[sx, sy] = K

@@ -1,0 +1,190 @@
+"""n-level hypergradients and the multilevel gradient method (ALGORITHMS.md section 3)."""
+import numpy as np
+import pytest
+
+import mlocore as mlo
+from mlocore import CallbackError
+from mlocore.problems import (make_nlevel_quadratic, make_nonquadratic_trilevel,
+                              make_trilevel_quadratic)
+
+from conftest import DenseQuadratic
+
+MODES = ["exact", "fd", "truncated"]
+
+
+def starts(problem, x1):
+    return [np.asarray(x1, float)] + [np.zeros(d) for d in problem.dims[1:]]
+
+
+def test_two_levels_equal_bilevel(quad, quad_problem):
+    x = np.array([0.3, -1.0, 2.0])
+    bi = mlo.hypergrad(quad_problem, x, np.zeros(quad.dy), method="cg", tol=1e-12)
+    ml = mlo.MultilevelProblem([quad_problem.upper, quad_problem.lower], dims=quad_problem.dims)
+    for mode in MODES:
+        res = mlo.hypergrad(ml, [x, np.zeros(quad.dy)], method=mode, tol=1e-12)
+        assert res.success, res.message
+        np.testing.assert_allclose(res.grad, bi.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_modes_on_nlevel_quadratics(n, mode):
+    q = make_nlevel_quadratic(n=n, dims=tuple(range(2, 2 + n)), seed=n)
+    x1 = np.linspace(-1.0, 1.0, q.dims[0]) if hasattr(q, "dims") else np.ones(2)
+    res = mlo.hypergrad(q.problem, starts(q.problem, x1), method=mode, tol=1e-12,
+                        lower_tol=1e-10)
+    assert res.success, res.message
+    exact = q.hypergrad(x1)
+    # best responses are affine: every mode is exact up to the solver tolerance (exact,
+    # truncated) or to central-difference round-off (fd, about 1e-7 relative per level)
+    rtol = 1e-6 if mode == "fd" else 1e-8
+    np.testing.assert_allclose(res.grad, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
+    np.testing.assert_allclose(np.concatenate(res.xs), q.best_response(x1), atol=1e-8)
+
+
+@pytest.mark.parametrize("dim, F_star", [(1, -55.57051898), (50, -1446.28489290)])
+def test_trilevel_quadratic_optimum(dim, F_star):
+    tq = make_trilevel_quadratic(dim=dim)
+    p = tq.problem
+    x = np.linspace(-1.0, 1.0, dim)
+    res = mlo.hypergrad(p, starts(p, x), method="exact")
+    c = tq.c if hasattr(tq, "c") else None
+    np.testing.assert_allclose(res.grad, tq.hypergrad(x), rtol=1e-9, atol=1e-9)
+    opt = mlo.minimize_multilevel(p, starts(p, np.zeros(dim)), maxiter=200, tol=1e-10)
+    assert opt.success, opt.message
+    np.testing.assert_allclose(opt.x, tq.x_star, rtol=1e-8, atol=1e-8 * np.abs(tq.x_star).max())
+    assert opt.fun == pytest.approx(F_star, rel=1e-8)
+    assert len(opt.history["oracle_calls"]) == len(opt.history["fun"])
+    # fixed step 1/L (L = 7, the Hessian of F): Theorem 4.1's step condition holds
+    fixed = mlo.minimize_multilevel(p, starts(p, np.zeros(dim)), step=1.0 / 7.0, maxiter=50,
+                                    tol=1e-10)
+    assert fixed.success
+    np.testing.assert_allclose(fixed.x, tq.x_star, rtol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def nonquad():
+    return make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0)
+
+
+def central_F(nq, x, h=1e-5):
+    return np.array([(nq.F(x + h * e) - nq.F(x - h * e)) / (2 * h) for e in np.eye(x.size)])
+
+
+@pytest.mark.parametrize("mode", ["exact", "fd"])
+def test_nonquadratic_against_central_differences(nonquad, mode):
+    x = np.array([0.3, -0.4])
+    fd = central_F(nonquad, x)
+    res = mlo.hypergrad(nonquad.problem, starts(nonquad.problem, x), method=mode, tol=1e-12,
+                        lower_tol=1e-12)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.grad, fd, rtol=1e-6, atol=1e-7 * np.abs(fd).max())
+
+
+def test_exact_mode_without_tvp_uses_differences_of_hvp(nonquad):
+    x = np.array([0.3, -0.4])
+    levels = [mlo.Objective(o.grad, hvp=o.hvp, value=o.value, args=o.args)
+              for o in nonquad.problem.levels]
+    p = mlo.MultilevelProblem(levels, nonquad.problem.dims)
+    res = mlo.hypergrad(p, starts(p, x), method="exact", tol=1e-12, lower_tol=1e-12)
+    assert res.oracle_calls["level3"]["tvp"] == 0
+    np.testing.assert_allclose(res.grad, central_F(nonquad, x), rtol=1e-6)
+
+
+def test_truncated_mode_is_biased_on_nonlinear_best_responses(nonquad):
+    """Documents the bias of dropping the curvature terms (what most libraries do)."""
+    x = np.array([0.3, -0.4])
+    fd = central_F(nonquad, x)
+    res = mlo.hypergrad(nonquad.problem, starts(nonquad.problem, x), method="truncated",
+                        tol=1e-12, lower_tol=1e-12)
+    assert res.success
+    rel = np.linalg.norm(res.grad - fd) / np.linalg.norm(fd)
+    assert rel > 1e-4  # far above the 1e-6 of the exact modes
+
+
+def test_unrolled_baseline_converges_with_T(nonquad):
+    x = np.array([0.3, -0.4])
+    exact = mlo.hypergrad(nonquad.problem, starts(nonquad.problem, x), method="exact",
+                          tol=1e-12, lower_tol=1e-12).grad
+    errs = []
+    for T in (2, 8, 32):
+        res = mlo.hypergrad(nonquad.problem, starts(nonquad.problem, x), method="itd", T=T)
+        assert res.success, res.message
+        errs.append(np.linalg.norm(res.grad - exact) / np.linalg.norm(exact))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-5
+
+
+def test_unrolled_baseline_is_gradient_of_the_unrolled_map():
+    """Three levels of quadratics: reverse mode through nested loops vs central differences
+    of x -> f_1(x, X(x)) with the same fixed steps and starts."""
+    tq = make_trilevel_quadratic(dim=2)
+    p = tq.problem
+    x = np.array([0.5, -1.0])
+    T, steps = 3, [0.1, 0.3]
+    res = mlo.hypergrad(p, starts(p, x), method="itd", T=T, step=steps)
+
+    def F_unrolled(xx):
+        return mlo.hypergrad(p, starts(p, xx), method="itd", T=T, step=steps).fun
+
+    h = 1e-5
+    fd = np.array([(F_unrolled(x + h * e) - F_unrolled(x - h * e)) / (2 * h)
+                   for e in np.eye(2)])
+    np.testing.assert_allclose(res.grad, fd, rtol=1e-6)
+    assert np.linalg.norm(res.grad - tq.hypergrad(x)) > 1e-3  # T = 3 is a rough unroll
+
+
+def test_minimize_multilevel_modes_and_callback():
+    tq = make_trilevel_quadratic(dim=3)
+    p = tq.problem
+    seen = []
+
+    def callback(r):
+        seen.append(r.nit)
+        assert len(r.xs) == 3
+        if r.nit == 2:
+            raise StopIteration
+
+    res = mlo.minimize_multilevel(p, starts(p, np.zeros(3)), callback=callback)
+    assert res.status == 99 and seen == [1, 2]
+    for method in ("fd", "truncated", "itd"):
+        res = mlo.minimize_multilevel(p, starts(p, np.zeros(3)), method=method, T=30,
+                                      maxiter=200, tol=1e-8)
+        assert res.success, (method, res.message)
+        np.testing.assert_allclose(res.x, tq.x_star, rtol=1e-6)
+
+
+def test_multilevel_bad_input(nonquad):
+    p = nonquad.problem
+    x = np.array([0.3, -0.4])
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        mlo.MultilevelProblem([p.levels[0]], dims=(2,))
+    with pytest.raises(ValueError, match="dims has 2 entries"):
+        mlo.MultilevelProblem(p.levels, dims=(2, 2))
+    with pytest.raises(ValueError, match="one per level"):
+        mlo.hypergrad(p, [x, np.zeros(2)])
+    with pytest.raises(ValueError, match=r"xs\[1\] must have shape \(2,\)"):
+        mlo.hypergrad(p, [x, np.zeros(3), np.zeros(2)])
+    with pytest.raises(ValueError, match="unknown method"):
+        mlo.hypergrad(p, starts(p, x), method="cg")
+    with pytest.raises(TypeError, match="no y"):
+        mlo.hypergrad(p, x, np.zeros(2))
+    # dims that do not match what the callbacks expect of z
+    wrong = mlo.MultilevelProblem(p.levels, dims=(2, 2, 3))
+    with pytest.raises(CallbackError, match="level1.grad (raised|returned shape)"):
+        mlo.hypergrad(wrong, [x, np.zeros(2), np.zeros(3)])
+
+
+def test_lower_level_failure_is_reported_per_level(nonquad):
+    res = mlo.hypergrad(nonquad.problem, starts(nonquad.problem, np.array([0.3, -0.4])),
+                        lower_maxiter=1, lower_tol=1e-14)
+    assert not res.success
+    assert "level" in res.message
+
+
+def test_indefinite_middle_level():
+    q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
+    p = q.problem()
+    ml = mlo.MultilevelProblem([p.upper, p.lower], dims=p.dims)
+    res = mlo.hypergrad(ml, [np.zeros(3), np.zeros(6)])
+    assert not res.success and "positive definite" in res.message
