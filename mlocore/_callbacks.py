@@ -4,7 +4,8 @@ Design choice (measured with numba 0.68 on the 2-core CI machine, see README "Pe
 notes"): kernels receive user callbacks as first-class ``numba.types.FunctionType`` values,
 not as dispatcher objects. A kernel is then compiled once per *argument-type* signature and
 cached on disk (``cache=True``), whatever the callbacks are; a new problem only pays for
-compiling its own callbacks (about 0.1 s each) instead of about 1-3 s per kernel per problem.
+compiling its own callbacks (0.1-0.5 s each, about 1.2 s for a typical problem; measured in
+``benchmarks/ratios.py``) instead of about 1-15 s per kernel per problem, uncacheable.
 The price is an indirect call (~30 ns) per oracle call and, per kernel call, a look-up of each
 callback's address that numba does in Python (~25 us per callback). We memoize that look-up for
 the dispatchers mlocore compiled itself (``_install_address_memo``), which brings it to ~5 us.

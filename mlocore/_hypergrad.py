@@ -119,10 +119,11 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         "itd", the unrolled baseline of Sato et al. (T steps per lower level from the given
         starts; T and step may be per-level sequences).
     tol, atol : float
-        Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. Also the default
-        lower tolerance ``|grad_y g| <= lower_tol``.
+        Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. The lower level is
+        solved to ``|grad_y g| <= lower_tol``, by default ``min(tol, 1e-10)``.
     maxiter : int, optional
-        Linear-solver iterations (default ``10 dy`` for CG, ``100 dy`` for Neumann).
+        Linear-solver iterations (default ``10 dy`` for CG; ``max(100 dy, 10000)`` for
+        Neumann, whose number of terms grows with the condition number, not the size).
     v0 : array_like, optional
         Warm start of the adjoint v (CG, Neumann).
     eta : float, optional
@@ -173,14 +174,21 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
             raise ValueError(f"K (steps differentiated) must be <= T = {T}, got K={K}")
         beta = -1.0 if step is None else check_positive("step", step)
         return _unrolled(comp, method, x, y, T, K, beta, counts)
-    lower = LowerOptions(lower_method, tol if lower_tol is None else lower_tol, lower_maxiter,
-                         lower_step)
-    default_maxiter = {"cg": 10, "neumann": 100, "direct": 1}[method] * problem.dy
-    maxiter = default_maxiter if maxiter is None else check_int("maxiter", maxiter, 0)
+    lower = LowerOptions(lower_method, min(tol, 1e-10) if lower_tol is None else lower_tol,
+                         lower_maxiter, lower_step)
+    maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
+        check_int("maxiter", maxiter, 0)
     v0 = np.zeros(problem.dy) if v0 is None else as_vector("v0", v0, problem.dy)
     eta = -1.0 if eta is None else check_positive("eta", eta)
     return implicit_call(comp, method, x, y, v0, not lower_solved, lower, tol, atol, maxiter,
                          eta, counts)
+
+
+def default_linear_maxiter(method, dy):
+    """Default iteration limit of the linear solver of an implicit method."""
+    if method == "neumann":
+        return max(100 * dy, 10_000)
+    return 10 * dy if method == "cg" else 1
 
 
 def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,

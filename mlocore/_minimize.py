@@ -7,7 +7,8 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from ._callbacks import CallbackError, call_kernel
-from ._hypergrad import (LowerOptions, _check_problem, _compiled, implicit_call, unrolled_call)
+from ._hypergrad import (LowerOptions, _check_problem, _compiled, default_linear_maxiter,
+                         implicit_call, unrolled_call)
 from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
 from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_joint,
@@ -444,10 +445,11 @@ class HyperObjective:
         self.y = as_vector("y0", y0, problem.dy)
         self.v = np.zeros(problem.dy)
         self.tol = check_positive("tol", tol, allow_zero=True)
-        self.lower = LowerOptions(lower_method, self.tol if lower_tol is None else lower_tol,
+        self.lower = LowerOptions(lower_method,
+                                  min(self.tol, 1e-10) if lower_tol is None else lower_tol,
                                   lower_maxiter, None)
-        default = {"cg": 10, "neumann": 100, "direct": 1}[method] * problem.dy
-        self.maxiter = default if maxiter is None else check_int("maxiter", maxiter, 0)
+        self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
+            check_int("maxiter", maxiter, 0)
         self._counts = new_counts()
         self.ncalls = 0
         self.last = None

@@ -185,7 +185,8 @@ def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callb
         Step, ``0 < eta < 2 / lambda_max(A)``; default ``1 / (1.05 * L)`` with L from power
         iteration (reported as ``eta`` with ``full_output``).
     maxiter : int, optional
-        Number of terms at most (default ``100 * n``).
+        Number of terms at most (default ``max(100 n, 10000)``: the terms needed grow like
+        ``kappa * log(1 / rtol)`` with the condition number kappa, not with n).
 
     Returns
     -------
@@ -193,7 +194,7 @@ def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callb
     """
     check_backend(backend)
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
-                                              lambda n: 100 * n)
+                                              lambda n: max(100 * n, 10_000))
     if eta is None:
         lam = largest_eigenvalue(A, op.n, args=args) if op.compiled else \
             float(_k.power_iteration.py_func(op.op, op.n, POWER_ITERS)[0])

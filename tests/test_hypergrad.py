@@ -152,3 +152,19 @@ def test_agd_needs_fewer_iterations_than_gd():
     agd = mlo.solve_lower(p, x, np.zeros(8), method="agd", tol=1e-8, maxiter=100000)
     assert gd.success and agd.success
     assert agd.nit < gd.nit / 3
+
+
+def test_neumann_default_iterations_follow_conditioning_not_size():
+    """dy = 10 but kappa = 100: the series needs ~kappa log(1/tol) terms, more than 100 dy."""
+    q = DenseQuadratic(dx=2, dy=10, cond=100.0, seed=7)
+    x = np.array([0.4, -0.3])
+    res = mlo.hypergrad(q.problem(), x, q.y_star(x), method="neumann", lower_solved=True)
+    assert res.success, res.message
+    assert res.nit > 1000
+    np.testing.assert_allclose(res.grad, q.hypergrad(x), rtol=1e-7)
+
+
+def test_loose_tol_does_not_loosen_the_lower_solve(quad, quad_problem):
+    x = np.array([0.3, -1.0, 2.0])
+    res = mlo.hypergrad(quad_problem, x, np.zeros(quad.dy), method="cg", tol=1e-3)
+    assert res.lower_grad_norm <= 1e-10
