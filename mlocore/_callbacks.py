@@ -95,6 +95,21 @@ def _describe(func) -> str:
     return f"{name}{where}"
 
 
+_JITTED: dict = {}
+
+
+def _jit_plain(func):
+    """njit a plain function, cached on disk when Numba can locate its source file."""
+    disp = _JITTED.get(func)
+    if disp is None:
+        try:  # raises RuntimeError at once when no cache locator exists
+            disp = numba.njit(func, cache=True)
+        except RuntimeError:  # interactive or generated code: no source file to cache beside
+            disp = numba.njit(func)
+        _JITTED[func] = disp
+    return disp
+
+
 def compile_callback(func, role: str, argtypes: tuple, kind: str):
     """Compile ``func`` for ``argtypes`` and return ``(dispatcher, FunctionType)``.
 
@@ -117,7 +132,7 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
         raise CallbackError(f"{role}: {_describe(func)} is a {type(func).__name__}; "
                             "expected a CPU @njit function or a plain Python function")
     else:
-        disp = numba.njit(func)
+        disp = _jit_plain(func)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
@@ -165,6 +180,9 @@ def missing_callback(nvec: int, argtypes: tuple, kind: str = "vector"):
     nargs = len(argtypes) - nvec
     key = (nvec, nargs, kind)
     disp = _MISSING.get(key)
+    if disp is None:
+        from . import _placeholders
+        disp = getattr(_placeholders, f"missing_{kind}_{nvec}_{nargs}", None)
     if disp is None:
         names = ", ".join([f"v{i}" for i in range(nvec)] + [f"a{i}" for i in range(nargs)])
         body = "np.empty(0)" if kind == "vector" else "np.nan"
