@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 import warnings
 
 import numba
@@ -53,7 +54,8 @@ def _install_address_memo():
     def _memoized(orig, tag):
         # numba passes the same unpickled Signature object on every call from one call site,
         # so the table (an attribute of the dispatchers mlocore compiled) is keyed by its id;
-        # the Signature is stored with the address to keep that id valid.
+        # the Signature is stored to keep that id valid. ``recompile()`` of a registered
+        # dispatcher clears its table (see ``_register``).
         def get(func, sig):
             table = getattr(func, "_mlocore_addresses", None)
             if table is None:
@@ -95,18 +97,42 @@ def _describe(func) -> str:
     return f"{name}{where}"
 
 
-_JITTED: dict = {}
+_JITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _register(disp):
+    """Give ``disp`` an address table, cleared whenever the dispatcher recompiles."""
+    with _memo_lock:
+        if getattr(disp, "_mlocore_addresses", None) is not None:
+            return
+        disp._mlocore_addresses = {}
+        original = disp.recompile
+
+        def recompile():
+            disp._mlocore_addresses.clear()
+            original()
+            disp._mlocore_addresses.clear()
+
+        disp.recompile = recompile
 
 
 def _jit_plain(func):
-    """njit a plain function, cached on disk when Numba can locate its source file."""
-    disp = _JITTED.get(func)
+    """njit a plain function once per process (kept while the function lives).
+
+    Not cached on disk: Numba's disk cache does not key on global variables, so a plain
+    function reading a module global would silently keep the value of an earlier run.
+    Users who want disk caching decorate with ``@njit(cache=True)`` themselves.
+    """
+    try:
+        disp = _JITTED.get(func)
+    except TypeError:
+        disp = None
     if disp is None:
-        try:  # raises RuntimeError at once when no cache locator exists
-            disp = numba.njit(func, cache=True)
-        except RuntimeError:  # interactive or generated code: no source file to cache beside
-            disp = numba.njit(func)
-        _JITTED[func] = disp
+        disp = numba.njit(func)
+        try:
+            _JITTED[func] = disp
+        except TypeError:
+            pass
     return disp
 
 
@@ -128,6 +154,9 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
         raise CallbackError(f"{role} must be callable, got {type(func).__name__}")
     if isinstance(func, numba.core.registry.CPUDispatcher):
         disp = func
+        if not disp._can_compile and tuple(argtypes) not in disp.overloads:
+            # an @njit with explicit signatures that do not match mlocore's calling types
+            disp = _jit_plain(disp.py_func)
     elif hasattr(func, "py_func") or isinstance(func, numba.core.dispatcher.Dispatcher):
         raise CallbackError(f"{role}: {_describe(func)} is a {type(func).__name__}; "
                             "expected a CPU @njit function or a plain Python function")
@@ -160,9 +189,7 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
     if not ok:
         raise CallbackError(f"callback {role} = {_describe(func)} must return {want}; "
                             f"Numba infers that it returns {rtype}")
-    with _memo_lock:
-        if getattr(disp, "_mlocore_addresses", None) is None:
-            disp._mlocore_addresses = {}
+    _register(disp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NumbaExperimentalFeatureWarning)
         return disp, types.FunctionType(cres.signature)
@@ -222,21 +249,29 @@ warnings.filterwarnings("ignore", message="First-class function type feature is 
 def _nbtype(value):
     if isinstance(value, FnTuple):
         return value.nbtype
-    if isinstance(value, tuple) and any(isinstance(v, (FnTuple, tuple)) for v in value):
+    if isinstance(value, KeyedArgs):
+        return numba.typeof(value.value)
+    if isinstance(value, tuple) and any(type(v) in _CONTAINERS for v in value):
         return types.Tuple(tuple(_nbtype(v) for v in value))
     return numba.typeof(value)
 
 
+class KeyedArgs:
+    """An ``args`` tuple with its type key computed once (objectives' data; see call_kernel)."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value):
+        self.value = tuple(value)
+        self.key = _fast_key(self.value)
+
+
 _SCALARS = (float, int, bool, type(None), np.float64, np.int64, np.bool_)
-_TUPLE_KEYS: dict = {}
+_CONTAINERS = (FnTuple, KeyedArgs, tuple)
 
 
 def _fast_key(value):
-    """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us).
-
-    Tuples (the objectives' ``args``, operator tuples) are memoized by identity, keeping
-    the tuple alive so that its id stays valid.
-    """
+    """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us)."""
     t = type(value)
     if t is np.ndarray:
         f = value.flags
@@ -246,15 +281,10 @@ def _fast_key(value):
         return t
     if t is FnTuple:
         return id(value.nbtype)  # numba types are interned; kept alive by _ENTRY_POINTS
+    if t is KeyedArgs:
+        return value.key
     if t is tuple:
-        hit = _TUPLE_KEYS.get(id(value))
-        if hit is not None and hit[0] is value:
-            return hit[1]
-        key = tuple(_fast_key(v) for v in value)
-        if len(_TUPLE_KEYS) > 4096:
-            _TUPLE_KEYS.clear()
-        _TUPLE_KEYS[id(value)] = (value, key)
-        return key
+        return tuple(_fast_key(v) for v in value)
     if isinstance(value, (int, float, np.integer, np.floating)):
         return t
     return numba.typeof(value)
@@ -264,7 +294,9 @@ def _unwrap(value):
     t = type(value)
     if t is FnTuple:
         return value.funcs
-    if t is tuple and any(type(v) is FnTuple or type(v) is tuple for v in value):
+    if t is KeyedArgs:
+        return value.value
+    if t is tuple and any(type(v) in _CONTAINERS for v in value):
         return tuple(_unwrap(v) for v in value)
     return value
 

@@ -86,7 +86,7 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     counts = new_counts()
     lo = comp.lower
     y, status, nit, gnorm, used_step = call_kernel(
-        _low.solve_lower_kernel, lo.fns, lo.args, lo.has_hvp, x, y0, opts.code, opts.tol,
+        _low.solve_lower_kernel, lo.fns, lo.kargs, lo.has_hvp, x, y0, opts.code, opts.tol,
         opts.maxiter, opts.step, counts)
     detail = f"|grad_y g| = {gnorm:.3e} after {nit} iterations (lower_tol = {opts.tol:.1e})."
     return OptimizeResult(y=y, x=x, success=status == 0, status=int(status),
@@ -198,7 +198,7 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
     up, lo = comp.upper, comp.lower
     (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
      eta_used) = call_kernel(
-        _imp.implicit_hypergrad, up.fns, up.args, up.has_value, lo.fns, lo.args, lo.has_hvp,
+        _imp.implicit_hypergrad, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.has_hvp,
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
         _SOLVERS[method], tol, atol, maxiter, eta, counts)
     detail = ""
@@ -227,7 +227,7 @@ def _unrolled(comp, method, x, y, T, K, beta, counts):
     up, lo = comp.upper, comp.lower
     kernel = _itd.itd_reverse if method == "itd-reverse" else _itd.itd_forward
     grad, yT, aux, fun, status, beta_used = call_kernel(
-        kernel, up.fns, up.args, up.has_value, lo.fns, lo.args, lo.has_hvp, x, y, T, K, beta,
+        kernel, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.has_hvp, x, y, T, K, beta,
         counts)
     out = HypergradResult(
         grad=grad, x=x, y=yT, v=aux if method == "itd-reverse" else None,

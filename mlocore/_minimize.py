@@ -44,7 +44,7 @@ class _Driver:
         lo = self.comp.lower
         m = self.lower.code if method is None else method
         y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, lo.fns, lo.args, lo.has_hvp, x, y0, m,
+            _low.solve_lower_kernel, lo.fns, lo.kargs, lo.has_hvp, x, y0, m,
             self.lower.tol if tol is None else tol,
             self.lower.maxiter if maxiter is None else maxiter,
             self.lower.step if step is None else step, self.counts)
@@ -274,8 +274,11 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
 
     def direction(x1):
         if method == "itd":
+            # the starts of the inner loops stay fixed within an iteration so that F~ and its
+            # gradient, and the line search's trial values, describe one function; they move
+            # to the unrolled outputs when a step is taken (commit, or here for fixed steps)
             res = unrolled(x1)
-            if res.success:
+            if res.success and step is not None:
                 state["z"] = res.z
             return res.grad, res.status, res.message, res.fun
         try:
@@ -341,7 +344,7 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         grad, gstatus, gmsg, fun_here = direction(x)
         if step is not None:
             fun = fun_here
-        if gstatus != 0 and gstatus != _low.MAXITER:
+        if gstatus != 0 and (gstatus != _low.MAXITER or not np.all(np.isfinite(grad))):
             status, detail = gstatus, gmsg
             break
         pg_norm = float(np.linalg.norm(x - project(x - grad)))

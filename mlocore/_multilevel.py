@@ -69,6 +69,16 @@ class MultilevelEngine:
         self.comp = [obj.compiled(f"level{k}") for k, obj in enumerate(problem.levels, 1)]
         self.counts = np.zeros((self.n, 4), dtype=np.int64)
         self.lower_nit = np.zeros(self.n, dtype=np.int64)
+        # The lower levels must be solved for the problem itself whatever the mode: for
+        # n >= 4 the truncated reduced gradients of the middle levels would move their
+        # solutions, so "truncated" solves them with the exact recursion (sharing counters).
+        self._solver = None
+        if mode == "truncated" and self.n >= 4:
+            self._solver = MultilevelEngine(problem, "exact", tol, lower_tol, lower_maxiter,
+                                            fd_step)
+            self._solver.comp = self.comp
+            self._solver.counts = self.counts
+            self._solver.lower_nit = self.lower_nit
 
     # -- oracles ----------------------------------------------------------------------------
     def check_at(self, z):
@@ -118,7 +128,7 @@ class MultilevelEngine:
         o = self.off[-2]
         counts6 = new_counts()
         y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, c.fns, c.args, c.has_hvp, z[:o].copy(), z[o:].copy(),
+            _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:o].copy(), z[o:].copy(),
             _low.NEWTON_CG, self.lower_tol, self.lower_maxiter, -1.0, counts6)
         self._fold(counts6)
         self.lower_nit[-1] += nit
@@ -137,7 +147,7 @@ class MultilevelEngine:
         if j == self.n:
             c = self.comp[-1]
             counts6 = new_counts()
-            op = (c.fns, c.args, c.has_hvp, z, self.off[-2], counts6)
+            op = (c.fns, c.kargs, c.has_hvp, z, self.off[-2], counts6)
             v, info, nit, res, _ = call_kernel(_kl.cg_core, op, b, np.zeros(d), rtol, 0.0,
                                                maxiter, 0, np.empty(0), np.empty((0, 0)), None)
             self._fold(counts6)
@@ -163,6 +173,8 @@ class MultilevelEngine:
     # -- the recursion -----------------------------------------------------------------------
     def solve_from(self, z, k):
         """z with levels k+1..n solved for its x_<=k (warm-started from z's own blocks)."""
+        if self._solver is not None:
+            return self._solver.solve_from(z, k)
         if k >= self.n:
             return z
         if k == self.n - 1:
@@ -329,7 +341,7 @@ def _hypergrad_with(eng, z, lower_solved):
         grad=grad, z=z, xs=[z[p.block(k)].copy() for k in range(1, p.n + 1)], fun=fun,
         method=eng.mode, success=status == 0, status=int(status),
         message=status_message(status, detail), lower_nit=eng.lower_nit.copy(),
-        oracle_calls=eng.oracle_calls())
+        nit=int(eng.lower_nit.sum()), oracle_calls=eng.oracle_calls())
     out.ngrad = int(eng.counts[:, _GRAD].sum())
     out.nhvp = int(eng.counts[:, _HVP].sum())
     return out
@@ -398,7 +410,7 @@ class UnrolledEngine:
             counts6 = new_counts()
             beta = self.step_size(j, z)
             y, status, _, _, _ = call_kernel(
-                _low.solve_lower_kernel, c.fns, c.args, c.has_hvp, z[:lo].copy(),
+                _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:lo].copy(),
                 z[lo:].copy(), _low.GD, 0.0, self.T[j], beta, counts6)
             self.eng._fold(counts6)
             if status == _low.NONFINITE:
@@ -444,7 +456,7 @@ class UnrolledEngine:
             c = self.eng.comp[-1]
             counts6 = new_counts()
             beta = self.step_size(j, z)
-            _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.args, c.has_hvp,
+            _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.has_hvp,
                                    z[:lo].copy(), z[lo:].copy(), self.T[j], beta,
                                    np.ascontiguousarray(w), counts6)
             self.eng._fold(counts6)
@@ -509,7 +521,7 @@ def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None):
     out = HypergradResult(
         grad=grad, z=zz, xs=[zz[problem.block(k)].copy() for k in range(1, n + 1)], fun=fun,
         method="itd", success=status == 0, status=int(status),
-        message=status_message(status, detail), T=Ts[2:], step=betas[2:],
+        message=status_message(status, detail), T=Ts[2:], step=betas[2:], nit=int(Ts[2]),
         oracle_calls=ueng.eng.oracle_calls())
     out.ngrad = int(ueng.counts[:, _GRAD].sum())
     out.nhvp = int(ueng.counts[:, _HVP].sum())

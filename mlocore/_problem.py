@@ -6,7 +6,8 @@ import numbers
 import numba
 import numpy as np
 
-from ._callbacks import VEC, CallbackError, FnTuple, compile_callback, missing_callback
+from ._callbacks import (VEC, CallbackError, FnTuple, KeyedArgs, compile_callback,
+                         missing_callback)
 
 __all__ = ["Objective", "BilevelProblem", "MultilevelProblem"]
 
@@ -57,9 +58,20 @@ class Objective:
                 raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
             n_samples = int(n_samples)
         self.grad, self.hvp, self.value, self.tvp = grad, hvp, value, tvp
-        self.args = args
+        self._args = args
         self.n_samples = n_samples
         self._compiled = None
+
+    @property
+    def args(self):
+        """The extra arguments (read-only: callbacks are compiled for them; build a new
+        Objective for other data)."""
+        return self._args
+
+    @args.setter
+    def args(self, value):
+        raise AttributeError("Objective.args cannot be changed: the callbacks are compiled for "
+                             "them; build a new Objective with the new args")
 
     def __repr__(self):
         parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
@@ -97,6 +109,7 @@ class CompiledObjective:
                             f"{exc}") from None
         self.role = role
         self.args = args
+        self.kargs = KeyedArgs(args)  # what kernels receive (type key computed once)
         self.grad, gt = compile_callback(objective.grad, f"{role}.grad", (VEC,) + argt, "vector")
         if objective.hvp is not None:
             self.hvp, ht = compile_callback(objective.hvp, f"{role}.hvp", (VEC, VEC) + argt,
@@ -221,28 +234,43 @@ class BilevelProblem:
 
 
 def _parse_bounds(bounds, dx):
+    """Box bounds on x: ``scipy.optimize.Bounds``, ``dx`` pairs ``(lo, hi)`` (scipy's
+    convention; it wins when ``dx == 2`` makes a sequence ambiguous), or one pair
+    ``(lo, hi)`` of scalars or length-``dx`` arrays. ``None`` means unbounded."""
     if bounds is None:
         return None, None
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
         lo, hi = bounds.lb, bounds.ub
     else:
-        seq = list(bounds)
+        try:
+            seq = list(bounds)
+        except TypeError:
+            raise ValueError(f"bounds must be scipy.optimize.Bounds, {dx} pairs (lo, hi), or "
+                             f"one pair; got {bounds!r}") from None
         if len(seq) == dx and all(np.ndim(b) == 1 and len(b) == 2 for b in seq):
             lo = [b[0] for b in seq]
             hi = [b[1] for b in seq]
         elif len(seq) == 2:
             lo, hi = seq
         else:
-            raise ValueError(f"bounds must be scipy.optimize.Bounds, {dx} pairs (lo, hi), or one "
-                             f"pair; got {bounds!r}")
-    lo = np.array([-np.inf if v is None else v for v in np.atleast_1d(np.asarray(lo, dtype=object))],
-                  dtype=np.float64) if lo is not None else np.full(dx, -np.inf)
-    hi = np.array([np.inf if v is None else v for v in np.atleast_1d(np.asarray(hi, dtype=object))],
-                  dtype=np.float64) if hi is not None else np.full(dx, np.inf)
-    lo = np.broadcast_to(lo, (dx,)).copy()
-    hi = np.broadcast_to(hi, (dx,)).copy()
-    if np.any(lo > hi) or np.any(np.isnan(lo)) or np.any(np.isnan(hi)):
+            raise ValueError(f"bounds must be scipy.optimize.Bounds, {dx} pairs (lo, hi), or "
+                             f"one pair; got {bounds!r}")
+
+    def side(v, fill):
+        if v is None:
+            return np.full(dx, fill)
+        arr = np.array([fill if e is None else e
+                        for e in np.atleast_1d(np.asarray(v, dtype=object))], dtype=np.float64)
+        if arr.shape not in ((1,), (dx,)):
+            raise ValueError(f"bounds: expected scalars or arrays of length {dx}, got length "
+                             f"{arr.shape[0]}")
+        return np.broadcast_to(arr, (dx,)).copy()
+
+    lo, hi = side(lo, -np.inf), side(hi, np.inf)
+    if np.any(np.isnan(lo)) or np.any(np.isnan(hi)) or np.any(lo > hi):
         raise ValueError(f"bounds must satisfy lo <= hi, got lo={lo}, hi={hi}")
+    if np.any(lo == np.inf) or np.any(hi == -np.inf):
+        raise ValueError(f"bounds are infeasible: lo={lo}, hi={hi}")
     return lo, hi
 
 

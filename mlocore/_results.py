@@ -16,7 +16,7 @@ STATUS_MESSAGES = {
        "(negative or zero curvature): g(x, .) must be strongly convex.",
     4: "The lower-level Newton-CG line search could not decrease |grad_y g|: lower_tol is "
        "below what round-off allows, or the Hessian callback is inconsistent with grad.",
-    5: "The linear solve H_yy v = grad_y f failed (see lin_info).",
+    5: "A linear solve with the lower-level Hessian failed.",
     6: "The hypergradient is not finite: a callback returned NaN/inf.",
     10: "Maximum number of iterations reached before the tolerance.",
     11: "The line search on F found no decrease: the hypergradient is inaccurate (tighten "
@@ -36,13 +36,13 @@ LINEAR_INFO_MESSAGES = {
 
 def linear_info_message(info: int) -> str:
     if info > 0:
-        return f"not converged after {info} iterations (maxiter reached)"
+        return f"not converged: maxiter reached (info = {info})"
     return LINEAR_INFO_MESSAGES.get(int(info), f"unknown info {info}")
 
 
 def status_message(status: int, detail: str = "") -> str:
     msg = STATUS_MESSAGES.get(int(status), f"Unknown status {status}.")
-    return f"{msg} {detail}".strip()
+    return " ".join(f"{msg} {detail}".split())
 
 
 def new_counts() -> np.ndarray:

@@ -56,7 +56,9 @@ class _Operator:
         elif callable(A):
             if n_hint is None:
                 raise ValueError("a matvec function needs b to know the size")
-            if not isinstance(args, tuple):
+            if isinstance(args, list):
+                args = tuple(args)
+            elif not isinstance(args, tuple):
                 args = (args,)
             argt = tuple(numba.typeof(a) for a in args)
             disp, fty = compile_callback(A, "matvec", (VEC,) + argt, "vector")

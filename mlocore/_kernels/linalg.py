@@ -159,6 +159,9 @@ def cholesky_solve(A, b):
     """Solve SPD ``A x = b`` by Cholesky on the symmetric part. Returns ``(x, info)``."""
     S = 0.5 * (A + A.T)
     n = b.shape[0]
+    for v in S.ravel():  # numba's Cholesky does not reject NaN
+        if not np.isfinite(v):
+            return np.zeros(n), INFO_BREAKDOWN
     try:
         L = np.linalg.cholesky(S)
     except Exception:  # numba raises LinAlgError for a matrix that is not PD

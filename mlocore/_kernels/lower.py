@@ -1,6 +1,8 @@
 """Lower-level solvers (CPU, njit): gradient descent, accelerated GD, Newton-CG.
 
-All stop when ``|grad_y g(x, y)| <= tol`` (Euclidean norm). Status codes are shared with the
+All stop when ``|grad_y g(x, y)| <= max(tol, 1e-13 |grad_y g(x, y0)|)`` (Euclidean norm):
+below that relative floor round-off dominates, so the absolute ``tol`` does not make the
+solver depend on the scale of g. Status codes are shared with the
 hypergradient kernels and explained in :mod:`mlocore._results`.
 """
 import numpy as np
@@ -13,6 +15,8 @@ from .oracles import LOWER_GRAD, grad_of, joint
 GD = 0
 AGD = 1
 NEWTON_CG = 2
+
+ROUNDOFF_FLOOR = 1e-13
 
 OK = 0
 MAXITER = 1
@@ -48,6 +52,7 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
     gnorm = np.sqrt(g @ g)
     if not np.isfinite(gnorm):
         return y, NONFINITE, 0, gnorm, step
+    tol = max(tol, ROUNDOFF_FLOOR * gnorm)
     if gnorm <= tol:
         return y, OK, 0, gnorm, step
     if method != NEWTON_CG and step <= 0.0:

@@ -34,7 +34,9 @@ def grad_of(fns, args, z, counts, slot):
     counts[slot] += 1
     g = fns[0](z, *args)
     if g.shape[0] != z.shape[0]:
-        raise ValueError("a grad callback returned an array whose size differs from z")
+        if slot == UPPER_GRAD:
+            raise ValueError("callback upper.grad returned an array whose size differs from z")
+        raise ValueError("callback lower.grad returned an array whose size differs from z")
     return g
 
 
@@ -55,7 +57,10 @@ def hvp_of(fns, args, has_hvp, z, v, counts, slot_hvp, slot_grad):
         counts[slot_hvp] += 1
         h = fns[1](z, v, *args)
         if h.shape[0] != z.shape[0]:
-            raise ValueError("an hvp callback returned an array whose size differs from z")
+            if slot_hvp == UPPER_HVP:
+                raise ValueError("callback upper.hvp returned an array whose size differs "
+                                 "from z")
+            raise ValueError("callback lower.hvp returned an array whose size differs from z")
         return h
     vn = np.sqrt(v @ v)
     if vn == 0.0:
@@ -65,7 +70,8 @@ def hvp_of(fns, args, has_hvp, z, v, counts, slot_hvp, slot_grad):
     gp = fns[0](z + eps * v, *args)
     gm = fns[0](z - eps * v, *args)
     if gp.shape[0] != z.shape[0] or gm.shape[0] != z.shape[0]:
-        raise ValueError("a grad callback returned an array whose size differs from z")
+        raise ValueError("callback grad (in a difference HVP) returned an array whose size "
+                         "differs from z")
     return (gp - gm) / (2.0 * eps)
 
 
