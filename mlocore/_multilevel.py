@@ -149,7 +149,7 @@ class MultilevelEngine:
             counts6 = new_counts()
             op = (c.fns, c.kargs, c.has_hvp, z, self.off[-2], counts6)
             v, info, nit, res, _ = call_kernel(_kl.cg_core, op, b, np.zeros(d), rtol, 0.0,
-                                               maxiter, 0, np.empty(0), np.empty((0, 0)), None)
+                                               maxiter, (), None)
             self._fold(counts6)
         else:
             lo, hi = self.off[j - 1], self.off[j]
@@ -160,8 +160,7 @@ class MultilevelEngine:
                 return self.hvp_reduced(j, z, s)[lo:hi]
 
             v, info, nit, res, _ = _kl.cg_core.py_func((matvec,), b, np.zeros(d), rtol, 0.0,
-                                                       maxiter, 0, np.empty(0),
-                                                       np.empty((0, 0)), None)
+                                                       maxiter, (), None)
         if info < 0:
             raise LevelFailure(3, j, f"level {j}: reduced Hessian solve: "
                                      f"{linear_info_message(info)}")

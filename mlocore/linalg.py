@@ -125,8 +125,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         Stop when ``|b - A x| <= max(rtol * |b|, atol)``.
     maxiter : int, optional
         Default ``10 * n`` (as scipy).
-    M : array_like, optional
-        Preconditioner approximating ``A^{-1}``: a 1-D array (diagonal) or a 2-D array.
+    M : array_like, LinearOperator or sparse matrix, optional
+        Preconditioner approximating ``A^{-1}`` (as scipy): a 2-D array, a LinearOperator or
+        a sparse matrix; also a 1-D array, read as a diagonal ``M * r``. A LinearOperator or
+        sparse M runs the interpreted path.
     callback : callable, optional
         ``callback(xk)`` after each iteration (forces the interpreted path).
     full_output : bool
@@ -142,19 +144,36 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     check_backend(backend)
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
                                               lambda n: 10 * n)
-    mkind, Mdiag, Mmat = _k.PRECOND_NONE, np.empty(0), np.empty((0, 0))
-    if M is not None:
-        Marr = np.asarray(M, dtype=np.float64)
-        if Marr.shape == (op.n,):
-            mkind, Mdiag = _k.PRECOND_DIAG, np.ascontiguousarray(Marr)
-        elif Marr.shape == (op.n, op.n):
-            mkind, Mmat = _k.PRECOND_DENSE, np.ascontiguousarray(Marr)
-        else:
-            raise ValueError(f"M must have shape ({op.n},) (diagonal) or ({op.n}, {op.n}), "
-                             f"got {Marr.shape}")
-    x, info, nit, res, nmv = _run(_k.cg_core, op, callback, b, x0, rtol, atol, maxiter,
-                                  mkind, Mdiag, Mmat)
+    Mt, python_M = _preconditioner(M, op.n)
+    if python_M:  # a LinearOperator / sparse / callable M: run the interpreted path
+        x, info, nit, res, nmv = _k.cg_core.py_func(op.python_op(), b, x0, rtol, atol,
+                                                    maxiter, Mt, callback)
+    else:
+        x, info, nit, res, nmv = _run(_k.cg_core, op, callback, b, x0, rtol, atol, maxiter,
+                                      Mt)
     return _finish(x, info, nit, res, nmv, full_output)
+
+
+def _preconditioner(M, n):
+    """``(M tuple, needs_python)`` for cg_core; M as scipy accepts it, or a diagonal."""
+    if M is None:
+        return (), False
+    if isinstance(M, LinearOperator) or hasattr(M, "tocsr"):
+        op = aslinearoperator(M)
+        if op.shape != (n, n):
+            raise ValueError(f"M must have shape ({n}, {n}), got {op.shape}")
+        return (lambda r, _op=op: np.asarray(_op.matvec(r), dtype=np.float64).ravel(),), True
+    if callable(M):
+        return (lambda r, _m=M: np.asarray(_m(r), dtype=np.float64).ravel(),), True
+    Marr = np.asarray(M)
+    if Marr.dtype.kind not in "iuf":
+        raise TypeError(f"M must be a real array, a LinearOperator or a sparse matrix, got "
+                        f"dtype={Marr.dtype}")
+    if Marr.shape not in ((n,), (n, n)):
+        raise ValueError(f"M must have shape ({n},) (diagonal) or ({n}, {n}), got {Marr.shape}")
+    if not np.all(np.isfinite(Marr)):
+        raise ValueError("M contains non-finite values")
+    return (np.ascontiguousarray(Marr, dtype=np.float64),), False
 
 
 def largest_eigenvalue(A, n=None, *, iters=None, args=()):

@@ -164,3 +164,18 @@ def test_linalg_bad_options():
         linalg.cg(np.eye(2), np.ones(2), M=np.ones(3))
     with pytest.raises(ValueError, match="eta"):
         linalg.neumann(np.eye(2), np.ones(2), eta=0.0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "linop", "sparse", "callable"])
+def test_cg_preconditioner_forms_agree(kind):
+    A, b = random_spd(20, 1e3, 4)
+    D = np.diag(np.arange(1.0, 21.0) ** 2)
+    A2 = D @ A @ D
+    Minv = np.diag(1.0 / np.diag(A2))
+    M = {"dense": Minv, "linop": spla.aslinearoperator(Minv), "sparse": sp.csr_matrix(Minv),
+         "callable": (lambda r: Minv @ r)}[kind]
+    x, info, out = linalg.cg(A2, b, rtol=1e-10, maxiter=2000, M=M, full_output=True)
+    ref, _, ref_out = linalg.cg(A2, b, rtol=1e-10, maxiter=2000, M=np.diag(Minv),
+                                full_output=True)
+    assert info == 0 and out.nit == ref_out.nit
+    np.testing.assert_allclose(x, ref, rtol=1e-9)

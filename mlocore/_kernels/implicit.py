@@ -55,8 +55,7 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, 
     if solver == DIRECT:
         v, info, nit, res, _ = direct_core(op, b)
     elif solver == CG:
-        v, info, nit, res, _ = cg_core(op, b, v0, rtol, atol, maxiter, 0, np.empty(0),
-                                       np.empty((0, 0)), None)
+        v, info, nit, res, _ = cg_core(op, b, v0, rtol, atol, maxiter, (), None)
     else:
         if eta <= 0.0:
             lam, _ = power_iteration(op, dy, POWER_ITERS)

@@ -10,30 +10,21 @@ Info codes follow ``scipy.sparse.linalg.cg``: 0 converged, ``> 0`` the iteration
 import numpy as np
 from numba import njit
 
-from .operators import apply_op, notify
+from .operators import apply_op, apply_precond, notify
 
 INFO_BREAKDOWN = -1          #: p^T A p == 0 or a non-finite value: cannot go on
 INFO_NEGATIVE_CURVATURE = -2  #: p^T A p < 0: the operator is not positive definite
 INFO_DIVERGED = -3           #: Neumann/Richardson residual grew: step eta too large
 INFO_NOT_PD = -4             #: Cholesky failed: the operator is not positive definite
 
-PRECOND_NONE = 0
-PRECOND_DIAG = 1   #: M given as a 1-D array: z = M * r
-PRECOND_DENSE = 2  #: M given as a 2-D array: z = M @ r
 
 
 @njit(cache=True)
-def _apply_precond(kind, Mdiag, Mmat, r):
-    if kind == PRECOND_DIAG:
-        return Mdiag * r
-    if kind == PRECOND_DENSE:
-        return Mmat @ r
-    return r.copy()
-
-
-@njit(cache=True)
-def cg_core(op, b, x0, rtol, atol, maxiter, mkind, Mdiag, Mmat, callback):
+def cg_core(op, b, x0, rtol, atol, maxiter, M, callback):
     """Preconditioned conjugate gradient for SPD A (slides, Algorithm 7).
+
+    ``M`` approximates ``A^{-1}``: ``()`` none, ``(d,)`` diagonal, ``(P,)`` dense (see
+    :func:`.operators.apply_precond`).
 
     Returns ``(x, info, nit, residual_norm, n_matvec)``. Curvature ``p^T A p <= 0`` stops
     the iteration with ``INFO_NEGATIVE_CURVATURE`` (or ``INFO_BREAKDOWN`` when zero or not
@@ -53,7 +44,7 @@ def cg_core(op, b, x0, rtol, atol, maxiter, mkind, Mdiag, Mmat, callback):
         return x, INFO_BREAKDOWN, 0, rnorm, nmv
     if rnorm <= tol:
         return x, 0, 0, rnorm, nmv
-    zv = _apply_precond(mkind, Mdiag, Mmat, r)
+    zv = apply_precond(M, r)
     rz = r @ zv
     if not (rz > 0.0):
         return x, INFO_BREAKDOWN, 0, rnorm, nmv
@@ -75,7 +66,7 @@ def cg_core(op, b, x0, rtol, atol, maxiter, mkind, Mdiag, Mmat, callback):
         notify(callback, x)
         if rnorm <= tol:
             return x, 0, k + 1, rnorm, nmv
-        zv = _apply_precond(mkind, Mdiag, Mmat, r)
+        zv = apply_precond(M, r)
         rz_new = r @ zv
         if not (rz_new > 0.0):
             return x, INFO_BREAKDOWN, k + 1, rnorm, nmv

@@ -98,8 +98,7 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
         z = joint(x, y)
         op = (lfns, largs, has_hvp, z, dx, counts)
         forcing = min(0.5, np.sqrt(gnorm))
-        d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, 2 * dy + 20, 0,
-                                   np.empty(0), np.empty((0, 0)), None)
+        d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, 2 * dy + 20, (), None)
         if info == INFO_NEGATIVE_CURVATURE:
             return y, INDEFINITE, k, gnorm, step
         if info == INFO_BREAKDOWN and not np.any(d != 0.0):

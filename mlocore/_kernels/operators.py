@@ -47,3 +47,27 @@ def _notify_compiled(callback, xk):
     if callback is None or isinstance(callback, types.NoneType):
         return lambda callback, xk: None
     return None
+
+
+def apply_precond(M, r):
+    """Interpreted path: ``M = ()`` (none), ``(array,)`` or ``(python_callable,)``."""
+    if len(M) == 0:
+        return r.copy()
+    m = M[0]
+    if callable(m):
+        return m(r)
+    return m * r if m.ndim == 1 else m @ r
+
+
+@overload(apply_precond, jit_options={"cache": True})
+def _apply_precond_compiled(M, r):
+    """Compiled: ``M = ()`` none, ``(d,)`` a 1-D diagonal (``d * r``), ``(P,)`` 2-D (``P @ r``)."""
+    if not isinstance(M, types.BaseTuple):
+        return None
+    if len(M) == 0:
+        return lambda M, r: r.copy()
+    if len(M) == 1 and isinstance(M[0], types.Array) and M[0].ndim == 1:
+        return lambda M, r: M[0] * r
+    if len(M) == 1 and isinstance(M[0], types.Array) and M[0].ndim == 2:
+        return lambda M, r: M[0] @ r
+    return None
