@@ -145,7 +145,16 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
     """
     check_backend(backend)
+    unrolled = method is not None and method.startswith("itd")
     if isinstance(problem, MultilevelProblem):
+        _reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,
+                       eta=eta is not None, atol=atol != 0.0,
+                       lower_method=lower_method != "newton-cg",
+                       lower_step=lower_step is not None, K=K is not None,
+                       step=step is not None and not unrolled,
+                       lower_solved=lower_solved and unrolled,
+                       lower_tol=lower_tol is not None and unrolled,
+                       lower_maxiter=lower_maxiter is not None and unrolled)
         if y is not None:
             raise TypeError("for a MultilevelProblem pass xs, the list of all levels' arrays, "
                             "as the second argument and no y")
@@ -158,6 +167,14 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     _check_problem(problem)
     method = "cg" if method is None else method
     check_choice("method", method, HYPERGRAD_METHODS)
+    _reject_unused(method, fd_step=fd_step is not None, K=K is not None and not unrolled,
+                   step=step is not None and not unrolled, v0=v0 is not None and unrolled,
+                   eta=eta is not None and method != "neumann",
+                   maxiter=maxiter is not None and unrolled, lower_solved=lower_solved and unrolled,
+                   lower_tol=lower_tol is not None and unrolled,
+                   lower_maxiter=lower_maxiter is not None and unrolled,
+                   lower_step=lower_step is not None and unrolled,
+                   lower_method=lower_method != "newton-cg" and unrolled)
     if y is None:
         raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
     lower_maxiter = 1000 if lower_maxiter is None else lower_maxiter
@@ -182,6 +199,15 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     eta = -1.0 if eta is None else check_positive("eta", eta)
     return implicit_call(comp, method, x, y, v0, not lower_solved, lower, tol, atol, maxiter,
                          eta, counts)
+
+
+def _reject_unused(method, **given):
+    """A TypeError for options that the chosen method would silently ignore."""
+    unused = [name for name, was_given in given.items() if was_given]
+    if unused:
+        raise TypeError(f"option{'s' if len(unused) > 1 else ''} {', '.join(unused)} "
+                        f"{'do' if len(unused) > 1 else 'does'} not apply to method="
+                        f"{method!r} for this problem")
 
 
 def default_linear_maxiter(method, dy):

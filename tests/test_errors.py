@@ -186,3 +186,16 @@ def test_divergent_inner_step_is_reported(q, quad_problem):
                         step=1.0)  # beta > 2 / lambda_max = 0.1
     assert not res.success and res.status == 2
     assert "step size is too large" in res.message
+
+
+def test_options_a_method_would_ignore_are_rejected(quad_problem):
+    x, y = np.zeros(3), np.zeros(6)
+    with pytest.raises(TypeError, match="v0 does not apply to method='itd-reverse'"):
+        mlo.hypergrad(quad_problem, x, y, method="itd-reverse", v0=np.zeros(6))
+    with pytest.raises(TypeError, match="K does not apply"):
+        mlo.hypergrad(quad_problem, x, y, method="cg", K=3)
+    with pytest.raises(TypeError, match="eta"):
+        mlo.hypergrad(quad_problem, x, y, method="cg", eta=0.1)
+    ml = mlo.MultilevelProblem([quad_problem.upper, quad_problem.lower], dims=(3, 6))
+    with pytest.raises(TypeError, match="maxiter"):
+        mlo.hypergrad(ml, [x, y], maxiter=10)
