@@ -183,8 +183,9 @@ class BilevelProblem:
 
     Notes
     -----
-    ``g(x, .)`` must be strongly convex near the solution: its Hessian block ``H_yy`` is
-    inverted (ALGORITHMS.md section 1).
+    ``g(x, .)`` must be strongly convex: ``H_yy`` is inverted at the solution
+    (ALGORITHMS.md section 1), and the lower solvers need positive curvature wherever they
+    go, from y0 on (Newton-CG stops with status 3, "not positive definite", otherwise).
     """
 
     def __init__(self, upper, lower, dims, bounds=None, project=None):

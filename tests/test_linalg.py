@@ -179,3 +179,10 @@ def test_cg_preconditioner_forms_agree(kind):
                                 full_output=True)
     assert info == 0 and out.nit == ref_out.nit
     np.testing.assert_allclose(x, ref, rtol=1e-9)
+
+
+def test_power_iteration_finds_an_alternating_top_eigenvector():
+    n = 40
+    u = np.where(np.arange(n) % 2 == 0, 1.0, -1.0) / np.sqrt(n)
+    A = np.eye(n) + 99.0 * np.outer(u, u)  # lambda_max = 100 along the alternating vector
+    assert linalg.largest_eigenvalue(A) == pytest.approx(100.0, rel=1e-3)

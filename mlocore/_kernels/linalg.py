@@ -119,8 +119,10 @@ def power_iteration(op, n, iters):
     the estimate approaches lambda_max from below.
     """
     v = np.empty(n)
-    for i in range(n):
-        v[i] = 1.0 + (i % 7) * 0.1 + i / (3.0 * n)
+    for i in range(n):  # a fixed low-discrepancy start: no simple pattern (constant,
+        # alternating, periodic) can be orthogonal to it
+        t = i * 0.6180339887498949 + 0.3183098861837907
+        v[i] = t - np.floor(t) - 0.5 + 1e-3
     v /= np.sqrt(v @ v)
     lam = 0.0
     for _ in range(iters):
