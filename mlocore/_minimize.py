@@ -251,17 +251,23 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         zz[:d1] = x1
         return eng.solve_from(zz, 1)
 
-    def unrolled(x1):
+    # the unrolled approximation F~ must stay one function during a run: its inner steps are
+    # fixed at the first call (power iteration there, unless inner_step is given)
+    inner = {"steps": inner_step}
+
+    def unrolled(x1, value_only=False):
         zz = state["z"].copy()
         zz[:d1] = x1
-        res = unrolled_multilevel_hypergrad(problem, zz, T=T, steps=inner_step,
-                                            fd_step=fd_step)
+        res = unrolled_multilevel_hypergrad(problem, zz, T=T, steps=inner["steps"],
+                                            fd_step=fd_step, value_only=value_only)
         unrolled_counts[:] += _counts_array(res.oracle_calls)
+        if inner["steps"] is None and res.success:
+            inner["steps"] = [float(b) for b in res.step]
         return res
 
     def F_eval(x1):
         if method == "itd":
-            res = unrolled(x1)
+            res = unrolled(x1, value_only=True)
             return res.fun, res.z, 0 if res.success else res.status, res.message
         try:
             zz = solved(x1)

@@ -40,6 +40,7 @@ __all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "MultilevelEngine",
 MULTILEVEL_MODES = ("exact", "fd", "truncated")
 _GRAD, _HVP, _TVP, _VALUE = range(4)
 FD_SHIFT_STEP = 1e-3
+UNROLLED_FD_STEP = 1e-4
 
 
 class LevelFailure(Exception):
@@ -365,7 +366,9 @@ class UnrolledEngine:
         self.T = T            # T[k] for k = 2..n (index k)
         self.beta = steps     # beta[k], filled lazily when None
         self.starts = starts  # the joint vector whose blocks 2..n start every inner loop
-        self.fd_step = FD_REL_STEP if fd_step is None else fd_step
+        # the outer levels' HVPs are central differences nested n-2 deep: a step larger than
+        # the single-difference optimum keeps the amplified round-off small (no re-solves)
+        self.fd_step = UNROLLED_FD_STEP if fd_step is None else fd_step
         self.eng = MultilevelEngine(problem, "truncated")  # oracles and their counts
         self.counts = self.eng.counts
 
@@ -480,9 +483,7 @@ class UnrolledEngine:
         return g
 
 
-def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None):
-    """Hypergradient of the n-level unrolled approximation (Sato et al. 2021), see
-    :class:`UnrolledEngine`. ``xs`` gives x_1 and the fixed starts of levels 2..n."""
+def _unrolled_setup(problem, xs, T, steps, fd_step):
     n = problem.n
     if isinstance(T, (list, tuple)):
         if len(T) != n - 1:
@@ -506,14 +507,26 @@ def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None):
     if not getattr(problem, "_checked", False):
         ueng.eng.check_at(z)
         problem._checked = True
+    return ueng, z, Ts, betas
+
+
+def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
+                                  value_only=False):
+    """Hypergradient of the n-level unrolled approximation (Sato et al. 2021), see
+    :class:`UnrolledEngine`. ``xs`` gives x_1 and the fixed starts of levels 2..n; the result's
+    ``step`` lists the inner steps used (pass them back to keep the same approximation).
+    ``value_only``: only the forward passes and ``fun`` (``grad`` is NaN)."""
+    ueng, z, Ts, betas = _unrolled_setup(problem, xs, T, steps, fd_step)
+    n = problem.n
     d1 = problem.dims[0]
     status, detail = 0, ""
     grad, fun, zz = np.full(d1, np.nan), np.nan, z
     try:
-        grad = ueng.grad_unrolled(1, z)[:d1]
+        if not value_only:
+            grad = ueng.grad_unrolled(1, z)[:d1]
         zz = ueng.forward(1, z)
         fun = ueng.eng.value(1, zz)
-        if not np.all(np.isfinite(grad)):
+        if not value_only and not np.all(np.isfinite(grad)):
             status = 6
     except LevelFailure as fail:
         status, detail = fail.status, fail.detail
