@@ -42,6 +42,8 @@ import tracemalloc
 import numpy as np
 
 import mlocore as mlo
+
+from .common import peak_rss_increase  # noqa: F401  (used by the suite and the script)
 from mlocore.problems import make_nlevel_quadratic, make_trilevel_quadratic
 
 TARGET_RELERR = 1e-6   # one hypergradient call: relative error against the closed form
@@ -243,49 +245,7 @@ def calibrate_minimize_T(case, step=None, T_max=None, refine=False, log=None, ma
 # ---------------------------------------------------------------------------------------
 # Peak memory of one call
 # ---------------------------------------------------------------------------------------
-def _status_kib(field):
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-_MMAP_FIXED = []
-
-
-def _release_free_heap():
-    """glibc: mmap arrays >= 128 KiB and return free heap pages, so that a call's
-    allocations show up in the RSS (a no-op elsewhere)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        if not _MMAP_FIXED:
-            _MMAP_FIXED.append(True)
-            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_rss_increase(fn):
-    """Bytes by which the process's peak RSS during ``fn()`` exceeds its RSS before
-    (resets the high-water mark through /proc/self/clear_refs; None where impossible)."""
-    _release_free_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
-        return None
-    return max(0, peak - before) * 1024
+# (shared with the bilevel suite; see common.peak_rss_increase for the method)
 
 
 def tracemalloc_peak(fn):
