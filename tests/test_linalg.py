@@ -21,7 +21,7 @@ def dense_matvec(p, A):
     return A @ p
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(n=st.integers(1, 40), log_cond=st.floats(0.0, 4.0), seed=st.integers(0, 2**31))
 def test_cg_matches_dense_solve(n, log_cond, seed):
     A, b = random_spd(n, 10.0 ** log_cond, seed)
