@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -300,31 +298,17 @@ def nonquad_table(out, args):
 
 # ---------------------------------------------------------------------------------------
 def environment(out, args):
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-    import numba
-    import scipy
-    dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--", "../mlocore") else ""
-    out(f"mlocore multilevel ratio table, {datetime.datetime.now():%Y-%m-%d %H:%M}"
-        f"{'  (--quick)' if args.quick else ''}")
-    out(f"  mlocore {mlo.__version__} at {git('rev-parse', '--short', 'HEAD')}{dirty}; "
-        f"numpy {np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}, "
-        f"Python {platform.python_version()}")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    out(f"  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{', '.join(f'{x:.2f}' for x in load)} (shared machine: best of k interleaved samples, "
-        f"median shown too)")
+    for line in ml.common_environment_lines("mlocore multilevel ratio table", args.quick,
+                                            "best of k interleaved samples, median shown too"):
+        out(line)
     out("  Implicit modes: default tolerances (lower_tol = lin_tol = 1e-10). itd (Sato et al. "
         "2021): T gradient steps per lower level, warm-started from the previous outer "
         "iterate in minimize_multilevel;")
     out("  its inner steps (1/L from its own power iteration) are computed once per T and "
         "passed in, so it does not pay for the power iterations (favours the baseline);")
-    out("  itd-auto: the same T with inner_step=None (the library default), which re-runs "
-        "the power iteration (15 products per level) in every call.")
+    out("  itd-auto: the same T with inner_step=None (the library default): minimize_multilevel "
+        "runs the power iteration (15 products per level) once and keeps those steps; a lone "
+        "hypergrad call runs it every time.")
     out("  oracles = grad + hvp + tvp + value calls over all levels. !! = target accuracy not "
         "reached.")
     out()

@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,9 +37,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from benchmarks import common  # noqa: E402  (benchmarks/benchmarks/common.py)
+from benchmarks import compile as compile_bench  # noqa: E402
 from benchmarks.common import ALL_METHODS, TARGET_RELERR, get_case, warm_up  # noqa: E402
 
-import mlocore as mlo  # noqa: E402
+import mlocore as mlo  # noqa: E402,F401  (imported first: compiles nothing, warms numba)
 
 SCIPY_SPEEDUP_TARGET = 10.0
 BLAS_RATIO_TARGET = 1.5
@@ -255,45 +255,18 @@ import mlocore as mlo
 t_import = time.perf_counter() - t0
 """
 
-_SCRIPT_NEW = """
-rng = np.random.default_rng(0)
-dx, dy = 5, 100
-M = rng.standard_normal((dy, dy))
-A = M @ M.T / dy + np.eye(dy)
-C = rng.standard_normal((dy, dx))
-yt = rng.standard_normal(dy)
-x = rng.standard_normal(dx)
-y = np.linalg.solve(A, -C @ x)
+# the same data and never-compiled callbacks as the asv compile benchmarks
+_SCRIPT_NEW = compile_bench._DATA + """
+_CALLBACKS = {callbacks!r}
 
 def make():
     # new @njit dispatchers at each call: a problem this process has never compiled
-    @numba.njit
-    def g_grad(z, A, C):
-        dx = C.shape[1]
-        out = np.empty(z.shape[0])
-        out[:dx] = C.T @ z[dx:]
-        out[dx:] = A @ z[dx:] + C @ z[:dx]
-        return out
-
-    @numba.njit
-    def g_hvp(z, v, A, C):
-        dx = C.shape[1]
-        out = np.empty(z.shape[0])
-        out[:dx] = C.T @ v[dx:]
-        out[dx:] = A @ v[dx:] + C @ v[:dx]
-        return out
-
-    @numba.njit
-    def f_grad(z, yt, mu):
-        dx = z.shape[0] - yt.shape[0]
-        out = np.empty(z.shape[0])
-        out[:dx] = mu * z[:dx]
-        out[dx:] = z[dx:] - yt
-        return out
-
-    return mlo.BilevelProblem(mlo.Objective(f_grad, args=(yt, 0.1)),
-                              mlo.Objective(g_grad, hvp=g_hvp, args=(A, C)), dims=(dx, dy))
-"""
+    ns = {{"np": np}}
+    exec(_CALLBACKS, ns)
+    return mlo.BilevelProblem(mlo.Objective(ns["f_grad"], args=(yt, 0.1)),
+                              mlo.Objective(ns["g_grad"], hvp=ns["g_hvp"], args=(A, C)),
+                              dims=(dx, dy))
+""".format(callbacks=compile_bench._NEW_CALLBACKS)
 
 _SCRIPT_CACHED = """
 sys.path.insert(0, {here!r})
@@ -404,23 +377,9 @@ def memory_table(out, args):
 
 # ---------------------------------------------------------------------------------------
 def environment(out, args):
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-    import numba
-    import scipy
-    dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--", "../mlocore") else ""
-    out(f"mlocore ratio table, {datetime.datetime.now():%Y-%m-%d %H:%M}"
-        f"{'  (--quick)' if args.quick else ''}")
-    out(f"  mlocore {mlo.__version__} at {git('rev-parse', '--short', 'HEAD')}{dirty}; "
-        f"numpy {np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}, "
-        f"Python {platform.python_version()}")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    out(f"  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{', '.join(f'{x:.2f}' for x in load)} (shared machine: best of k, interleaved)")
+    for line in common.environment_lines("mlocore ratio table", args.quick,
+                                         "best of k, interleaved"):
+        out(line)
     try:
         import threadpoolctl
         blas = "; ".join(f"{i['filepath'].rsplit('/', 1)[-1]}: {i['num_threads']} threads"

@@ -375,3 +375,39 @@ def peak_rss_increase(fn):
     if before is None or peak is None:
         return None
     return max(0, peak - before) * 1024
+
+
+# ---------------------------------------------------------------------------------------
+# Header shared by the ratio scripts
+# ---------------------------------------------------------------------------------------
+def environment_lines(title, quick, sampling_note):
+    """Title, versions (with the git commit), machine and load: the context of a table."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    import numba
+    import scipy
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    dirty = " (+ uncommitted changes)" if git("status", "--porcelain", "--",
+                                              "../../mlocore") else ""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return [
+        f"{title}, {datetime.datetime.now():%Y-%m-%d %H:%M}{'  (--quick)' if quick else ''}",
+        f"  mlocore {mlo.__version__} at {git('rev-parse', '--short', 'HEAD')}{dirty}; "
+        f"numpy {np.__version__}, scipy {scipy.__version__}, numba {numba.__version__}, "
+        f"Python {platform.python_version()}",
+        f"  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{', '.join(f'{x:.2f}' if isinstance(x, float) else str(x) for x in load)} "
+        f"(shared machine: {sampling_note})",
+    ]

@@ -43,6 +43,7 @@ import numpy as np
 
 import mlocore as mlo
 
+from .common import environment_lines as common_environment_lines  # noqa: F401 (script)
 from .common import peak_rss_increase  # noqa: F401  (used by the suite and the script)
 from mlocore.problems import make_nlevel_quadratic, make_trilevel_quadratic
 
