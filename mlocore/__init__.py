@@ -7,6 +7,7 @@ Public API at a glance::
     solve_lower(problem, x, y0, method="newton-cg")
     hypergrad(problem, x, y, method="cg" | "direct" | "neumann" | "itd-reverse" | "itd-forward")
     minimize_bilevel(problem, x0, y0, method="aid" | "itd" | "alternating")
+    minimize_bilevel(problem, x0, y0, method="soba" | "stocbio" | ..., batch_size=, seed=)
     MultilevelProblem(levels=[f_1, .., f_n], dims=(d_1, .., d_n))
     hypergrad(problem, xs, method="exact" | "fd" | "truncated")      # n levels
     minimize_multilevel(problem, x0s, method="exact")
@@ -18,12 +19,13 @@ from ._callbacks import CallbackError
 from ._config import backend, get_backend, set_backend
 from ._hypergrad import hypergrad, solve_lower
 from ._minimize import HyperObjective, minimize_bilevel, minimize_multilevel
-from ._problem import BilevelProblem, MultilevelProblem, Objective
+from ._problem import Ball, BilevelProblem, MultilevelProblem, Objective
+from ._stochastic import Schedule
 from ._results import HypergradResult
 from . import linalg
 
 __version__ = "0.1.0"
 
 __all__ = ["Objective", "BilevelProblem", "MultilevelProblem", "hypergrad", "solve_lower", "HypergradResult",
-           "minimize_bilevel", "minimize_multilevel", "HyperObjective",
+           "minimize_bilevel", "minimize_multilevel", "HyperObjective", "Ball", "Schedule",
            "CallbackError", "linalg", "backend", "get_backend", "set_backend"]

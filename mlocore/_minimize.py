@@ -17,7 +17,7 @@ from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
 from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
 
-__all__ = ["minimize_bilevel", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
+__all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
 
 BILEVEL_METHODS = ("aid", "itd", "alternating")
 _ARMIJO = 1e-4
@@ -91,7 +91,81 @@ class _Driver:
         return g, 0 if np.all(np.isfinite(g)) else 6, "", np.nan
 
 
-def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
+def minimize_bilevel(problem, x0, y0, method="aid", **options):
+    """Minimize ``F(x) = f(x, y*(x))``: deterministic or stochastic bilevel methods.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        Bounds, a :class:`mlocore.Ball` or a projection on x are honoured by projected steps.
+    x0, y0 : array_like
+        Starting points.
+    method : str
+        Deterministic (full-batch, options of :func:`mlocore._minimize.minimize_deterministic`):
+        "aid", "itd", "alternating". Stochastic (ALGORITHMS.md section 4; options of
+        :func:`mlocore._stochastic.minimize_stochastic`): "alternating", "bsa", "stocbio",
+        "ttsa", "stable", "sustain", "mrbo", "vrbo", "soba", "saba", "hessian-free",
+        "penalty", "primal-dual"; "aid" and "alternating" run their stochastic forms when
+        ``batch_size`` is given.
+    **options
+        Options of the chosen method; an option the method does not use raises TypeError.
+
+    Stochastic options
+    ------------------
+    maxiter : int
+        Upper iterations (default 1000). Each method runs a compiled loop of ``eval_every``
+        iterations between checkpoints.
+    batch_size, upper_batch_size : int
+        Minibatch sizes of the lower and upper objectives (default ``min(64, n_samples)``;
+        ``upper_batch_size`` defaults to ``batch_size``). A batch size equal to n_samples is
+        the full batch, in order: the run is then that of the deterministic algorithm.
+    sampler : {"uniform", "batches"}
+        Uniform sampling with replacement, or fixed contiguous minibatches of one shuffled
+        order visited in a random order each epoch (SABA's and VRBO's default).
+    step, inner_step : float or Schedule
+        Upper step alpha_k and lower step beta_k. A number is the initial step of the
+        method's default decay; default initial steps ``0.5 / L_F`` and ``1 / L_g`` from
+        full-batch power iterations at (x0, y0).
+    inner_steps, neumann_terms, neumann_step
+        T lower steps per upper step; Q Neumann terms (or CG iterations for "aid");
+        the Neumann step eta (default ``1 / L_g``).
+    seed : int
+        Seeds the samplers and every random draw: same seed, same result bit for bit. By
+        default a fresh seed, reported as ``result.seed``.
+    eval_every : int
+        Iterations between checkpoints (default ``maxiter // 20``).
+    reference : object, optional
+        Anything with ``F(x)``, ``hypergrad(x)`` and/or ``x_star`` (the problem library's
+        problems): evaluated at checkpoints outside the timed loop into ``history``
+        (``F``, ``grad_norm_sq``, ``dist_to_x_star``).
+    tol : float, optional
+        Stop at a checkpoint where the reference ``|grad F|^2 <= tol``.
+    callback : callable, optional
+        ``callback(intermediate_result)`` at checkpoints; ``StopIteration`` stops.
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        Deterministic: see :func:`minimize_deterministic`. Stochastic: ``x``, ``y``, ``fun``
+        and ``jac`` (reference F and grad F at x, when a reference is given), ``nit``,
+        ``success``, ``status``, ``message``, ``seed``, ``oracle_calls`` and
+        ``oracle_samples`` (per oracle kind), ``history`` (arrays per checkpoint:
+        ``iteration``, ``time``, ``oracle_calls``, ``samples`` and the reference values),
+        ``steps`` (the schedules used), ``time`` (seconds in the compiled loops).
+    """
+    from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
+    stochastic = method not in BILEVEL_METHODS or (
+        method in ("aid", "alternating") and options.get("batch_size") is not None)
+    if stochastic:
+        check_choice("method", method, tuple(dict.fromkeys(BILEVEL_METHODS
+                                                           + STOCHASTIC_METHODS)))
+        return minimize_stochastic(problem, x0, y0, method, **options)
+    if "batch_size" in options and options["batch_size"] is None:
+        del options["batch_size"]
+    return minimize_deterministic(problem, x0, y0, method, **options)
+
+
+def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
                      callback=None, lower_method="newton-cg", lower_tol=1e-10,
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
                      T=100, K=None, inner_step=None, backend=None):

@@ -9,7 +9,7 @@ import numpy as np
 from ._callbacks import (VEC, CallbackError, FnTuple, KeyedArgs, compile_callback,
                          missing_callback)
 
-__all__ = ["Objective", "BilevelProblem", "MultilevelProblem"]
+__all__ = ["Objective", "BilevelProblem", "MultilevelProblem", "Ball"]
 
 
 class Objective:
@@ -164,6 +164,40 @@ def _check_vector(role, out, n):
                             "shape of the joint vector z")
     if not np.all(np.isfinite(out)):
         raise CallbackError(f"callback {role} returned non-finite values at the initial point")
+
+
+class Ball:
+    """The Euclidean ball ``{x : |x - center| <= radius}`` as an upper feasible set:
+    ``BilevelProblem(..., project=Ball(radius, center))``. Callable (the projection), and
+    recognised by the stochastic loops, which project in compiled code."""
+
+    def __init__(self, radius, center=None):
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) \
+                or not np.isfinite(radius) or radius <= 0:
+            raise ValueError(f"Ball radius must be a finite number > 0, got {radius!r}")
+        self.radius = float(radius)
+        if center is not None:
+            center = np.array(center, dtype=np.float64, copy=True)
+            if center.ndim != 1 or not np.all(np.isfinite(center)):
+                raise ValueError(f"Ball center must be a finite 1-D array, got {center!r}")
+        self.center = center
+
+    def center_for(self, dx):
+        if self.center is None:
+            return np.zeros(dx)
+        if self.center.shape != (dx,):
+            raise ValueError(f"Ball center has shape {self.center.shape}; x has shape ({dx},)")
+        return self.center
+
+    def __call__(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        c = self.center_for(x.shape[0])
+        d = x - c
+        r = float(np.linalg.norm(d))
+        return x.copy() if r <= self.radius else c + (self.radius / r) * d
+
+    def __repr__(self):
+        return f"Ball(radius={self.radius:g})"
 
 
 class BilevelProblem:

@@ -1,0 +1,373 @@
+"""Stochastic bilevel algorithms (ALGORITHMS.md section 4): option handling, default step
+sizes, checkpoints and history around the compiled loops of ``_kernels/stoch_*.py``.
+
+Each method is a :class:`MethodSpec` in :data:`METHODS`: its kernel, the schedules' default
+decay powers, default sampler, the extra options it accepts and how they fill the kernel's
+``work``/``fpar``/``ipar`` arrays. The driver runs the kernel ``eval_every`` iterations at a
+time; between calls (outside the timed region) it records the history and calls the user's
+callback. The random state lives in arrays that persist between calls, so the iterates do
+not depend on ``eval_every``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import time
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from ._callbacks import VEC, CallbackError, FnTuple, KeyedArgs, call_kernel, compile_callback
+from ._kernels import stochastic as _sk
+from ._kernels import stoch_implicit as _si
+from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
+from ._problem import Ball, BilevelProblem
+from ._results import status_message
+from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
+
+__all__ = ["Schedule", "METHODS", "STOCHASTIC_METHODS", "minimize_stochastic",
+           "estimate_lipschitz"]
+
+#: default upper-level step = STEP_SAFETY / L_F, lower step and Neumann step = 1 / L_g
+STEP_SAFETY = 0.5
+DEFAULT_BATCH = 64
+SAMPLERS = {"uniform": _sk.UNIFORM, "batches": _sk.BATCHES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Step-size schedule ``s_k = initial * (offset / (offset + k))**power``, k = 0, 1, ...
+
+    ``power = 0`` is a constant step; ``Schedule(a, 0.5)`` is ``a / sqrt(k + 1)`` (offset 1).
+    """
+
+    initial: float
+    power: float = 0.0
+    offset: float = 1.0
+
+    def __post_init__(self):
+        check_positive("Schedule.initial", self.initial)
+        check_positive("Schedule.power", self.power, allow_zero=True)
+        check_positive("Schedule.offset", self.offset)
+
+    def __call__(self, k):
+        return self.initial * (self.offset / (self.offset + k)) ** self.power
+
+    def as_array(self):
+        return [float(self.initial), float(self.power), float(self.offset)]
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    """How a method fills its kernel's arrays. ``setup(ctx, opts)`` returns
+    ``(work, extra_fpar, extra_ipar)``; ``options`` maps the extra option names the method
+    accepts to their defaults."""
+
+    kernel: object
+    alpha_power: float = 0.0
+    beta_power: float = 0.0
+    inner_steps: int = 1
+    neumann_terms: int = 10
+    sampler: str = "uniform"
+    uses: tuple = ("inner_steps", "neumann_terms", "neumann_step")
+    options: dict = dataclasses.field(default_factory=dict)
+    setup: Callable = None
+    needs_value: bool = False
+    doc: str = ""
+
+
+def _work_v(ctx, opts):
+    return np.zeros(ctx.dy), [], []
+
+
+METHODS = {
+    "alternating": MethodSpec(_si.run_alternating, uses=("inner_steps",),
+                              doc="T lower SGD steps, then an upper SGD step on grad_x f"),
+    "bsa": MethodSpec(_si.run_bsa, alpha_power=0.5, inner_steps=10,
+                      doc="Ghadimi & Wang 2018: randomized Neumann, double loop"),
+    "stocbio": MethodSpec(_si.run_stocbio, inner_steps=10,
+                          doc="Ji, Yang & Liang 2021: Neumann sum, warm-started inner SGD"),
+    "aid": MethodSpec(_si.run_aid, inner_steps=10, uses=("inner_steps", "neumann_terms"),
+                      setup=_work_v, doc="stochastic AID-BiO: CG on a minibatch Hessian"),
+    "ttsa": MethodSpec(_si.run_ttsa, alpha_power=0.6, beta_power=0.4, inner_steps=1,
+                       doc="Hong et al. 2023: two timescales, alpha ~ k^-3/5, beta ~ k^-2/5"),
+    "soba": MethodSpec(_si.run_soba, alpha_power=0.0, beta_power=0.0, uses=(),
+                       setup=_work_v, doc="Dagreou et al. 2022: joint steps on y, v, x"),
+}
+STOCHASTIC_METHODS = tuple(METHODS)
+
+
+class _Context:
+    """What a method's setup sees: sizes, sampler sizes, Lipschitz estimates (lazy)."""
+
+    def __init__(self, problem, x0, y0, n_u, n_l, bs_u, bs_l, lipschitz):
+        self.problem, self.x0, self.y0 = problem, x0, y0
+        self.dx, self.dy = problem.dx, problem.dy
+        self.n_upper, self.n_lower = n_u, n_l
+        self.batch_upper, self.batch_lower = bs_u, bs_l
+        self.n_batches_upper = -(-n_u // bs_u)
+        self.n_batches_lower = -(-n_l // bs_l)
+        self._lipschitz = lipschitz
+
+    def lipschitz(self, which):
+        return self._lipschitz(which)
+
+
+def _as_schedule(name, value, default_power, default_initial):
+    if value is None:
+        return Schedule(default_initial(), default_power)
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return Schedule(check_positive(name, value), default_power)
+    raise TypeError(f"{name} must be None, a positive number or mlocore.Schedule, got "
+                    f"{value!r}")
+
+
+def _level_sampling(obj, role, batch_size, sampler, rng):
+    """Sampler arrays ``(state, perm, order, buf)`` for one level."""
+    n = obj.n_samples
+    if n is None:  # deterministic objective: one "sample", callbacks get no idx
+        bs, n = 1, 1
+    else:
+        bs = min(DEFAULT_BATCH, n) if batch_size is None else batch_size
+        if bs > n:
+            raise ValueError(f"{role}_batch_size = {bs} exceeds the {role} objective's "
+                             f"n_samples = {n}; expected 1 <= batch size <= n_samples")
+    kind = SAMPLERS[sampler]
+    if bs == n:  # a full batch is the full batch, in order (reproduces deterministic runs)
+        kind = _sk.BATCHES
+        perm = np.arange(n, dtype=np.int64)
+    elif kind == _sk.BATCHES:
+        perm = rng.permutation(n).astype(np.int64)
+    else:
+        perm = np.arange(n, dtype=np.int64)
+    nb = -(-n // bs)
+    state = np.array([kind, bs, n, nb], dtype=np.int64)  # position nb: shuffle on first draw
+    order = np.arange(nb, dtype=np.int64)
+    buf = np.zeros(bs, dtype=np.int64)
+    return (state, perm, order, buf), n, bs
+
+
+def _kernel_args(obj, comp):
+    if obj.n_samples is None:
+        return KeyedArgs((None,) + tuple(obj.args))
+    return comp.kargs
+
+
+_IDENTITY = None
+
+
+def _projection(problem):
+    """``(mode, lb, ub, fn)`` for the kernels (see ``_kernels/stochastic.py``)."""
+    global _IDENTITY
+    if _IDENTITY is None:
+        from . import _placeholders
+        disp, t = compile_callback(_placeholders.missing_vector_1_0, "placeholder", (VEC,),
+                                   "vector")
+        _IDENTITY = FnTuple(disp, t, single=True)
+    dx = problem.dx
+    user = problem._project
+    if isinstance(user, Ball):
+        return (2, user.center_for(dx), np.array([user.radius]), _IDENTITY)
+    if user is not None:
+        disp, t = compile_callback(user, "project", (VEC,), "vector")
+        return (3, np.zeros(dx), np.zeros(dx), FnTuple(disp, t, single=True))
+    if problem.lb is not None:
+        return (1, problem.lb, problem.ub, _IDENTITY)
+    return (0, np.zeros(dx), np.zeros(dx), _IDENTITY)
+
+
+def estimate_lipschitz(problem, x, y, which, *, iters=15):
+    """Full-batch estimates at (x, y) of ``L_g = lambda_max(H_yy)`` (``which="lower"``) or of
+    ``L_F``, the largest |eigenvalue| of the Hessian of F (``which="upper"``; power iteration
+    on central differences of exact hypergradients, each with its own lower solve)."""
+    from ._hypergrad import hypergrad, solve_lower
+    if which == "lower":
+        res = solve_lower(problem, x, y, method="gd", maxiter=0)
+        return 1.0 / res.step
+    ys = solve_lower(problem, x, y, tol=1e-10).y
+    rng = np.random.default_rng(12345)
+    u = rng.standard_normal(problem.dx)
+    u /= np.linalg.norm(u)
+    h = 1e-4 * (1.0 + np.linalg.norm(x))
+    lam = 0.0
+    for _ in range(iters):
+        gp = hypergrad(problem, x + h * u, ys, method="cg", tol=1e-10).grad
+        gm = hypergrad(problem, x - h * u, ys, method="cg", tol=1e-10).grad
+        hu = (gp - gm) / (2 * h)
+        lam = float(np.linalg.norm(hu))
+        if not np.isfinite(lam) or lam == 0.0:
+            break
+        u = hu / lam
+    return max(lam, 1e-12)
+
+
+def _reference_values(reference, x):
+    out = {}
+    if reference is None:
+        return out
+    if hasattr(reference, "F"):
+        out["F"] = float(reference.F(x))
+    if hasattr(reference, "hypergrad"):
+        g = np.asarray(reference.hypergrad(x), dtype=np.float64)
+        out["grad_norm_sq"] = float(g @ g)
+        out["_grad"] = g
+    xs = getattr(reference, "x_star", None)
+    if xs is not None:
+        out["dist_to_x_star"] = float(np.linalg.norm(x - xs))
+    return out
+
+
+def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
+                        upper_batch_size=None, sampler=None, step=None, inner_step=None,
+                        inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
+                        eval_every=None, tol=None, callback=None, reference=None,
+                        backend=None, **method_options):
+    """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
+                        f"{type(problem).__name__}")
+    check_backend(backend)
+    check_choice("method", method, STOCHASTIC_METHODS)
+    spec = METHODS[method]
+    x = as_vector("x0", x0, problem.dx)
+    y = as_vector("y0", y0, problem.dy)
+    maxiter = check_int("maxiter", maxiter, 0)
+    for name, value in (("inner_steps", inner_steps), ("neumann_terms", neumann_terms),
+                        ("neumann_step", neumann_step)):
+        if value is not None and name not in spec.uses:
+            raise TypeError(f"method {method!r} does not use {name}")
+    T = spec.inner_steps if inner_steps is None else check_int("inner_steps", inner_steps, 1)
+    Q = spec.neumann_terms if neumann_terms is None else check_int("neumann_terms",
+                                                                   neumann_terms, 1)
+    extra = dict(spec.options)
+    for name, value in method_options.items():
+        if name not in spec.options:
+            raise TypeError(f"minimize_bilevel(method={method!r}) got an unexpected keyword "
+                            f"argument {name!r}; its method-specific options are: "
+                            + (", ".join(sorted(spec.options)) or "none"))
+        extra[name] = value
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, 1)
+    upper_batch_size = batch_size if upper_batch_size is None else \
+        check_int("upper_batch_size", upper_batch_size, 1)
+    sampler = spec.sampler if sampler is None else check_choice("sampler", sampler,
+                                                                tuple(SAMPLERS))
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    eval_every = max(1, maxiter // 20) if eval_every is None else \
+        check_int("eval_every", eval_every, 1)
+    tol = check_positive("tol", tol, allow_none=True, allow_zero=True)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+
+    from ._hypergrad import _compiled
+    comp = _compiled(problem, x, y)
+    if spec.needs_value and not problem.lower.value:
+        raise ValueError(f"method {method!r} needs the lower objective's value callback")
+    seq = np.random.SeedSequence(seed)
+    np_rng = np.random.default_rng(seq.spawn(1)[0])
+    samp_u, n_u, bs_u = _level_sampling(problem.upper, "upper", upper_batch_size, sampler,
+                                        np_rng)
+    samp_l, n_l, bs_l = _level_sampling(problem.lower, "lower", batch_size, sampler, np_rng)
+    rng = seq.generate_state(1, np.uint64)
+
+    x = problem.project(x)
+    lips = {}
+
+    def lipschitz(which):
+        if which not in lips:
+            lips[which] = estimate_lipschitz(problem, x, y, which)
+        return lips[which]
+
+    alpha = _as_schedule("step", step, spec.alpha_power,
+                         lambda: STEP_SAFETY / lipschitz("upper"))
+    beta = _as_schedule("inner_step", inner_step, spec.beta_power,
+                        lambda: 1.0 / lipschitz("lower"))
+    eta = check_positive("neumann_step", neumann_step) if neumann_step is not None else \
+        (1.0 / lipschitz("lower") if "neumann_step" in spec.uses or "neumann_terms" in spec.uses
+         else 0.0)
+    ctx = _Context(problem, x, y, n_u, n_l, bs_u, bs_l, lipschitz)
+    ctx.T, ctx.Q, ctx.eta = T, Q, eta
+    work, fextra, iextra = (np.zeros(0), [], []) if spec.setup is None else \
+        spec.setup(ctx, extra)
+    fpar = np.array(alpha.as_array() + beta.as_array() + [eta] + list(fextra),
+                    dtype=np.float64)
+    ipar = np.array([T, Q] + list(iextra), dtype=np.int64)
+    proj = _projection(problem)
+    uargs = _kernel_args(problem.upper, comp.upper)
+    largs = _kernel_args(problem.lower, comp.lower)
+    counts = np.zeros(2 * N_COUNTERS, dtype=np.int64)
+
+    history = {"iteration": [], "time": [], "oracle_calls": [], "samples": []}
+    elapsed = 0.0
+    status, k, detail = 20, 0, ""
+    last_good = (x.copy(), y.copy())
+    current_ref = {}
+
+    def checkpoint():
+        nonlocal current_ref
+        history["iteration"].append(k)
+        history["time"].append(elapsed)
+        history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
+        history["samples"].append(int(counts[N_COUNTERS:].sum()))
+        current_ref = _reference_values(reference, x)
+        for key, val in current_ref.items():
+            if not key.startswith("_"):
+                history.setdefault(key, []).append(val)
+
+    def run(k0, n):
+        return call_kernel(spec.kernel, comp.upper.fns, uargs, comp.lower.fns, largs,
+                           comp.upper.has_hvp, comp.lower.has_hvp, x, y, work, fpar, ipar,
+                           samp_u, samp_l, rng, proj, k0, n, counts)
+
+    run(0, 0)  # compile (or load from the disk cache) outside the timed region
+    checkpoint()
+    try:
+        while k < maxiter:
+            n = min(eval_every, maxiter - k)
+            t0 = time.perf_counter()
+            st, done = run(k, n)
+            elapsed += time.perf_counter() - t0
+            if st != _sk.OK:
+                status = 13
+                detail = (f"Non-finite iterate at iteration {k + int(done) + 1}; returning the "
+                          f"last checkpoint's iterate (iteration {k}). Decrease step / "
+                          f"inner_step (now {alpha.initial:.3g} / {beta.initial:.3g}).")
+                x[:], y[:] = last_good
+                break
+            k += n
+            last_good = (x.copy(), y.copy())
+            checkpoint()
+            if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
+                status = 0
+                break
+            if callback is not None:
+                inter = OptimizeResult(x=x.copy(), y=y.copy(), nit=k, time=elapsed,
+                                       **{key: v for key, v in current_ref.items()
+                                          if not key.startswith("_")})
+                if "F" in current_ref:
+                    inter.fun = current_ref["F"]
+                try:
+                    callback(inter)
+                except StopIteration:
+                    status = 99
+                    break
+    except CallbackError:
+        raise
+    if status == 20 and tol is not None:
+        status = 10
+    calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
+    samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
+    hist = {key: np.asarray(val) for key, val in history.items()}
+    fun = current_ref.get("F", np.nan)
+    return OptimizeResult(
+        x=x, y=y, fun=fun, jac=current_ref.get("_grad"), nit=k, success=status in (0, 20),
+        status=status, message=status_message(status, detail), method=method, seed=seed,
+        oracle_calls=calls, oracle_samples=samples, history=hist,
+        steps={"alpha": alpha, "beta": beta, "neumann_step": eta},
+        batch_size=(bs_u, bs_l), time=elapsed, state={"work": work})
