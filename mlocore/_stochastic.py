@@ -31,6 +31,8 @@ __all__ = ["Schedule", "METHODS", "STOCHASTIC_METHODS", "minimize_stochastic",
 
 #: default upper-level step = STEP_SAFETY / L_F, lower step and Neumann step = 1 / L_g
 STEP_SAFETY = 0.5
+#: decaying default schedules keep their initial step for about this many iterations
+DEFAULT_OFFSET = 100.0
 DEFAULT_BATCH = 64
 SAMPLERS = {"uniform": _sk.UNIFORM, "batches": _sk.BATCHES}
 
@@ -82,19 +84,30 @@ def _work_v(ctx, opts):
 
 
 METHODS = {
-    "alternating": MethodSpec(_si.run_alternating, uses=("inner_steps",),
+    "alternating": MethodSpec(_si.run_alternating, alpha_power=0.5, uses=("inner_steps",),
                               doc="T lower SGD steps, then an upper SGD step on grad_x f"),
     "bsa": MethodSpec(_si.run_bsa, alpha_power=0.5, inner_steps=10,
                       doc="Ghadimi & Wang 2018: randomized Neumann, double loop"),
-    "stocbio": MethodSpec(_si.run_stocbio, inner_steps=10,
+    "stocbio": MethodSpec(_si.run_stocbio, alpha_power=0.5, inner_steps=10,
                           doc="Ji, Yang & Liang 2021: Neumann sum, warm-started inner SGD"),
-    "aid": MethodSpec(_si.run_aid, inner_steps=10, uses=("inner_steps", "neumann_terms"),
+    "aid": MethodSpec(_si.run_aid, alpha_power=0.5, inner_steps=10,
+                      uses=("inner_steps", "neumann_terms"),
                       setup=_work_v, doc="stochastic AID-BiO: CG on a minibatch Hessian"),
     "ttsa": MethodSpec(_si.run_ttsa, alpha_power=0.6, beta_power=0.4, inner_steps=1,
                        doc="Hong et al. 2023: two timescales, alpha ~ k^-3/5, beta ~ k^-2/5"),
-    "soba": MethodSpec(_si.run_soba, alpha_power=0.0, beta_power=0.0, uses=(),
+    "soba": MethodSpec(_si.run_soba, alpha_power=0.6, beta_power=0.4, uses=(),
                        setup=_work_v, doc="Dagreou et al. 2022: joint steps on y, v, x"),
 }
+
+def _register_families():
+    """Methods defined in their own family modules (``_stochastic_<family>.py``)."""
+    from ._stochastic_free import FREE_METHODS
+    from ._stochastic_variance import VARIANCE_METHODS
+    METHODS.update(VARIANCE_METHODS)
+    METHODS.update(FREE_METHODS)
+
+
+_register_families()
 STOCHASTIC_METHODS = tuple(METHODS)
 
 
@@ -115,12 +128,13 @@ class _Context:
 
 
 def _as_schedule(name, value, default_power, default_initial):
+    off = DEFAULT_OFFSET if default_power > 0 else 1.0
     if value is None:
-        return Schedule(default_initial(), default_power)
+        return Schedule(default_initial(), default_power, off)
     if isinstance(value, Schedule):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return Schedule(check_positive(name, value), default_power)
+        return Schedule(check_positive(name, value), default_power, off)
     raise TypeError(f"{name} must be None, a positive number or mlocore.Schedule, got "
                     f"{value!r}")
 
@@ -148,6 +162,57 @@ def _level_sampling(obj, role, batch_size, sampler, rng):
     order = np.arange(nb, dtype=np.int64)
     buf = np.zeros(bs, dtype=np.int64)
     return (state, perm, order, buf), n, bs
+
+
+def check_sampled_callbacks(obj, comp, z):
+    """Check idx-taking callbacks once at z: vector shapes for batches of several sizes, and
+    that they return the *mean* over the samples in idx (the estimators assume it).
+
+    Raises CallbackError for wrong shapes or a sum/other aggregate; warns when two disjoint
+    batches give bit-identical gradients (a callback that ignores idx).
+    """
+    n = obj.n_samples
+    if n is None:
+        return
+    raw = comp.args[1:]
+    role = comp.role
+    half = max(1, n // 2)
+    parts = [np.arange(half, dtype=np.int64), np.arange(half, n, dtype=np.int64)]
+    if n == 1:
+        parts = [parts[0]]
+    full = np.arange(n, dtype=np.int64)
+    grads = []
+    for idx in parts + [full, np.zeros(1, dtype=np.int64)]:
+        try:
+            g = comp.grad(z.copy(), idx, *raw)
+        except Exception as exc:
+            raise CallbackError(f"callback {role}.grad raised {type(exc).__name__}: {exc} "
+                                f"when called with a batch of {idx.shape[0]} indices") from exc
+        if not isinstance(g, np.ndarray) or g.shape != z.shape:
+            raise CallbackError(f"callback {role}.grad returned shape "
+                                f"{getattr(g, 'shape', type(g).__name__)} for a batch of "
+                                f"{idx.shape[0]} indices; expected {z.shape}, the shape of z "
+                                "(whatever the number of indices)")
+        if not np.all(np.isfinite(g)):
+            raise CallbackError(f"callback {role}.grad returned non-finite values for a batch "
+                                f"of {idx.shape[0]} indices at the initial point")
+        grads.append(g)
+    if len(parts) == 2:
+        mix = (parts[0].size * grads[0] + parts[1].size * grads[1]) / n
+        scale = max(np.abs(grads[2]).max(), np.abs(grads[0]).max(), np.abs(grads[1]).max())
+        if not np.allclose(mix, grads[2], rtol=1e-8, atol=1e-10 * (1.0 + scale)):
+            raise CallbackError(
+                f"callback {role}.grad is not the mean over the samples in idx: the weighted "
+                f"average of its values on the two halves of the samples differs from its value "
+                f"on all {n} samples by {np.abs(mix - grads[2]).max():.3g}. Stochastic "
+                "callbacks must return mean_{i in idx} grad phi_i(z) (plus sample-independent "
+                "terms)")
+        if n >= 2 and np.array_equal(grads[0], grads[1]) and np.any(grads[0] != 0):
+            import warnings
+            warnings.warn(f"callback {role}.grad returns identical values for two disjoint "
+                          "halves of the samples: does it use idx? A callback that ignores "
+                          "idx makes every stochastic method a full-batch one.",
+                          RuntimeWarning, stacklevel=3)
 
 
 def _kernel_args(obj, comp):
@@ -267,6 +332,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
 
     from ._hypergrad import _compiled
     comp = _compiled(problem, x, y)
+    if not getattr(problem, "_sample_checked", False):
+        z = np.concatenate([x, y])
+        check_sampled_callbacks(problem.upper, comp.upper, z)
+        check_sampled_callbacks(problem.lower, comp.lower, z)
+        problem._sample_checked = True
     if spec.needs_value and not problem.lower.value:
         raise ValueError(f"method {method!r} needs the lower objective's value callback")
     seq = np.random.SeedSequence(seed)
