@@ -386,6 +386,10 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
         history["samples"].append(int(counts[N_COUNTERS:].sum()))
         current_ref = _reference_values(reference, x)
+        if problem.constrained and "_grad" in current_ref:
+            # projected-gradient mapping |x - P(x - grad F)|^2 (stationarity with constraints)
+            gm = x - problem.project(x - current_ref["_grad"])
+            current_ref["grad_mapping_sq"] = float(gm @ gm)
         for key, val in current_ref.items():
             if not key.startswith("_"):
                 history.setdefault(key, []).append(val)

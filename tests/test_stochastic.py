@@ -280,6 +280,10 @@ def test_box_constrained_soba_finds_constrained_optimum(q):
                                batch_size=N, maxiter=4000, seed=0)
     assert np.all(res.x >= lb) and np.all(res.x <= ub)
     np.testing.assert_allclose(res.x, _constrained_opt(q, lb, ub), atol=1e-6)
+    res = mlo.minimize_bilevel(prob, np.zeros(DX), np.zeros(DY), method="soba",
+                               batch_size=N, maxiter=4000, seed=0, reference=q)
+    gm = res.history["grad_mapping_sq"]
+    assert gm[-1] < 1e-12 < res.history["grad_norm_sq"][-1]  # stationary, but grad F != 0
 
 
 @njit(cache=True)
