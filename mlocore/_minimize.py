@@ -137,7 +137,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
     reference : object, optional
         Anything with ``F(x)``, ``hypergrad(x)`` and/or ``x_star`` (the problem library's
         problems): evaluated at checkpoints outside the timed loop into ``history``
-        (``F``, ``grad_norm_sq``, ``dist_to_x_star``).
+        (``F``, ``grad_norm_sq``, ``dist_to_x_star``; ``grad_mapping_sq``, ``|x - P(x - grad F)|^2``, with constraints).
     tol : float, optional
         Stop at a checkpoint where the reference ``|grad F|^2 <= tol``.
     callback : callable, optional
