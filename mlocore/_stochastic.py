@@ -72,10 +72,13 @@ class MethodSpec:
     inner_steps: int = 1
     neumann_terms: int = 10
     sampler: str = "uniform"
+    alpha_safety: float = 1.0   # default alpha0 = alpha_safety * STEP_SAFETY / L_F
+    beta_safety: float = 1.0    # default beta0 = beta_safety / L_g
     uses: tuple = ("inner_steps", "neumann_terms", "neumann_step")
     options: dict = dataclasses.field(default_factory=dict)
     setup: Callable = None
     needs_value: bool = False
+    result: Callable = None     # work -> dict of extra result fields
     doc: str = ""
 
 
@@ -269,6 +272,38 @@ def estimate_lipschitz(problem, x, y, which, *, iters=15):
     return max(lam, 1e-12)
 
 
+def _batch_lipschitz(comp, x, y, batch_size, n, seed, n_batches=8, iters=20):
+    """``max_b lambda_max(H_yy(x, y; b))`` over a few uniform minibatches (power iteration,
+    times the usual 1.05 safety): what a minibatch step of ``1/L`` must stay stable for."""
+    from ._config import LIPSCHITZ_SAFETY
+    rng = np.random.default_rng([seed, 7919])
+    dx = x.shape[0]
+    z = np.concatenate([x, y])
+    raw = comp.args[1:]
+    best = 0.0
+    for _ in range(n_batches):
+        idx = np.ascontiguousarray(rng.integers(0, n, batch_size), dtype=np.int64)
+        v = np.linspace(1.0, 2.0, y.shape[0])
+        v /= np.linalg.norm(v)
+        lam = 0.0
+        for _ in range(iters):
+            w = np.zeros_like(z)
+            w[dx:] = v
+            if comp.has_hvp:
+                hv = comp.hvp(z, w, idx, *raw)[dx:]
+            else:
+                eps = 1e-6 * (1.0 + np.linalg.norm(z))
+                hv = (comp.grad(z + eps * w, idx, *raw)
+                      - comp.grad(z - eps * w, idx, *raw))[dx:] / (2 * eps)
+            lam = float(np.linalg.norm(hv))
+            if not np.isfinite(lam) or lam == 0.0:
+                break
+            v = hv / lam
+        if np.isfinite(lam):
+            best = max(best, lam)
+    return LIPSCHITZ_SAFETY * best
+
+
 def _reference_values(reference, x):
     out = {}
     if reference is None:
@@ -350,19 +385,30 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     lips = {}
 
     def lipschitz(which):
+        """"upper": L_F; "lower_full": lambda_max of the full-batch H_yy (the Neumann step,
+        whose truncation bias grows as it shrinks); "lower": also over a few minibatch
+        H_yy, which can be much stiffer than their mean: an SGD step of 1/L_g must be stable
+        for the batches the method will actually draw."""
         if which not in lips:
-            lips[which] = estimate_lipschitz(problem, x, y, which)
+            if which == "lower":
+                lips[which] = lipschitz("lower_full")
+                if problem.lower.n_samples is not None and bs_l < n_l:
+                    lips[which] = max(lips[which], _batch_lipschitz(comp.lower, x, y, bs_l,
+                                                                    n_l, seed))
+            else:
+                lips[which] = estimate_lipschitz(problem, x, y, which.replace("_full", ""))
         return lips[which]
 
     alpha = _as_schedule("step", step, spec.alpha_power,
-                         lambda: STEP_SAFETY / lipschitz("upper"))
+                         lambda: spec.alpha_safety * STEP_SAFETY / lipschitz("upper"))
     beta = _as_schedule("inner_step", inner_step, spec.beta_power,
-                        lambda: 1.0 / lipschitz("lower"))
+                        lambda: spec.beta_safety / lipschitz("lower"))
     eta = check_positive("neumann_step", neumann_step) if neumann_step is not None else \
-        (1.0 / lipschitz("lower") if "neumann_step" in spec.uses or "neumann_terms" in spec.uses
+        (1.0 / lipschitz("lower_full")
+         if "neumann_step" in spec.uses or "neumann_terms" in spec.uses
          else 0.0)
     ctx = _Context(problem, x, y, n_u, n_l, bs_u, bs_l, lipschitz)
-    ctx.T, ctx.Q, ctx.eta = T, Q, eta
+    ctx.T, ctx.Q, ctx.eta, ctx.sampler = T, Q, eta, sampler
     work, fextra, iextra = (np.zeros(0), [], []) if spec.setup is None else \
         spec.setup(ctx, extra)
     fpar = np.array(alpha.as_array() + beta.as_array() + [eta] + list(fextra),
@@ -444,4 +490,5 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         status=status, message=status_message(status, detail), method=method, seed=seed,
         oracle_calls=calls, oracle_samples=samples, history=hist,
         steps={"alpha": alpha, "beta": beta, "neumann_step": eta},
+        **({} if spec.result is None else spec.result(work)),
         batch_size=(bs_u, bs_l), time=elapsed, state={"work": work})

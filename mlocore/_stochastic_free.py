@@ -56,13 +56,17 @@ def _setup_saba(ctx, opts):
     stationarity, linear convergence under a PL condition, to the exact solution (no noise
     ball). SAGA-type estimates need a smaller lower step than SOBA, about ``1/(3 L_g)``
     (SAGA's ``1/(3 L)``): ``1/L_g`` diverges on mlocore's stochastic quadratic at batch size
-    32 while ``0.3/L_g`` converges linearly; pass ``inner_step`` accordingly.
+    32 while ``0.3/L_g`` converges linearly; the default lower step is ``1/(3 L_g)``
+    (``beta_safety`` in the registry).
     Per iteration: one lower gradient, one lower cross HVP ``(H_xy v, H_yy v)`` (two
     lower gradients when the lower objective has no hvp) and one upper gradient, on one
     minibatch each. Memory: ``n_batches_lower (2 dy + dx) + n_batches_upper (dy + dx)``
     floats. ``res.state["work"]`` holds v, the means and the tables
     (:func:`saba_tables` unpacks it).
     """
+    if ctx.sampler != "batches":
+        raise ValueError(f"SABA needs fixed minibatches (sampler='batches'), got "
+                         f"sampler={ctx.sampler!r}")
     mode = check_choice("memory_init", opts["memory_init"], tuple(_SABA_INIT))
     nb_l, nb_u = ctx.n_batches_lower, ctx.n_batches_upper
     size = _sf.saba_layout(ctx.dx, ctx.dy, nb_l, nb_u)[-1]
@@ -231,6 +235,7 @@ def _setup_primal_dual(ctx, opts):
 
 FREE_METHODS = {
     "saba": MethodSpec(_sf.run_saba, alpha_power=0.0, beta_power=0.0, sampler="batches",
+                       beta_safety=1.0 / 3.0,
                        uses=(), options={"memory_init": "full"}, setup=_setup_saba,
                        doc="Dagreou et al. 2022: SOBA with SAGA tables on fixed minibatches"),
     "hessian-free": MethodSpec(_sf.run_hessian_free, alpha_power=0.6, beta_power=0.4,
@@ -249,6 +254,7 @@ FREE_METHODS = {
                               options={"dual_step": 0.1, "constraint_tol": 1e-3, "rho0": 1.0,
                                        "a1": 0.0, "a2": 0.0},
                               setup=_setup_primal_dual, needs_value=True,
+                              result=lambda work: {"multiplier": float(work[-1])},
                               doc="Sow et al. 2022b: primal-dual on the value-function "
                                   "constraint, lecture eq. 29"),
 }

@@ -121,6 +121,7 @@ def _saba_kernel_inputs(q, batch_size, memory_init, x0, y0, v0, seed=3):
     samp_u, n_u, bs_u = _level_sampling(prob.upper, "upper", batch_size, "batches", np_rng)
     samp_l, n_l, bs_l = _level_sampling(prob.lower, "lower", batch_size, "batches", np_rng)
     ctx = _Context(prob, x0, y0, n_u, n_l, bs_u, bs_l, None)
+    ctx.sampler = "batches"
     work, fx, ix = spec.setup(ctx, {"memory_init": memory_init})
     work[:DY] = v0
     fpar = np.zeros(7)            # alpha0 = beta0 = 0: the point (x, y, v) never moves
