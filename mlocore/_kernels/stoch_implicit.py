@@ -8,16 +8,10 @@ import numpy as np
 from numba import njit
 
 from .oracles import LOWER_GRAD, UPPER_GRAD
+from .stochastic import upper_step as _upper_step
 from .stochastic import (DIVERGED, ETA, OK, Q_TERMS, T_INNER, draw, finite, hypergrad_estimate,
-                         inner_sgd, joint_into, lower_cross, project, sgrad, step_at, ALPHA0,
+                         inner_sgd, joint_into, lower_cross, sgrad, step_at, ALPHA0,
                          BETA0)
-
-
-@njit(cache=True)
-def _upper_step(x, h, alpha, proj):
-    for i in range(x.shape[0]):
-        x[i] -= alpha * h[i]
-    project(x, proj)
 
 
 @njit(cache=True)

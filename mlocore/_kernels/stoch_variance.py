@@ -19,8 +19,9 @@ from numba import njit, types
 from numba.extending import overload
 
 from .oracles import LOWER_GRAD, UPPER_GRAD
+from .stochastic import upper_step as _upper_step
 from .stochastic import (ALPHA0, BETA0, DIVERGED, ETA, N_FPAR, N_IPAR, OK, Q_TERMS, draw,
-                         finite, joint_into, lower_cross, project, rand_int, sgrad, step_at)
+                         finite, joint_into, lower_cross, rand_int, sgrad, step_at)
 
 # method parameter slots
 STABLE_TAU, STABLE_FLOOR = N_FPAR, N_FPAR + 1
@@ -43,13 +44,6 @@ def _full_index_impl(args, samp):
     if isinstance(args.types[0], types.NoneType):
         return lambda args, samp: samp[1]
     return lambda args, samp: args[0]
-
-
-@njit(cache=True)
-def _upper_step(x, h, alpha, proj):
-    for i in range(x.shape[0]):
-        x[i] -= alpha * h[i]
-    project(x, proj)
 
 
 @njit(cache=True)

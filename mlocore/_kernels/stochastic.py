@@ -179,6 +179,14 @@ def project(x, proj):
 
 
 @njit(cache=True)
+def upper_step(x, h, alpha, proj):
+    """``x <- P(x - alpha h)`` in place."""
+    for i in range(x.shape[0]):
+        x[i] -= alpha * h[i]
+    project(x, proj)
+
+
+@njit(cache=True)
 def finite(a):
     for v in a:
         if not np.isfinite(v):
