@@ -37,6 +37,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from benchmarks import multilevel as ml  # noqa: E402  (benchmarks/benchmarks/multilevel.py)
+from benchmarks.common import Report, fmt_t  # noqa: E402
 
 import mlocore as mlo  # noqa: E402
 from mlocore.problems import make_nonquadratic_trilevel  # noqa: E402
@@ -51,27 +52,6 @@ QUICK_SKIP_ITD_MINIMIZE = {
 
 STATUS = {0: "converged: |grad| <= tol", 10: "maxiter reached",
           11: "line search on F found no decrease"}
-
-
-class Report:
-    """Prints lines and keeps them for the results file."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
-
-
-def fmt_t(t):
-    if t is None or not np.isfinite(t):
-        return "n/a"
-    if t < 1e-3:
-        return f"{t * 1e6:.1f} us"
-    if t < 1.0:
-        return f"{t * 1e3:.2f} ms"
-    return f"{t:.3f} s"
 
 
 def fmt_T(T):

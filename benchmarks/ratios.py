@@ -37,6 +37,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from benchmarks import common  # noqa: E402  (benchmarks/benchmarks/common.py)
+from benchmarks.common import Report  # noqa: E402
 from benchmarks import compile as compile_bench  # noqa: E402
 from benchmarks.common import ALL_METHODS, TARGET_RELERR, get_case, warm_up  # noqa: E402
 
@@ -44,17 +45,6 @@ import mlocore as mlo  # noqa: E402,F401  (imported first: compiles nothing, war
 
 SCIPY_SPEEDUP_TARGET = 10.0
 BLAS_RATIO_TARGET = 1.5
-
-
-class Report:
-    """Prints lines and keeps them for the results file."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 from benchmarks import common  # noqa: E402  (benchmarks/benchmarks/common.py)
+from benchmarks.common import Report, fmt_t  # noqa: E402
 
 import mlocore as mlo  # noqa: E402
 import mlocore._stochastic as _stoch  # noqa: E402
@@ -69,15 +70,6 @@ CLAIMS = {
     "vrbo": "lit. eps^-3/2: -0.67",
     "alternating": "biased (no convergence)",
 }
-
-
-class Report:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, line=""):
-        print(line, flush=True)
-        self.lines.append(line)
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,16 +97,6 @@ def available_methods(out):
     if missing:
         out("  not registered yet (skipped): " + ", ".join(missing))
     return methods
-
-
-def fmt_t(t):
-    if t is None or not np.isfinite(t):
-        return "n/a"
-    if t < 1e-3:
-        return f"{t * 1e6:.1f} us"
-    if t < 1.0:
-        return f"{t * 1e3:.2f} ms"
-    return f"{t:.2f} s"
 
 
 def fmt_e(v):

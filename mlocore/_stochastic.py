@@ -364,6 +364,10 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     tol = check_positive("tol", tol, allow_none=True, allow_zero=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if reference is not None and not any(hasattr(reference, a)
+                                         for a in ("F", "hypergrad", "x_star")):
+        raise TypeError(f"reference must have F(x), hypergrad(x) and/or x_star (the problem "
+                        f"library's problems do), got {type(reference).__name__}")
 
     from ._hypergrad import _compiled
     comp = _compiled(problem, x, y)
@@ -447,38 +451,35 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
 
     run(0, 0)  # compile (or load from the disk cache) outside the timed region
     checkpoint()
-    try:
-        while k < maxiter:
-            n = min(eval_every, maxiter - k)
-            t0 = time.perf_counter()
-            st, done = run(k, n)
-            elapsed += time.perf_counter() - t0
-            if st != _sk.OK:
-                status = 13
-                detail = (f"Non-finite iterate at iteration {k + int(done) + 1}; returning the "
-                          f"last checkpoint's iterate (iteration {k}). Decrease step / "
-                          f"inner_step (now {alpha.initial:.3g} / {beta.initial:.3g}).")
-                x[:], y[:] = last_good
+    while k < maxiter:
+        n = min(eval_every, maxiter - k)
+        t0 = time.perf_counter()
+        st, done = run(k, n)
+        elapsed += time.perf_counter() - t0
+        if st != _sk.OK:
+            status = 13
+            detail = (f"Non-finite iterate at iteration {k + int(done) + 1}; returning the "
+                      f"last checkpoint's iterate (iteration {k}). Decrease step / "
+                      f"inner_step (now {alpha.initial:.3g} / {beta.initial:.3g}).")
+            x[:], y[:] = last_good
+            break
+        k += n
+        last_good = (x.copy(), y.copy())
+        checkpoint()
+        if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
+            status = 0
+            break
+        if callback is not None:
+            inter = OptimizeResult(x=x.copy(), y=y.copy(), nit=k, time=elapsed,
+                                   **{key: v for key, v in current_ref.items()
+                                      if not key.startswith("_")})
+            if "F" in current_ref:
+                inter.fun = current_ref["F"]
+            try:
+                callback(inter)
+            except StopIteration:
+                status = 99
                 break
-            k += n
-            last_good = (x.copy(), y.copy())
-            checkpoint()
-            if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
-                status = 0
-                break
-            if callback is not None:
-                inter = OptimizeResult(x=x.copy(), y=y.copy(), nit=k, time=elapsed,
-                                       **{key: v for key, v in current_ref.items()
-                                          if not key.startswith("_")})
-                if "F" in current_ref:
-                    inter.fun = current_ref["F"]
-                try:
-                    callback(inter)
-                except StopIteration:
-                    status = 99
-                    break
-    except CallbackError:
-        raise
     if status == 20 and tol is not None:
         status = 10
     calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}

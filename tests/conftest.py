@@ -100,3 +100,20 @@ def quad():
 @pytest.fixture(scope="session")
 def quad_problem(quad):
     return quad.problem()
+
+
+def _check_stochastic_convergence(res, q, bound):
+    """A stochastic run on a QuadraticBilevel ``q`` (x0 = 0, reference=q) ran its budget,
+    ended within ``bound`` of x*, and its F - F* over the last checkpoints (noisy around a
+    noise ball) is well below the start's."""
+    d = res.history["dist_to_x_star"]
+    assert res.success and res.status == 20, res.message
+    assert d[0] == pytest.approx(np.linalg.norm(q.x_star))
+    assert d[-1] < bound, d
+    gap = res.history["F"] - q.F_star
+    assert np.mean(gap[-5:]) < 0.5 * gap[0], gap
+
+
+@pytest.fixture(scope="session")
+def check_stochastic_convergence():
+    return _check_stochastic_convergence

@@ -411,3 +411,25 @@ def environment_lines(title, quick, sampling_note):
         f"{', '.join(f'{x:.2f}' if isinstance(x, float) else str(x) for x in load)} "
         f"(shared machine: {sampling_note})",
     ]
+
+
+class Report:
+    """Prints lines and keeps them for the results file (the ratio scripts' output)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, line=""):
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+def fmt_t(t):
+    """A duration in us / ms / s, or "n/a"."""
+    if t is None or not np.isfinite(t):
+        return "n/a"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    if t < 1.0:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t:.3f} s"

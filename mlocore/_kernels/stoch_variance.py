@@ -47,6 +47,19 @@ def _full_index_impl(args, samp):
 
 
 @njit(cache=True)
+def _steps_from_estimates(x, y, xp, yp, hg, hf, fpar, k, proj):
+    """Remember (x, y) as the previous point, then ``y -= beta_k hg`` and
+    ``x <- P(x - alpha_k hf)``; False when an iterate or estimate is non-finite."""
+    xp[:] = x
+    yp[:] = y
+    beta = step_at(fpar, BETA0, k)
+    for i in range(y.shape[0]):
+        y[i] -= beta * hg[i]
+    _upper_step(x, hf, step_at(fpar, ALPHA0, k), proj)
+    return finite(x) and finite(y) and finite(hf) and finite(hg)
+
+
+@njit(cache=True)
 def _momentum_weight(fpar, base, slot, k):
     """``min(1, m * (s_k / s_0)**2)``: the STORM weight ``c * s_k**2`` with ``c = m / s_0**2``
     for the schedule at ``fpar[base:base+3]`` and ``m = fpar[slot]``."""
@@ -270,13 +283,7 @@ def run_double_momentum(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work
             hg[:] = g1
             hf[:] = f1
             work[0] = 1.0
-        xp[:] = x
-        yp[:] = y
-        beta = step_at(fpar, BETA0, k)
-        for i in range(dy):
-            y[i] -= beta * hg[i]
-        _upper_step(x, hf, step_at(fpar, ALPHA0, k), proj)
-        if not (finite(x) and finite(y) and finite(hf) and finite(hg)):
+        if not _steps_from_estimates(x, y, xp, yp, hg, hf, fpar, k, proj):
             return DIVERGED, it
     return OK, n_iter
 
@@ -338,12 +345,6 @@ def run_vrbo(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipa
                 hg[i] += g1[i] - g0[i]
             for i in range(dx):
                 hf[i] += f1[i] - f0[i]
-        xp[:] = x
-        yp[:] = y
-        beta = step_at(fpar, BETA0, k)
-        for i in range(dy):
-            y[i] -= beta * hg[i]
-        _upper_step(x, hf, step_at(fpar, ALPHA0, k), proj)
-        if not (finite(x) and finite(y) and finite(hf) and finite(hg)):
+        if not _steps_from_estimates(x, y, xp, yp, hg, hf, fpar, k, proj):
             return DIVERGED, it
     return OK, n_iter
