@@ -142,6 +142,13 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         Stop at a checkpoint where the reference ``|grad F|^2 <= tol``.
     callback : callable, optional
         ``callback(intermediate_result)`` at checkpoints; ``StopIteration`` stops.
+    backtrack : int
+        Divergence (a non-finite iterate, or ``|(x, y)|`` above ``1e3 (1 + |(x0, y0)|)`` and
+        growing fourfold between checkpoints) halves every step that was *not* given (the
+        Lipschitz defaults, whose estimates at (x0, y0) can be too optimistic elsewhere) and
+        resumes from the last checkpoint, at most ``backtrack`` times (default 8; 0 turns
+        it off). Steps the user gave are never changed. After that, status 13 with the
+        last checkpoint's iterate.
 
     Returns
     -------
@@ -151,7 +158,8 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         ``success``, ``status``, ``message``, ``seed``, ``oracle_calls`` and
         ``oracle_samples`` (per oracle kind), ``history`` (arrays per checkpoint:
         ``iteration``, ``time``, ``oracle_calls``, ``samples`` and the reference values),
-        ``steps`` (the schedules used), ``time`` (seconds in the compiled loops).
+        ``steps`` (the final schedules), ``step_reductions`` (halvings after divergence),
+        ``time`` (seconds in the compiled loops, wasted ones included).
     """
     from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
     stochastic = method not in BILEVEL_METHODS or (

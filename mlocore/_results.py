@@ -22,8 +22,8 @@ STATUS_MESSAGES = {
     11: "The line search on F found no decrease: the hypergradient is inaccurate (tighten "
         "tol / lower_tol) or the step is too large.",
     12: "The upper-level objective became non-finite.",
-    13: "The stochastic iterates became non-finite (the step sizes are too large for this "
-        "problem).",
+    13: "The stochastic iterates diverged (non-finite, or growing without bound): the step "
+        "sizes are too large for this problem.",
     20: "Ran the requested maxiter iterations (stochastic methods run a fixed budget unless "
         "tol and a reference are given).",
     99: "Stopped by the callback (StopIteration).",

@@ -34,6 +34,12 @@ STEP_SAFETY = 0.5
 #: decaying default schedules keep their initial step for about this many iterations
 DEFAULT_OFFSET = 100.0
 DEFAULT_BATCH = 64
+#: default number of step halvings after a divergence (``backtrack`` option)
+DEFAULT_BACKTRACK = 8
+#: an iterate norm above BLOWUP_FACTOR (1 + |z_0|) that also grew BLOWUP_GROWTH-fold since
+#: the previous checkpoint counts as divergence even while it is still finite
+BLOWUP_FACTOR = 1.0e3
+BLOWUP_GROWTH = 4.0
 SAMPLERS = {"uniform": _sk.UNIFORM, "batches": _sk.BATCHES}
 
 
@@ -324,7 +330,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                         upper_batch_size=None, sampler=None, step=None, inner_step=None,
                         inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
                         eval_every=None, tol=None, callback=None, reference=None,
-                        backend=None, **method_options):
+                        backtrack=None, backend=None, **method_options):
     """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
@@ -361,6 +367,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     eval_every = max(1, maxiter // 20) if eval_every is None else \
         check_int("eval_every", eval_every, 1)
+    backtrack = DEFAULT_BACKTRACK if backtrack is None else check_int("backtrack", backtrack, 0)
     tol = check_positive("tol", tol, allow_none=True, allow_zero=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -426,7 +433,6 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     history = {"iteration": [], "time": [], "oracle_calls": [], "samples": []}
     elapsed = 0.0
     status, k, detail = 20, 0, ""
-    last_good = (x.copy(), y.copy())
     current_ref = {}
 
     def checkpoint():
@@ -449,22 +455,56 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                            comp.upper.has_hvp, comp.lower.has_hvp, x, y, work, fpar, ipar,
                            samp_u, samp_l, rng, proj, k0, n, counts)
 
+    # Steps that came from the Lipschitz defaults are halved on divergence (up to
+    # ``backtrack`` times) and the run resumes from the last checkpoint; steps the user
+    # set are never changed.
+    halvable = [i for i, given in ((_sk.ALPHA0, step), (_sk.BETA0, inner_step),
+                                   (_sk.ETA, neumann_step))
+                if given is None and fpar[i] > 0]
+    reductions = 0
+    # everything a kernel call changes, except the oracle counters (wasted work is counted)
+    mutable = (x, y, work, rng) + tuple(samp_u) + tuple(samp_l)
+
+    def snapshot():
+        return [a.copy() for a in mutable]
+
+    def restore(snap):
+        for a, saved in zip(mutable, snap):
+            a[...] = saved
+
+    def blown_up(prev_norm):
+        with np.errstate(over="ignore"):  # |z| ~ 1e160 overflows |z|^2: inf is a blow-up too
+            nz = float(np.sqrt(x @ x + y @ y))
+        return (nz > BLOWUP_FACTOR * (1.0 + norm0)
+                and 1.0 + nz > BLOWUP_GROWTH * (1.0 + prev_norm)), nz
+
     run(0, 0)  # compile (or load from the disk cache) outside the timed region
     checkpoint()
+    norm0 = prev_norm = float(np.sqrt(x @ x + y @ y))
+    saved = snapshot()
     while k < maxiter:
         n = min(eval_every, maxiter - k)
         t0 = time.perf_counter()
         st, done = run(k, n)
         elapsed += time.perf_counter() - t0
-        if st != _sk.OK:
+        exploded, nz = (False, prev_norm) if st != _sk.OK else blown_up(prev_norm)
+        if st != _sk.OK or exploded:
+            what = (f"non-finite iterate at iteration {k + int(done) + 1}" if st != _sk.OK
+                    else f"|(x, y)| grew to {nz:.3g} by iteration {k + n}")
+            restore(saved)
+            if reductions < backtrack and halvable:
+                reductions += 1
+                fpar[halvable] *= 0.5
+                continue
             status = 13
-            detail = (f"Non-finite iterate at iteration {k + int(done) + 1}; returning the "
-                      f"last checkpoint's iterate (iteration {k}). Decrease step / "
-                      f"inner_step (now {alpha.initial:.3g} / {beta.initial:.3g}).")
-            x[:], y[:] = last_good
+            halved = (f"after {reductions} halvings of the default steps" if halvable
+                      else "with the steps given")
+            detail = (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate (iteration {k}). Decrease "
+                      f"step / inner_step (now {fpar[_sk.ALPHA0]:.3g} / {fpar[_sk.BETA0]:.3g}).")
             break
         k += n
-        last_good = (x.copy(), y.copy())
+        prev_norm = nz
+        saved = snapshot()
         checkpoint()
         if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
             status = 0
@@ -482,6 +522,9 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                 break
     if status == 20 and tol is not None:
         status = 10
+    if reductions and status != 13:
+        detail = (f"The default steps were halved {reductions} time(s) after divergence "
+                  f"(res.steps holds the final ones).")
     calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
     samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
     hist = {key: np.asarray(val) for key, val in history.items()}
@@ -490,6 +533,9 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         x=x, y=y, fun=fun, jac=current_ref.get("_grad"), nit=k, success=status in (0, 20),
         status=status, message=status_message(status, detail), method=method, seed=seed,
         oracle_calls=calls, oracle_samples=samples, history=hist,
-        steps={"alpha": alpha, "beta": beta, "neumann_step": eta},
+        steps={"alpha": dataclasses.replace(alpha, initial=float(fpar[_sk.ALPHA0])),
+               "beta": dataclasses.replace(beta, initial=float(fpar[_sk.BETA0])),
+               "neumann_step": float(fpar[_sk.ETA])},
+        step_reductions=reductions,
         **({} if spec.result is None else spec.result(work)),
         batch_size=(bs_u, bs_l), time=elapsed, state={"work": work})

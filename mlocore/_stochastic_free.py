@@ -57,7 +57,11 @@ def _setup_saba(ctx, opts):
     ball). SAGA-type estimates need a smaller lower step than SOBA, about ``1/(3 L_g)``
     (SAGA's ``1/(3 L)``): ``1/L_g`` diverges on mlocore's stochastic quadratic at batch size
     32 while ``0.3/L_g`` converges linearly; the default lower step is ``1/(3 L_g)``
-    (``beta_safety`` in the registry).
+    (``beta_safety`` in the registry). That is still too large on
+    ``make_quadratic(10, 20, 1000, 1000)`` at batch size 64 (the iterates grow
+    geometrically; the driver's backtracking halves both default steps once and the run
+    then converges linearly): the safe step depends on the smoothness of every table row,
+    not only on ``lambda_max(H_yy)``.
     Per iteration: one lower gradient, one lower cross HVP ``(H_xy v, H_yy v)`` (two
     lower gradients when the lower objective has no hvp) and one upper gradient, on one
     minibatch each. Memory: ``n_batches_lower (2 dy + dx) + n_batches_upper (dy + dx)``

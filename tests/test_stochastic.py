@@ -322,8 +322,39 @@ def test_divergence_is_reported_not_nan(q):
     res = _run(q, "soba", batch_size=32, maxiter=500, step=50.0, inner_step=50.0,
                eval_every=100)
     assert not res.success and res.status == 13
-    assert "Non-finite iterate at iteration" in res.message
+    assert "Diverged (" in res.message and "with the steps given" in res.message
+    assert res.step_reductions == 0  # the user's steps are never changed
     assert np.all(np.isfinite(res.x)) and np.all(np.isfinite(res.y))
+
+
+@pytest.fixture(scope="module")
+def q_saba_unstable():
+    """Here SABA's default steps (1/(3 L_g), 0.5/L_F at x0) make its iterates grow
+    geometrically (to |x - x*| ~ 1e8 in 3000 iterations) while staying finite."""
+    return make_quadratic(dx=10, dy=20, n_outer=1000, n_inner=1000, seed=0)
+
+
+def test_growing_iterates_are_divergence_and_default_steps_backtrack(q_saba_unstable):
+    qq = q_saba_unstable
+    kw = dict(method="saba", batch_size=64, maxiter=3000, eval_every=300, seed=1,
+              reference=qq)
+    z0 = (qq.stochastic_problem, np.zeros(10), np.zeros(20))
+    off = mlo.minimize_bilevel(*z0, backtrack=0, **kw)
+    assert off.status == 13 and "grew to" in off.message and off.step_reductions == 0
+    assert np.linalg.norm(off.x - qq.x_star) < 1e4  # the last checkpoint before the blow-up
+
+    res = mlo.minimize_bilevel(*z0, **kw)
+    r = res.step_reductions
+    assert res.success and r >= 1 and "halved" in res.message
+    for name in ("alpha", "beta"):  # every defaulted step halved r times
+        assert res.steps[name].initial == off.steps[name].initial / 2 ** r
+    assert np.linalg.norm(res.x - qq.x_star) < 1e-6  # SABA converges linearly
+    again = mlo.minimize_bilevel(*z0, **kw)
+    np.testing.assert_array_equal(again.x, res.x)  # backtracking keeps runs reproducible
+    # steps the user gives are never changed: the same (default) values given explicitly
+    fixed = mlo.minimize_bilevel(*z0, step=off.steps["alpha"].initial,
+                                 inner_step=off.steps["beta"].initial, **kw)
+    assert fixed.status == 13 and fixed.step_reductions == 0
 
 
 @njit(cache=True)
