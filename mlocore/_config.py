@@ -15,12 +15,16 @@ _backend = os.environ.get("MLOCORE_BACKEND", "cpu")
 
 
 def get_backend() -> str:
-    """The process-wide default backend (``MLOCORE_BACKEND`` environment variable)."""
+    """The process-wide default backend: ``MLOCORE_BACKEND`` (read at import, default
+    "cpu") until :func:`set_backend` or :func:`backend` changes it."""
+    if _backend not in ("cpu", "cuda"):
+        raise ValueError(f"MLOCORE_BACKEND must be 'cpu' or 'cuda', got {_backend!r}")
     return _backend
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend."""
+    """Set the process-wide default backend ("cpu" or "cuda"; "cuda" is checked when an
+    entry point runs, with a clear error where no GPU or simulator is there)."""
     global _backend
     from ._validation import check_choice
     _backend = check_choice("backend", name, ("cpu", "cuda"))

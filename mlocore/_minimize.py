@@ -15,7 +15,8 @@ from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_j
                           unrolled_multilevel_hypergrad)
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
-from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
+from ._validation import (as_vector, check_backend, cuda_not_implemented, check_choice,
+                          check_int, check_positive)
 
 __all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
 
@@ -218,7 +219,8 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         ``nit``, ``nfev``, ``success``, ``status``, ``message``, ``y`` (lower solution),
         ``oracle_calls``, ``history`` (per-iteration ``fun``, ``grad_norm``, ``time``).
     """
-    check_backend(backend)
+    if check_backend(backend, "minimize_bilevel") == "cuda":
+        raise cuda_not_implemented("minimize_bilevel")
     _check_problem(problem)
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))
@@ -300,7 +302,8 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         ``success``, ``status``, ``message``, ``oracle_calls`` per level and ``history``
         (per iteration: ``fun``, ``grad_norm``, ``time``, cumulative ``oracle_calls``).
     """
-    check_backend(backend)
+    if check_backend(backend, "minimize_multilevel") == "cuda":
+        raise cuda_not_implemented("minimize_multilevel")
     if not isinstance(problem, MultilevelProblem):
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")
@@ -526,7 +529,8 @@ class HyperObjective:
 
     def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
                  lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
-        check_backend(backend)
+        if check_backend(backend, "HyperObjective") == "cuda":
+            raise cuda_not_implemented("HyperObjective")
         _check_problem(problem)
         check_choice("method", method, ("cg", "direct", "neumann"))
         if problem.upper.value is None:

@@ -24,7 +24,8 @@ from ._kernels import stoch_implicit as _si
 from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
 from ._problem import Ball, BilevelProblem
 from ._results import status_message
-from ._validation import as_vector, check_backend, check_choice, check_int, check_positive
+from ._validation import (as_vector, check_backend, cuda_not_implemented, check_choice,
+                          check_int, check_positive)
 
 __all__ = ["Schedule", "METHODS", "STOCHASTIC_METHODS", "minimize_stochastic",
            "estimate_lipschitz"]
@@ -335,7 +336,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
                         f"{type(problem).__name__}")
-    check_backend(backend)
+    if check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
+        raise cuda_not_implemented("minimize_bilevel (stochastic methods)")
     check_choice("method", method, STOCHASTIC_METHODS)
     spec = METHODS[method]
     x = as_vector("x0", x0, problem.dx)

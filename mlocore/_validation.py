@@ -60,14 +60,22 @@ def check_choice(name: str, value, choices):
     return value
 
 
-def check_backend(backend):
-    """Resolve the backend. Only the CPU backend exists in this release."""
+def check_backend(backend, where="this function"):
+    """Resolve ``backend`` (None: the process-wide default, see :mod:`mlocore._config`) to
+    "cpu" or "cuda". "cuda" raises :class:`mlocore.cuda.CudaUnavailableError` where no GPU
+    (and no simulator) can run it: never a silent CPU run."""
     from . import _config
     if backend is None:
         backend = _config.get_backend()
     check_choice("backend", backend, ("cpu", "cuda"))
     if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' was requested, but mlocore's CUDA backend is not implemented in "
-            "this version; use backend='cpu' (nothing runs silently on the CPU instead)")
+        from .cuda._device import require_cuda
+        require_cuda(where)
     return backend
+
+
+def cuda_not_implemented(where):
+    """The error for an entry point that has no CUDA path yet (never a silent CPU run)."""
+    return NotImplementedError(
+        f"{where}: backend='cuda' is not implemented for this entry point yet (see README, "
+        "'CUDA backend', for what runs on the GPU); use backend='cpu'")

@@ -25,7 +25,8 @@ from ._callbacks import VEC, FnTuple, call_kernel, compile_callback
 from ._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from ._kernels import linalg as _k
 from ._results import linear_info_message
-from ._validation import as_vector, check_backend, check_int, check_positive
+from ._validation import (as_vector, check_backend, cuda_not_implemented, check_int,
+                          check_positive)
 
 __all__ = ["cg", "neumann", "solve_direct", "largest_eigenvalue"]
 
@@ -141,7 +142,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         0 converged; ``> 0`` iterations done when maxiter was reached; -1 breakdown
         (``p^T A p == 0`` or non-finite); -2 negative curvature (A not positive definite).
     """
-    check_backend(backend)
+    if check_backend(backend, "mlocore.linalg.cg") == "cuda":
+        raise cuda_not_implemented("mlocore.linalg.cg")
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
                                               lambda n: 10 * n)
     Mt, python_M = _preconditioner(M, op.n)
@@ -213,7 +215,8 @@ def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callb
     -------
     x, info (and an ``OptimizeResult`` with ``full_output``); info -3 means divergence.
     """
-    check_backend(backend)
+    if check_backend(backend, "mlocore.linalg.neumann") == "cuda":
+        raise cuda_not_implemented("mlocore.linalg.neumann")
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
                                               lambda n: max(100 * n, 10_000))
     if eta is None:
@@ -237,7 +240,8 @@ def solve_direct(A, b, *, args=(), full_output=False, backend=None):
     info -4 when A is not positive definite. Cost O(n^3): meant for small n and as the
     reference the iterative solvers are tested against.
     """
-    check_backend(backend)
+    if check_backend(backend, "mlocore.linalg.solve_direct") == "cuda":
+        raise cuda_not_implemented("mlocore.linalg.solve_direct")
     b = as_vector("b", b)
     op = _Operator(A, args, b.shape[0])
     if op.n != b.shape[0]:

@@ -1,5 +1,15 @@
 """Shared test problems. Callbacks are module-level ``@njit(cache=True)`` functions so that
-every test reuses one compilation (and CI's later runs load it from numba's disk cache)."""
+every test reuses one compilation (and CI's later runs load it from numba's disk cache).
+
+CUDA: the suite runs numba's CUDA simulator (set here, before numba is imported) unless
+``MLOCORE_TEST_GPU=1``, which runs the CUDA tests on the real GPU (README, "CUDA backend").
+Tests marked ``gpu`` need a real GPU and are skipped under the simulator.
+"""
+import os
+
+if os.environ.get("MLOCORE_TEST_GPU", "0") != "1":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
 import numpy as np
 import pytest
 from numba import njit
@@ -117,3 +127,13 @@ def _check_stochastic_convergence(res, q, bound):
 @pytest.fixture(scope="session")
 def check_stochastic_convergence():
     return _check_stochastic_convergence
+
+
+def pytest_collection_modifyitems(config, items):
+    from numba import config as numba_config
+    if not numba_config.ENABLE_CUDASIM:
+        return
+    skip = pytest.mark.skip(reason="needs a real GPU (run with MLOCORE_TEST_GPU=1 on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

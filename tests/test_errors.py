@@ -102,19 +102,6 @@ def test_bad_problem_definitions(q):
         mlo.Objective(quad_upper_grad, n_samples=0)
 
 
-def test_backend_switch(quad_problem):
-    x, y = np.zeros(3), np.zeros(6)
-    with pytest.raises(NotImplementedError, match="cuda"):
-        mlo.hypergrad(quad_problem, x, y, backend="cuda")
-    with pytest.raises(ValueError, match="backend"):
-        mlo.hypergrad(quad_problem, x, y, backend="tpu")
-    with mlo.backend("cuda"):
-        assert mlo.get_backend() == "cuda"
-        with pytest.raises(NotImplementedError):
-            mlo.hypergrad(quad_problem, x, y)  # never a silent CPU run
-    assert mlo.get_backend() == "cpu"
-
-
 def test_callback_that_raises(q):
     p = make(q, lower_grad=grad_raises)
     with pytest.raises(CallbackError, match="lower.grad raised ValueError"):

@@ -135,17 +135,21 @@ def _sample_affine(z, idx, U, W, C, a, b, ridge, lin):
         uy = 0.0
         for q in range(dy):
             uy += U[i, q] * z[dx + q]
-        for p in range(dx):
-            s = W[i, p] * wx + lin * b[i, p]
-            for q in range(dy):
-                s += C[i, p, q] * z[dx + q]
-            out[p] += s
         for q in range(dy):
             out[dx + q] += U[i, q] * uy + lin * a[i, q]
+        # one pass over the cross matrix C_i for both C_i y and C_i^T x
         for p in range(dx):
             xp = z[p]
-            for q in range(dy):
-                out[dx + q] += C[i, p, q] * xp
+            s = W[i, p] * wx + lin * b[i, p]
+            if xp != 0.0:
+                for q in range(dy):
+                    c = C[i, p, q]
+                    s += c * z[dx + q]
+                    out[dx + q] += c * xp
+            else:  # H (0, v): no C^T x term (the lower Hessian-vector products)
+                for q in range(dy):
+                    s += C[i, p, q] * z[dx + q]
+            out[p] += s
     scale = 1.0 / m if m > 0 else 0.0
     for j in range(dx + dy):
         out[j] = out[j] * scale + ridge * z[j]
