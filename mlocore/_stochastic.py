@@ -38,7 +38,7 @@ DEFAULT_BATCH = 64
 #: default number of step halvings after a divergence (``backtrack`` option)
 DEFAULT_BACKTRACK = 8
 #: an iterate norm above BLOWUP_FACTOR (1 + |z_0|) that also grew BLOWUP_GROWTH-fold since
-#: the previous checkpoint counts as divergence even while it is still finite
+#: the checkpoint at half the iterations counts as divergence while still finite
 BLOWUP_FACTOR = 1.0e3
 BLOWUP_GROWTH = 4.0
 SAMPLERS = {"uniform": _sk.UNIFORM, "batches": _sk.BATCHES}
@@ -311,6 +311,67 @@ def _batch_lipschitz(comp, x, y, batch_size, n, seed, n_batches=8, iters=20):
     return LIPSCHITZ_SAFETY * best
 
 
+def _norm(x, y):
+    with np.errstate(over="ignore"):  # |z| ~ 1e160 overflows |z|^2: inf is a blow-up too
+        return float(np.sqrt(x @ x + y @ y))
+
+
+class _Rewind:
+    """Saved kernel states for resuming after a divergence (``backtrack``).
+
+    The state at the last checkpoint and at the start are kept. A divergence resumes from
+    the last checkpoint; a second one before the next checkpoint means that state is
+    already spoiled (e.g. a penalty run off to where exp overflows on the next step), so
+    the run restarts from the start. Each resume follows a halving of the default steps.
+    """
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.reductions = 0
+        self.norms = []          # (iteration, |(x, y)|) per kept checkpoint
+        self.start = self.last = None
+        self.resumed = False     # a resume happened since the last checkpoint
+
+    def checkpoint(self, k, norm):
+        self.last = [a.copy() for a in self.arrays]
+        if self.start is None:
+            self.start = self.last
+        self.norms.append((k, norm))
+        self.resumed = False
+
+    @property
+    def n_checkpoints(self):
+        return len(self.norms)
+
+    def blown_up(self, norm, k):
+        """Growth without bound while still finite: ``|z|`` above ``BLOWUP_FACTOR (1 +
+        |z_0|)`` and ``BLOWUP_GROWTH`` times its value at the checkpoint nearest to k/2
+        (linear drift at most doubles over that span; geometric growth multiplies)."""
+        if not np.isfinite(norm):
+            return True
+        if norm <= BLOWUP_FACTOR * (1.0 + self.norms[0][1]):
+            return False
+        past = [nz for kk, nz in self.norms if 1 <= kk <= k / 2]
+        return bool(past) and 1.0 + norm > BLOWUP_GROWTH * (1.0 + past[-1])
+
+    def _put(self, saved):
+        for a, val in zip(self.arrays, saved):
+            a[...] = val
+
+    def restore(self):
+        """Resume after a step halving; returns the iteration resumed from."""
+        self.reductions += 1
+        if self.resumed:  # diverged again before any new checkpoint: go back to the start
+            del self.norms[1:]
+            self.last = self.start
+        self.resumed = True
+        self._put(self.last)
+        return self.norms[-1][0]
+
+    def restore_last(self):
+        self._put(self.last)
+
+
 def _reference_values(reference, x):
     out = {}
     if reference is None:
@@ -458,55 +519,42 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                            samp_u, samp_l, rng, proj, k0, n, counts)
 
     # Steps that came from the Lipschitz defaults are halved on divergence (up to
-    # ``backtrack`` times) and the run resumes from the last checkpoint; steps the user
-    # set are never changed.
+    # ``backtrack`` times) and the run resumes from a saved state; steps the user set are
+    # never changed. Everything a kernel call changes is saved, except the oracle counters
+    # (the wasted work stays counted, as does its time).
     halvable = [i for i, given in ((_sk.ALPHA0, step), (_sk.BETA0, inner_step),
                                    (_sk.ETA, neumann_step))
                 if given is None and fpar[i] > 0]
-    reductions = 0
-    # everything a kernel call changes, except the oracle counters (wasted work is counted)
-    mutable = (x, y, work, rng) + tuple(samp_u) + tuple(samp_l)
-
-    def snapshot():
-        return [a.copy() for a in mutable]
-
-    def restore(snap):
-        for a, saved in zip(mutable, snap):
-            a[...] = saved
-
-    def blown_up(prev_norm):
-        with np.errstate(over="ignore"):  # |z| ~ 1e160 overflows |z|^2: inf is a blow-up too
-            nz = float(np.sqrt(x @ x + y @ y))
-        return (nz > BLOWUP_FACTOR * (1.0 + norm0)
-                and 1.0 + nz > BLOWUP_GROWTH * (1.0 + prev_norm)), nz
+    rewind = _Rewind((x, y, work, rng) + tuple(samp_u) + tuple(samp_l))
 
     run(0, 0)  # compile (or load from the disk cache) outside the timed region
     checkpoint()
-    norm0 = prev_norm = float(np.sqrt(x @ x + y @ y))
-    saved = snapshot()
+    rewind.checkpoint(0, _norm(x, y))
     while k < maxiter:
         n = min(eval_every, maxiter - k)
         t0 = time.perf_counter()
         st, done = run(k, n)
         elapsed += time.perf_counter() - t0
-        exploded, nz = (False, prev_norm) if st != _sk.OK else blown_up(prev_norm)
-        if st != _sk.OK or exploded:
+        nz = _norm(x, y)
+        if st != _sk.OK or rewind.blown_up(nz, k + n):
             what = (f"non-finite iterate at iteration {k + int(done) + 1}" if st != _sk.OK
                     else f"|(x, y)| grew to {nz:.3g} by iteration {k + n}")
-            restore(saved)
-            if reductions < backtrack and halvable:
-                reductions += 1
+            if rewind.reductions < backtrack and halvable:
                 fpar[halvable] *= 0.5
+                k = rewind.restore()
+                for val in history.values():
+                    del val[rewind.n_checkpoints:]
                 continue
+            rewind.restore_last()
             status = 13
-            halved = (f"after {reductions} halvings of the default steps" if halvable
+            halved = (f"after {rewind.reductions} halvings of the default steps" if halvable
                       else "with the steps given")
-            detail = (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate (iteration {k}). Decrease "
-                      f"step / inner_step (now {fpar[_sk.ALPHA0]:.3g} / {fpar[_sk.BETA0]:.3g}).")
+            detail = (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate "
+                      f"(iteration {k}). Decrease step / inner_step (now "
+                      f"{fpar[_sk.ALPHA0]:.3g} / {fpar[_sk.BETA0]:.3g}).")
             break
         k += n
-        prev_norm = nz
-        saved = snapshot()
+        rewind.checkpoint(k, nz)
         checkpoint()
         if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
             status = 0
@@ -524,6 +572,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                 break
     if status == 20 and tol is not None:
         status = 10
+    reductions = rewind.reductions
     if reductions and status != 13:
         detail = (f"The default steps were halved {reductions} time(s) after divergence "
                   f"(res.steps holds the final ones).")

@@ -396,3 +396,24 @@ def test_inputs_are_not_modified(q):
     mlo.minimize_bilevel(q.stochastic_problem, x0, y0, method="stocbio", batch_size=8,
                          maxiter=5, seed=0, step=0.01, inner_step=0.1)
     assert np.all(x0 == 1.0) and np.all(y0 == 1.0)
+
+
+def test_rewind_resumes_from_last_checkpoint_then_from_the_start():
+    from mlocore._stochastic import _Rewind
+    state = np.zeros(3)
+    rw = _Rewind((state,))
+    rw.checkpoint(0, 0.0)
+    state[:] = 1.0
+    rw.checkpoint(10, 1.7)
+    state[:] = np.nan                     # diverged in the next chunk
+    assert rw.restore() == 10 and np.all(state == 1.0) and rw.reductions == 1
+    state[:] = np.inf                     # again, before any new checkpoint: spoiled state
+    assert rw.restore() == 0 and np.all(state == 0.0) and rw.reductions == 2
+    assert rw.n_checkpoints == 1          # the driver truncates its history to match
+    # growth test: |z| must exceed 1e3 (1 + |z_0|) and 4x its value near half the run
+    rw.checkpoint(10, 50.0)
+    rw.checkpoint(20, 900.0)
+    assert not rw.blown_up(999.0, 30)     # below the absolute threshold
+    assert rw.blown_up(5000.0, 30)        # > 4 x (1 + 50) at the checkpoint of iteration 10
+    assert not rw.blown_up(3000.0, 40)    # < 4 x (1 + 900) at iteration 20: linear drift
+    assert rw.blown_up(np.inf, 40)
