@@ -12,7 +12,7 @@ from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
                        status_message)
-from ._validation import (as_vector, check_backend, cuda_not_implemented, check_choice,
+from ._validation import (as_vector, check_backend, check_choice,
                           check_int, check_positive)
 
 __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
@@ -78,8 +78,10 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
         ``y``, ``success``, ``status``, ``message``, ``nit``, ``grad_norm``, ``step``,
         ``oracle_calls``.
     """
-    if check_backend(backend, "solve_lower") == "cuda":
-        raise cuda_not_implemented("solve_lower")
+    if getattr(problem, "on_device", False) or check_backend(backend, "solve_lower") == "cuda":
+        from .cuda._implicit import solve_lower as _solve_lower_cuda  # DeviceBilevelProblem
+        return _solve_lower_cuda(problem, x, y0, method=method, tol=tol, maxiter=maxiter,
+                                 step=step, backend=backend)
     _check_problem(problem)
     x = as_vector("x", x, problem.dx)
     y0 = as_vector("y0", y0, problem.dy)
@@ -146,8 +148,13 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         ``grad``, ``y`` (the lower point used), ``v``, ``fun``, ``success``, ``message``,
         ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
     """
-    if check_backend(backend, "hypergrad") == "cuda":
-        raise cuda_not_implemented("hypergrad")
+    if getattr(problem, "on_device", False) or check_backend(backend, "hypergrad") == "cuda":
+        from .cuda._implicit import hypergrad as _hypergrad_cuda  # DeviceBilevelProblem
+        return _hypergrad_cuda(problem, x, y, method, tol=tol, atol=atol, maxiter=maxiter,
+                               v0=v0, eta=eta, lower_solved=lower_solved,
+                               lower_method=lower_method, lower_tol=lower_tol,
+                               lower_maxiter=lower_maxiter, lower_step=lower_step,
+                               backend=backend, T=T, K=K, step=step, fd_step=fd_step)
     unrolled = method is not None and method.startswith("itd")
     if isinstance(problem, MultilevelProblem):
         _reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,

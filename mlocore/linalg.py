@@ -112,7 +112,7 @@ def _run(core, op, callback, *rest):
 
 
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, args=(),
-       full_output=False, backend=None):
+       full_output=False, backend=None, output="numpy"):
     """Conjugate gradient for symmetric positive definite A (scipy-compatible).
 
     Parameters
@@ -134,6 +134,15 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         ``callback(xk)`` after each iteration (forces the interpreted path).
     full_output : bool
         Also return an ``OptimizeResult`` with ``nit``, ``residual_norm``, ``n_matvec``.
+    backend : {"cpu", "cuda"}, optional
+        Default: the process-wide one (:func:`mlocore.set_backend`). "cuda" runs the solver
+        as fused numba.cuda kernels (:mod:`mlocore.cuda._linalg`): A is then a 2-D array
+        (copied to the device once) or a device callback ``matvec(p, out, *args)`` writing
+        A p into the device array ``out``; b and x0 may be device arrays. The result also
+        reports ``transfers`` (host/device copies, counted).
+    output : {"numpy", "device"}
+        With backend "cuda": return x as a NumPy array (one counted copy) or leave it on
+        the device.
 
     Returns
     -------
@@ -142,8 +151,11 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         0 converged; ``> 0`` iterations done when maxiter was reached; -1 breakdown
         (``p^T A p == 0`` or non-finite); -2 negative curvature (A not positive definite).
     """
-    if check_backend(backend, "mlocore.linalg.cg") == "cuda":
-        raise cuda_not_implemented("mlocore.linalg.cg")
+    if check_backend(backend, "mlocore.linalg.cg") == "cuda" or output != "numpy":
+        from .cuda import _linalg as _cuda  # output="device" needs backend="cuda" (checked)
+        _cuda.check_output(output, check_backend(backend, "mlocore.linalg.cg"))
+        return _cuda.cg(A, b, x0, rtol=rtol, atol=atol, maxiter=maxiter, M=M,
+                        callback=callback, args=args, full_output=full_output, output=output)
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
                                               lambda n: 10 * n)
     Mt, python_M = _preconditioner(M, op.n)
@@ -196,7 +208,7 @@ def largest_eigenvalue(A, n=None, *, iters=None, args=()):
 
 
 def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callback=None,
-            args=(), full_output=False, backend=None):
+            args=(), full_output=False, backend=None, output="numpy"):
     """Neumann series ``eta * sum_{q=0}^{k-1} (I - eta A)^q b`` for SPD A (matrix-free).
 
     Written as Richardson iteration ``x <- x + eta (b - A x)``, which from ``x0 = 0`` gives
@@ -215,8 +227,12 @@ def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callb
     -------
     x, info (and an ``OptimizeResult`` with ``full_output``); info -3 means divergence.
     """
-    if check_backend(backend, "mlocore.linalg.neumann") == "cuda":
-        raise cuda_not_implemented("mlocore.linalg.neumann")
+    if check_backend(backend, "mlocore.linalg.neumann") == "cuda" or output != "numpy":
+        from .cuda import _linalg as _cuda  # output="device" needs backend="cuda" (checked)
+        _cuda.check_output(output, check_backend(backend, "mlocore.linalg.neumann"))
+        return _cuda.neumann(A, b, x0, eta=eta, rtol=rtol, atol=atol, maxiter=maxiter,
+                             callback=callback, args=args, full_output=full_output,
+                             output=output)
     op, b, x0, rtol, atol, maxiter = _prepare(A, b, x0, args, maxiter, rtol, atol,
                                               lambda n: max(100 * n, 10_000))
     if eta is None:

@@ -2,16 +2,27 @@
 
 Two modes (issue 5, DESIGN.md "Layers"):
 
-* one large problem: vectors stay on the device for the whole solve; user callbacks take
-  and write device arrays (:mod:`mlocore.cuda._device` counts every host/device copy);
-* many small problems at once: one thread block per problem, user callbacks are
-  ``cuda.jit(device=True)`` functions.
+* one large problem (:class:`DeviceBilevelProblem`): vectors stay on the device for the
+  whole solve; user callbacks take and write device arrays; ``mlocore.hypergrad``,
+  ``mlocore.solve_lower`` and ``mlocore.linalg.cg`` / ``neumann`` run fused kernels;
+* many small problems at once (:class:`BatchedBilevelProblem`): one thread block per
+  problem, user callbacks are ``cuda.jit(device=True)`` functions computing one component.
 
-Kernels are tested under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``) in CI and on a real
-GPU where one is available (README, "CUDA backend").
+Every host/device copy is counted (:class:`Transfers`, ``res.transfers``). Kernels are tested
+under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``) in CI and on a real GPU with
+``MLOCORE_TEST_GPU=1`` (README, "CUDA backend").
 """
 from ._device import (CudaUnavailableError, Transfers, cuda_available, device_info,
                       is_device_array, require_cuda, simulator_enabled, to_device, to_host)
+from ._problem import DeviceBilevelProblem, DeviceObjective
+from ._implicit import hypergrad, solve_lower
+from ._linalg import cg_device, neumann_device, power_iteration_device
+from ._batched import (BatchedBilevelProblem, batched_hypergrad, batched_minimize,
+                       batched_shared_bytes)
 
 __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "device_info",
-           "is_device_array", "require_cuda", "simulator_enabled", "to_device", "to_host"]
+           "is_device_array", "require_cuda", "simulator_enabled", "to_device", "to_host",
+           "DeviceBilevelProblem", "DeviceObjective", "hypergrad", "solve_lower",
+           "cg_device", "neumann_device", "power_iteration_device",
+           "BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
+           "batched_shared_bytes"]

@@ -1,0 +1,238 @@
+"""Problems of the CUDA backend's "one large problem" mode: objectives with device callbacks.
+
+A :class:`DeviceObjective` mirrors :class:`mlocore.Objective` (DESIGN.md, "What a user
+writes"), with callbacks that work on device arrays and write their results in place:
+
+    grad(z, out, *args)       out <- gradient over the joint vector z = concat(x, y)
+    hvp(z, v, out, *args)     out <- Hessian over z times v
+    value(z, *args) -> float  (optional)
+
+Callbacks are plain Python functions that launch kernels (``kernel[blocks, threads](...)``);
+they must not modify z or v. ``args`` are device arrays (host arrays are copied to the device
+once, at construction, and counted in ``transfers``) or scalars.
+
+:class:`DeviceOracle` is the solvers' view of one objective: counted calls (the same counter
+slots as the CPU kernels, :mod:`mlocore._kernels.oracles`), errors that name the callback, the
+first-point check, and central-difference Hessian-vector products when ``hvp`` is absent.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .._callbacks import CallbackError
+from .._config import FD_REL_STEP
+from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE, UPPER_GRAD, UPPER_HVP,
+                                UPPER_VALUE)
+from . import _linalg as dl
+from ._device import Transfers
+
+__all__ = ["DeviceObjective", "DeviceBilevelProblem", "DeviceOracle"]
+
+
+class DeviceObjective:
+    """One level's objective, defined by device callbacks over the joint vector z.
+
+    Parameters
+    ----------
+    grad : callable
+        ``grad(z, out, *args)``: writes the gradient over all of z into the device array
+        ``out`` (shape ``z.shape``); returns nothing.
+    hvp : callable, optional
+        ``hvp(z, v, out, *args)``: writes the Hessian (over z) times v into ``out``. When
+        absent, products are central differences of ``grad`` (two gradient calls and one
+        counted read-back of ``|z|, |v|`` each), as on the CPU.
+    value : callable, optional
+        ``value(z, *args) -> float`` (reported as ``fun``); its read-back is the callback's
+        own business and is not counted.
+    args : tuple
+        Device arrays (used in place), host arrays (copied once here, counted in
+        :attr:`transfers`) or scalars, passed after the vectors.
+
+    Notes
+    -----
+    Callbacks run on the host and launch kernels: they must give every launch an explicit
+    grid, keep float64, and not read z back to the host (that would defeat the device mode;
+    such reads are not counted).
+    """
+
+    def __init__(self, grad, hvp=None, value=None, args=()):
+        for name, fn in (("grad", grad), ("hvp", hvp), ("value", value)):
+            if fn is None and name != "grad":
+                continue
+            if not callable(fn):
+                raise TypeError(f"DeviceObjective {name} must be callable, got "
+                                f"{type(fn).__name__}")
+        self.grad, self.hvp, self.value = grad, hvp, value
+        self.transfers = Transfers()
+        self._args = dl.device_args(args, self.transfers, "DeviceObjective")
+
+    @property
+    def args(self):
+        """The callbacks' extra arguments, on the device (read-only)."""
+        return self._args
+
+    def __repr__(self):
+        parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
+        for name in ("hvp", "value"):
+            fn = getattr(self, name)
+            if fn is not None:
+                parts.append(f"{name}={getattr(fn, '__name__', fn)!s}")
+        return f"DeviceObjective({', '.join(parts)})"
+
+
+class DeviceBilevelProblem:
+    """``min_x f(x, y*(x))``, ``y*(x) = argmin_y g(x, y)``, with device callbacks.
+
+    Parameters
+    ----------
+    upper, lower : DeviceObjective
+        f and g over the joint vector z of size ``dx + dy``.
+    dims : tuple of int
+        ``(dx, dy)``.
+
+    Notes
+    -----
+    As :class:`mlocore.BilevelProblem`: ``g(x, .)`` must be strongly convex (ALGORITHMS.md
+    section 1). No bounds or projection yet (the drivers are CPU only). The callbacks are
+    checked once, at the first point a solver sees (errors name the callback).
+    """
+
+    #: routes :func:`mlocore.hypergrad` and :func:`mlocore.solve_lower` to the CUDA backend
+    on_device = True
+
+    def __init__(self, upper, lower, dims):
+        if not isinstance(upper, DeviceObjective) or not isinstance(lower, DeviceObjective):
+            raise TypeError("upper and lower must be DeviceObjective instances (device "
+                            f"callbacks), got {type(upper).__name__} and "
+                            f"{type(lower).__name__}")
+        try:
+            dx, dy = dims
+        except (TypeError, ValueError):
+            raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
+        for name, d in (("dx", dx), ("dy", dy)):
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"dims must be positive integers, got {name}={d!r}")
+        self.upper, self.lower = upper, lower
+        self.dx, self.dy = int(dx), int(dy)
+        self.dims = (self.dx, self.dy)
+        self._checked = False
+
+    @property
+    def transfers(self) -> dict:
+        """Host -> device copies made at construction (both objectives' args)."""
+        u, lo = self.upper.transfers.as_dict(), self.lower.transfers.as_dict()
+        return {k: u[k] + lo[k] for k in u}
+
+    def __repr__(self):
+        return (f"DeviceBilevelProblem(dims={self.dims}, upper={self.upper!r}, "
+                f"lower={self.lower!r})")
+
+
+_SLOTS = {"upper": (UPPER_GRAD, UPPER_HVP, UPPER_VALUE),
+          "lower": (LOWER_GRAD, LOWER_HVP, LOWER_VALUE)}
+
+
+class DeviceOracle:
+    """Counted, error-wrapped calls of one objective's device callbacks.
+
+    Parameters
+    ----------
+    objective : DeviceObjective
+    role : {"upper", "lower"}
+    counts : ndarray of int64
+        The oracle counters (:func:`mlocore._results.new_counts`), incremented per call.
+    counter : Transfers
+        Counts the read-backs made here (difference HVPs, checks).
+    n : int
+        Size of z.
+    """
+
+    def __init__(self, objective, role, counts, counter, n):
+        self.obj, self.role, self.counts, self.counter, self.n = \
+            objective, role, counts, counter, int(n)
+        self.slot_grad, self.slot_hvp, self.slot_value = _SLOTS[role]
+        self.has_hvp = objective.hvp is not None
+        self.has_value = objective.value is not None
+        self._fd = None  # work vectors of difference HVPs, allocated on first use
+
+    def _call(self, name, fn, *vecs):
+        try:
+            return fn(*vecs, *self.obj.args)
+        except CallbackError:
+            raise
+        except Exception as exc:
+            raise CallbackError(f"callback {self.role}.{name} raised {type(exc).__name__}: "
+                                f"{exc}") from exc
+
+    def grad(self, z, out):
+        """``out <- grad(z)``."""
+        self.counts[self.slot_grad] += 1
+        self._call("grad", self.obj.grad, z, out)
+
+    def value(self, z) -> float:
+        self.counts[self.slot_value] += 1
+        f = self._call("value", self.obj.value, z)
+        try:
+            return float(f)
+        except (TypeError, ValueError):
+            raise CallbackError(f"callback {self.role}.value returned {type(f).__name__}; "
+                                "expected a real number") from None
+
+    def hvp(self, z, v, out):
+        """``out <- H(z) v``: the callback, or central differences of grad with step
+        ``FD_REL_STEP (1 + |z|) / |v|`` (as the CPU's ``hvp_of``)."""
+        if self.has_hvp:
+            self.counts[self.slot_hvp] += 1
+            self._call("hvp", self.obj.hvp, z, v, out)
+            return
+        if self._fd is None:
+            self._fd = (dl.Scalars(self.counter), dl.empty(self.n), dl.empty(self.n),
+                        dl.empty(self.n))
+        scalars, zs, gp, gm = self._fd
+        scalars.dot(z, z, dl.S_AUX)
+        scalars.dot(v, v, dl.S_AUX2)
+        s = scalars.read()
+        vn = math.sqrt(s[dl.S_AUX2])
+        if vn == 0.0:
+            dl.fill(out, 0.0)
+            return
+        eps = FD_REL_STEP * (1.0 + math.sqrt(s[dl.S_AUX])) / vn
+        self.counts[self.slot_grad] += 2
+        dl.axpy_into(zs, z, eps, v)
+        self._call("grad", self.obj.grad, zs, gp)
+        dl.axpy_into(zs, z, -eps, v)
+        self._call("grad", self.obj.grad, zs, gm)
+        dl.difference_quotient(out, gp, gm, 2.0 * eps)
+
+    def check_at(self, z):
+        """Call each callback once at z and require finite results (clear errors early).
+
+        The direction of the hvp check is the power iteration's start vector, made on the
+        device; each check reads back one scalar (``sum |out|``), counted.
+        """
+        scalars = dl.Scalars(self.counter)
+        out = dl.empty(self.n)
+        dl.fill(out, np.nan)  # a callback that leaves entries unwritten is caught too
+        self._call("grad", self.obj.grad, z, out)
+        self._require_finite("grad", out, scalars)
+        if self.has_hvp:
+            v = dl.start_vector(self.n)
+            dl.fill(out, np.nan)
+            self._call("hvp", self.obj.hvp, z, v, out)
+            self._require_finite("hvp", out, scalars)
+        if self.has_value:
+            f = self._call("value", self.obj.value, z)
+            if not isinstance(f, numbers.Real) or not np.isfinite(f):
+                raise CallbackError(f"callback {self.role}.value returned {f!r} at the initial "
+                                    "point; expected a finite number")
+
+    def _require_finite(self, name, out, scalars):
+        scalars.abs_sum(out, dl.S_AUX)
+        total = scalars.read()[dl.S_AUX]
+        if not np.isfinite(total):
+            raise CallbackError(f"callback {self.role}.{name} wrote non-finite values (NaN or "
+                                "inf, or left entries of out unwritten) at the initial point; "
+                                f"expected finite values in all {self.n} entries of out")

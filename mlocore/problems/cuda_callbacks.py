@@ -1,0 +1,256 @@
+"""Device callbacks of the problem library (CUDA backend, "one large problem" mode).
+
+The deterministic quadratic of :mod:`mlocore.problems.quadratic` and the logistic
+hyperparameter problem of :mod:`mlocore.problems.logistic`, as
+:class:`mlocore.cuda.DeviceObjective` callbacks (``grad(z, out, *args)``,
+``hvp(z, v, out, *args)``, ``value(z, *args)``) with the same formulas and, where the
+summation is sequential on the CPU, the same order of operations (one thread per output
+entry). Builders put the data on the device once:
+
+    quadratic_device_problem(q)   # q = make_quadratic(...): the means of q.problem
+    logistic_device_problem(lh)   # lh = make_logistic(...): the data of lh.problem
+
+Value callbacks reduce on the device and read back one scalar (not counted in any
+``transfers``: a value callback has no counter; the solvers call it once per hypergradient).
+"""
+from __future__ import annotations
+
+import math
+
+from numba import cuda
+
+from ..cuda import _linalg as dl
+from ..cuda._device import Transfers
+from ..cuda._problem import DeviceBilevelProblem, DeviceObjective
+
+__all__ = ["quad_grad_device", "quad_hvp_device", "quad_value_device",
+           "logistic_lower_grad_device", "logistic_lower_hvp_device",
+           "logistic_lower_value_device", "logistic_upper_grad_device",
+           "logistic_upper_hvp_device", "logistic_upper_value_device",
+           "quadratic_device_problem", "logistic_device_problem"]
+
+_TPB = dl.THREADS_PER_BLOCK
+
+
+def _launch(kernel, n, *args):
+    kernel[dl.grid_for(n), _TPB](*args)
+
+
+def _reduce_to_host(terms) -> float:
+    scalars = dl.Scalars(Transfers())
+    scalars.sum(terms, dl.S_AUX)
+    return float(scalars.read()[dl.S_AUX])
+
+
+# ---------------------------------------------------------------------------------------
+# Quadratic: phi(x, y) = y.A y/2 + x.B x/2 + x.C y + a.y + b.x, z = (x, y); args (A,B,C,a,b)
+# ---------------------------------------------------------------------------------------
+@cuda.jit
+def _quad_affine_kernel(z, A, B, C, a, b, lin, out):
+    """out = (B x + C y + lin b, A y + C^T x + lin a) for z = (x, y): the CPU
+    ``_quad_affine`` with its summation order, one thread per entry."""
+    dx = B.shape[0]
+    dy = A.shape[0]
+    for i in range(cuda.grid(1), dx + dy, cuda.gridsize(1)):
+        if i < dx:
+            s = lin * b[i]
+            for q in range(dx):
+                s += B[i, q] * z[q]
+            for q in range(dy):
+                s += C[i, q] * z[dx + q]
+        else:
+            q = i - dx
+            s = lin * a[q]
+            for r in range(dy):
+                s += A[q, r] * z[dx + r]
+            for p in range(dx):
+                s += C[p, q] * z[p]
+        out[i] = s
+
+
+@cuda.jit
+def _quad_value_terms_kernel(z, A, B, C, a, b, terms):
+    """Per-entry terms of the CPU ``quad_value`` (their sum is the value)."""
+    dx = B.shape[0]
+    dy = A.shape[0]
+    for i in range(cuda.grid(1), dx + dy, cuda.gridsize(1)):
+        if i < dx:
+            xp = z[i]
+            t = 0.5 * B[i, i] * xp + b[i]
+            for q in range(i + 1, dx):
+                t += B[i, q] * z[q]
+            for q in range(dy):
+                t += C[i, q] * z[dx + q]
+            terms[i] = xp * t
+        else:
+            q = i - dx
+            yq = z[i]
+            t = 0.5 * A[q, q] * yq + a[q]
+            for r in range(q + 1, dy):
+                t += A[q, r] * z[dx + r]
+            terms[i] = yq * t
+
+
+def quad_grad_device(z, out, A, B, C, a, b):
+    """Gradient over z = (x, y) of y.A y/2 + x.B x/2 + x.C y + a.y + b.x, into out."""
+    _launch(_quad_affine_kernel, out.shape[0], z, A, B, C, a, b, 1.0, out)
+
+
+def quad_hvp_device(z, v, out, A, B, C, a, b):
+    """Hessian [[B, C], [C^T, A]] times v, into out (independent of z)."""
+    _launch(_quad_affine_kernel, out.shape[0], v, A, B, C, a, b, 0.0, out)
+
+
+def quad_value_device(z, A, B, C, a, b):
+    """y.A y/2 + x.B x/2 + x.C y + a.y + b.x (one scalar read back)."""
+    terms = dl.empty(z.shape[0])
+    _launch(_quad_value_terms_kernel, z.shape[0], z, A, B, C, a, b, terms)
+    return _reduce_to_host(terms)
+
+
+def quadratic_device_problem(q):
+    """The deterministic :class:`~mlocore.problems.quadratic.QuadraticBilevel` ``q.problem``
+    as a :class:`~mlocore.cuda.DeviceBilevelProblem` (its mean matrices copied to the device
+    once: ten host -> device copies, in ``problem.transfers``)."""
+    def objective(means):
+        return DeviceObjective(quad_grad_device, hvp=quad_hvp_device, value=quad_value_device,
+                               args=tuple(means))
+    return DeviceBilevelProblem(objective(q.upper_means), objective(q.lower_means),
+                                dims=(q.dx, q.dy))
+
+
+# ---------------------------------------------------------------------------------------
+# Logistic: z = (lam, w); args (X, t, work) with work a device vector of length n_samples
+# ---------------------------------------------------------------------------------------
+_GRAD, _HVP, _VALUE = 0, 1, 2          # per-sample quantity
+_NO_PENALTY, _PENALTY_GRAD, _PENALTY_HVP = 0, 1, 2
+
+
+@cuda.jit(device=True)
+def _sigmoid(m):
+    if m >= 0.0:
+        return 1.0 / (1.0 + math.exp(-m))
+    e = math.exp(m)
+    return e / (1.0 + e)
+
+
+@cuda.jit(device=True)
+def _softplus(m):
+    if m > 0.0:
+        return m + math.log1p(math.exp(-m))
+    return math.log1p(math.exp(m))
+
+
+@cuda.jit
+def _logistic_samples_kernel(X, t, z, v, quantity, work):
+    """Per sample i, with m_i = X_i . w: ``(s_i - t_i) / n`` (gradient), ``s_i (1 - s_i)
+    (X_i . v_w) / n`` (Hessian product) or ``softplus(m_i) - t_i m_i`` (value)."""
+    n, d = X.shape
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        m = 0.0
+        for j in range(d):
+            m += X[i, j] * z[d + j]
+        if quantity == _GRAD:
+            work[i] = (_sigmoid(m) - t[i]) / n
+        elif quantity == _HVP:
+            s = _sigmoid(m)
+            xv = 0.0
+            for j in range(d):
+                xv += X[i, j] * v[d + j]
+            work[i] = s * (1.0 - s) * xv / n
+        else:
+            work[i] = _softplus(m) - t[i] * m
+
+
+@cuda.jit
+def _logistic_features_kernel(X, z, v, work, penalty, out):
+    """Per entry of z = (lam, w): ``X^T work`` on the w block, plus the penalty
+    ``1/2 sum_j exp(lam_j) w_j^2``'s gradient or Hessian product (or nothing)."""
+    n, d = X.shape
+    for k in range(cuda.grid(1), 2 * d, cuda.gridsize(1)):
+        j = k % d
+        e = math.exp(z[j]) if penalty != _NO_PENALTY else 0.0
+        w = z[d + j]
+        if k < d:
+            if penalty == _PENALTY_GRAD:
+                out[k] = 0.5 * e * w * w
+            elif penalty == _PENALTY_HVP:
+                out[k] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
+            else:
+                out[k] = 0.0
+        else:
+            s = 0.0
+            for i in range(n):
+                s += work[i] * X[i, j]
+            if penalty == _PENALTY_GRAD:
+                s += e * w
+            elif penalty == _PENALTY_HVP:
+                s += e * w * v[j] + e * v[d + j]
+            out[k] = s
+
+
+def _logistic_apply(z, v, out, X, t, work, quantity, penalty):
+    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, v, quantity, work)
+    _launch(_logistic_features_kernel, out.shape[0], X, z, v, work, penalty, out)
+
+
+def logistic_lower_grad_device(z, out, X, t, work):
+    """Gradient over z = (lam, w) of the training log-loss + 1/2 sum_j exp(lam_j) w_j^2."""
+    _logistic_apply(z, z, out, X, t, work, _GRAD, _PENALTY_GRAD)
+
+
+def logistic_lower_hvp_device(z, v, out, X, t, work):
+    """Hessian of the lower objective over z = (lam, w) times v (cross terms included)."""
+    _logistic_apply(z, v, out, X, t, work, _HVP, _PENALTY_HVP)
+
+
+def logistic_upper_grad_device(z, out, X, t, work):
+    """Gradient over z of the validation log-loss (zero on lam)."""
+    _logistic_apply(z, z, out, X, t, work, _GRAD, _NO_PENALTY)
+
+
+def logistic_upper_hvp_device(z, v, out, X, t, work):
+    """Hessian of the validation log-loss over z times v."""
+    _logistic_apply(z, v, out, X, t, work, _HVP, _NO_PENALTY)
+
+
+def _mean_log_loss(z, X, t, work):
+    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, z, _VALUE, work)
+    return _reduce_to_host(work) / X.shape[0]
+
+
+@cuda.jit
+def _penalty_terms_kernel(z, d, terms):
+    for j in range(cuda.grid(1), d, cuda.gridsize(1)):
+        w = z[d + j]
+        terms[j] = math.exp(z[j]) * w * w
+
+
+def logistic_upper_value_device(z, X, t, work):
+    """Validation log-loss (one scalar read back)."""
+    return _mean_log_loss(z, X, t, work)
+
+
+def logistic_lower_value_device(z, X, t, work):
+    """Training log-loss plus 1/2 sum_j exp(lam_j) w_j^2 (two scalars read back)."""
+    d = X.shape[1]
+    terms = dl.empty(d)
+    _launch(_penalty_terms_kernel, d, z, d, terms)
+    return _mean_log_loss(z, X, t, work) + 0.5 * _reduce_to_host(terms)
+
+
+def logistic_device_problem(lh):
+    """The deterministic :class:`~mlocore.problems.logistic.LogisticHyperparameter`
+    ``lh.problem`` as a :class:`~mlocore.cuda.DeviceBilevelProblem` (training and validation
+    data copied to the device once: four host -> device copies, in ``problem.transfers``;
+    plus one work vector per level, allocated on the device)."""
+    def objective(grad, hvp, value, X, t):
+        return DeviceObjective(grad, hvp=hvp, value=value,
+                               args=(X, t, dl.empty(X.shape[0])))
+    d = lh.n_features
+    return DeviceBilevelProblem(
+        upper=objective(logistic_upper_grad_device, logistic_upper_hvp_device,
+                        logistic_upper_value_device, lh.X_val, lh.t_val),
+        lower=objective(logistic_lower_grad_device, logistic_lower_hvp_device,
+                        logistic_lower_value_device, lh.X_train, lh.t_train),
+        dims=(d, d))
