@@ -177,10 +177,17 @@ def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
         gsq = h.get("grad_mapping_sq", h.get("grad_norm_sq"))
         print(f"  {name:<14}{h['F'][0]:10.5f}{h['F'][-1]:10.5f}{gsq[-1]:12.2e}"
               f"{_fmt_time(res.time):>12}{sum(res.oracle_samples.values()):10d}  "
-              f"{'ok' if res.success else res.message[:60]}  ({t_all:.1f} s with compile "
+              f"{_run_status(res)}  ({t_all:.1f} s with compile "
               f"and checkpoints)")
     print("  (|grad F|^2 is the projected-gradient mapping |x - P(x - grad F)|^2; loop time "
           "excludes compiling and the reference evaluations)")
+
+
+def _run_status(res):
+    if not res.success:
+        return res.message[:60]
+    halved = res.get("step_reductions", 0)
+    return f"ok (default steps halved {halved}x)" if halved else "ok"
 
 
 if __name__ == "__main__":
