@@ -219,8 +219,14 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         ``nit``, ``nfev``, ``success``, ``status``, ``message``, ``y`` (lower solution),
         ``oracle_calls``, ``history`` (per-iteration ``fun``, ``grad_norm``, ``time``).
     """
-    if check_backend(backend, "minimize_bilevel") == "cuda":
-        raise cuda_not_implemented("minimize_bilevel")
+    if getattr(problem, "on_device", False) or \
+            check_backend(backend, "minimize_bilevel") == "cuda":  # DeviceBilevelProblem
+        from .cuda._minimize import minimize_bilevel as _minimize_cuda
+        return _minimize_cuda(problem, x0, y0, method, step=step, maxiter=maxiter, tol=tol,
+                              callback=callback, lower_method=lower_method,
+                              lower_tol=lower_tol, lower_maxiter=lower_maxiter,
+                              lower_step=lower_step, lin_tol=lin_tol, lin_maxiter=lin_maxiter,
+                              T=T, K=K, inner_step=inner_step, backend=backend)
     _check_problem(problem)
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))

@@ -85,7 +85,6 @@ def test_switch_function_and_context_manager():
 def test_entry_points_without_a_cuda_path_refuse(quad_problem):
     x, y = np.zeros(3), np.zeros(6)
     calls = {
-        "minimize_bilevel": lambda: mlo.minimize_bilevel(quad_problem, x, y, backend="cuda"),
         "HyperObjective": lambda: mlo.HyperObjective(quad_problem, y, backend="cuda"),
         "solve_direct": lambda: mlo.linalg.solve_direct(np.eye(2), np.ones(2),
                                                         backend="cuda"),
@@ -95,7 +94,20 @@ def test_entry_points_without_a_cuda_path_refuse(quad_problem):
                                                       "implemented"):
             call()
     with mlo.backend("cuda"), pytest.raises(NotImplementedError):
-        mlo.minimize_bilevel(quad_problem, x, y)  # the default applies too
+        mlo.HyperObjective(quad_problem, y)  # the process-wide default applies too
+
+
+def test_cpu_callbacks_on_cuda_need_device_callbacks(quad_problem):
+    """A BilevelProblem of @njit callbacks cannot run on the device: a TypeError that points
+    to DeviceBilevelProblem, never a silent CPU run."""
+    x, y = np.zeros(3), np.zeros(6)
+    for call in (lambda: mlo.hypergrad(quad_problem, x, y, backend="cuda"),
+                 lambda: mlo.solve_lower(quad_problem, x, y, backend="cuda"),
+                 lambda: mlo.minimize_bilevel(quad_problem, x, y, backend="cuda")):
+        with pytest.raises(TypeError, match="device callbacks"):
+            call()
+    with mlo.backend("cuda"), pytest.raises(TypeError, match="device callbacks"):
+        mlo.hypergrad(quad_problem, x, y)
 
 
 def test_transfers_are_explicit_and_counted():

@@ -33,7 +33,7 @@ __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
 
 LOWER_METHODS = ("newton-cg", "agd", "gd")
 HYPERGRAD_METHODS = ("cg", "neumann")
-_CPU_ONLY_METHODS = ("direct", "itd-forward", "itd-reverse")
+_CPU_ONLY_METHODS = ("direct",)
 
 
 def check_problem_backend(problem, backend, where):
@@ -299,8 +299,9 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     x, y, v0 : ndarray or device array
         Host arrays are validated and copied once each (counted); device arrays are used in
         place and never modified.
-    method : {"cg", "neumann"}
-        ALGORITHMS.md section 1; "direct" and the unrolled methods run on the CPU only.
+    method : {"cg", "neumann", "itd-reverse", "itd-forward"}
+        ALGORITHMS.md sections 1-2 (the unrolled methods, with options T, K and step, run
+        :func:`mlocore.cuda._unrolled.unrolled_hypergrad`); "direct" runs on the CPU only.
     output : {"numpy", "device"}
         Type of ``grad``, ``y`` and ``v`` (x is returned as given).
     Other parameters as :func:`mlocore.hypergrad`.
@@ -315,6 +316,20 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     check_problem_backend(problem, backend, "hypergrad")
     dl.check_output(output, "cuda")
     method = "cg" if method is None else method
+    if method in ("itd-reverse", "itd-forward"):  # unrolled: mlocore.cuda._unrolled
+        from .._hypergrad import _reject_unused
+        from ._unrolled import unrolled_hypergrad
+        _reject_unused(method, fd_step=unused.get("fd_step") is not None,
+                       v0=v0 is not None, eta=eta is not None, maxiter=maxiter is not None,
+                       lower_solved=bool(lower_solved), lower_tol=lower_tol is not None,
+                       lower_maxiter=lower_maxiter is not None,
+                       lower_step=lower_step is not None,
+                       lower_method=lower_method != "newton-cg",
+                       **{k: True for k, v in unused.items()
+                          if v is not None and k not in ("T", "K", "step", "fd_step")})
+        return unrolled_hypergrad(problem, x, y, method, T=unused.get("T", 100),
+                                  K=unused.get("K"), step=unused.get("step"),
+                                  backend=backend, output=output)
     if method in _CPU_ONLY_METHODS:
         raise NotImplementedError(f"hypergrad: method={method!r} is not implemented for the "
                                   "CUDA backend yet; use 'cg' or 'neumann' (or backend='cpu' "

@@ -254,3 +254,230 @@ def logistic_device_problem(lh):
         lower=objective(logistic_lower_grad_device, logistic_lower_hvp_device,
                         logistic_lower_value_device, lh.X_train, lh.t_train),
         dims=(d, d))
+
+
+# ---------------------------------------------------------------------------------------
+# Data cleaning (mlocore.problems.cleaning): z = (x, W), x one logit per training sample,
+# W (p, K) row-major; args (A, t, n_classes, ridge, C, work) with C an (m, K) device matrix
+# and work a device vector of length m (m samples of the level), both scratch space.
+# ---------------------------------------------------------------------------------------
+import numpy as _np  # noqa: E402  (the data-cleaning section's own imports)
+from numba import float64 as _float64  # noqa: E402
+
+__all__ += ["cleaning_lower_grad_device", "cleaning_lower_hvp_device",
+            "cleaning_lower_value_device", "cleaning_upper_grad_device",
+            "cleaning_upper_hvp_device", "cleaning_upper_value_device",
+            "cleaning_device_problem", "CLEANING_MAX_CLASSES"]
+
+#: most classes the data-cleaning kernels support (size of their per-thread local arrays)
+CLEANING_MAX_CLASSES = 64
+_LOWER, _UPPER = 0, 1
+
+
+@cuda.jit(device=True)
+def _softmax_ce(z, off, A, i, label, K, p):
+    """p[:K] <- softmax(W^T a_i) (W = z[off:] as (d, K)); returns CE(W; a_i, label): the
+    CPU ``_probs`` operation for operation."""
+    d = A.shape[1]
+    for k in range(K):
+        p[k] = 0.0
+    for j in range(d):
+        a = A[i, j]
+        if a != 0.0:
+            base = off + j * K
+            for k in range(K):
+                p[k] += a * z[base + k]
+    mx = p[0]
+    for k in range(1, K):
+        if p[k] > mx:
+            mx = p[k]
+    s = 0.0
+    for k in range(K):
+        s += math.exp(p[k] - mx)
+    lse = mx + math.log(s)
+    ce = lse - p[label]
+    for k in range(K):
+        p[k] = math.exp(p[k] - lse)
+    return ce
+
+
+@cuda.jit(device=True)
+def _project_row_device(v, off, A, i, K, u):
+    """u[:K] <- V^T a_i for V = v[off:] as (d, K) (the CPU ``_project_row``)."""
+    d = A.shape[1]
+    for k in range(K):
+        u[k] = 0.0
+    for j in range(d):
+        a = A[i, j]
+        if a != 0.0:
+            base = off + j * K
+            for k in range(K):
+                u[k] += a * v[base + k]
+
+
+@cuda.jit
+def _cleaning_samples_kernel(z, v, A, t, K, off, level, quantity, C, work):
+    """One thread per sample i of the level: the per-sample part of the CPU callbacks.
+
+    ``C[i, :]`` gets the coefficient vector c_i whose outer product with a_i the CPU adds to
+    the W block (gradient: ``s_i (p_i - e_t)``, Hessian product: ``s_i S_i u_i`` plus the
+    cross term); ``work[i]`` the sample's x-block term (lower level) or value term. Upper
+    level: ``s_i = 1`` and no x-block term.
+    """
+    m = A.shape[0]
+    p = cuda.local.array(CLEANING_MAX_CLASSES, _float64)
+    u = cuda.local.array(CLEANING_MAX_CLASSES, _float64)
+    for i in range(cuda.grid(1), m, cuda.gridsize(1)):
+        ti = int(t[i])
+        ce = _softmax_ce(z, off, A, i, ti, K, p)
+        s = _sigmoid(z[i]) if level == _LOWER else 1.0
+        if quantity == _VALUE:
+            work[i] = s * ce if level == _LOWER else ce
+        elif quantity == _GRAD:
+            p[ti] -= 1.0
+            if level == _LOWER:
+                work[i] = s * (1.0 - s) * ce
+                for k in range(K):
+                    C[i, k] = p[k] * s
+            else:
+                for k in range(K):
+                    C[i, k] = p[k]
+        else:
+            _project_row_device(v, off, A, i, K, u)
+            pu = 0.0
+            for k in range(K):
+                pu += p[k] * u[k]
+            if level == _LOWER:
+                s1 = s * (1.0 - s)
+                s2 = s1 * (1.0 - 2.0 * s)
+                gu = pu - u[ti]
+                vi = v[i]
+                work[i] = s2 * ce * vi + s1 * gu
+                for k in range(K):
+                    C[i, k] = s * p[k] * (u[k] - pu) + s1 * vi * p[k]
+                C[i, ti] -= s1 * vi
+            else:
+                for k in range(K):
+                    C[i, k] = p[k] * (u[k] - pu)
+
+
+@cuda.jit
+def _cleaning_features_kernel(A, K, off, level, vec, C, work, ridge, out):
+    """One thread per entry of z = (x, W): ``W block = (sum_i a_i c_i^T) / m`` (samples in
+    order, as the CPU) plus, on the lower level, ``ridge * vec``; x block = ``work / m``
+    (lower) or ``ridge * vec`` (upper; vec is z for the gradient, v for the product)."""
+    m = A.shape[0]
+    scale = 1.0 / m
+    for e in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        if e < off:
+            if level == _LOWER:
+                out[e] = work[e] * scale
+            else:
+                out[e] = ridge * vec[e]
+        else:
+            q = e - off
+            j = q // K
+            k = q - j * K
+            s = 0.0
+            for i in range(m):
+                a = A[i, j]
+                if a != 0.0:
+                    s += a * C[i, k]
+            if level == _LOWER:
+                out[e] = s * scale + ridge * vec[e]
+            else:
+                out[e] = s * scale
+
+
+def _cleaning_offset(z, A, n_classes):
+    return z.shape[0] - A.shape[1] * n_classes
+
+
+def _cleaning_apply(z, v, out, A, t, n_classes, ridge, C, work, level, quantity):
+    off = _cleaning_offset(z, A, n_classes)
+    _launch(_cleaning_samples_kernel, A.shape[0], z, v, A, t, n_classes, off, level,
+            quantity, C, work)
+    _launch(_cleaning_features_kernel, out.shape[0], A, n_classes, off, level,
+            z if quantity == _GRAD else v, C, work, float(ridge), out)
+
+
+def cleaning_lower_grad_device(z, out, A, t, n_classes, reg, C, work):
+    """Gradient over z = (x, W) of mean_i sigmoid(x_i) CE(W; a_i, t_i) + reg/2 |W|^2 (the
+    CPU :func:`~mlocore.problems.cleaning.cleaning_lower_grad` over all samples)."""
+    _cleaning_apply(z, z, out, A, t, n_classes, reg, C, work, _LOWER, _GRAD)
+
+
+def cleaning_lower_hvp_device(z, v, out, A, t, n_classes, reg, C, work):
+    """Hessian of the lower data-cleaning objective over z times v (all blocks)."""
+    _cleaning_apply(z, v, out, A, t, n_classes, reg, C, work, _LOWER, _HVP)
+
+
+def cleaning_upper_grad_device(z, out, A, t, n_classes, upper_reg, C, work):
+    """Gradient over z of the validation cross-entropy + upper_reg/2 |x|^2."""
+    _cleaning_apply(z, z, out, A, t, n_classes, upper_reg, C, work, _UPPER, _GRAD)
+
+
+def cleaning_upper_hvp_device(z, v, out, A, t, n_classes, upper_reg, C, work):
+    """Hessian of the upper data-cleaning objective over z times v."""
+    _cleaning_apply(z, v, out, A, t, n_classes, upper_reg, C, work, _UPPER, _HVP)
+
+
+def _sq_norm_to_host(a) -> float:
+    scalars = dl.Scalars(Transfers())
+    scalars.dot(a, a, dl.S_AUX)
+    return float(scalars.read()[dl.S_AUX])
+
+
+def _cleaning_value(z, A, t, n_classes, ridge, C, work, level):
+    off = _cleaning_offset(z, A, n_classes)
+    _launch(_cleaning_samples_kernel, A.shape[0], z, z, A, t, n_classes, off, level, _VALUE,
+            C, work)
+    ridged = z[off:] if level == _LOWER else z[:off]
+    return _reduce_to_host(work) / A.shape[0] + 0.5 * ridge * _sq_norm_to_host(ridged)
+
+
+def cleaning_lower_value_device(z, A, t, n_classes, reg, C, work):
+    """mean_i sigmoid(x_i) CE(W; a_i, t_i) + reg/2 |W|^2 (two scalars read back)."""
+    return _cleaning_value(z, A, t, n_classes, reg, C, work, _LOWER)
+
+
+def cleaning_upper_value_device(z, A, t, n_classes, upper_reg, C, work):
+    """mean_j CE(W; a_j, t_j) over the validation set + upper_reg/2 |x|^2 (two scalars read
+    back)."""
+    return _cleaning_value(z, A, t, n_classes, upper_reg, C, work, _UPPER)
+
+
+def cleaning_device_problem(dc):
+    """The full-batch :class:`~mlocore.problems.cleaning.DataCleaning` ``dc.problem`` as a
+    :class:`~mlocore.cuda.DeviceBilevelProblem` (ALGORITHMS.md section 1 applies: the ridge
+    ``reg > 0`` makes the lower level strongly convex in W).
+
+    Training and validation features and labels are copied to the device once (four host ->
+    device copies, in ``problem.transfers``; labels travel as float64 and are read back to
+    integers in the kernels); each level also gets its scratch space (an ``(m, K)`` matrix
+    and a length-m vector, m its number of samples), allocated on the device. The callbacks
+    reproduce the CPU ones over all samples, in the same order of operations per entry
+    (values: the sample sum is a tree reduction).
+
+    Raises
+    ------
+    ValueError
+        When ``dc.n_classes`` exceeds :data:`CLEANING_MAX_CLASSES` (the kernels' per-thread
+        arrays have a fixed size).
+    """
+    K = int(dc.n_classes)
+    if K > CLEANING_MAX_CLASSES:
+        raise ValueError(f"cleaning_device_problem supports at most {CLEANING_MAX_CLASSES} "
+                         f"classes (per-thread arrays of fixed size), got n_classes={K}")
+
+    def objective(grad, hvp, value, A, t, ridge):
+        m = A.shape[0]
+        C = cuda.device_array((m, K), dtype=_np.float64)
+        return DeviceObjective(grad, hvp=hvp, value=value,
+                               args=(A, t, K, float(ridge), C, dl.empty(m)))
+    return DeviceBilevelProblem(
+        upper=objective(cleaning_upper_grad_device, cleaning_upper_hvp_device,
+                        cleaning_upper_value_device, dc.A_val, dc.t_val, dc.upper_reg),
+        lower=objective(cleaning_lower_grad_device, cleaning_lower_hvp_device,
+                        cleaning_lower_value_device, dc.A_train, dc.t_train, dc.reg),
+        dims=(dc.dx, dc.dy))
