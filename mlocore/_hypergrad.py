@@ -148,6 +148,13 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         ``grad``, ``y`` (the lower point used), ``v``, ``fun``, ``success``, ``message``,
         ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
     """
+    if getattr(problem, "device_multilevel", False):  # DeviceMultilevelProblem
+        from .cuda._multilevel import multilevel_hypergrad as _multilevel_cuda
+        return _multilevel_cuda(problem, x, method, tol=tol, lower_solved=lower_solved,
+                                lower_tol=lower_tol, lower_maxiter=lower_maxiter,
+                                fd_step=fd_step, backend=backend, y=y, atol=atol,
+                                maxiter=maxiter, v0=v0, eta=eta, lower_method=lower_method,
+                                lower_step=lower_step, T=T, K=K, step=step)
     if getattr(problem, "on_device", False) or check_backend(backend, "hypergrad") == "cuda":
         from .cuda._implicit import hypergrad as _hypergrad_cuda  # DeviceBilevelProblem
         return _hypergrad_cuda(problem, x, y, method, tol=tol, atol=atol, maxiter=maxiter,

@@ -131,3 +131,10 @@ def test_transfers_are_explicit_and_counted():
 def _float32_device():
     from numba import cuda
     return cuda.to_device(np.zeros(3, dtype=np.float32))
+
+
+def test_cpu_multilevel_problem_on_cuda_needs_device_callbacks():
+    from mlocore.problems import make_trilevel_quadratic
+    p = make_trilevel_quadratic().problem
+    with pytest.raises(TypeError, match="DeviceMultilevelProblem"):
+        mlo.hypergrad(p, [np.zeros(d) for d in p.dims], backend="cuda")

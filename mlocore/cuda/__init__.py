@@ -18,6 +18,7 @@ from ._problem import DeviceBilevelProblem, DeviceObjective
 from ._implicit import hypergrad, solve_lower
 from ._unrolled import unrolled_hypergrad
 from ._minimize import minimize_bilevel
+from ._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
 from ._linalg import cg_device, neumann_device, power_iteration_device
 from ._batched import (BatchedBilevelProblem, batched_hypergrad, batched_minimize,
                        batched_shared_bytes)
@@ -25,7 +26,8 @@ from ._batched import (BatchedBilevelProblem, batched_hypergrad, batched_minimiz
 __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "device_info",
            "is_device_array", "require_cuda", "simulator_enabled", "to_device", "to_host",
            "DeviceBilevelProblem", "DeviceObjective", "hypergrad", "solve_lower",
-           "unrolled_hypergrad", "minimize_bilevel",
+           "unrolled_hypergrad", "minimize_bilevel", "DeviceMultilevelProblem",
+           "multilevel_hypergrad",
            "cg_device", "neumann_device", "power_iteration_device",
            "BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
            "batched_shared_bytes"]

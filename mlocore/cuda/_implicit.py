@@ -49,14 +49,17 @@ def check_problem_backend(problem, backend, where):
                         "leave it None), or build an mlocore.BilevelProblem for the CPU")
     if not device_problem:
         from .._problem import BilevelProblem, MultilevelProblem
-        from .._validation import cuda_not_implemented
         if isinstance(problem, BilevelProblem):
             raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
                             "mlocore.cuda.DeviceBilevelProblem (e.g. from "
                             "mlocore.problems.cuda_callbacks), got an mlocore.BilevelProblem "
                             "(CPU callbacks); use backend='cpu' for it")
         if isinstance(problem, MultilevelProblem):
-            raise cuda_not_implemented(where)
+            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
+                            "mlocore.cuda.DeviceMultilevelProblem (e.g. from "
+                            "mlocore.problems.cuda_multilevel), got an "
+                            "mlocore.MultilevelProblem (CPU callbacks); use backend='cpu' "
+                            "for it")
         raise TypeError(f"{where}: problem must be a DeviceBilevelProblem for backend='cuda', "
                         f"got {type(problem).__name__}")
     return resolved

@@ -1,0 +1,613 @@
+"""n-level implicit differentiation on the device (Gu & Chen 2024; ALGORITHMS.md section 3).
+
+The CUDA backend's version of :mod:`mlocore._multilevel` ("one large problem" mode): the same
+recursion over levels, built from the same three primitives at a point z whose levels > k are
+solved for its x_<=k,
+
+- ``adjoint(k, z, w)  = M_k^T w`` (one reduced-Hessian solve of level k+1, recursing down),
+- ``tangent(k, z, s)  = M_k s`` (forward composition of the best-response Jacobians),
+- ``hvp_reduced(k, z, s) = Hess(phi_k) s`` in the chosen mode ("exact", "truncated", "fd"),
+
+with ``M_k = d x_>k / d x_<=k``. The hypergradient is ``grad F = d_1 f_1 + M_1^T d_>1 f_1``.
+
+What runs where: every vector (the joint z, gradients, adjoints, tangents, CG iterates) lives
+on the device; the innermost level is solved by the device Newton-CG of
+:mod:`mlocore.cuda._implicit` (level n against x_<n is a bilevel lower problem) and every
+reduced-Hessian system by :func:`mlocore.cuda._linalg.cg_device`, whose operator for a level
+j < n applies the recursive reduced-Hessian product. The host orchestrates the recursion and
+reads back only the scalars of each stopping test, line search and difference step (counted in
+``res.transfers``). The iterate sequence is the CPU engine's (:class:`MultilevelEngine`) step for
+step, so results agree with the CPU backend to rounding.
+
+The CPU engine cannot be driven through an adapter: its recursion slices, concatenates and adds
+NumPy arrays at every step. This module mirrors it method for method (same names, same order of
+operations) on device vectors.
+
+Third-order products (mode "exact", level n): a :class:`~mlocore.cuda.DeviceObjective` has no
+``tvp`` callback, so they are always central differences of the level-n Hessian-vector product
+(the CPU's fallback when ``tvp`` is absent); on problems whose level n is quadratic both are
+exactly zero.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .._config import FD_REL_STEP
+from .._kernels import lower as _low
+from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
+from .._multilevel import FD_SHIFT_STEP, MULTILEVEL_MODES, LevelFailure
+from .._results import HypergradResult, linear_info_message, new_counts, status_message
+from .._validation import check_backend, check_choice, check_int, check_positive
+from . import _linalg as dl
+from ._device import Transfers, is_device_array, to_device, to_host
+from ._implicit import _HyyOperator, lower_core
+from ._problem import DeviceObjective, DeviceOracle
+
+__all__ = ["DeviceMultilevelProblem", "multilevel_hypergrad", "DeviceMultilevelEngine"]
+
+OUTPUTS = ("numpy", "device")
+
+
+class DeviceMultilevelProblem:
+    """An n-level problem with device callbacks: level 1 minimizes ``F = phi_1``, each lower
+    level k minimizes its reduced objective given the levels above (ALGORITHMS.md section 3).
+
+    Parameters
+    ----------
+    levels : sequence of DeviceObjective
+        ``[f_1, ..., f_n]`` (n >= 2), level 1 outermost; every objective's callbacks work on
+        the joint device vector ``z = concat(x_1, ..., x_n)``.
+    dims : sequence of int
+        ``(d_1, ..., d_n)``, positive.
+
+    Notes
+    -----
+    As :class:`mlocore.MultilevelProblem`: every lower level k >= 2 must be strongly convex in
+    x_k near the solution (the Hessian of its reduced objective in x_k is inverted, Gu & Chen
+    2024, Lemmas 3.1-3.2). No bounds or projection (no device driver uses them yet). The
+    callbacks are checked once, at the first point a hypergradient sees.
+
+    Attributes
+    ----------
+    levels, dims, n
+        As given; n the number of levels.
+    offsets : tuple of int
+        ``(0, d_1, d_1 + d_2, ..., sum(dims))``: block k of z is ``offsets[k-1]:offsets[k]``.
+    size : int
+        ``sum(dims)``.
+    transfers : dict
+        Host -> device copies of the levels' args, made at construction.
+    """
+
+    #: routes :func:`mlocore.hypergrad` to :func:`multilevel_hypergrad` (deliberately no
+    #: ``on_device``: that marker routes bilevel entry points to the bilevel device code)
+    device_multilevel = True
+
+    def __init__(self, levels, dims):
+        try:
+            levels = list(levels)
+        except TypeError:
+            raise TypeError("levels must be a sequence of DeviceObjective instances, got "
+                            f"{type(levels).__name__}") from None
+        if len(levels) < 2:
+            raise ValueError(f"a multilevel problem needs at least 2 levels, got {len(levels)}")
+        for k, obj in enumerate(levels, start=1):
+            if not isinstance(obj, DeviceObjective):
+                raise TypeError(f"level {k} must be an mlocore.cuda.DeviceObjective (device "
+                                f"callbacks), got {type(obj).__name__}")
+        try:
+            dims = tuple(dims)
+        except TypeError:
+            raise ValueError(f"dims must be a sequence of {len(levels)} integers, got "
+                             f"{dims!r}") from None
+        if len(dims) != len(levels):
+            raise ValueError(f"dims has {len(dims)} entries but there are {len(levels)} levels")
+        for k, d in enumerate(dims, start=1):
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"dims must be positive integers, got d_{k}={d!r}")
+        self.levels = levels
+        self.dims = tuple(int(d) for d in dims)
+        self.n = len(levels)
+        self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.dims)]))
+        self.size = self.offsets[-1]
+        self._checked = False
+
+    def block(self, k: int) -> slice:
+        """The slice of z holding x_k (k = 1..n)."""
+        return slice(self.offsets[k - 1], self.offsets[k])
+
+    @property
+    def transfers(self) -> dict:
+        """Host -> device copies made at construction (all levels' args)."""
+        out = Transfers().as_dict()
+        for obj in self.levels:
+            for key, val in obj.transfers.as_dict().items():
+                out[key] += val
+        return out
+
+    def __repr__(self):
+        return f"DeviceMultilevelProblem(n={self.n}, dims={self.dims})"
+
+
+class _Shared:
+    """Device state shared by an engine and its exact-mode solver: the level oracles (one
+    counter array per level), transfers, iteration counts, and the innermost level seen as
+    the lower level of a bilevel session (for :func:`lower_core` and ``_HyyOperator``)."""
+
+    def __init__(self, problem):
+        self.counter = Transfers()
+        self.counts = [new_counts() for _ in range(problem.n)]
+        self.oracles = []
+        for k, (obj, c) in enumerate(zip(problem.levels, self.counts), start=1):
+            o = DeviceOracle(obj, "upper", c, self.counter, problem.size)
+            o.role = f"level{k}"  # names the callback in errors
+            self.oracles.append(o)
+        self.value_calls = np.zeros(problem.n, dtype=np.int64)
+        self.lower_nit = np.zeros(problem.n, dtype=np.int64)
+        self.scalars = dl.Scalars(self.counter)
+        # the innermost level as a bilevel session: x = x_<n, y = x_n
+        self.dx, self.dy, self.n = problem.offsets[-2], problem.dims[-1], problem.size
+        self.lower = self.oracles[-1]
+
+    def norm(self, a) -> float:
+        """``|a|`` on the host (one counted read-back)."""
+        self.scalars.dot(a, a, dl.S_AUX)
+        return math.sqrt(self.scalars.read()[dl.S_AUX])
+
+    def norms(self, a, b):
+        """``(|a|, |b|)`` with one counted read-back."""
+        self.scalars.dot(a, a, dl.S_AUX)
+        self.scalars.dot(b, b, dl.S_AUX2)
+        s = self.scalars.read()
+        return math.sqrt(s[dl.S_AUX]), math.sqrt(s[dl.S_AUX2])
+
+
+class _ReducedHessianBlock(dl.DeviceOperator):
+    """``p -> (Hess phi_j)[x_j, x_j] p``: the reduced product with direction (0, .., 0, p)."""
+
+    def __init__(self, eng, j, z):
+        super().__init__(None, eng.p.dims[j - 1], name=f"level{j}.reduced_hvp")
+        self.eng, self.j, self.z = eng, j, z
+        self.lo, self.hi = eng.off[j - 1], eng.off[j]
+        self.s = dl.zeros(self.hi)
+
+    def apply(self, p, out):  # LevelFailure and CallbackError pass through unchanged
+        self.n_matvec += 1
+        dl.copy(p, self.s[self.lo:self.hi])
+        h = self.eng.hvp_reduced(self.j, self.z, self.s)
+        dl.copy(h[self.lo:self.hi], out)
+
+
+def _joined(a, b):
+    """A new device vector ``concat(a, b)``."""
+    out = dl.empty(a.shape[0] + b.shape[0])
+    dl.copy(a, out[:a.shape[0]])
+    dl.copy(b, out[a.shape[0]:])
+    return out
+
+
+def _copy(a):
+    out = dl.empty(a.shape[0])
+    dl.copy(a, out)
+    return out
+
+
+def _embedded(size, lo, v):
+    """A new device vector of zeros of length ``size`` with ``v`` at ``[lo:lo + len(v)]``."""
+    out = dl.zeros(size)
+    dl.copy(v, out[lo:lo + v.shape[0]])
+    return out
+
+
+class DeviceMultilevelEngine:
+    """The recursion over levels on device vectors, for one problem and one mode.
+
+    Method for method the CPU :class:`mlocore._multilevel.MultilevelEngine` (same names,
+    arguments and order of operations), with device vectors in and out. Vectors passed in are
+    never modified; results are new device vectors (or views of them).
+
+    Parameters
+    ----------
+    problem : DeviceMultilevelProblem
+    mode : {"exact", "truncated", "fd"}
+    tol, lower_tol, lower_maxiter, fd_step
+        As the CPU engine: reduced-Hessian solves to relative residual ``tol``, lower levels
+        to ``|grad phi_k| <= lower_tol`` within ``lower_maxiter`` Newton steps, central
+        differences with re-solved lower levels with relative step ``fd_step``.
+    """
+
+    def __init__(self, problem, mode="exact", tol=1e-10, lower_tol=None, lower_maxiter=100,
+                 fd_step=None, shared=None):
+        self.p = problem
+        self.n = problem.n
+        self.off = problem.offsets
+        self.N = problem.size
+        self.mode = mode
+        self.tol = tol
+        self.lower_tol = tol if lower_tol is None else lower_tol
+        self.lower_maxiter = lower_maxiter
+        self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
+        self.sh = _Shared(problem) if shared is None else shared
+        # as on the CPU: "truncated" with n >= 4 solves the lower levels with the exact
+        # recursion (the truncated reduced gradients of middle levels would move them)
+        self._solver = None
+        if mode == "truncated" and self.n >= 4:
+            self._solver = DeviceMultilevelEngine(problem, "exact", tol, lower_tol,
+                                                  lower_maxiter, fd_step, shared=self.sh)
+
+    # -- oracles ----------------------------------------------------------------------------
+    def check_at(self, z):
+        for o in self.sh.oracles:
+            o.check_at(z)
+
+    def grad(self, k, z):
+        out = dl.empty(self.N)
+        self.sh.oracles[k - 1].grad(z, out)
+        return out
+
+    def value(self, k, z):
+        o = self.sh.oracles[k - 1]
+        if o.has_value:
+            return o.value(z)
+        o.counts[UPPER_VALUE] += 1  # counted as the CPU engine counts it
+        return np.nan
+
+    def hvp(self, k, z, v):
+        out = dl.empty(self.N)
+        self.sh.oracles[k - 1].hvp(z, v, out)  # central differences of grad without hvp
+        return out
+
+    def tvp(self, k, z, u, w):
+        """Third-order product ``d/ds hvp_k(z + s u, w)`` by central differences of hvp,
+        step ``FD_REL_STEP (1 + |z|) / |u|`` (the CPU's fallback without ``tvp``)."""
+        zn, un = self.sh.norms(z, u)
+        out = dl.empty(self.N)
+        if un == 0.0:
+            dl.fill(out, 0.0)
+            return out
+        eps = FD_REL_STEP * (1.0 + zn) / un
+        zs = dl.empty(self.N)
+        dl.axpy_into(zs, z, eps, u)
+        hp = self.hvp(k, zs, w)
+        dl.axpy_into(zs, z, -eps, u)
+        hm = self.hvp(k, zs, w)
+        dl.difference_quotient(out, hp, hm, 2.0 * eps)
+        return out
+
+    # -- the innermost level and the block solves -------------------------------------------
+    def _solve_innermost(self, z):
+        out, status, nit, gnorm, _ = lower_core(self.sh, z, "newton-cg", self.lower_tol,
+                                                self.lower_maxiter, -1.0)
+        self.sh.lower_nit[-1] += nit
+        if status not in (_low.OK,):
+            raise LevelFailure(status, self.n, f"level {self.n}: |grad| = {gnorm:.3e} after "
+                                               f"{nit} iterations")
+        return out
+
+    def solve_block(self, j, z, b, rtol=None):
+        """Solve (reduced Hessian of phi_j, block x_j) v = b by device CG from zero."""
+        rtol = self.tol if rtol is None else rtol
+        d = self.p.dims[j - 1]
+        maxiter = 10 * d + 20
+        op = _HyyOperator(self.sh, z) if j == self.n else _ReducedHessianBlock(self, j, z)
+        v, info, nit, res, _ = dl.cg_device(op, b, None, rtol, 0.0, maxiter,
+                                            counter=self.sh.counter)
+        if info < 0:
+            raise LevelFailure(3, j, f"level {j}: reduced Hessian solve: "
+                                     f"{linear_info_message(info)}")
+        if info > 0:
+            raise LevelFailure(5, j, f"level {j}: reduced Hessian solve: "
+                                     f"{linear_info_message(info)}, residual {res:.3e}")
+        return v
+
+    # -- the recursion -----------------------------------------------------------------------
+    def solve_from(self, z, k):
+        """z with levels k+1..n solved for its x_<=k (warm-started from z's own blocks); a
+        new vector unless k >= n."""
+        if self._solver is not None:
+            return self._solver.solve_from(z, k)
+        if k >= self.n:
+            return z
+        if k == self.n - 1:
+            return self._solve_innermost(z)
+        j = k + 1
+        lo, hi = self.off[j - 1], self.off[j]
+        z = self.solve_from(z, j)
+        g = self.grad_reduced(j, z)[lo:hi]
+        gnorm = self.sh.norm(g)
+        d = dl.empty(hi - lo)
+        for it in range(self.lower_maxiter):
+            if gnorm <= self.lower_tol:
+                self.sh.lower_nit[j - 1] += it
+                return z
+            # inexact Newton on phi_j with a backtracking search on |grad phi_j|
+            dl.scale_into(d, -1.0, self.solve_block(j, z, g, rtol=min(0.5, math.sqrt(gnorm))))
+            t = 1.0
+            for _ in range(40):
+                z_try = _copy(z)
+                dl.axpy_into(z_try[lo:hi], z[lo:hi], t, d)
+                z_try = self.solve_from(z_try, j)
+                g_try = self.grad_reduced(j, z_try)[lo:hi]
+                gn_try = self.sh.norm(g_try)
+                if math.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
+                    break
+                t *= 0.5
+            else:
+                raise LevelFailure(4, j, f"level {j}: line search failed at |grad| = "
+                                         f"{gnorm:.3e}")
+            z, g, gnorm = z_try, g_try, gn_try
+        if gnorm <= self.lower_tol:
+            self.sh.lower_nit[j - 1] += self.lower_maxiter
+            return z
+        raise LevelFailure(1, j, f"level {j}: |grad| = {gnorm:.3e} after "
+                                 f"{self.lower_maxiter} iterations")
+
+    def grad_reduced(self, k, z):
+        """Total gradient of phi_k over x_<=k at a solved point (length ``off[k]``)."""
+        g = self.grad(k, z)
+        if k == self.n:
+            return g
+        o = self.off[k]
+        out = dl.empty(o)
+        dl.axpy_into(out, g[:o], 1.0, self.adjoint(k, z, g[o:]))
+        return out
+
+    def adjoint(self, k, z, w):
+        """``M_k^T w`` with ``M_k = d x_>k / d x_<=k`` (w over the blocks of levels > k)."""
+        o, o1 = self.off[k], self.off[k + 1]
+        if k + 1 == self.n:
+            a = w[:o1 - o]          # u = 0: a = w + u[o:o1] is w itself
+            u = None
+        else:
+            u = self.adjoint(k + 1, z, w[o1 - o:])
+            a = dl.empty(o1 - o)
+            dl.axpy_into(a, w[:o1 - o], 1.0, u[o:o1])
+        v = self.solve_block(k + 1, z, a)
+        c = self.hvp_reduced(k + 1, z, _embedded(o1, o, v))[:o]  # cross block: -J^T a = c
+        out = dl.empty(o)
+        if u is None:
+            dl.scale_into(out, -1.0, c)
+        else:
+            dl.axpy_into(out, u[:o], -1.0, c)
+        return out
+
+    def tangent(self, k, z, s):
+        """``M_k s``: the change of x_>k along a direction s of x_<=k (length ``N - off[k]``)."""
+        o, o1 = self.off[k], self.off[k + 1]
+        s1 = _embedded(o1, 0, s)
+        r = self.hvp_reduced(k + 1, z, s1)[o:o1]
+        out = dl.empty(self.N - o)
+        dl.scale_into(out[:o1 - o], -1.0, self.solve_block(k + 1, z, r))
+        if k + 1 == self.n:
+            return out
+        dl.copy(out[:o1 - o], s1[o:o1])
+        dl.copy(self.tangent(k + 1, z, s1), out[o1 - o:])
+        return out
+
+    def hvp_reduced(self, k, z, s):
+        """Hessian of phi_k (over x_<=k) times s, in this engine's mode."""
+        if k == self.n:
+            return self.hvp(k, z, s)
+        o = self.off[k]
+        out = dl.empty(o)
+        if self.mode == "fd":
+            zp, zm, eps = self._shifted(k, z, s)
+            dl.difference_quotient(out, self.grad_reduced(k, zp), self.grad_reduced(k, zm),
+                                   2.0 * eps)
+            return out
+        sh = _joined(s, self.tangent(k, z, s))
+        h = self.hvp(k, z, sh)
+        dl.axpy_into(out, h[:o], 1.0, self.adjoint(k, z, h[o:]))
+        if self.mode == "exact":
+            dl.axpy_into(out, out, 1.0, self.curvature(k, z, s, sh))
+        return out
+
+    def curvature(self, k, z, s, sh):
+        """``D_s[M_k^T w]`` at fixed ``w = grad_>k f_k``: the best-response curvature term."""
+        o = self.off[k]
+        w = self.grad(k, z)[o:]
+        out = dl.empty(o)
+        if k == self.n - 1:
+            # -[I, M^T] T_n[sh](0, v), v = H^{-1} w (third-order product of f_n)
+            v = self.solve_block(self.n, z, w)
+            q = self.tvp(self.n, z, sh, _embedded(self.N, o, v))
+            dl.axpy_into(out, q[:o], 1.0, self.adjoint(k, z, q[o:]))
+            dl.scale_into(out, -1.0, out)
+            return out
+        zp, zm, eps = self._shifted(k, z, s)
+        dl.difference_quotient(out, self.adjoint(k, zp, w), self.adjoint(k, zm, w), 2.0 * eps)
+        return out
+
+    def _shifted(self, k, z, s):
+        o = self.off[k]
+        sn, zn = self.sh.norms(s, z[:o])
+        eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
+        zp = _copy(z)
+        dl.axpy_into(zp[:o], z[:o], eps, s)
+        zm = _copy(z)
+        dl.axpy_into(zm[:o], z[:o], -eps, s)
+        return self.solve_from(zp, k), self.solve_from(zm, k), eps
+
+    def oracle_calls(self):
+        """Per level: ``grad``, ``hvp``, ``tvp`` (always 0: differences of hvp), ``value``."""
+        return {f"level{k}": {"grad": int(c[UPPER_GRAD]), "hvp": int(c[UPPER_HVP]), "tvp": 0,
+                              "value": int(c[UPPER_VALUE])}
+                for k, c in enumerate(self.sh.counts, 1)}
+
+
+def _as_joint(problem, xs, counter, name="xs"):
+    """A new joint device vector from ``xs``: a list of n per-level arrays, or one joint
+    vector of length ``sum(dims)``; host or device arrays (host ones validated and copied once
+    each, counted; device ones read in place). The inputs are never modified."""
+    if (is_device_array(xs) or (isinstance(xs, np.ndarray) and xs.ndim == 1)) and \
+            len(xs.shape) == 1 and xs.shape[0] == problem.size:
+        return _copy(to_device(name, xs, counter, problem.size))
+    expected = (f"{name} must be a list of {problem.n} arrays (one per level, sizes "
+                f"{problem.dims}) or one joint vector of length {problem.size}, got "
+                f"{type(xs).__name__}")
+    if is_device_array(xs) or isinstance(xs, np.ndarray):
+        raise ValueError(f"{expected} of shape {tuple(xs.shape)}")
+    if isinstance(xs, (str, bytes)):
+        raise TypeError(expected)
+    try:
+        xs = list(xs)
+    except TypeError:
+        raise TypeError(expected) from None
+    if len(xs) != problem.n:
+        raise ValueError(f"{name} must hold {problem.n} arrays (one per level), got {len(xs)}")
+    z = dl.empty(problem.size)
+    for k, x in enumerate(xs):
+        xd = to_device(f"{name}[{k}]", x, counter, problem.dims[k])
+        dl.copy(xd, z[problem.block(k + 1)])
+    return z
+
+
+_NOT_FOR_MULTILEVEL = {"y": None, "atol": 0.0, "maxiter": None, "v0": None, "eta": None,
+                       "lower_method": "newton-cg", "lower_step": None, "T": 100, "K": None,
+                       "step": None}
+
+
+def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=False,
+                         lower_tol=None, lower_maxiter=None, fd_step=None, backend=None,
+                         output="numpy", **options):
+    """The hypergradient of ``F = phi_1`` for a :class:`DeviceMultilevelProblem`, on the device.
+
+    Reached through ``mlocore.hypergrad(problem, xs, method=...)``. The CPU's
+    :func:`mlocore._multilevel.multilevel_hypergrad` on device vectors (ALGORITHMS.md
+    section 3): the lower levels n..2 are solved from the given warm starts (Newton-CG with
+    backtracking on the reduced gradient's norm, level n by the device bilevel Newton-CG), then
+    ``grad F = d_1 f_1 + M_1^T d_>1 f_1`` by the matrix-free recursion, every reduced-Hessian
+    system solved by device CG.
+
+    Parameters
+    ----------
+    problem : DeviceMultilevelProblem
+    xs : list of n arrays, or one joint vector of length ``sum(dims)``
+        x_1 and the warm starts of levels 2..n (the solutions with ``lower_solved=True``).
+        Host arrays are validated and copied once each (counted in ``transfers``); device
+        arrays are read in place. Never modified.
+    method : {"exact", "truncated", "fd"}, default "exact"
+        Best-response curvature: "exact" (third-order products by central differences of the
+        level-n hvp, central differences of adjoints with re-solved lower levels deeper down;
+        exact for n <= 3), "truncated" (dropped; exact when best responses are affine, e.g.
+        quadratic levels), "fd" (whole reduced Hessian-vector products by central differences
+        of reduced gradients). "itd" runs on the CPU only.
+    tol : float
+        Relative residual of every reduced-Hessian CG solve.
+    lower_solved : bool
+        The given levels 2..n are already solved: skip the lower solves.
+    lower_tol : float, optional
+        Lower levels solved to ``|grad phi_k| <= lower_tol`` (default ``tol``).
+    lower_maxiter : int, optional
+        Newton iterations per lower level (default 100).
+    fd_step : float, optional
+        Relative step of the differences with re-solved lower levels (default 1e-3).
+    backend : {None, "cuda"}
+        A device problem runs on the CUDA backend only.
+    output : {"numpy", "device"}
+        Type of ``grad``, ``z`` and ``xs``.
+
+    Returns
+    -------
+    HypergradResult
+        The CPU's fields (``grad``, ``z``, ``xs``, ``fun``, ``method``, ``success``,
+        ``status``, ``message``, ``lower_nit`` per level, ``nit``, ``oracle_calls`` per level,
+        ``ngrad``, ``nhvp``) plus ``transfers``: this call's host <-> device copies (inputs,
+        the scalars read back by every stopping test, line search and difference step, one
+        finiteness check of grad, the outputs; the first call on a problem also reads back one
+        scalar per callback check).
+
+    Raises
+    ------
+    TypeError
+        Not a DeviceMultilevelProblem, backend "cpu", or options that do not apply.
+    ValueError
+        Bad method, sizes or non-finite inputs.
+    NotImplementedError
+        ``method="itd"``.
+    """
+    where = "hypergrad"
+    if not isinstance(problem, DeviceMultilevelProblem):
+        raise TypeError(f"{where}: problem must be a DeviceMultilevelProblem, got "
+                        f"{type(problem).__name__}")
+    if backend is not None and backend != "cuda":
+        raise TypeError(f"{where}: a DeviceMultilevelProblem has device callbacks and runs on "
+                        f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
+                        "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
+    check_backend("cuda", where)
+    unknown = sorted(set(options) - set(_NOT_FOR_MULTILEVEL))
+    if unknown:
+        raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}")
+    given = sorted(k for k, v in options.items() if not _is_default(v, _NOT_FOR_MULTILEVEL[k]))
+    if "y" in given:
+        raise TypeError("for a DeviceMultilevelProblem pass xs, the list of all levels' "
+                        "arrays, as the second argument and no y")
+    method = "exact" if method is None else method
+    if method == "itd":
+        raise NotImplementedError(f"{where}: method='itd' (unrolled multilevel) is not "
+                                  "implemented for the CUDA backend yet; use 'exact', "
+                                  "'truncated' or 'fd', or an mlocore.MultilevelProblem on the "
+                                  "CPU")
+    check_choice("method", method, MULTILEVEL_MODES)
+    if given:
+        raise TypeError(f"option{'s' if len(given) > 1 else ''} {', '.join(given)} "
+                        f"{'do' if len(given) > 1 else 'does'} not apply to method={method!r} "
+                        "for a DeviceMultilevelProblem")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")
+    tol = check_positive("tol", tol, allow_zero=True)
+    if lower_tol is not None:
+        lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
+    lower_maxiter = 100 if lower_maxiter is None else check_int("lower_maxiter", lower_maxiter, 0)
+    if fd_step is not None:
+        fd_step = check_positive("fd_step", fd_step)
+    eng = DeviceMultilevelEngine(problem, method, tol, lower_tol, lower_maxiter, fd_step)
+    z = _as_joint(problem, xs, eng.sh.counter)
+    if not problem._checked:
+        eng.check_at(z)
+        problem._checked = True
+    return _hypergrad_with(eng, z, lower_solved, output)
+
+
+def _is_default(value, default):
+    if default is None or value is None:
+        return value is default
+    return isinstance(value, (str, numbers.Real)) and value == default
+
+
+def _hypergrad_with(eng, z, lower_solved, output):
+    p, sh = eng.p, eng.sh
+    d1 = p.dims[0]
+    status, detail = 0, ""
+    grad = dl.empty(d1)
+    dl.fill(grad, np.nan)
+    fun = np.nan
+    try:
+        if not lower_solved:
+            z = eng.solve_from(z, 1)
+        grad = eng.grad_reduced(1, z)[:d1]
+        fun = eng.value(1, z)
+        sh.scalars.abs_sum(grad, dl.S_AUX)
+        if not math.isfinite(sh.scalars.read()[dl.S_AUX]):
+            status, detail = 6, ""
+    except LevelFailure as fail:
+        status, detail = fail.status, fail.detail
+    if output == "numpy":
+        grad = to_host(grad, sh.counter)
+        z = to_host(z, sh.counter)
+        xs = [z[p.block(k)].copy() for k in range(1, p.n + 1)]
+    else:
+        xs = [_copy(z[p.block(k)]) for k in range(1, p.n + 1)]
+    out = HypergradResult(
+        grad=grad, z=z, xs=xs, fun=fun, method=eng.mode, success=status == 0,
+        status=int(status), message=status_message(status, detail),
+        lower_nit=sh.lower_nit.copy(), nit=int(sh.lower_nit.sum()),
+        oracle_calls=eng.oracle_calls())
+    out.ngrad = int(sum(c[UPPER_GRAD] for c in sh.counts))
+    out.nhvp = int(sum(c[UPPER_HVP] for c in sh.counts))
+    out.transfers = sh.counter.as_dict()
+    return out
+

@@ -1,0 +1,261 @@
+"""CUDA backend: n-level implicit hypergradients on the device (ALGORITHMS.md section 3).
+
+The device recursion (:mod:`mlocore.cuda._multilevel`) against the CPU engine
+(``mlocore.hypergrad(cpu_problem, xs, method=...)``) to 1e-10 and against closed forms. Runs
+under numba's CUDA simulator (tests/conftest.py): tiny dims (1-2 per level); the n = 4 cases
+start from the closed-form solution so that only one level is re-solved.
+"""
+import sys
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import mlocore as mlo
+from mlocore._callbacks import CallbackError
+from mlocore.cuda import _linalg as dl
+from mlocore.cuda._device import is_device_array
+from mlocore.cuda._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
+from mlocore.cuda._problem import DeviceObjective
+from mlocore.problems.cuda_multilevel import (nlevel_quadratic_device_problem,
+                                              nonquadratic_trilevel_device_problem,
+                                              quadform_grad_device, quadform_hvp_device,
+                                              trilevel_quadratic_device_problem)
+from mlocore.problems.multilevel import (logcosh_quad_grad, logcosh_quad_hvp,
+                                         logcosh_quad_value, make_nlevel_quadratic,
+                                         make_nonquadratic_trilevel, make_trilevel_quadratic)
+
+pytestmark = pytest.mark.cuda
+
+READ_BYTES = 8 * dl.N_SCALARS  # one scalar read-back: the whole scalars array
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_simulator_barriers():
+    """Shorter GIL switch interval: the simulator's syncthreads polls under the GIL."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _check_against_cpu(res, ref, atol=1e-10):
+    assert res.success and ref.success, (res.message, ref.message)
+    assert isinstance(res.grad, np.ndarray)
+    np.testing.assert_allclose(res.grad, ref.grad, rtol=0, atol=atol)
+    np.testing.assert_allclose(res.z, ref.z, rtol=0, atol=atol)
+    for a, b in zip(res.xs, ref.xs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+    np.testing.assert_array_equal(res.lower_nit, ref.lower_nit)
+    assert res.nit == ref.nit and res.method == ref.method
+
+
+def _check_transfers_numpy(res, n_inputs, d1, size):
+    """Inputs copied once each; every other read-back is one scalars array, except grad and
+    z at the end: no vector leaves the device during the recursion."""
+    t = res.transfers
+    assert t["h2d"] == n_inputs and t["h2d_bytes"] == 8 * size
+    assert t["d2h_bytes"] == READ_BYTES * (t["d2h"] - 2) + 8 * (d1 + size)
+
+
+def _starts(dims, x1):
+    return [np.asarray(x1, dtype=float)] + [np.zeros(d) for d in dims[1:]]
+
+
+@pytest.mark.parametrize("method", ["truncated", "exact"])
+def test_trilevel_quadratic_matches_cpu_and_closed_form(method):
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    assert dp.transfers["h2d"] == 6 and dp.n == 3 and dp.dims == (1, 1, 1)
+    xs = _starts(dp.dims, [0.3])
+    xs0 = [x.copy() for x in xs]
+    res = mlo.hypergrad(dp, xs, method=method)
+    ref = mlo.hypergrad(tq.problem, xs, method=method)
+    _check_against_cpu(res, ref)
+    np.testing.assert_allclose(res.grad, tq.hypergrad(xs[0]), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(res.z, tq.best_response(xs[0]), rtol=0, atol=1e-10)
+    assert res.fun == pytest.approx(tq.F(xs[0]), abs=1e-10)
+    calls, ref_calls = res.oracle_calls, ref.oracle_calls
+    # the device has no tvp callback: each CPU third-order product is two device hvps
+    assert calls["level3"]["tvp"] == 0
+    assert calls["level3"]["hvp"] == ref_calls["level3"]["hvp"] + 2 * ref_calls["level3"]["tvp"]
+    for k in ("level1", "level2"):
+        assert calls[k] == ref_calls[k]
+    assert res.ngrad == ref.ngrad
+    _check_transfers_numpy(res, 3, 1, 3)
+    for x, x0 in zip(xs, xs0):
+        np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("method", ["truncated", "exact"])
+def test_nlevel_quadratic_n3_matches_cpu_and_closed_form(method):
+    q = make_nlevel_quadratic(3, dims=(1, 2, 1), seed=1)
+    dp = nlevel_quadratic_device_problem(q)
+    assert dp.transfers["h2d"] == 6
+    x1 = np.array([0.5])
+    xs = _starts(q.dims, x1)
+    res = mlo.hypergrad(dp, xs, method=method)
+    ref = mlo.hypergrad(q.problem, xs, method=method)
+    _check_against_cpu(res, ref)
+    np.testing.assert_allclose(res.grad, q.hypergrad(x1), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(res.z, q.best_response(x1), rtol=0, atol=1e-10)
+    assert res.fun == pytest.approx(q.F(x1), abs=1e-10)
+    if method == "truncated":
+        assert res.oracle_calls == ref.oracle_calls
+    _check_transfers_numpy(res, 3, 1, 4)
+
+
+@pytest.mark.parametrize("method", ["truncated", "exact"])
+def test_nlevel_quadratic_n4_from_solved_point(method):
+    """n = 4 with the joint closed-form solution as one vector: "exact" differences adjoints
+    with re-solved lower levels (levels 3 and 4); "truncated" re-solves from a solved warm
+    start (its exact-mode solver runs, converged at once)."""
+    q = make_nlevel_quadratic(4, dims=(1, 1, 1, 1), seed=3)
+    dp = nlevel_quadratic_device_problem(q)
+    x1 = np.array([0.7])
+    z = q.best_response(x1)
+    z0 = z.copy()
+    lower_solved = method == "exact"
+    res = mlo.hypergrad(dp, z, method=method, lower_solved=lower_solved)
+    ref = mlo.hypergrad(q.problem, z, method=method, lower_solved=lower_solved)
+    _check_against_cpu(res, ref)
+    np.testing.assert_allclose(res.grad, q.hypergrad(x1), rtol=0, atol=1e-10)
+    if method == "exact":
+        assert list(res.lower_nit[2:]) != [0, 0]  # the shifted points were re-solved
+    _check_transfers_numpy(res, 1, 1, 4)
+    np.testing.assert_array_equal(z, z0)
+
+
+def test_nonquadratic_trilevel_curvature_terms():
+    """A nonlinear innermost best response: "exact" keeps the curvature terms (third-order
+    products by differences of the device hvp), matching the CPU with the same differences
+    (no tvp callback) to 1e-10, the CPU's analytic tvp and central differences of F to
+    difference accuracy; "truncated" drops them; "fd" matches the CPU's "fd"."""
+    nt = make_nonquadratic_trilevel(dims=(1, 1, 1), seed=0, scale=2.0)
+    dp = nonquadratic_trilevel_device_problem(nt)
+    assert dp.transfers["h2d"] == 15
+    cpu_fd_tvp = mlo.MultilevelProblem(
+        [mlo.Objective(logcosh_quad_grad, hvp=logcosh_quad_hvp, value=logcosh_quad_value,
+                       args=p) for p in nt.params], nt.dims)
+    xs = _starts(nt.dims, [0.4])
+    out = {}
+    for method in ("exact", "truncated", "fd"):
+        res = mlo.hypergrad(dp, xs, method=method)
+        ref = mlo.hypergrad(cpu_fd_tvp, xs, method=method)
+        _check_against_cpu(res, ref)
+        assert res.fun == pytest.approx(ref.fun, abs=1e-10)
+        assert res.oracle_calls == ref.oracle_calls
+        assert res.ngrad == ref.ngrad and res.nhvp == ref.nhvp
+        out[method] = res.grad
+    exact_tvp = mlo.hypergrad(nt.problem, xs, method="exact").grad
+    np.testing.assert_allclose(out["exact"], exact_tvp, rtol=0, atol=1e-8)
+    reference = nt.hypergrad_fd(xs[0])
+    np.testing.assert_allclose(out["exact"], reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["fd"], reference, rtol=0, atol=1e-6)
+    # the dropped terms matter here: truncated is off by far more than exact
+    err_truncated = abs(out["truncated"][0] - reference[0])
+    assert err_truncated > 1e-5
+    assert abs(out["exact"][0] - reference[0]) < 0.05 * err_truncated
+
+
+def test_device_inputs_and_output_exact_transfer_counts():
+    """n = 2, solved point given as one device vector, device output: nothing is copied in,
+    and the read-backs are exactly: 4 callback checks (first call only; grad and hvp of each
+    level), the level-2 CG (|b| and |r0|, then one per iteration: 1 for d_2 = 1) and the
+    finiteness check of grad."""
+    q = make_nlevel_quadratic(2, dims=(1, 1), seed=1)
+    dp = nlevel_quadratic_device_problem(q)
+    x1 = np.array([0.7])
+    z_host = q.best_response(x1)
+    z = cuda.to_device(z_host)
+    expected = [4 + 2 + 1, 2 + 1]
+    for d2h in expected:
+        res = multilevel_hypergrad(dp, z, "truncated", lower_solved=True, output="device")
+        assert res.success, res.message
+        assert res.transfers == {"h2d": 0, "d2h": d2h, "h2d_bytes": 0,
+                                 "d2h_bytes": READ_BYTES * d2h}
+        assert is_device_array(res.grad) and is_device_array(res.z)
+        assert all(is_device_array(x) for x in res.xs)
+        np.testing.assert_allclose(res.grad.copy_to_host(), q.hypergrad(x1), rtol=0,
+                                   atol=1e-10)
+        np.testing.assert_allclose(res.xs[1].copy_to_host(), z_host[1:], rtol=0, atol=0)
+    np.testing.assert_array_equal(z.copy_to_host(), z_host)
+    ref = mlo.hypergrad(q.problem, z_host, method="truncated", lower_solved=True)
+    np.testing.assert_allclose(res.grad.copy_to_host(), ref.grad, rtol=0, atol=1e-10)
+
+
+def test_level_failure_is_reported_not_raised():
+    q = make_nlevel_quadratic(3, dims=(1, 1, 1), seed=2)
+    dp = nlevel_quadratic_device_problem(q)
+    res = mlo.hypergrad(dp, _starts(q.dims, [1.0]), method="truncated", lower_maxiter=0)
+    ref = mlo.hypergrad(q.problem, _starts(q.dims, [1.0]), method="truncated",
+                        lower_maxiter=0)
+    assert not res.success and res.status == ref.status != 0
+    assert res.message == ref.message
+    assert np.all(np.isnan(res.grad))
+
+
+def _quad_level(P, q):
+    return DeviceObjective(quadform_grad_device, hvp=quadform_hvp_device, args=(P, q))
+
+
+def test_bad_input_errors():
+    P, qv = np.eye(3), np.zeros(3)
+    lev = _quad_level(P, qv)
+    with pytest.raises(ValueError, match="at least 2 levels, got 1"):
+        DeviceMultilevelProblem([lev], dims=(3,))
+    with pytest.raises(TypeError, match="level 2 must be an mlocore.cuda.DeviceObjective.*"
+                                        "got Objective"):
+        DeviceMultilevelProblem([lev, mlo.Objective(logcosh_quad_grad)], dims=(1, 2))
+    with pytest.raises(ValueError, match="dims has 3 entries but there are 2 levels"):
+        DeviceMultilevelProblem([lev, lev], dims=(1, 1, 1))
+    with pytest.raises(ValueError, match=r"positive integers, got d_2=0"):
+        DeviceMultilevelProblem([lev, lev], dims=(3, 0))
+    with pytest.raises(ValueError, match="sequence of 2 integers"):
+        DeviceMultilevelProblem([lev, lev], dims=3)
+    dp = DeviceMultilevelProblem([lev, lev, lev], dims=(1, 1, 1))
+    assert repr(dp) == "DeviceMultilevelProblem(n=3, dims=(1, 1, 1))"
+    good = [np.zeros(1)] * 3
+    with pytest.raises(ValueError, match="must hold 3 arrays .* got 2"):
+        mlo.hypergrad(dp, [np.zeros(1)] * 2)
+    with pytest.raises(ValueError, match=r"xs\[1\] must have shape \(1,\), got shape \(2,\)"):
+        mlo.hypergrad(dp, [np.zeros(1), np.zeros(2), np.zeros(1)])
+    with pytest.raises(ValueError, match=r"xs\[2\] contains non-finite"):
+        mlo.hypergrad(dp, [np.zeros(1), np.zeros(1), np.array([np.nan])])
+    with pytest.raises(ValueError, match="one joint vector of length 3, got ndarray of shape"):
+        mlo.hypergrad(dp, np.zeros(4))
+    with pytest.raises(TypeError, match=r"list of 3 arrays \(one per level, sizes \(1, 1, 1\)\) "
+                                        "or one joint vector of length 3, got int"):
+        mlo.hypergrad(dp, 3)
+    with pytest.raises(ValueError, match="unknown method 'cg'; expected one of 'exact', 'fd', "
+                                         "'truncated'"):
+        mlo.hypergrad(dp, good, method="cg")
+    with pytest.raises(NotImplementedError, match="'itd' .* not implemented for the CUDA"):
+        mlo.hypergrad(dp, good, method="itd")
+    with pytest.raises(TypeError, match="CUDA backend only, got backend='cpu'"):
+        mlo.hypergrad(dp, good, backend="cpu")
+    with pytest.raises(TypeError, match="options eta, v0 do not apply to method='exact'"):
+        mlo.hypergrad(dp, good, v0=np.zeros(1), eta=0.1)
+    with pytest.raises(TypeError, match="pass xs, .* and no y"):
+        mlo.hypergrad(dp, good, np.zeros(1))
+    with pytest.raises(ValueError, match="output must be 'numpy' or 'device', got 'gpu'"):
+        multilevel_hypergrad(dp, good, output="gpu")
+    with pytest.raises(TypeError, match="must be a DeviceMultilevelProblem, got str"):
+        multilevel_hypergrad("problem", good)
+    with pytest.raises(TypeError, match="expects an NLevelQuadratic .* got TrilevelQuadratic"):
+        nlevel_quadratic_device_problem(make_trilevel_quadratic())
+    with pytest.raises(TypeError, match="expects a TrilevelQuadratic .* got str"):
+        trilevel_quadratic_device_problem("tq")
+    with pytest.raises(TypeError, match="expects a NonquadraticTrilevel .* got str"):
+        nonquadratic_trilevel_device_problem("nt")
+
+
+def test_callback_errors_name_the_level():
+    def broken_grad(z, out, P, q):
+        raise RuntimeError("boom")
+
+    P, qv = np.eye(2), np.zeros(2)
+    dp = DeviceMultilevelProblem([_quad_level(P, qv),
+                                  DeviceObjective(broken_grad, args=(P, qv))], dims=(1, 1))
+    with pytest.raises(CallbackError, match="callback level2.grad raised RuntimeError: boom"):
+        mlo.hypergrad(dp, [np.zeros(1), np.zeros(1)])
