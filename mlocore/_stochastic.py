@@ -24,7 +24,7 @@ from ._kernels import stoch_implicit as _si
 from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
 from ._problem import Ball, BilevelProblem
 from ._results import status_message
-from ._validation import (as_vector, check_backend, cuda_not_implemented, check_choice,
+from ._validation import (as_vector, check_backend, check_choice,
                           check_int, check_positive)
 
 __all__ = ["Schedule", "METHODS", "STOCHASTIC_METHODS", "minimize_stochastic",
@@ -394,11 +394,19 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                         eval_every=None, tol=None, callback=None, reference=None,
                         backtrack=None, backend=None, **method_options):
     """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
+    if getattr(problem, "on_device", False) or \
+            check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
+        from .cuda._stochastic import minimize_stochastic as _device_minimize
+        return _device_minimize(problem, x0, y0, method, maxiter=maxiter,
+                                batch_size=batch_size, upper_batch_size=upper_batch_size,
+                                sampler=sampler, step=step, inner_step=inner_step,
+                                inner_steps=inner_steps, neumann_terms=neumann_terms,
+                                neumann_step=neumann_step, seed=seed, eval_every=eval_every,
+                                tol=tol, callback=callback, reference=reference,
+                                backtrack=backtrack, backend=backend, **method_options)
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
                         f"{type(problem).__name__}")
-    if check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
-        raise cuda_not_implemented("minimize_bilevel (stochastic methods)")
     check_choice("method", method, STOCHASTIC_METHODS)
     spec = METHODS[method]
     x = as_vector("x0", x0, problem.dx)

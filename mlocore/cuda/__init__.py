@@ -2,9 +2,12 @@
 
 Two modes (issue 5, DESIGN.md "Layers"):
 
-* one large problem (:class:`DeviceBilevelProblem`): vectors stay on the device for the
-  whole solve; user callbacks take and write device arrays; ``mlocore.hypergrad``,
-  ``mlocore.solve_lower`` and ``mlocore.linalg.cg`` / ``neumann`` run fused kernels;
+* one large problem (:class:`DeviceBilevelProblem`, :class:`DeviceMultilevelProblem`):
+  vectors stay on the device for the whole solve; user callbacks take and write device
+  arrays; ``mlocore.hypergrad`` (implicit, unrolled, n-level), ``mlocore.solve_lower``,
+  ``mlocore.minimize_bilevel`` (deterministic, and the stochastic methods in
+  :data:`DEVICE_STOCHASTIC_METHODS`, minibatches drawn on the device) and
+  ``mlocore.linalg.cg`` / ``neumann`` run fused kernels;
 * many small problems at once (:class:`BatchedBilevelProblem`): one thread block per
   problem, user callbacks are ``cuda.jit(device=True)`` functions computing one component.
 
@@ -19,6 +22,7 @@ from ._implicit import hypergrad, solve_lower
 from ._unrolled import unrolled_hypergrad
 from ._minimize import minimize_bilevel
 from ._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
+from ._stochastic import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
 from ._linalg import cg_device, neumann_device, power_iteration_device
 from ._batched import (BatchedBilevelProblem, batched_hypergrad, batched_minimize,
                        batched_shared_bytes)
@@ -27,7 +31,7 @@ __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "device_info",
            "is_device_array", "require_cuda", "simulator_enabled", "to_device", "to_host",
            "DeviceBilevelProblem", "DeviceObjective", "hypergrad", "solve_lower",
            "unrolled_hypergrad", "minimize_bilevel", "DeviceMultilevelProblem",
-           "multilevel_hypergrad",
+           "multilevel_hypergrad", "minimize_stochastic", "DEVICE_STOCHASTIC_METHODS",
            "cg_device", "neumann_device", "power_iteration_device",
            "BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
            "batched_shared_bytes"]

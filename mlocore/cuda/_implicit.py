@@ -74,8 +74,11 @@ class _Session:
         self.n = self.dx + self.dy
         self.counter = Transfers()
         self.counts = new_counts()
-        self.upper = DeviceOracle(problem.upper, "upper", self.counts, self.counter, self.n)
-        self.lower = DeviceOracle(problem.lower, "lower", self.counts, self.counter, self.n)
+        # finite-sum objectives (n_samples) are solved on the full batch, as on the CPU
+        self.upper = DeviceOracle(problem.upper.full_batch(), "upper", self.counts,
+                                  self.counter, self.n)
+        self.lower = DeviceOracle(problem.lower.full_batch(), "lower", self.counts,
+                                  self.counter, self.n)
         self.scalars = dl.Scalars(self.counter)
 
     def joint(self, x, y):

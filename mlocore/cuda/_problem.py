@@ -50,6 +50,13 @@ class DeviceObjective:
     args : tuple
         Device arrays (used in place), host arrays (copied once here, counted in
         :attr:`transfers`) or scalars, passed after the vectors.
+    n_samples : int, optional
+        Number of samples of a finite-sum objective (the stochastic methods of
+        :func:`mlocore.cuda._stochastic.minimize_stochastic`, ALGORITHMS.md section 4). The
+        callbacks then take a device int64 index array right after the vectors,
+        ``grad(z, idx, out, *args)``, ``hvp(z, v, idx, out, *args)``, ``value(z, idx,
+        *args)``, and return the *mean* over the samples in idx (the convention of
+        ``mlocore.Objective(..., n_samples=n)``). None (default): a deterministic objective.
 
     Notes
     -----
@@ -58,13 +65,19 @@ class DeviceObjective:
     such reads are not counted).
     """
 
-    def __init__(self, grad, hvp=None, value=None, args=()):
+    def __init__(self, grad, hvp=None, value=None, args=(), n_samples=None):
         for name, fn in (("grad", grad), ("hvp", hvp), ("value", value)):
             if fn is None and name != "grad":
                 continue
             if not callable(fn):
                 raise TypeError(f"DeviceObjective {name} must be callable, got "
                                 f"{type(fn).__name__}")
+        if n_samples is not None and (isinstance(n_samples, bool) or
+                                      not isinstance(n_samples, numbers.Integral) or
+                                      n_samples < 1):
+            raise ValueError(f"DeviceObjective n_samples must be None or a positive integer, "
+                             f"got {n_samples!r}")
+        self.n_samples = None if n_samples is None else int(n_samples)
         self.grad, self.hvp, self.value = grad, hvp, value
         self.transfers = Transfers()
         self._args = dl.device_args(args, self.transfers, "DeviceObjective")
@@ -74,12 +87,43 @@ class DeviceObjective:
         """The callbacks' extra arguments, on the device (read-only)."""
         return self._args
 
+    def full_batch(self):
+        """A deterministic DeviceObjective computing this one's full-batch mean (its
+        callbacks get ``idx = 0..n-1``); ``self`` when it is deterministic. Memoized; no
+        transfer (the args are already on the device). The deterministic solvers
+        (hypergrad, solve_lower, minimize_bilevel's "aid"/"itd") use it, as the CPU backend
+        runs them on the full batch."""
+        if self.n_samples is None:
+            return self
+        if getattr(self, "_full", None) is None:
+            from numba import cuda
+            full = cuda.to_device(np.arange(self.n_samples, dtype=np.int64))
+            self.transfers.h2d += 1
+            self.transfers.h2d_bytes += full.nbytes
+            obj = self
+
+            def grad(z, out, *args):
+                obj.grad(z, full, out, *args)
+
+            def hvp(z, v, out, *args):
+                obj.hvp(z, v, full, out, *args)
+
+            def value(z, *args):
+                return obj.value(z, full, *args)
+
+            self._full = DeviceObjective(grad, hvp=hvp if self.hvp is not None else None,
+                                         value=value if self.value is not None else None,
+                                         args=self.args)
+        return self._full
+
     def __repr__(self):
         parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
         for name in ("hvp", "value"):
             fn = getattr(self, name)
             if fn is not None:
                 parts.append(f"{name}={getattr(fn, '__name__', fn)!s}")
+        if self.n_samples is not None:
+            parts.append(f"n_samples={self.n_samples}")
         return f"DeviceObjective({', '.join(parts)})"
 
 

@@ -1,0 +1,337 @@
+"""CUDA backend, stochastic bilevel loops (SOBA, StocBiO) on the device, against the CPU.
+
+Evidence (the device's random streams differ from the CPU's): full-batch runs equal the CPU
+runs to 1e-10; minibatch runs are reproducible per seed and converge on the stochastic
+quadratic like the CPU's; huge steps give status 13 with finite iterates. Runs under numba's
+CUDA simulator (tests/conftest.py): tiny sizes (dx=2, dy=3, n=8).
+"""
+import math
+import sys
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import mlocore as mlo
+from mlocore._callbacks import CallbackError
+from mlocore.cuda._device import is_device_array
+from mlocore.cuda._problem import DeviceBilevelProblem, DeviceObjective
+from mlocore.cuda._stochastic import minimize_stochastic
+from mlocore.problems import make_quadratic
+from mlocore.problems.cuda_callbacks import quad_grad_device, quad_hvp_device
+from mlocore.problems.cuda_stochastic import (quad_sample_grad_device, quad_sample_hvp_device,
+                                              quad_sample_value_device,
+                                              stochastic_quadratic_device_problem)
+from mlocore.problems.quadratic import (quad_grad, quad_hvp, quad_sample_grad,
+                                        quad_sample_hvp, quad_sample_value)
+
+pytestmark = pytest.mark.cuda
+
+STOCBIO = dict(inner_steps=2, neumann_terms=3, neumann_step=0.3)
+METHOD_OPTIONS = {"soba": {}, "stocbio": STOCBIO}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_simulator_barriers():
+    """Shorter GIL switch interval: the simulator's syncthreads polls (restored after)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+@pytest.fixture(scope="module")
+def quad():
+    # ridge 1: Q's eigenvalues 1.7 and 2.5, so a few dozen iterations converge
+    return make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0)
+
+
+@pytest.fixture(scope="module")
+def dev(quad):
+    return stochastic_quadratic_device_problem(quad)
+
+
+X0 = np.array([2.0, -2.0])
+Y0 = np.array([0.5, 0.0, -0.5])
+
+
+def _cpu(quad, method, **kw):
+    return mlo.minimize_bilevel(quad.stochastic_problem, X0, Y0, method=method,
+                                reference=quad, **{**METHOD_OPTIONS[method], **kw})
+
+
+def _dev(problem, quad, method, x0=X0, y0=Y0, **kw):
+    return mlo.minimize_bilevel(problem, x0, y0, method=method, reference=quad,
+                                **{**METHOD_OPTIONS[method], **kw})
+
+
+# ---------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------
+def test_sample_callbacks_match_cpu(quad, dev):
+    rng = np.random.default_rng(0)
+    z, v = rng.standard_normal(5), rng.standard_normal(5)
+    v[:2] = 0.0  # the (0, v) directions of the lower products (the CPU's x_p == 0 branch)
+    idx = np.array([3, 1, 3, 7], dtype=np.int64)
+    zd, vd, idd, out = cuda.to_device(z), cuda.to_device(v), cuda.to_device(idx), \
+        cuda.device_array(5)
+    for obj, samples in ((dev.lower, quad.lower_samples), (dev.upper, quad.upper_samples)):
+        args = samples + (quad.ridge,)
+        quad_sample_grad_device(zd, idd, out, *obj.args)
+        np.testing.assert_allclose(out.copy_to_host(), quad_sample_grad(z, idx, *args),
+                                   rtol=0, atol=1e-12)
+        quad_sample_hvp_device(zd, vd, idd, out, *obj.args)
+        np.testing.assert_allclose(out.copy_to_host(), quad_sample_hvp(z, v, idx, *args),
+                                   rtol=0, atol=1e-12)
+        assert quad_sample_value_device(zd, idd, *obj.args) == \
+            pytest.approx(quad_sample_value(z, idx, *args), rel=1e-12, abs=1e-12)
+    np.testing.assert_array_equal(zd.copy_to_host(), z)
+    assert dev.transfers["h2d"] == 10 and dev.upper.n_samples == dev.lower.n_samples == 8
+    with pytest.raises(TypeError, match="int64"):
+        quad_sample_grad_device(zd, cuda.to_device(idx.astype(np.int32)), out, *dev.lower.args)
+
+
+# ---------------------------------------------------------------------------------------
+# (a) full batch: the CPU run, to 1e-10
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["soba", "stocbio"])
+def test_full_batch_matches_cpu_with_exact_transfers(quad, method):
+    problem = stochastic_quadratic_device_problem(quad)  # fresh: its first run checks
+    x0, y0 = X0.copy(), Y0.copy()
+    kw = dict(batch_size=8, step=0.2, inner_step=0.3, maxiter=12, eval_every=4, seed=5)
+    r = _dev(problem, quad, method, x0=x0, y0=y0, **kw)
+    c = _cpu(quad, method, **kw)
+    assert r.status == c.status == 20 and r.nit == c.nit == 12 and r.method == method
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(r.y, c.y, rtol=0, atol=1e-10)
+    for key in ("iteration", "oracle_calls", "samples"):
+        np.testing.assert_array_equal(r.history[key], c.history[key])
+    for key in ("dist_to_x_star", "F", "grad_norm_sq"):
+        np.testing.assert_allclose(r.history[key], c.history[key], rtol=1e-10, atol=1e-12)
+    assert r.fun == pytest.approx(c.fun, rel=1e-10)
+    assert r.oracle_calls == c.oracle_calls and r.oracle_samples == c.oracle_samples
+    assert r.batch_size == c.batch_size == (8, 8)
+    if method == "soba":
+        np.testing.assert_allclose(r.state["work"].copy_to_host(), c.state["work"],
+                                   rtol=0, atol=1e-10)
+    # x0, y0 in; per checkpoint (4, the start included) one read-back; y at the end; the
+    # first run on a problem checks each level's callbacks (one read-back each)
+    assert r.transfers["h2d"] == 2
+    assert r.transfers["d2h"] == 2 + 4 + 1
+    np.testing.assert_array_equal(x0, X0)
+    np.testing.assert_array_equal(y0, Y0)
+    r2 = _dev(problem, quad, method, **kw)
+    assert r2.transfers == {"h2d": 2, "d2h": 5, "h2d_bytes": 40,
+                            "d2h_bytes": 4 * 8 * (2 + 2) + 3 * 8}
+    np.testing.assert_array_equal(r2.x, r.x)
+
+
+def test_deterministic_upper_level_and_device_inputs(quad):
+    """An upper objective without n_samples (one 'sample' per call, no idx) next to a
+    stochastic lower one; x0/y0 given on the device (used, not modified, not copied)."""
+    lower = stochastic_quadratic_device_problem(quad).lower
+    upper = DeviceObjective(quad_grad_device, hvp=quad_hvp_device, args=quad.upper_means)
+    problem = DeviceBilevelProblem(upper, lower, dims=(2, 3))
+    cpu = mlo.BilevelProblem(
+        upper=mlo.Objective(quad_grad, hvp=quad_hvp, args=quad.upper_means),
+        lower=quad.stochastic_problem.lower, dims=(2, 3))
+    kw = dict(batch_size=8, step=0.2, inner_step=0.3, maxiter=6, eval_every=3, seed=1)
+    xd, yd = cuda.to_device(X0), cuda.to_device(Y0)
+    r = minimize_stochastic(problem, xd, yd, "soba", output="device", **kw)
+    c = mlo.minimize_bilevel(cpu, X0, Y0, method="soba", **kw)
+    assert is_device_array(r.x) and is_device_array(r.y)
+    np.testing.assert_allclose(r.x.copy_to_host(), c.x, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(r.y.copy_to_host(), c.y, rtol=0, atol=1e-10)
+    assert r.oracle_samples == c.oracle_samples and r.oracle_samples["upper_grad"] == 6
+    # nothing copied in; read-backs: deterministic upper check (grad and hvp), lower check,
+    # and three checkpoints; outputs stay on the device
+    assert r.transfers["h2d"] == 0 and r.transfers["d2h"] == 2 + 1 + 3
+    np.testing.assert_array_equal(xd.copy_to_host(), X0)
+    np.testing.assert_array_equal(yd.copy_to_host(), Y0)
+
+
+def test_default_steps_full_batch_match_cpu(quad, dev):
+    """Default steps from the Lipschitz estimates (L_F by hypergradient differences, L_g by
+    power iteration), computed on the device: the CPU's steps and iterates."""
+    kw = dict(batch_size=8, maxiter=4, eval_every=4, seed=0)
+    r = _dev(dev, quad, "stocbio", **{**kw, "neumann_step": None})
+    c = _cpu(quad, "stocbio", **{**kw, "neumann_step": None})
+    for key in ("alpha", "beta"):
+        assert r.steps[key].initial == pytest.approx(c.steps[key].initial, rel=1e-8)
+        assert r.steps[key].power == c.steps[key].power
+    assert r.steps["neumann_step"] == pytest.approx(c.steps["neumann_step"], rel=1e-8)
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-8)
+    assert r.transfers["d2h"] > 2 + 1  # the estimates' read-backs are counted
+
+
+# ---------------------------------------------------------------------------------------
+# (b) minibatches drawn on the device: reproducible, seeded, convergent
+# ---------------------------------------------------------------------------------------
+def test_minibatch_reproducible_per_seed_and_chunking(quad, dev):
+    kw = dict(batch_size=2, step=0.2, inner_step=0.3, maxiter=8)
+    a = _dev(dev, quad, "soba", seed=11, eval_every=8, **kw)
+    b = _dev(dev, quad, "soba", seed=11, eval_every=3, **kw)
+    c = _dev(dev, quad, "soba", seed=12, eval_every=8, **kw)
+    np.testing.assert_array_equal(a.x, b.x)  # the generator states persist across chunks
+    np.testing.assert_array_equal(a.y, b.y)
+    assert np.abs(a.x - c.x).max() > 1e-6
+    assert a.oracle_samples["lower_grad"] == 8 * 2 and a.batch_size == (2, 2)
+    # generator states copied in once, x0 and y0; one read-back per checkpoint, y
+    assert a.transfers["h2d"] == 3 and a.transfers["d2h"] == 2 + 1
+    assert b.transfers["d2h"] == 4 + 1
+
+
+@pytest.mark.parametrize("method", ["soba", "stocbio"])
+def test_minibatch_converges_like_cpu(quad, dev, method):
+    """batch 4 of 8, alpha_k = 0.2 / sqrt(1 + k/10), 40 iterations from |x0 - x*| = 3.1: the
+    CPU ends within 0.4 of x* for most seeds (median about 0.3 (SOBA) / 0.14 (StocBiO));
+    the device's runs must end within 0.7 (and 0.45 on average over two seeds)."""
+    kw = dict(batch_size=4, step=mlo.Schedule(0.2, 0.5, 10.0), inner_step=0.3, maxiter=40,
+              eval_every=20)
+    cpu = [_cpu(quad, method, seed=s, **kw).history["dist_to_x_star"][-1] for s in range(6)]
+    devd = [_dev(dev, quad, method, seed=s, **kw).history["dist_to_x_star"] for s in (0, 1)]
+    start = devd[0][0]
+    assert start == pytest.approx(np.linalg.norm(X0 - quad.x_star))
+    finals = [d[-1] for d in devd]
+    assert max(finals) < 0.7 and np.mean(finals) < 0.45, (finals, cpu)
+    assert np.median(cpu) < 0.4  # the CPU reference the bound is comparable to
+
+
+# ---------------------------------------------------------------------------------------
+# (c) divergence
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["soba", "stocbio"])
+def test_huge_steps_diverge_with_status_13(quad, dev, method):
+    r = _dev(dev, quad, method, batch_size=2, step=1e3, inner_step=1e3, maxiter=40,
+             eval_every=10, seed=0)
+    assert r.status == 13 and not r.success and "Diverged" in r.message
+    assert r.step_reductions == 0  # explicit steps are never halved
+    # the last (finite) checkpoint's iterate; divergence is detected at checkpoints
+    assert r.nit < 40 and r.nit == r.history["iteration"][-1]
+    assert np.all(np.isfinite(r.x)) and np.all(np.isfinite(r.y))
+    assert np.linalg.norm(r.x - quad.x_star) == pytest.approx(r.history["dist_to_x_star"][-1])
+    assert r.transfers["d2h"] == len(r.history["iteration"]) + 1 + 1  # + the diverged one
+
+
+def test_callback_stop_and_history(quad, dev):
+    seen = []
+
+    def cb(res):
+        seen.append((res.nit, res.x.copy(), is_device_array(res.y), res.dist_to_x_star))
+        if res.nit >= 4:
+            raise StopIteration
+
+    r = _dev(dev, quad, "soba", batch_size=8, step=0.2, inner_step=0.3, maxiter=20,
+             eval_every=2, seed=0, callback=cb)
+    assert r.status == 99 and r.nit == 4 and [s[0] for s in seen] == [2, 4]
+    assert all(s[2] for s in seen)
+    np.testing.assert_array_equal(seen[-1][1], r.x)
+    assert list(r.history["iteration"]) == [0, 2, 4]
+    assert set(r.history) >= {"time", "oracle_calls", "samples", "F", "grad_norm_sq"}
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+def test_bad_input_errors(quad, dev):
+    kw = dict(maxiter=1, step=0.1, inner_step=0.1)
+    with pytest.raises(NotImplementedError, match="'bsa'.*soba, stocbio"):
+        minimize_stochastic(dev, X0, Y0, "bsa", **kw)
+    with pytest.raises(ValueError, match="lower_batch_size = 9 exceeds.*n_samples = 8"):
+        minimize_stochastic(dev, X0, Y0, "soba", batch_size=9, upper_batch_size=4, **kw)
+    with pytest.raises(NotImplementedError, match="sampler='batches'"):
+        minimize_stochastic(dev, X0, Y0, "soba", sampler="batches", **kw)
+    with pytest.raises(TypeError, match="does not use neumann_terms"):
+        minimize_stochastic(dev, X0, Y0, "soba", neumann_terms=3, **kw)
+    with pytest.raises(ValueError, match=r"x0 must have shape \(2,\), got shape \(3,\)"):
+        minimize_stochastic(dev, np.zeros(3), Y0, "soba", **kw)
+    with pytest.raises(TypeError, match="DeviceBilevelProblem has device callbacks"):
+        minimize_stochastic(dev, X0, Y0, "soba", backend="cpu", **kw)
+    with pytest.raises(TypeError, match="needs device callbacks"):
+        mlo.minimize_bilevel(quad.stochastic_problem, X0, Y0, method="soba", backend="cuda",
+                             **kw)
+    with pytest.raises(ValueError, match="n_samples must be None or a positive integer, "
+                                         "got 0"):
+        DeviceObjective(quad_sample_grad_device, n_samples=0)
+    no_hvp = DeviceBilevelProblem(dev.upper, DeviceObjective(
+        quad_sample_grad_device, args=dev.lower.args, n_samples=8), dims=(2, 3))
+    with pytest.raises(ValueError, match="needs the lower objective's hvp"):
+        minimize_stochastic(no_hvp, X0, Y0, "soba", **kw)
+
+
+def test_sum_instead_of_mean_is_rejected(quad, dev):
+    def summed_grad(z, idx, out, *args):
+        quad_sample_grad_device(z, idx, out, *args)
+        from mlocore.cuda import _linalg as dl
+        dl.scale_into(out, float(idx.shape[0]), out)
+
+    bad = DeviceBilevelProblem(dev.upper, DeviceObjective(
+        summed_grad, hvp=quad_sample_hvp_device, args=dev.lower.args, n_samples=8),
+        dims=(2, 3))
+    with pytest.raises(CallbackError, match="lower.grad is not the mean"):
+        minimize_stochastic(bad, X0, Y0, "soba", maxiter=1, step=0.1, inner_step=0.1)
+
+    def raising(z, idx, out, *args):
+        raise RuntimeError("boom")
+
+    bad = DeviceBilevelProblem(DeviceObjective(raising, args=dev.upper.args, n_samples=8),
+                               dev.lower, dims=(2, 3))
+    with pytest.raises(CallbackError, match="upper.grad raised RuntimeError: boom"):
+        minimize_stochastic(bad, X0, Y0, "soba", maxiter=1, step=0.1, inner_step=0.1)
+    assert math.isfinite(quad.F(X0))
+
+
+def test_backtracking_halves_default_steps_like_cpu(quad, dev, monkeypatch):
+    """A far too large default upper step (L_F estimate patched to 1e-3 on both backends):
+    each divergence halves it and resumes from a saved state (device-to-device copies),
+    exactly as on the CPU: same halvings, same iterates."""
+    import mlocore._stochastic as cpu_driver
+    from mlocore.cuda import _stochastic as dev_driver
+    monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    kw = dict(batch_size=8, inner_step=0.3, maxiter=10, eval_every=5, seed=0,
+              backtrack=20)
+    r = _dev(dev, quad, "soba", **kw)
+    c = _cpu(quad, "soba", **kw)
+    assert c.step_reductions > 3 and r.step_reductions == c.step_reductions
+    assert r.status == c.status == 20 and "halved" in r.message
+    assert r.steps["alpha"].initial == c.steps["alpha"].initial
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(r.y, c.y, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(r.history["iteration"], c.history["iteration"])
+
+
+def test_rewind_restores_generator_states(dev):
+    """Saved and restored generator states replay the same minibatches."""
+    from mlocore.cuda import _stochastic as dd
+    from mlocore.cuda._device import Transfers
+    samp = dd._DeviceSampler(dev.lower, "lower", 3, 64)
+    states = dd._create_states(samp.n_states, 7, Transfers())
+    samp.bind(states, 0)
+    z = cuda.to_device(np.arange(5.0))
+    rewind = dd._rewind_class()((z, states))
+    rewind.checkpoint(0, 1.0, np.zeros(2))
+    first = samp.draw().copy_to_host()
+    z[:] = -1.0
+    second = samp.draw().copy_to_host()
+    rewind.checkpoint(5, 1.0, np.ones(2))
+    third = samp.draw().copy_to_host()
+    assert rewind.restore() == 5 and rewind.x_last[0] == 1.0
+    np.testing.assert_array_equal(samp.draw().copy_to_host(), third)
+    assert rewind.restore() == 0 and rewind.x_last[0] == 0.0  # twice: back to the start
+    np.testing.assert_array_equal(z.copy_to_host(), np.arange(5.0))
+    np.testing.assert_array_equal(samp.draw().copy_to_host(), first)
+    assert not np.array_equal(first, second) and first.min() >= 0 and first.max() < 8
+
+
+def test_deterministic_solvers_use_the_full_batch(quad, dev):
+    """hypergrad / solve_lower on finite-sum device objectives run on the full batch, as the
+    CPU backend does (its idx callbacks get all samples)."""
+    cpu = mlo.hypergrad(quad.stochastic_problem, X0, Y0)
+    gpu = mlo.hypergrad(dev, X0, Y0)
+    assert gpu.success and gpu.nit == cpu.nit
+    np.testing.assert_allclose(gpu.grad, cpu.grad, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gpu.grad, quad.hypergrad(X0), rtol=1e-8)
+    low = mlo.solve_lower(dev, X0, Y0)
+    np.testing.assert_allclose(low.y, mlo.solve_lower(quad.stochastic_problem, X0, Y0).y,
+                               rtol=1e-10, atol=1e-12)
