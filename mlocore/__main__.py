@@ -5,7 +5,8 @@ The embedded default: l2-regularized logistic regression on scikit-learn's breas
 feature. It prints (1) each hypergradient method at the starting lambda with its error against
 the dense direct solve, its steady-state time, and its oracle calls, then (2) learns lambda by
 L-BFGS-B on (F, grad F) with warm-started inner solves and reports validation and test loss,
-then (3) runs mlocore's AID driver and (4) every stochastic method on minibatches.
+then (3) runs mlocore's AID driver, (4) every stochastic method on minibatches and (5), where
+a CUDA GPU is present, the same hypergradients on the GPU against the CPU.
 Without scikit-learn it says so and runs on synthetic data of the same shape.
 """
 from __future__ import annotations
@@ -148,6 +149,9 @@ def main(argv=None):
     # (4) the stochastic methods on minibatches of the same data (same bounds, same seed)
     if hasattr(data, "stochastic_problem"):
         _stochastic_table(mlo, data, x0, y0, out.fun, args.seed, args.stochastic_iters)
+
+    # (5) the CUDA backend on the same problem, where there is a GPU
+    _cuda_section(mlo, data, x0, y0)
     return 0
 
 
@@ -181,6 +185,34 @@ def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
               f"and checkpoints)")
     print("  (|grad F|^2 is the projected-gradient mapping |x - P(x - grad F)|^2; loop time "
           "excludes compiling and the reference evaluations)")
+
+
+def _cuda_section(mlo, data, x0, y0):
+    from mlocore.cuda import cuda_available, device_info, simulator_enabled
+    if simulator_enabled() or not cuda_available():
+        print("\nCUDA backend: no GPU here, skipped (the CUDA tests run in numba's simulator; "
+              "README, 'CUDA backend').")
+        return
+    from mlocore.problems.cuda_callbacks import logistic_device_problem
+    dev = logistic_device_problem(data)
+    print(f"\nCUDA backend on {device_info()}: the same hypergradients with every vector on "
+          "the GPU")
+    print(f"  {'method':<14}{'CPU':>13}{'GPU':>13}{'GPU first':>13}{'rel. diff':>11}"
+          "  transfers (GPU)")
+    for name in ("cg", "neumann", "itd-reverse"):
+        kw = {"T": 200} if name.startswith("itd") else {"tol": 1e-10}
+        cpu, t_cpu = _timed(lambda: mlo.hypergrad(data.problem, x0, y0, method=name, **kw))
+        t0 = time.perf_counter()
+        mlo.hypergrad(dev, x0, y0, method=name, **kw)
+        t_first = time.perf_counter() - t0
+        gpu, t_gpu = _timed(lambda: mlo.hypergrad(dev, x0, y0, method=name, **kw))
+        diff = np.linalg.norm(gpu.grad - cpu.grad) / np.linalg.norm(cpu.grad)
+        tr = gpu.transfers
+        print(f"  {name:<14}{_fmt_time(t_cpu):>13}{_fmt_time(t_gpu):>13}"
+              f"{_fmt_time(t_first):>13}{diff:11.1e}  {tr['h2d']} in, {tr['d2h']} out")
+    n, d = data.X_train.shape
+    print(f"  ({n} training samples x {d} features is far too small for a GPU to pay off: "
+          "benchmarks/cuda_ratios.py measures the sizes where it does)")
 
 
 def _run_status(res):

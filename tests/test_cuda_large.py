@@ -4,7 +4,6 @@ Runs under numba's CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1
 every simulated thread is a Python thread: sizes stay small (dy <= 40, few iterations).
 """
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -23,14 +22,6 @@ from mlocore.problems.cuda_callbacks import (logistic_device_problem, quad_grad_
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_simulator_barriers():
-    """The simulator's syncthreads polls under the GIL: a shorter switch interval makes the
-    shared-memory reductions about 4x faster (restored afterwards)."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _spd(n, seed=0, shift=1.0):

@@ -5,7 +5,6 @@ The device recursion (:mod:`mlocore.cuda._multilevel`) against the CPU engine
 under numba's CUDA simulator (tests/conftest.py): tiny dims (1-2 per level); the n = 4 cases
 start from the closed-form solution so that only one level is re-solved.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -30,13 +29,6 @@ pytestmark = pytest.mark.cuda
 READ_BYTES = 8 * dl.N_SCALARS  # one scalar read-back: the whole scalars array
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_simulator_barriers():
-    """Shorter GIL switch interval: the simulator's syncthreads polls under the GIL."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _check_against_cpu(res, ref, atol=1e-10):

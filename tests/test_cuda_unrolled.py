@@ -4,7 +4,6 @@ data-cleaning device callbacks, against the CPU backend.
 Runs under numba's CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1), where every
 simulated thread is a Python thread: tiny sizes and few steps.
 """
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.cuda
 DX, DY = 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_simulator_barriers():
-    """Shorter GIL switch interval: the simulator's syncthreads polls (restored after)."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _checked(problem, dx, dy):
