@@ -15,7 +15,7 @@ from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_j
                           unrolled_multilevel_hypergrad)
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
-from ._validation import (as_vector, check_backend, cuda_not_implemented, check_choice,
+from ._validation import (as_vector, check_backend, check_choice,
                           check_int, check_positive)
 
 __all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
@@ -308,8 +308,13 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         ``success``, ``status``, ``message``, ``oracle_calls`` per level and ``history``
         (per iteration: ``fun``, ``grad_norm``, ``time``, cumulative ``oracle_calls``).
     """
-    if check_backend(backend, "minimize_multilevel") == "cuda":
-        raise cuda_not_implemented("minimize_multilevel")
+    if getattr(problem, "device_multilevel", False) or \
+            check_backend(backend, "minimize_multilevel") == "cuda":  # DeviceMultilevelProblem
+        from .cuda._drivers import minimize_multilevel as _minimize_multilevel_cuda
+        return _minimize_multilevel_cuda(
+            problem, x0s, method, step=step, maxiter=maxiter, tol=tol, callback=callback,
+            lin_tol=lin_tol, lower_tol=lower_tol, lower_maxiter=lower_maxiter, T=T,
+            inner_step=inner_step, fd_step=fd_step, backend=backend)
     if not isinstance(problem, MultilevelProblem):
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")
@@ -535,8 +540,15 @@ class HyperObjective:
 
     def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
                  lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
-        if check_backend(backend, "HyperObjective") == "cuda":
-            raise cuda_not_implemented("HyperObjective")
+        if getattr(problem, "on_device", False) or \
+                check_backend(backend, "HyperObjective") == "cuda":  # DeviceBilevelProblem
+            from .cuda._drivers import DeviceHyperObjective  # y, v warm on the device
+            self.__class__ = DeviceHyperObjective
+            DeviceHyperObjective.__init__(self, problem, y0, method, tol=tol,
+                                          lower_method=lower_method, lower_tol=lower_tol,
+                                          lower_maxiter=lower_maxiter, maxiter=maxiter,
+                                          backend=backend)
+            return
         _check_problem(problem)
         check_choice("method", method, ("cg", "direct", "neumann"))
         if problem.upper.value is None:

@@ -72,10 +72,3 @@ def check_backend(backend, where="this function"):
         from .cuda._device import require_cuda
         require_cuda(where)
     return backend
-
-
-def cuda_not_implemented(where):
-    """The error for an entry point that has no CUDA path yet (never a silent CPU run)."""
-    return NotImplementedError(
-        f"{where}: backend='cuda' is not implemented for this entry point yet (see README, "
-        "'CUDA backend', for what runs on the GPU); use backend='cpu'")

@@ -25,8 +25,7 @@ from ._callbacks import VEC, FnTuple, call_kernel, compile_callback
 from ._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from ._kernels import linalg as _k
 from ._results import linear_info_message
-from ._validation import (as_vector, check_backend, cuda_not_implemented, check_int,
-                          check_positive)
+from ._validation import as_vector, check_backend, check_int, check_positive
 
 __all__ = ["cg", "neumann", "solve_direct", "largest_eigenvalue"]
 
@@ -256,8 +255,9 @@ def solve_direct(A, b, *, args=(), full_output=False, backend=None):
     info -4 when A is not positive definite. Cost O(n^3): meant for small n and as the
     reference the iterative solvers are tested against.
     """
-    if check_backend(backend, "mlocore.linalg.solve_direct") == "cuda":
-        raise cuda_not_implemented("mlocore.linalg.solve_direct")
+    if check_backend(backend, "mlocore.linalg.solve_direct") == "cuda":  # mlocore.cuda._direct
+        from .cuda._direct import solve_direct as _solve_direct_cuda
+        return _solve_direct_cuda(A, b, args=args, full_output=full_output)
     b = as_vector("b", b)
     op = _Operator(A, args, b.shape[0])
     if op.n != b.shape[0]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mlocore as mlo
-from mlocore.cuda import CudaUnavailableError, Transfers, is_device_array, to_device, to_host
+from mlocore.cuda import Transfers, is_device_array, to_device, to_host
 
 pytestmark = pytest.mark.cuda
 
@@ -82,19 +82,24 @@ def test_switch_function_and_context_manager():
     assert mlo.get_backend() == "cpu"
 
 
-def test_entry_points_without_a_cuda_path_refuse(quad_problem):
-    x, y = np.zeros(3), np.zeros(6)
-    calls = {
-        "HyperObjective": lambda: mlo.HyperObjective(quad_problem, y, backend="cuda"),
-        "solve_direct": lambda: mlo.linalg.solve_direct(np.eye(2), np.ones(2),
-                                                        backend="cuda"),
-    }
-    for name, call in calls.items():
-        with pytest.raises(NotImplementedError, match=f"{name}.*backend='cuda' is not "
-                                                      "implemented"):
-            call()
-    with mlo.backend("cuda"), pytest.raises(NotImplementedError):
-        mlo.HyperObjective(quad_problem, y)  # the process-wide default applies too
+def test_methods_without_a_cuda_path_refuse():
+    """What has no device implementation says so (never a silent CPU run)."""
+    from mlocore._stochastic import STOCHASTIC_METHODS
+    from mlocore.cuda import DEVICE_STOCHASTIC_METHODS
+    from mlocore.problems import make_quadratic, make_trilevel_quadratic
+    from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
+    from mlocore.problems.cuda_stochastic import stochastic_quadratic_device_problem
+    q = make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=0)
+    dev = stochastic_quadratic_device_problem(q)
+    missing = [m for m in STOCHASTIC_METHODS if m not in DEVICE_STOCHASTIC_METHODS]
+    assert missing, "every stochastic method runs on the device: drop this check"
+    with pytest.raises(NotImplementedError, match=missing[-1]):
+        mlo.minimize_bilevel(dev, np.zeros(2), np.zeros(3), method=missing[-1],
+                             batch_size=4, maxiter=2, step=0.1, inner_step=0.1)
+    tq = make_trilevel_quadratic()
+    dml = trilevel_quadratic_device_problem(tq)
+    with pytest.raises(NotImplementedError, match="itd"):
+        mlo.hypergrad(dml, [np.zeros(d) for d in tq.problem.dims], method="itd")
 
 
 def test_cpu_callbacks_on_cuda_need_device_callbacks(quad_problem):
@@ -103,7 +108,8 @@ def test_cpu_callbacks_on_cuda_need_device_callbacks(quad_problem):
     x, y = np.zeros(3), np.zeros(6)
     for call in (lambda: mlo.hypergrad(quad_problem, x, y, backend="cuda"),
                  lambda: mlo.solve_lower(quad_problem, x, y, backend="cuda"),
-                 lambda: mlo.minimize_bilevel(quad_problem, x, y, backend="cuda")):
+                 lambda: mlo.minimize_bilevel(quad_problem, x, y, backend="cuda"),
+                 lambda: mlo.HyperObjective(quad_problem, y, backend="cuda")):
         with pytest.raises(TypeError, match="device callbacks"):
             call()
     with mlo.backend("cuda"), pytest.raises(TypeError, match="device callbacks"):

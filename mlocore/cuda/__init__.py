@@ -4,10 +4,11 @@ Two modes (issue 5, DESIGN.md "Layers"):
 
 * one large problem (:class:`DeviceBilevelProblem`, :class:`DeviceMultilevelProblem`):
   vectors stay on the device for the whole solve; user callbacks take and write device
-  arrays; ``mlocore.hypergrad`` (implicit, unrolled, n-level), ``mlocore.solve_lower``,
-  ``mlocore.minimize_bilevel`` (deterministic, and the stochastic methods in
-  :data:`DEVICE_STOCHASTIC_METHODS`, minibatches drawn on the device) and
-  ``mlocore.linalg.cg`` / ``neumann`` run fused kernels;
+  arrays; ``mlocore.hypergrad`` (implicit incl. "direct", unrolled, n-level),
+  ``mlocore.solve_lower``, ``mlocore.minimize_bilevel`` (deterministic, and the stochastic
+  methods in :data:`DEVICE_STOCHASTIC_METHODS`, minibatches drawn on the device),
+  ``mlocore.minimize_multilevel``, ``mlocore.HyperObjective`` and ``mlocore.linalg.cg`` /
+  ``neumann`` / ``solve_direct`` run fused kernels;
 * many small problems at once (:class:`BatchedBilevelProblem`): one thread block per
   problem, user callbacks are ``cuda.jit(device=True)`` functions computing one component.
 
@@ -23,6 +24,8 @@ from ._unrolled import unrolled_hypergrad
 from ._minimize import minimize_bilevel
 from ._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
 from ._stochastic import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
+from ._direct import direct_device, solve_direct
+from ._drivers import DeviceHyperObjective, minimize_multilevel
 from ._linalg import cg_device, neumann_device, power_iteration_device
 from ._batched import (BatchedBilevelProblem, batched_hypergrad, batched_minimize,
                        batched_shared_bytes)
@@ -32,6 +35,7 @@ __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "device_info",
            "DeviceBilevelProblem", "DeviceObjective", "hypergrad", "solve_lower",
            "unrolled_hypergrad", "minimize_bilevel", "DeviceMultilevelProblem",
            "multilevel_hypergrad", "minimize_stochastic", "DEVICE_STOCHASTIC_METHODS",
+           "direct_device", "solve_direct", "DeviceHyperObjective", "minimize_multilevel",
            "cg_device", "neumann_device", "power_iteration_device",
            "BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
            "batched_shared_bytes"]

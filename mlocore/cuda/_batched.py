@@ -68,7 +68,8 @@ failures 2-4, or status 6). A zero row is NOT a stationarity certificate: always
 ``success``. ``fun`` is NaN only where no ``upper_value`` was given (as on the CPU).
 
 Launch and memory: a grid of exactly ``n_problems`` blocks of ``threads`` threads (a power
-of two; default max(dx, dy) rounded up, clamped to [32, 256]); each block uses
+of two, at most 256: the kernels' register use; default max(dx, dy) rounded up, clamped to
+[32, 256]); each block uses
 ``8 (2 threads + 2 (dx + dy) + 8 dy + 2 dx)`` bytes of dynamic shared memory
 (:func:`batched_shared_bytes`), at most 48 KiB (checked before launch): this mode is for
 small problems (dy up to a few hundred). A reduction costs log2(threads) barriers (two
@@ -112,7 +113,13 @@ INFO_NEGATIVE_CURVATURE = -2
 ROUNDOFF_FLOOR = 1e-13        #: lower solver's relative floor (as mlocore._kernels.lower)
 LINESEARCH_HALVINGS = 40      #: backtracking steps of the Newton line search (as the CPU)
 SHARED_LIMIT_BYTES = 48 * 1024  #: dynamic shared memory without an opt-in (every GPU)
-MAX_THREADS = 1024
+#: Most threads per block. The kernels hold the whole Newton-CG / CG state in registers (ptxas,
+#: sm_80, with the library's quadratic callbacks: 144 registers per thread for the
+#: hypergradient kernel, 168 for the minimizer), and a block has at most 65536 registers:
+#: 512 or 1024 threads fail to launch on a real GPU ("too many resources requested for
+#: launch"; the simulator has no such limit). 256 threads fit at any register count (at most
+#: 255 per thread).
+MAX_THREADS = 256
 
 # columns of the per-problem statistics arrays written by the kernels
 _I_STATUS, _I_LOWER_STATUS, _I_INFO, _I_NIT, _I_LOWER_NIT, _I_CG_NIT, _N_INT = 0, 1, 2, 3, 4, 5, 6
@@ -816,7 +823,8 @@ def batched_hypergrad(problem, x, y0, upper_data, lower_data, *, tol=1e-10, atol
         Newton-CG stops at ``|grad_y g| <= max(lower_tol, 1e-13 |grad_y g(x, y0)|)``
         (default ``min(tol, 1e-10)``) or after lower_maxiter Newton steps.
     threads : int, optional
-        Threads per block, a power of two (default: max(dx, dy) rounded up, in [32, 256]).
+        Threads per block, a power of two, at most 256 (:data:`MAX_THREADS`; default:
+        max(dx, dy) rounded up, in [32, 256]).
     output : "numpy" or "device"
         Where ``grad``, ``y``, ``v`` are returned. The per-problem statistics (status, ...)
         always come back to the host (they make ``message``).

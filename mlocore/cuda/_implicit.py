@@ -33,7 +33,7 @@ __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
 
 LOWER_METHODS = ("newton-cg", "agd", "gd")
 HYPERGRAD_METHODS = ("cg", "neumann")
-_CPU_ONLY_METHODS = ("direct",)
+_DIRECT_METHODS = ("direct",)  # dense Cholesky: mlocore.cuda._direct
 
 
 def check_problem_backend(problem, backend, where):
@@ -307,7 +307,8 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         place and never modified.
     method : {"cg", "neumann", "itd-reverse", "itd-forward"}
         ALGORITHMS.md sections 1-2 (the unrolled methods, with options T, K and step, run
-        :func:`mlocore.cuda._unrolled.unrolled_hypergrad`); "direct" runs on the CPU only.
+        :func:`mlocore.cuda._unrolled.unrolled_hypergrad`); "direct" assembles H_yy from dy
+        device HVPs and runs a one-block Cholesky (:mod:`mlocore.cuda._direct`).
     output : {"numpy", "device"}
         Type of ``grad``, ``y`` and ``v`` (x is returned as given).
     Other parameters as :func:`mlocore.hypergrad`.
@@ -336,10 +337,12 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         return unrolled_hypergrad(problem, x, y, method, T=unused.get("T", 100),
                                   K=unused.get("K"), step=unused.get("step"),
                                   backend=backend, output=output)
-    if method in _CPU_ONLY_METHODS:
-        raise NotImplementedError(f"hypergrad: method={method!r} is not implemented for the "
-                                  "CUDA backend yet; use 'cg' or 'neumann' (or backend='cpu' "
-                                  "with an mlocore.BilevelProblem)")
+    if method in _DIRECT_METHODS:
+        from ._direct import direct_hypergrad
+        return direct_hypergrad(problem, x, y, tol=tol, atol=atol, maxiter=maxiter, v0=v0,
+                                eta=eta, lower_solved=lower_solved, lower_method=lower_method,
+                                lower_tol=lower_tol, lower_maxiter=lower_maxiter,
+                                lower_step=lower_step, output=output, **unused)
     check_choice("method", method, HYPERGRAD_METHODS)
     given = [k for k, v in unused.items() if v is not None and not (k == "T" and v == 100)]
     if given:

@@ -1,0 +1,279 @@
+"""Optimization drivers of the CUDA backend ("one large problem" mode): the device versions of
+:class:`mlocore.HyperObjective` (for ``scipy.optimize.minimize(..., jac=True)``) and of
+:func:`mlocore.minimize_multilevel`.
+
+Both keep the upper iterate on the host (it is small: scipy, or the CPU's
+:func:`mlocore._minimize.descent_loop`, drives it) and everything else on the device: the
+lower solution and adjoint of a bilevel problem, the joint vector of all levels of a
+multilevel one, warm-started from one call (one iteration, one line-search trial) to the
+next. Per call or iteration only x goes to the device and the (hyper)gradient, of size dx,
+comes back, plus the scalars of every stopping test; all copies are counted
+(``transfers``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from .._callbacks import CallbackError
+from .._hypergrad import default_linear_maxiter
+from .._kernels import lower as _low
+from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
+from .._minimize import HyperObjective, descent_loop
+from .._multilevel import MULTILEVEL_MODES, LevelFailure
+from .._results import status_message
+from .._validation import (as_vector, check_backend, check_choice, check_int,
+                           check_positive)
+from . import _linalg as dl
+from ._device import to_device, to_host
+from ._direct import implicit_direct
+from ._implicit import _Session, _implicit, _lower_options, check_problem_backend
+from ._multilevel import DeviceMultilevelEngine, DeviceMultilevelProblem, _as_joint, _copy
+
+__all__ = ["DeviceHyperObjective", "minimize_multilevel"]
+
+HYPEROBJECTIVE_METHODS = ("cg", "direct", "neumann")
+
+
+class DeviceHyperObjective(HyperObjective):
+    """:class:`mlocore.HyperObjective` for a :class:`~mlocore.cuda.DeviceBilevelProblem`:
+    ``x -> (F(x), grad F(x))`` for ``scipy.optimize.minimize(..., jac=True)``, with the lower
+    solution y and the adjoint v warm-started *on the device* from one call to the next.
+
+    ``mlocore.HyperObjective(device_problem, y0, ...)`` (or ``backend="cuda"``) builds one; it
+    is a HyperObjective (``isinstance`` holds) with the same options, calls and errors.
+
+    Parameters
+    ----------
+    problem : DeviceBilevelProblem
+        Its upper objective needs a ``value`` callback.
+    y0 : array_like or device array, shape (dy,)
+        Initial lower point: a host array is copied once (counted), a device array is used
+        in place and never modified.
+    method : {"cg", "direct", "neumann"}
+        Implicit hypergradient method (``mlocore.hypergrad``), all on the device.
+    tol, lower_method, lower_tol, lower_maxiter, maxiter, backend
+        As :class:`mlocore.HyperObjective` (backend None or "cuda").
+
+    Attributes
+    ----------
+    y, v : ndarray
+        Host copies (each access one counted read-back) of the current warm starts;
+        ``y_device`` and ``v_device`` are the device vectors themselves (``v_device`` is None,
+        meaning zeros, before the first call).
+    ncalls, oracle_calls, last
+        As the CPU's; ``last.grad`` is a host array, ``last.y`` and ``last.v`` device arrays.
+    transfers : dict
+        Every host <-> device copy of all calls so far (y0, each x, the scalars of every
+        stopping test, each hypergradient).
+
+    Notes
+    -----
+    Each call copies x to the device (dx values) and reads back the hypergradient (dx values)
+    and F (the value callback's own read-back); y and v never leave the device.
+    """
+
+    def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
+                 lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
+        check_problem_backend(problem, backend, "HyperObjective")
+        check_choice("method", method, HYPEROBJECTIVE_METHODS)
+        if problem.upper.value is None:
+            raise ValueError("HyperObjective needs the upper objective's value callback")
+        self.problem = problem
+        self.method = method
+        self._sess = _Session(problem)
+        self.y_device = to_device("y0", y0, self._sess.counter, problem.dy)
+        self.v_device = None
+        self.tol = check_positive("tol", tol, allow_zero=True)
+        self.lower = _lower_options(lower_method,
+                                    min(self.tol, 1e-10) if lower_tol is None else lower_tol,
+                                    lower_maxiter, None)
+        self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
+            check_int("maxiter", maxiter, 0)
+        self._counts = self._sess.counts
+        self.ncalls = 0
+        self.last = None
+        self._comp = None
+
+    @property
+    def y(self):
+        """The current lower point, as a NumPy copy (one counted read-back)."""
+        return to_host(self.y_device, self._sess.counter)
+
+    @property
+    def v(self):
+        """The current adjoint warm start, as a NumPy copy (zeros before the first call)."""
+        if self.v_device is None:
+            return np.zeros(self.problem.dy)
+        return to_host(self.v_device, self._sess.counter)
+
+    @property
+    def transfers(self) -> dict:
+        return self._sess.counter.as_dict()
+
+    def __call__(self, x):
+        sess = self._sess
+        x = as_vector("x", x, self.problem.dx)
+        xd = to_device("x", x, sess.counter, sess.dx)
+        z = sess.joint(xd, self.y_device)
+        sess.check_once(z)
+        if self.method == "direct":
+            res = implicit_direct(sess, x, xd, z, self.v_device, True, self.lower, "device")
+        else:
+            res = _implicit(sess, self.method, x, xd, z, self.v_device, True, self.lower,
+                            self.tol, 0.0, self.maxiter, -1.0, "device")
+        res.grad = to_host(res.grad, sess.counter)
+        res.transfers = sess.counter.as_dict()
+        self.ncalls += 1
+        self.last = res
+        if not res.success and res.status != _low.MAXITER:
+            raise RuntimeError(f"hypergradient at x failed: {res.message}")
+        if not (np.isfinite(res.fun) and np.all(np.isfinite(res.grad))):
+            raise CallbackError(f"F or its hypergradient is not finite at x: {res.message}")
+        self.y_device, self.v_device = res.y, res.v
+        return float(res.fun), res.grad.copy()
+
+
+def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
+                        callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
+                        T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
+    """:func:`mlocore.minimize_multilevel` for a :class:`~mlocore.cuda.DeviceMultilevelProblem`:
+    the multilevel gradient method of Gu & Chen (2024, Algorithm 1) with the device
+    hypergradient (:class:`~mlocore.cuda._multilevel.DeviceMultilevelEngine`).
+
+    The CPU's loop (:func:`mlocore._minimize.descent_loop`: fixed steps, or Barzilai-Borwein
+    trial steps with an Armijo search on F) with x_1 on the host; the joint vector of all
+    levels stays on the device, the levels n..2 re-solved warm-started from the previous
+    iteration's (or accepted trial's) solution, as on the CPU. Same iterations and iterates
+    as the CPU to rounding.
+
+    Parameters
+    ----------
+    problem : DeviceMultilevelProblem
+        No projection (a device problem has none): plain gradient steps.
+    x0s : list of n arrays, or one joint vector of length ``sum(dims)``
+        Host or device; never modified (host arrays are copied once each, counted).
+    method : {"exact", "truncated", "fd"}
+        Hypergradient mode; "itd" runs on the CPU only (NotImplementedError).
+    step, maxiter, tol, callback, lin_tol, lower_tol, lower_maxiter, fd_step
+        As :func:`mlocore.minimize_multilevel` (``callback`` gets host copies of every
+        level's block in ``xs``, counted). ``T`` and ``inner_step`` apply to "itd" only and
+        are ignored, as on the CPU.
+    backend : {None, "cuda"}
+    output : {"numpy", "device"}
+        Type of ``res.z`` and ``res.xs``.
+
+    Returns
+    -------
+    scipy.optimize.OptimizeResult
+        The CPU's fields (``x``, ``xs``, ``z``, ``fun``, ``jac``, ``nit``, ``success``,
+        ``status``, ``message``, ``method``, ``oracle_calls`` per level, ``history``) plus
+        ``transfers``. Third-order products are differences of two level-n hvps on the
+        device (no ``tvp`` callback): ``oracle_calls`` (and ``history["oracle_calls"]``)
+        count them as hvps.
+    """
+    where = "minimize_multilevel"
+    if not isinstance(problem, DeviceMultilevelProblem):
+        from .._problem import MultilevelProblem
+        if isinstance(problem, MultilevelProblem):
+            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
+                            "mlocore.cuda.DeviceMultilevelProblem (e.g. from "
+                            "mlocore.problems.cuda_multilevel), got an "
+                            "mlocore.MultilevelProblem (CPU callbacks); use backend='cpu' for "
+                            "it")
+        raise TypeError(f"{where}: problem must be a DeviceMultilevelProblem for "
+                        f"backend='cuda', got {type(problem).__name__}")
+    if backend is not None and backend != "cuda":
+        raise TypeError(f"{where}: a DeviceMultilevelProblem has device callbacks and runs on "
+                        f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
+                        "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
+    check_backend("cuda", where)
+    if method == "itd":
+        raise NotImplementedError(f"{where}: method='itd' (unrolled multilevel) is not "
+                                  "implemented for the CUDA backend yet; use 'exact', "
+                                  "'truncated' or 'fd', or an mlocore.MultilevelProblem on the "
+                                  "CPU")
+    check_choice("method", method, MULTILEVEL_MODES)
+    dl.check_output(output, "cuda")
+    maxiter = check_int("maxiter", maxiter, 0)
+    tol = check_positive("tol", tol, allow_zero=True)
+    if step is not None:
+        step = check_positive("step", step)
+    elif problem.levels[0].value is None:
+        raise ValueError("step=None uses a backtracking line search on F, which needs level "
+                         "1's value callback; pass a fixed step=... instead")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
+    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
+    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
+    if fd_step is not None:
+        fd_step = check_positive("fd_step", fd_step)
+    eng = DeviceMultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
+    sh = eng.sh
+    d1 = problem.dims[0]
+    z = _as_joint(problem, x0s, sh.counter, "x0s")
+    if not problem._checked:
+        eng.check_at(z)
+        problem._checked = True
+    state = {"z": z}
+    x_cache = {"host": None, "device": None}
+
+    def x_device(x1):
+        """x_1 on the device: copied (and counted) once per new point."""
+        if x_cache["host"] is None or not np.array_equal(x1, x_cache["host"]):
+            x_cache["host"] = np.array(x1, dtype=np.float64)
+            x_cache["device"] = to_device("x", x_cache["host"], sh.counter, d1)
+        return x_cache["device"]
+
+    def solved(x1):
+        zz = _copy(state["z"])
+        dl.copy(x_device(x1), zz[:d1])
+        return eng.solve_from(zz, 1)
+
+    def F_eval(x1):
+        try:
+            zz = solved(x1)
+        except LevelFailure as fail:
+            return np.nan, None, fail.status, fail.detail
+        return eng.value(1, zz), zz, 0, ""
+
+    def commit(zz):
+        state["z"] = zz
+
+    def direction(x1):
+        try:
+            zz = solved(x1)
+            state["z"] = zz
+            grad = to_host(eng.grad_reduced(1, zz)[:d1], sh.counter)
+            return grad, 0, "", eng.value(1, zz)
+        except LevelFailure as fail:
+            return np.full(d1, np.nan), fail.status, fail.detail, np.nan
+
+    def host_blocks(zz):
+        zh = to_host(zz, sh.counter)
+        return zh, [zh[problem.block(k)].copy() for k in range(1, problem.n + 1)]
+
+    def extra():
+        return {"xs": host_blocks(state["z"])[1]}
+
+    def calls():
+        return int(sum(int(c[UPPER_GRAD] + c[UPPER_HVP] + c[UPPER_VALUE]) for c in sh.counts))
+
+    x1 = to_host(z[:d1], sh.counter)
+    x1, fun, grad, nit, status, detail, history = descent_loop(
+        lambda u: u, x1, direction, F_eval, commit, step, maxiter, tol, callback, extra,
+        calls=calls)
+    if status != 0 or step is not None:
+        fun, zz, _, _ = F_eval(x1)  # F at the returned x_1
+        if zz is not None:
+            state["z"] = zz
+    zz = state["z"]
+    if output == "numpy":
+        zz, xs = host_blocks(zz)
+    else:
+        xs = [_copy(zz[problem.block(k)]) for k in range(1, problem.n + 1)]
+    return OptimizeResult(
+        x=x1, xs=xs, z=zz, fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
+        message=status_message(status, detail), method=method,
+        oracle_calls=eng.oracle_calls(), history=history, transfers=sh.counter.as_dict())
