@@ -1,9 +1,12 @@
-"""CUDA backend, stochastic bilevel loops (SOBA, StocBiO) on the device, against the CPU.
+"""CUDA backend, stochastic bilevel loops (SOBA, SABA, StocBiO, BSA, TTSA, AID, alternating)
+on the device, against the CPU.
 
-Evidence (the device's random streams differ from the CPU's): full-batch runs equal the CPU
-runs to 1e-10; minibatch runs are reproducible per seed and converge on the stochastic
-quadratic like the CPU's; huge steps give status 13 with finite iterates. Runs under numba's
-CUDA simulator (tests/conftest.py): tiny sizes (dx=2, dy=3, n=8).
+Evidence: full-batch runs equal the CPU runs to 1e-10; fixed minibatches
+(``sampler="batches"``, whose permutation and batch orders come from the CPU driver's
+generators) equal the CPU runs to 1e-12, minibatches included; uniform minibatches (drawn on
+the device, streams that differ from the CPU's) are reproducible per seed and converge on
+the stochastic quadratic like the CPU's; huge steps give status 13 with finite iterates.
+Runs under numba's CUDA simulator (tests/conftest.py): tiny sizes (dx=2, dy=3, n=8).
 """
 import math
 import sys
@@ -28,7 +31,10 @@ from mlocore.problems.quadratic import (quad_grad, quad_hvp, quad_sample_grad,
 pytestmark = pytest.mark.cuda
 
 STOCBIO = dict(inner_steps=2, neumann_terms=3, neumann_step=0.3)
-METHOD_OPTIONS = {"soba": {}, "stocbio": STOCBIO}
+METHOD_OPTIONS = {"soba": {}, "stocbio": STOCBIO, "saba": {}, "bsa": STOCBIO,
+                  "ttsa": dict(neumann_terms=3, neumann_step=0.3),
+                  "aid": dict(inner_steps=2, neumann_terms=2),
+                  "alternating": dict(inner_steps=2)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -235,12 +241,21 @@ def test_callback_stop_and_history(quad, dev):
 # ---------------------------------------------------------------------------------------
 def test_bad_input_errors(quad, dev):
     kw = dict(maxiter=1, step=0.1, inner_step=0.1)
-    with pytest.raises(NotImplementedError, match="'bsa'.*soba, stocbio"):
-        minimize_stochastic(dev, X0, Y0, "bsa", **kw)
+    with pytest.raises(NotImplementedError, match="'stable'.*soba, saba, stocbio"):
+        minimize_stochastic(dev, X0, Y0, "stable", **kw)
     with pytest.raises(ValueError, match="lower_batch_size = 9 exceeds.*n_samples = 8"):
         minimize_stochastic(dev, X0, Y0, "soba", batch_size=9, upper_batch_size=4, **kw)
-    with pytest.raises(NotImplementedError, match="sampler='batches'"):
-        minimize_stochastic(dev, X0, Y0, "soba", sampler="batches", **kw)
+    with pytest.raises(ValueError, match=r"SABA needs fixed minibatches \(sampler='batches'\), "
+                                         "got sampler='uniform'"):
+        minimize_stochastic(dev, X0, Y0, "saba", sampler="uniform", **kw)
+    with pytest.raises(ValueError, match="memory_init"):
+        minimize_stochastic(dev, X0, Y0, "saba", memory_init="ones", **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tau'.*memory_init"):
+        minimize_stochastic(dev, X0, Y0, "saba", tau=0.1, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tau'.*none"):
+        minimize_stochastic(dev, X0, Y0, "bsa", tau=0.1, **kw)
+    with pytest.raises(ValueError, match="sampler"):
+        minimize_stochastic(dev, X0, Y0, "soba", sampler="shuffled", **kw)
     with pytest.raises(TypeError, match="does not use neumann_terms"):
         minimize_stochastic(dev, X0, Y0, "soba", neumann_terms=3, **kw)
     with pytest.raises(ValueError, match=r"x0 must have shape \(2,\), got shape \(3,\)"):
@@ -335,3 +350,170 @@ def test_deterministic_solvers_use_the_full_batch(quad, dev):
     low = mlo.solve_lower(dev, X0, Y0)
     np.testing.assert_allclose(low.y, mlo.solve_lower(quad.stochastic_problem, X0, Y0).y,
                                rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# SABA, BSA, TTSA, AID, alternating; the fixed-batches sampler
+# ---------------------------------------------------------------------------------------
+NEW_METHODS = ["saba", "bsa", "ttsa", "aid", "alternating"]
+
+
+def _assert_same_run(r, c, atol):
+    assert r.status == c.status and r.nit == c.nit and r.method == c.method
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=atol)
+    np.testing.assert_allclose(r.y, c.y, rtol=0, atol=atol)
+    for key in ("iteration", "oracle_calls", "samples"):
+        np.testing.assert_array_equal(r.history[key], c.history[key])
+    for key in ("dist_to_x_star", "F", "grad_norm_sq"):
+        np.testing.assert_allclose(r.history[key], c.history[key], rtol=1e-10, atol=1e-12)
+    assert r.oracle_calls == c.oracle_calls and r.oracle_samples == c.oracle_samples
+    assert r.batch_size == c.batch_size
+    assert r.steps["neumann_step"] == pytest.approx(c.steps["neumann_step"], rel=1e-8)
+
+
+def _saba_views(res, nb):
+    from mlocore._stochastic_free import saba_tables
+    work = res.state["work"]
+    work = work.copy_to_host() if is_device_array(work) else work
+    return saba_tables(work, 2, 3, nb, nb)
+
+
+def _assert_same_state(r, c, method, nb=1):
+    if method == "saba":
+        tr, tc = _saba_views(r, nb), _saba_views(c, nb)
+        assert tr["filled"] and tc["filled"]
+        for key in ("v", "mean_lower", "mean_upper", "table_lower", "table_upper"):
+            np.testing.assert_allclose(tr[key], tc[key], rtol=0, atol=1e-10)
+    elif method == "aid":
+        np.testing.assert_allclose(r.state["work"].copy_to_host(), c.state["work"],
+                                   rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_new_methods_full_batch_match_cpu(quad, dev, method):
+    """batch_size = n_samples: the deterministic algorithm, the CPU run to 1e-10 (iterates,
+    history, oracle counts; SABA's tables, AID's warm-started v); BSA / TTSA's random
+    numbers of Neumann terms come from the CPU's SplitMix64 stream (seeded alike)."""
+    kw = dict(batch_size=8, step=0.2, inner_step=0.3, maxiter=6, eval_every=3, seed=5)
+    r = _dev(dev, quad, method, **kw)
+    c = _cpu(quad, method, **kw)
+    assert r.status == 20 and r.nit == 6
+    _assert_same_run(r, c, 1e-10)
+    _assert_same_state(r, c, method)
+    # x0, y0 in; read-backs: per checkpoint, y at the end, and for AID (eta's default from
+    # the full-batch L_g, as on the CPU) one power iteration
+    assert r.transfers["h2d"] == 2
+    assert r.transfers["d2h"] == 3 + 1 + (1 if method == "aid" else 0)
+
+
+@pytest.mark.parametrize("method,options", [("saba", {"memory_init": "full"}),
+                                            ("saba", {"memory_init": "zeros"}),
+                                            ("stocbio", {}), ("bsa", {}), ("aid", {})])
+def test_fixed_batches_match_cpu_with_minibatches(quad, dev, method, options):
+    """sampler="batches", batch 3 of 8 (batches of 3, 3, 2; SAGA weights 9/8, 3/4): the
+    permutation and the per-epoch batch orders are the CPU's for the seed, so the device run
+    equals the CPU run with minibatches (to rounding); one permutation copied per level."""
+    kw = dict(batch_size=3, step=0.2, inner_step=0.2 if method == "saba" else 0.3,
+              maxiter=6, eval_every=3, seed=7, sampler="batches", **options)
+    r = _dev(dev, quad, method, **kw)
+    c = _cpu(quad, method, **kw)
+    _assert_same_run(r, c, 1e-12)
+    _assert_same_state(r, c, method, nb=3)
+    assert r.oracle_samples["upper_grad"] < 6 * 8  # minibatches, not the full batch
+    assert r.transfers["h2d"] == 2 + 2
+    other = _dev(dev, quad, method, **{**kw, "seed": 8})
+    assert np.abs(other.x - r.x).max() > 1e-6
+
+
+def test_saba_tables_exact(quad, dev):
+    """memory_init="full": after the first iteration every row was computed at (x0, y0,
+    v = 0), so the running means are the full-batch quantities there (grad_y g, 0, 0;
+    grad_y f, grad_x f). memory_init="zeros": after one epoch (each fixed batch visited
+    once) no zero row is left and the means are the sample-weighted means of the rows."""
+    z0 = np.concatenate([X0, Y0])
+    full = np.arange(8, dtype=np.int64)
+    gl = quad_sample_grad(z0, full, *quad.lower_samples, quad.ridge)
+    gu = quad_sample_grad(z0, full, *quad.upper_samples, quad.ridge)
+    kw = dict(batch_size=4, step=0.2, inner_step=0.2, eval_every=1, seed=3)
+    t = _saba_views(_dev(dev, quad, "saba", maxiter=1, memory_init="full", **kw), 2)
+    np.testing.assert_allclose(t["mean_lower"], np.concatenate([gl[2:], np.zeros(5)]),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(t["mean_upper"], np.concatenate([gu[2:], gu[:2]]),
+                               rtol=0, atol=1e-12)
+    t = _saba_views(_dev(dev, quad, "saba", maxiter=2, memory_init="zeros", **kw), 2)
+    for level in ("lower", "upper"):
+        rows = t["table_" + level]
+        assert np.all(np.abs(rows).sum(axis=1) > 0)
+        np.testing.assert_allclose(t["mean_" + level], rows.mean(axis=0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["aid", "alternating"])
+def test_new_methods_uniform_minibatches_reproducible(quad, dev, method):
+    kw = dict(batch_size=2, step=0.2, inner_step=0.3, maxiter=4)
+    a = _dev(dev, quad, method, seed=11, eval_every=4, **kw)
+    b = _dev(dev, quad, method, seed=11, eval_every=3, **kw)
+    c = _dev(dev, quad, method, seed=12, eval_every=4, **kw)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert a.oracle_calls == b.oracle_calls
+    assert np.abs(a.x - c.x).max() > 1e-6
+    assert a.transfers["h2d"] == 3  # x0, y0 and the generator states
+
+
+@pytest.mark.parametrize("method", ["bsa", "ttsa"])
+def test_new_methods_uniform_minibatches_reproducible_and_converge(quad, dev, method):
+    """Indices drawn on the device (the number of Neumann terms on the host): the same seed
+    gives the same bits whatever the chunking, another seed differs; batch 4 of 8,
+    alpha_k = 0.2 / sqrt(1 + k/10), 30 iterations from |x0 - x*| = 3.1: the CPU ends at
+    a median distance of about 0.45 (BSA) / 0.3 (TTSA) over seeds 0-5, the device's two
+    seeds at 0.29, 0.42 (BSA) / 0.26, 0.48 (TTSA); they must stay within twice the CPU's
+    median."""
+    kw = dict(batch_size=4, step=mlo.Schedule(0.2, 0.5, 10.0), inner_step=0.3, maxiter=30)
+    a = _dev(dev, quad, method, seed=0, eval_every=30, **kw)
+    b = _dev(dev, quad, method, seed=0, eval_every=20, **kw)
+    c = _dev(dev, quad, method, seed=1, eval_every=30, **kw)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, b.y)
+    assert a.oracle_calls == b.oracle_calls and a.oracle_samples["upper_grad"] == 30 * 4
+    assert np.abs(a.x - c.x).max() > 1e-6
+    assert a.transfers["h2d"] == 3  # x0, y0 and the generator states
+    cpu = [_cpu(quad, method, seed=s, eval_every=30, **kw).history["dist_to_x_star"][-1]
+           for s in range(6)]
+    devd = [r.history["dist_to_x_star"][-1] for r in (a, c)]
+    assert a.history["dist_to_x_star"][0] > 3.0
+    assert max(devd) < 2.0 * np.median(cpu) and np.median(cpu) < 0.6, (devd, cpu)
+
+
+def test_saba_converges_linearly_like_cpu(quad, dev):
+    """Constant steps, fixed batches of 4: SABA converges to x* itself (no noise ball); the
+    device run is the CPU run."""
+    kw = dict(batch_size=4, step=0.2, inner_step=0.1, maxiter=40, eval_every=20, seed=0)
+    r = _dev(dev, quad, "saba", **kw)
+    c = _cpu(quad, "saba", **kw)
+    assert r.history["dist_to_x_star"][-1] < 0.01 < 3.0 < r.history["dist_to_x_star"][0]
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-12)
+
+
+def test_new_methods_diverge_with_status_13(quad, dev):
+    for method in ("saba", "bsa"):
+        r = _dev(dev, quad, method, batch_size=2, step=1e3, inner_step=1e3, maxiter=20,
+                 eval_every=5, seed=0)
+        assert r.status == 13 and "Diverged" in r.message and r.nit < 20
+        assert np.all(np.isfinite(r.x)) and np.all(np.isfinite(r.y))
+
+
+def test_saba_backtracking_rewinds_tables_like_cpu(quad, dev, monkeypatch):
+    """Default steps with a far too large upper step (L_F patched): each divergence halves
+    it and resumes from a saved state, the tables, the flag and the host batch orders
+    included; the device run stays the CPU run."""
+    import mlocore._stochastic as cpu_driver
+    from mlocore.cuda import _stochastic as dev_driver
+    monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    kw = dict(batch_size=4, inner_step=0.1, maxiter=10, eval_every=5, seed=0, backtrack=20)
+    r = _dev(dev, quad, "saba", **kw)
+    c = _cpu(quad, "saba", **kw)
+    assert c.step_reductions > 3 and r.step_reductions == c.step_reductions
+    assert r.steps["alpha"].initial == c.steps["alpha"].initial
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-10)
+    _assert_same_state(r, c, "saba", nb=2)

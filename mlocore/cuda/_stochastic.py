@@ -1,18 +1,32 @@
-"""Stochastic bilevel loops on the device ("one large problem" mode): SOBA and StocBiO.
+"""Stochastic bilevel loops on the device ("one large problem" mode): SOBA, SABA, StocBiO,
+BSA, TTSA, stochastic AID-BiO and the alternating baseline.
 
 The CPU driver :func:`mlocore._stochastic.minimize_stochastic` and its kernels
-(:mod:`mlocore._kernels.stoch_implicit`, ALGORITHMS.md section 4) for a
-:class:`~mlocore.cuda.DeviceBilevelProblem`, with the same options, default steps, status
-codes and result fields. What differs is where things live:
+(:mod:`mlocore._kernels.stoch_implicit`, :mod:`mlocore._kernels.stoch_free`, ALGORITHMS.md
+section 4) for a :class:`~mlocore.cuda.DeviceBilevelProblem`, with the same options, default
+steps, status codes and result fields. What differs is where things live:
 
-* The iterates x, y (one joint device vector z = concat(x, y)) and SOBA's v stay on the
-  device for the whole run; every vector update is one fused kernel.
-* Minibatch indices are drawn on the device, uniformly with replacement, by
-  ``numba.cuda.random`` (xoroshiro128p, one generator state per thread of the draw launch,
-  all created from ``seed``), into one int64 device array per level. A batch size equal to
-  ``n_samples`` is the full batch in order (no randomness), as on the CPU: such runs
-  reproduce the CPU's iterates to rounding. With minibatches the random streams differ from
-  the CPU's (SplitMix64), so runs agree with the CPU in distribution only.
+* The iterates x, y (one joint device vector z = concat(x, y)), SOBA's / SABA's / AID's v
+  and SABA's SAGA tables stay on the device for the whole run; every vector update is one
+  fused kernel.
+* ``sampler="uniform"``: minibatch indices are drawn on the device, uniformly with
+  replacement, by ``numba.cuda.random`` (xoroshiro128p, one generator state per thread of
+  the draw launch, all created from ``seed``), into one int64 device array per level. These
+  streams differ from the CPU's (SplitMix64), so such runs agree with the CPU in
+  distribution only.
+* ``sampler="batches"`` (SABA's default): the shuffled order of the samples is drawn once
+  per run on the host by the CPU driver's generator (``SeedSequence(seed)``, the same
+  calls in the same order) and copied to the device once (one counted copy per level); a
+  batch is then a slice of that device array (no kernel, no copy per draw). The order in
+  which the batches are visited (reshuffled every epoch) and BSA's / TTSA's random number
+  of Neumann terms are drawn on the host with the CPU kernels' SplitMix64 stream: the host
+  issues the callbacks, so it must know each batch's length (the last batch may be
+  shorter), SABA's table row and the number of HVPs anyway, and a device draw would cost a
+  synchronizing read-back per iteration. Runs whose randomness is all of this kind (SABA;
+  any method with ``sampler="batches"`` on both levels) therefore reproduce the CPU run to
+  rounding, minibatches included.
+* A batch size equal to ``n_samples`` is the full batch in order (no randomness), as on the
+  CPU: such runs reproduce the CPU's iterates to rounding.
 * Between checkpoints nothing crosses the bus (the schedules' step sizes are kernel
   arguments computed on the host). At each checkpoint one counted device -> host copy brings
   back x together with ``|(x, y)|^2`` and ``sum |v|`` (the divergence test); divergence is
@@ -26,6 +40,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import sys
 import time
 import warnings
 
@@ -40,6 +55,7 @@ from scipy.optimize import OptimizeResult
 
 from .._callbacks import CallbackError
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
+from .._kernels import stochastic as _sk
 from .._kernels.oracles import (COUNTER_NAMES, LOWER_GRAD, LOWER_HVP, N_COUNTERS,
                                 UPPER_GRAD, UPPER_HVP)
 from .._results import status_message
@@ -51,7 +67,7 @@ from ._problem import DeviceBilevelProblem, DeviceOracle
 __all__ = ["minimize_stochastic", "DEVICE_STOCHASTIC_METHODS"]
 
 #: methods with a device loop (the others of mlocore.STOCHASTIC_METHODS run on the CPU only)
-DEVICE_STOCHASTIC_METHODS = ("soba", "stocbio")
+DEVICE_STOCHASTIC_METHODS = ("soba", "saba", "stocbio", "bsa", "ttsa", "aid", "alternating")
 
 _TPB = dl.THREADS_PER_BLOCK
 _SIMULATOR = simulator_enabled()
@@ -144,6 +160,154 @@ def _combine_kernel(out, a, wa, b, wb, c):
         out[i] = wa * a[i] + wb * b[i] - c[i]
 
 
+@cuda.jit
+def _upper_grad_step_kernel(z, gf, alpha, dx):
+    """``x <- x - alpha grad_x f`` (the alternating baseline's upper step)."""
+    for i in range(cuda.grid(1), dx, cuda.gridsize(1)):
+        z[i] -= alpha * gf[i]
+
+
+@cuda.jit
+def _neumann_step_kernel(p, h, dx, eta):
+    """One factor of the randomized Neumann estimator: ``p <- p - eta H_yy p``."""
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        p[i] -= eta * h[dx + i]
+
+
+# SABA ----------------------------------------------------------------------------------
+@cuda.jit(device=True)
+def _saba_row_entry(gg, h, gf, dx, dy, t):
+    """Entry t of the concatenated rows: lower ``(grad_y g, H_yy v, H_xy v)`` (2 dy + dx
+    entries), then upper ``(grad_y f, grad_x f)`` (dy + dx entries)."""
+    rl = 2 * dy + dx
+    if t < dy:
+        return gg[dx + t]
+    if t < 2 * dy:
+        return h[dx + t - dy]
+    if t < rl:
+        return h[t - 2 * dy]
+    u = t - rl
+    if u < dy:
+        return gf[dx + u]
+    return gf[u - dy]
+
+
+@cuda.jit
+def _saba_fill_kernel(work, gg, h, gf, dx, dy, upper, row_off, mean_off, frac):
+    """Full memory initialisation, one batch: ``row = new``, ``mean += frac row`` for the
+    lower row (``upper`` 0) or the upper row (``upper`` 1)."""
+    rl = 2 * dy + dx
+    width = dy + dx if upper else rl
+    shift = rl if upper else 0
+    for t in range(cuda.grid(1), width, cuda.gridsize(1)):
+        new = _saba_row_entry(gg, h, gf, dx, dy, t + shift)
+        work[row_off + t] = new
+        work[mean_off + t] += frac * new
+
+
+@cuda.jit
+def _saga_kernel(work, gg, h, gf, dx, dy, mean_off, row_l, row_u, w_l, f_l, w_u, f_u, d):
+    """SAGA estimates of both levels' rows (the CPU ``_saga_update``, entry by entry)::
+
+        d = w (new - row) + mean;  mean += f (new - row);  row = new
+
+    ``d[:2 dy + dx]`` lower, ``d[2 dy + dx:]`` upper; the lower mean is followed by the upper
+    one in ``work`` (from ``mean_off``), ``row_l`` / ``row_u`` are the rows' offsets."""
+    rl = 2 * dy + dx
+    for t in range(cuda.grid(1), rl + dy + dx, cuda.gridsize(1)):
+        new = _saba_row_entry(gg, h, gf, dx, dy, t)
+        if t < rl:
+            r = row_l + t
+            w = w_l
+            f = f_l
+        else:
+            r = row_u + t - rl
+            w = w_u
+            f = f_u
+        diff = new - work[r]
+        d[t] = w * diff + work[mean_off + t]
+        work[mean_off + t] += f * diff
+        work[r] = new
+
+
+@cuda.jit
+def _saba_step_kernel(z, v, d, dx, dy, rho, gamma):
+    """SABA's joint step from the SAGA estimates d (lower row, then upper row)::
+
+        y <- y - rho D[grad_y g];  v <- v - rho (D[H_yy v] - D[grad_y f]);
+        x <- x - gamma (D[grad_x f] - D[H_xy v])
+    """
+    rl = 2 * dy + dx
+    for i in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        if i < dx:
+            z[i] -= gamma * (d[rl + dy + i] - d[2 * dy + i])
+        else:
+            q = i - dx
+            z[i] -= rho * d[q]
+            v[q] -= rho * (d[dy + q] - d[rl + q])
+
+
+# stochastic AID-BiO: CG on one minibatch Hessian, breaks decided on the device -----------
+_CG_RR, _CG_PAP, _CG_RRNEW, _CG_STEP, _CG_STOP = 0, 1, 2, 3, 4
+_CG_SLOTS = 5
+
+
+@cuda.jit
+def _aid_residual_kernel(r, p, gf, h, dx):
+    """``r = grad_y f - H_yy v`` (from the warm start v), ``p = r``."""
+    for i in range(cuda.grid(1), r.shape[0], cuda.gridsize(1)):
+        ri = gf[dx + i] - h[dx + i]
+        r[i] = ri
+        p[i] = ri
+
+
+@cuda.jit
+def _cg_reset_kernel(cg):
+    if cuda.grid(1) == 0:
+        cg[_CG_STOP] = 0.0
+
+
+@cuda.jit
+def _cg_gate_kernel(cg):
+    """One thread: stop once ``r.r == 0`` or the curvature ``p.Hp`` is not > 0 (the CPU's two
+    breaks; v is kept), else store the step ``r.r / p.Hp``."""
+    if cuda.grid(1) != 0 or cg[_CG_STOP] != 0.0:
+        return
+    rr = cg[_CG_RR]
+    php = cg[_CG_PAP]
+    if rr == 0.0 or not php > 0.0:
+        cg[_CG_STOP] = 1.0
+    else:
+        cg[_CG_STEP] = rr / php
+
+
+@cuda.jit
+def _cg_update_kernel(v, r, p, h, dx, cg):
+    """``v += a p; r -= a H p`` unless stopped."""
+    if cg[_CG_STOP] != 0.0:
+        return
+    a = cg[_CG_STEP]
+    for i in range(cuda.grid(1), v.shape[0], cuda.gridsize(1)):
+        v[i] += a * p[i]
+        r[i] -= a * h[dx + i]
+
+
+@cuda.jit
+def _cg_direction_kernel(p, r, cg):
+    """``p = r + (rr_new / rr) p`` unless stopped."""
+    if cg[_CG_STOP] != 0.0:
+        return
+    beta = cg[_CG_RRNEW] / cg[_CG_RR]
+    for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+        p[i] = r[i] + beta * p[i]
+
+
+@cuda.jit
+def _cg_commit_kernel(cg):
+    if cuda.grid(1) == 0 and cg[_CG_STOP] == 0.0:
+        cg[_CG_RR] = cg[_CG_RRNEW]
+
+
 def _launch(kernel, n, *args):
     kernel[dl.grid_for(n), _TPB](*args)
 
@@ -156,10 +320,19 @@ def _quiet_simulated_arithmetic():
     if not _SIMULATOR:
         yield
         return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r".*(overflow|invalid value|divide by zero) "
-                                r"encountered", RuntimeWarning)
-        yield
+    # The simulated generator calls numba.cuda.random's CPU-jitted functions with the
+    # simulator's fake arrays; numba formats (and discards) a typing message each time, from
+    # several simulated threads at once, and its colorama init/deinit pairs then race and
+    # leave sys.stdout / sys.stderr wrapped once more per launch (after a few hundred runs
+    # printing hits Python's recursion limit). Restore the streams afterwards.
+    streams = sys.stdout, sys.stderr
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*(overflow|invalid value|divide by zero) "
+                                    r"encountered", RuntimeWarning)
+            yield
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,44 +345,99 @@ def _device_arange(n, start=0):
 
 
 class _DeviceSampler:
-    """One level's minibatches: the device int64 array ``idx`` that every draw refills.
+    """One level's minibatches.
 
     ``n_samples`` None (deterministic objective): no idx, one "sample" per call (the CPU's
-    convention). A batch size equal to ``n_samples``: ``idx = 0..n-1``, never redrawn.
-    Otherwise ``batch_size`` uniform indices with replacement per draw, from generator states
-    ``offset .. offset + n_states - 1`` of the shared state array.
+    convention). A batch size equal to ``n_samples``: the full batch ``0..n-1`` in order
+    (a device arange, never redrawn). Otherwise, ``kind``:
+
+    * "uniform": ``batch_size`` uniform indices with replacement per draw, drawn on the
+      device into the int64 array ``idx`` from generator states ``offset .. offset +
+      n_states - 1`` of the shared xoroshiro128p state array;
+    * "batches": the CPU's fixed minibatches (``mlocore._stochastic._level_sampling`` and
+      ``_kernels.stochastic.draw``): batch b is ``perm[b bs : (b + 1) bs]`` (the last one may
+      be shorter) of one permutation drawn by ``np_rng`` (the CPU driver's generator) and
+      copied to the device once (counted in ``counter``); the batches are visited in an
+      order reshuffled every epoch by the host SplitMix64 state ``hrng`` (``bind``), each
+      once per epoch. ``order`` and ``pos`` (host arrays) are the sampler's position.
     """
 
-    def __init__(self, obj, role, batch_size, default_batch):
+    def __init__(self, obj, role, batch_size, default_batch, kind="uniform", np_rng=None,
+                 counter=None):
         n = obj.n_samples
-        self.role, self.idx, self.random = role, None, False
+        self.role, self.idx, self.random, self.n_states = role, None, False, 0
+        self.sampled = n is not None
+        self.kind = "batches"
         if n is None:
-            self.n, self.bs, self.n_states = 1, 1, 0
-            return
-        bs = min(default_batch, n) if batch_size is None else batch_size
-        if bs > n:
-            raise ValueError(f"{role}_batch_size = {bs} exceeds the {role} objective's "
-                             f"n_samples = {n}; expected 1 <= batch size <= n_samples")
-        self.n, self.bs = n, bs
-        if bs == n:  # the full batch, in order (reproduces the deterministic run)
-            self.idx = _device_arange(n)
-            self.n_states = 0
+            self.n, self.bs, self.subsampled = 1, 1, False
+            self.slices = [None]
         else:
-            self.random = True
-            self.blocks = dl.grid_for(bs)  # fixed: the generator states are per thread
-            self.n_states = self.blocks * _TPB
-            self.idx = cuda.device_array(bs, dtype=np.int64)
+            bs = min(default_batch, n) if batch_size is None else batch_size
+            if bs > n:
+                raise ValueError(f"{role}_batch_size = {bs} exceeds the {role} objective's "
+                                 f"n_samples = {n}; expected 1 <= batch size <= n_samples")
+            self.n, self.bs, self.subsampled = n, bs, bs < n
+            if bs == n:  # the full batch, in order (reproduces the deterministic run)
+                self.idx = _device_arange(n)
+                self.slices = [self.idx]
+            elif kind == "uniform":
+                self.kind, self.random = "uniform", True
+                self.blocks = dl.grid_for(bs)  # fixed: the generator states are per thread
+                self.n_states = self.blocks * _TPB
+                self.idx = cuda.device_array(bs, dtype=np.int64)
+            else:
+                if np_rng is None:
+                    np_rng = np.random.default_rng()
+                counter = Transfers() if counter is None else counter
+                perm = _to_device_int(np_rng.permutation(n), counter)
+                self.slices = [perm[s:min(s + bs, n)] for s in range(0, n, bs)]
+        self.nb = -(-self.n // self.bs)
+        self.order = np.arange(self.nb, dtype=np.int64)
+        self.pos = np.array([self.nb], dtype=np.int64)  # position nb: shuffle on first draw
+        self.hrng = np.zeros(1, dtype=np.uint64)
 
-    def bind(self, states, offset):
+    def bind(self, states, offset, hrng=None):
         self.states, self.offset = states, int(offset)
+        if hrng is not None:
+            self.hrng = hrng
 
-    def draw(self):
-        """Refill idx (on the device) and return it (None for a deterministic objective)."""
+    def draw_batch(self):
+        """The next minibatch ``(idx, b)``: idx refilled on the device (uniform; ``b = -1``)
+        or the fixed batch b's device slice (None for a deterministic objective)."""
         if self.random:
             with _quiet_simulated_arithmetic():
                 _uniform_indices_kernel[self.blocks, _TPB](self.states, self.offset,
                                                            self.idx, self.n)
-        return self.idx
+            return self.idx, -1
+        if self.pos[0] >= self.nb:
+            if self.nb > 1:
+                _sk.shuffle(self.order, self.hrng)
+            self.pos[0] = 0
+        b = int(self.order[self.pos[0]])
+        self.pos[0] += 1
+        return self.slices[b], b
+
+    def draw(self):
+        """Next minibatch's idx (on the device; None for a deterministic objective)."""
+        return self.draw_batch()[0]
+
+    def batch(self, b):
+        """Fixed batch b's indices (batches sampler)."""
+        return self.slices[b]
+
+    def full_idx(self):
+        """All samples in order (None for a deterministic objective)."""
+        if not self.sampled:
+            return None
+        if self.bs == self.n:
+            return self.idx
+        if getattr(self, "_full", None) is None:
+            self._full = _device_arange(self.n)
+        return self._full
+
+    def state_arrays(self):
+        """The host arrays a rewind saves (the batches' order and position)."""
+        return (self.order, self.pos)
 
 
 class _SampledOracle:
@@ -233,16 +461,16 @@ class _SampledOracle:
             raise CallbackError(f"callback {self.role}.{name} raised {type(exc).__name__}: "
                                 f"{exc}") from exc
 
-    def _count(self, slot, bs):
+    def _count(self, slot, idx):
         self.counts[slot] += 1
-        self.counts[N_COUNTERS + slot] += bs
+        self.counts[N_COUNTERS + slot] += 1 if idx is None else idx.shape[0]
 
     def grad(self, z, idx, out):
-        self._count(self.slot_grad, self.bs)
+        self._count(self.slot_grad, idx)
         self._call("grad", self.obj.grad, (z,), idx, out)
 
     def hvp(self, z, v, idx, out):
-        self._count(self.slot_hvp, self.bs)
+        self._count(self.slot_hvp, idx)
         self._call("hvp", self.obj.hvp, (z, v), idx, out)
 
 
@@ -327,6 +555,8 @@ def _create_states(n, seed, counter):
 # Rewind after divergence (the CPU's _Rewind on device arrays: device-to-device copies)
 # ---------------------------------------------------------------------------------------
 def _dcopy(a):
+    if isinstance(a, np.ndarray):  # host state (the batches' order, SplitMix64 state)
+        return a.copy()
     if a.dtype == xoroshiro128p_dtype:
         b = cuda.device_array(a.shape[0], dtype=xoroshiro128p_dtype)
         _launch(_copy_states_kernel, a.shape[0], a, b)
@@ -337,7 +567,9 @@ def _dcopy(a):
 
 
 def _dput(dst, src):
-    if dst.dtype == xoroshiro128p_dtype:
+    if isinstance(dst, np.ndarray):
+        dst[...] = src
+    elif dst.dtype == xoroshiro128p_dtype:
         _launch(_copy_states_kernel, dst.shape[0], src, dst)
     else:
         dl.copy(src, dst)
@@ -468,18 +700,25 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     x0, y0 : ndarray or device array
         Host arrays are validated and copied once each (counted); device arrays are used
         as given and never modified.
-    method : {"soba", "stocbio"}
+    method : {"soba", "saba", "stocbio", "bsa", "ttsa", "aid", "alternating"}
         ALGORITHMS.md section 4: SOBA (Dagreou et al. 2022; joint single-loop steps on y, v,
-        x) and StocBiO (Ji, Yang & Liang 2021; T warm-started lower SGD steps, Neumann sum
-        of Q terms). The kernels of :mod:`mlocore._kernels.stoch_implicit`, step for step.
+        x), SABA (SOBA with SAGA tables on fixed minibatches; option ``memory_init`` "full"
+        or "zeros"), StocBiO (Ji, Yang & Liang 2021; T warm-started lower SGD steps, Neumann
+        sum of Q terms), BSA and TTSA (randomized Neumann estimator), stochastic AID-BiO (Q
+        CG iterations on one minibatch Hessian, warm-started v) and the alternating
+        baseline. The kernels of :mod:`mlocore._kernels.stoch_implicit` and
+        :mod:`mlocore._kernels.stoch_free`, step for step (no projection on this path).
     maxiter, batch_size, upper_batch_size, step, inner_step, inner_steps, neumann_terms,
     neumann_step, seed, eval_every, tol, callback, reference, backtrack
         As :func:`mlocore._stochastic.minimize_stochastic` (numbers or
         :class:`mlocore.Schedule` for the steps; default steps from Lipschitz estimates
         computed on the device, halved on divergence up to ``backtrack`` times).
-    sampler : {"uniform"}
-        Uniform sampling with replacement on the device (``numba.cuda.random``, seeded by
-        ``seed``); "batches" runs on the CPU only.
+    sampler : {"uniform", "batches"}
+        Default: the method's (as on the CPU; "batches" for SABA, which needs it).
+        "uniform": with replacement, drawn on the device (``numba.cuda.random``, seeded by
+        ``seed``). "batches": the CPU's fixed minibatches of one shuffled order, each once per
+        epoch in a reshuffled order (the same permutation and orders as the CPU for a seed;
+        see the module docstring).
     output : {"numpy", "device"}
         Type of ``res.x`` and ``res.y``.
 
@@ -488,13 +727,16 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     scipy.optimize.OptimizeResult
         The CPU driver's fields (``x, y, fun, jac, nit, success, status, message, method,
         seed, oracle_calls, oracle_samples, history, steps, step_reductions, batch_size,
-        time, state``) plus ``transfers``. ``state["work"]`` is SOBA's v (a device array).
+        time, state``) plus ``transfers``. ``state["work"]`` (a device array) is v (SOBA, AID)
+        or SABA's work array in the CPU layout (the host copy unpacks with
+        :func:`mlocore._stochastic_free.saba_tables`); empty for the others.
         ``time`` is the time of the device loops (synchronized at each checkpoint).
 
     Notes
     -----
-    Transfers of a run: host -> device x0 and y0 (when given on the host) and one copy of
-    the generator states (when a level is subsampled); device -> host one copy per
+    Transfers of a run: host -> device x0 and y0 (when given on the host), one copy of
+    the generator states (when a level is subsampled uniformly) and one copy of the
+    permutation per level subsampled by fixed batches; device -> host one copy per
     checkpoint (x with two scalars, the initial point included) and y at the end (with
     ``output="numpy"``). The first run on a problem also checks each stochastic objective's
     callbacks (one read-back per level, :func:`_check_sampled`); default steps add the
@@ -522,18 +764,25 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     T = spec.inner_steps if inner_steps is None else check_int("inner_steps", inner_steps, 1)
     Q = spec.neumann_terms if neumann_terms is None else check_int("neumann_terms",
                                                                    neumann_terms, 1)
-    for name in method_options:
-        raise TypeError(f"minimize_bilevel(method={method!r}) got an unexpected keyword "
-                        f"argument {name!r}; its method-specific options are: none")
+    extra = dict(spec.options)
+    for name, value in method_options.items():
+        if name not in spec.options:
+            raise TypeError(f"minimize_bilevel(method={method!r}) got an unexpected keyword "
+                            f"argument {name!r}; its method-specific options are: "
+                            + (", ".join(sorted(spec.options)) or "none"))
+        extra[name] = value
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     upper_batch_size = batch_size if upper_batch_size is None else \
         check_int("upper_batch_size", upper_batch_size, 1)
-    if sampler is not None:
-        check_choice("sampler", sampler, ("uniform", "batches"))
-        if sampler != "uniform":
-            raise NotImplementedError(f"sampler={sampler!r} is not implemented for the CUDA "
-                                      "backend yet; use sampler='uniform' (or the CPU)")
+    sampler = spec.sampler if sampler is None else check_choice("sampler", sampler,
+                                                                ("uniform", "batches"))
+    if method == "saba":
+        if sampler != "batches":
+            raise ValueError(f"SABA needs fixed minibatches (sampler='batches'), got "
+                             f"sampler={sampler!r}")
+        from .._stochastic_free import _SABA_INIT
+        memory_init = check_choice("memory_init", extra["memory_init"], tuple(_SABA_INIT))
     seed = _check_seed(seed)
     eval_every = max(1, maxiter // 20) if eval_every is None else \
         check_int("eval_every", eval_every, 1)
@@ -568,15 +817,25 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                 _check_sampled(obj, role, z, counter)
         problem._sample_checked = True
 
-    samp_u = _DeviceSampler(problem.upper, "upper", upper_batch_size, DEFAULT_BATCH)
-    samp_l = _DeviceSampler(problem.lower, "lower", batch_size, DEFAULT_BATCH)
+    # the CPU driver's generators, in its order: permutations (upper, then lower), then the
+    # SplitMix64 state of batch orders and BSA's / TTSA's numbers of terms (on the host)
+    seq = np.random.SeedSequence(seed)
+    np_rng = np.random.default_rng(seq.spawn(1)[0])
+    samp_u = _DeviceSampler(problem.upper, "upper", upper_batch_size, DEFAULT_BATCH,
+                            sampler, np_rng, counter)
+    samp_l = _DeviceSampler(problem.lower, "lower", batch_size, DEFAULT_BATCH, sampler,
+                            np_rng, counter)
+    hrng = seq.generate_state(1, np.uint64)
     n_states = samp_u.n_states + samp_l.n_states
     states = _create_states(n_states, seed, counter) if n_states else \
         cuda.device_array(0, dtype=xoroshiro128p_dtype)
-    samp_l.bind(states, 0)
-    samp_u.bind(states, samp_l.n_states)
+    samp_l.bind(states, 0, hrng)
+    samp_u.bind(states, samp_l.n_states, hrng)
     upper = _SampledOracle(problem.upper, "upper", counts, samp_u.bs)
     lower = _SampledOracle(problem.lower, "lower", counts, samp_l.bs)
+    # the step estimates' products are not the run's work (the CPU does not count them)
+    lower_uncounted = _SampledOracle(problem.lower, "lower",
+                                     np.zeros(2 * N_COUNTERS, dtype=np.int64), samp_l.bs)
 
     # default steps: the CPU driver's Lipschitz estimates, on the device
     lips = {}
@@ -592,19 +851,18 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         if which in lips:
             return lips[which]
         if which == "lower_full":
-            full = samp_l.idx if samp_l.idx is None or not samp_l.random else \
-                _device_arange(samp_l.n)
-            lam, _ = dl.power_iteration_device(_HyyBatch(lower, z, full, dx), dy,
+            full = samp_l.full_idx()
+            lam, _ = dl.power_iteration_device(_HyyBatch(lower_uncounted, z, full, dx), dy,
                                                POWER_ITERS, counter=counter)
             lips[which] = LIPSCHITZ_SAFETY * lam
         elif which == "lower":
             lips[which] = lipschitz("lower_full")
-            if samp_l.random:
+            if samp_l.subsampled:
                 rng = np.random.default_rng([seed, 7919])
                 for _ in range(8):  # the CPU's batches (same generator), copied (counted)
                     idx = _to_device_int(rng.integers(0, samp_l.n, samp_l.bs), counter)
-                    lam, _ = dl.power_iteration_device(_HyyBatch(lower, z, idx, dx), dy,
-                                                       20, counter=counter)
+                    op = _HyyBatch(lower_uncounted, z, idx, dx)
+                    lam, _ = dl.power_iteration_device(op, dy, 20, counter=counter)
                     if np.isfinite(lam):
                         lips[which] = max(lips[which], LIPSCHITZ_SAFETY * lam)
         else:
@@ -617,7 +875,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     beta = _as_schedule("inner_step", inner_step, spec.beta_power,
                         lambda: spec.beta_safety / lipschitz("lower"))
     eta = check_positive("neumann_step", neumann_step) if neumann_step is not None else \
-        (1.0 / lipschitz("lower_full") if "neumann_step" in spec.uses else 0.0)
+        (1.0 / lipschitz("lower_full")
+         if "neumann_step" in spec.uses or "neumann_terms" in spec.uses else 0.0)
     # the halvable parameters (the CPU's fpar slots ALPHA0, BETA0, ETA)
     par = [alpha.initial, beta.initial, eta]
     halvable = [i for i, given in ((0, step), (1, inner_step), (2, neumann_step))
@@ -634,9 +893,22 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     scalars = dl.Scalars(counter)
     buf = dl.empty(dx + 2)
 
+    def beta_at(k):
+        return _step_at((par[1],) + tuple(sched[1][1:]), k)
+
+    def alpha_at(k):
+        return _step_at((par[0],) + tuple(sched[0][1:]), k)
+
+    def inner_sgd(k):
+        """T lower SGD steps on y, a fresh lower batch each (the CPU's ``inner_sgd``)."""
+        b = beta_at(k)
+        for _ in range(T):
+            lower.grad(z, samp_l.draw(), gg)
+            _launch(_lower_sgd_kernel, dy, z, gg, dx, b)
+
     def soba_iteration(k):
-        rho = _step_at((par[1],) + tuple(sched[1][1:]), k)
-        gamma = _step_at((par[0],) + tuple(sched[0][1:]), k)
+        rho = beta_at(k)
+        gamma = alpha_at(k)
         idx_l = samp_l.draw()
         idx_u = samp_u.draw()
         lower.grad(z, idx_l, gg)
@@ -644,30 +916,118 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         upper.grad(z, idx_u, gf)
         _launch(_soba_update_kernel, n, z, v, gg, h, gf, dx, rho, gamma)
 
-    def stocbio_iteration(k):
-        b = _step_at((par[1],) + tuple(sched[1][1:]), k)
-        for _ in range(T):
-            lower.grad(z, samp_l.draw(), gg)
-            _launch(_lower_sgd_kernel, dy, z, gg, dx, b)
+    def neumann_iteration(k):
+        """StocBiO (Neumann sum, Q - 1 HVPs) or BSA / TTSA (randomized: q HVPs, q uniform
+        on {0..Q-1} from the host SplitMix64 stream, drawn after the upper batch as on the
+        CPU)."""
+        inner_sgd(k)
         upper.grad(z, samp_u.draw(), gf)
         p = wp[dx:]
         dl.copy(gf[dx:], p)
-        dl.copy(gf[dx:], acc)
-        for _ in range(1, Q):
-            lower.hvp(z, wp, samp_l.draw(), h)
-            _launch(_neumann_factor_kernel, dy, p, acc, h, dx, par[2])
-        dl.scale_into(v, par[2], acc)
+        if method == "stocbio":
+            dl.copy(gf[dx:], acc)
+            for _ in range(1, Q):
+                lower.hvp(z, wp, samp_l.draw(), h)
+                _launch(_neumann_factor_kernel, dy, p, acc, h, dx, par[2])
+            dl.scale_into(v, par[2], acc)
+        else:
+            for _ in range(_sk.rand_int(hrng, Q)):
+                lower.hvp(z, wp, samp_l.draw(), h)
+                _launch(_neumann_step_kernel, dy, p, h, dx, par[2])
+            dl.scale_into(v, par[2] * Q, p)
         lower.hvp(z, wv, samp_l.draw(), h)
-        _launch(_upper_step_kernel, dx, z, gf, h, _step_at((par[0],) + tuple(sched[0][1:]),
-                                                           k), dx)
+        _launch(_upper_step_kernel, dx, z, gf, h, alpha_at(k), dx)
 
-    iteration = soba_iteration if method == "soba" else stocbio_iteration
+    def alternating_iteration(k):
+        inner_sgd(k)
+        upper.grad(z, samp_u.draw(), gf)
+        _launch(_upper_grad_step_kernel, dx, z, gf, alpha_at(k), dx)
+
+    def aid_iteration(k):
+        """T lower SGD steps; Q CG iterations on ``H_yy(xi) v = grad_y f`` for one lower batch
+        xi from the warm start v; the upper step along ``grad_x f - H_xy(xi) v``. CG's two
+        breaks (``r.r == 0``, curvature not > 0) are decided on the device (no read-back):
+        the remaining HVPs of the iteration are still called (and counted) but change
+        nothing, so the iterates are the CPU's while the counts exceed the CPU's on a
+        break."""
+        inner_sgd(k)
+        upper.grad(z, samp_u.draw(), gf)
+        idx_l = samp_l.draw()
+        lower.hvp(z, wv, idx_l, h)
+        p = wp[dx:]
+        _launch(_aid_residual_kernel, dy, r_cg, p, gf, h, dx)
+        _launch(_cg_reset_kernel, 1, cg_sc.device)
+        cg_sc.dot(r_cg, r_cg, _CG_RR)
+        for _ in range(Q):
+            lower.hvp(z, wp, idx_l, h)
+            cg_sc.dot(p, h[dx:], _CG_PAP)
+            _launch(_cg_gate_kernel, 1, cg_sc.device)
+            _launch(_cg_update_kernel, dy, v, r_cg, p, h, dx, cg_sc.device)
+            cg_sc.dot(r_cg, r_cg, _CG_RRNEW)
+            _launch(_cg_direction_kernel, dy, p, r_cg, cg_sc.device)
+            _launch(_cg_commit_kernel, 1, cg_sc.device)
+        lower.hvp(z, wv, idx_l, h)
+        _launch(_upper_step_kernel, dx, z, gf, h, alpha_at(k), dx)
+
+    def saba_init():
+        """Before the first iteration (and again after a rewind to the start): the tables
+        filled by one pass over all batches at the current point (``memory_init="full"``),
+        or left at zero; then the flag ``work[flag]`` is set."""
+        if saba_filled[0]:
+            return
+        if memory_init == "full":
+            dl.fill(work[o_ml:o_tl], 0.0)
+            for b in range(samp_l.nb):
+                idx = samp_l.batch(b)
+                lower.grad(z, idx, gg)
+                lower.hvp(z, wv, idx, h)
+                _launch(_saba_fill_kernel, rl, work, gg, h, gf, dx, dy, 0, o_tl + b * rl,
+                        o_ml, _batch_len(idx) / samp_l.n)
+            for b in range(samp_u.nb):
+                idx = samp_u.batch(b)
+                upper.grad(z, idx, gf)
+                _launch(_saba_fill_kernel, ru, work, gg, h, gf, dx, dy, 1, o_tu + b * ru,
+                        o_mu, _batch_len(idx) / samp_u.n)
+        dl.fill(work[o_flag:o_flag + 1], 1.0)
+        saba_filled[0] = 1
+
+    def saba_iteration(k):
+        rho = beta_at(k)
+        gamma = alpha_at(k)
+        idx_l, j = samp_l.draw_batch()
+        idx_u, i = samp_u.draw_batch()
+        lower.grad(z, idx_l, gg)
+        lower.hvp(z, wv, idx_l, h)
+        upper.grad(z, idx_u, gf)
+        fl = _batch_len(idx_l) / samp_l.n
+        fu = _batch_len(idx_u) / samp_u.n
+        _launch(_saga_kernel, rl + ru, work, gg, h, gf, dx, dy, o_ml, o_tl + j * rl,
+                o_tu + i * ru, samp_l.nb * fl, fl, samp_u.nb * fu, fu, d_saga)
+        _launch(_saba_step_kernel, n, z, v, d_saga, dx, dy, rho, gamma)
+
+    iteration = {"soba": soba_iteration, "saba": saba_iteration,
+                 "stocbio": neumann_iteration, "bsa": neumann_iteration,
+                 "ttsa": neumann_iteration, "aid": aid_iteration,
+                 "alternating": alternating_iteration}[method]
+    has_v = method in ("soba", "saba", "aid")
+    saved = (z, wv, states, hrng) + samp_u.state_arrays() + samp_l.state_arrays()
+    if method == "aid":
+        r_cg = dl.empty(dy)
+        cg_sc = dl.Scalars(counter)
+    if method == "saba":
+        from .._kernels.stoch_free import saba_layout
+        o_flag, o_ml, o_mu, o_tl, o_tu, size = saba_layout(dx, dy, samp_l.nb, samp_u.nb)
+        rl, ru = 2 * dy + dx, dy + dx
+        work = dl.zeros(size)        # the CPU's work layout (v is kept in wv until the end)
+        d_saga = dl.empty(rl + ru)
+        saba_filled = np.zeros(1, dtype=np.int64)
+        saved = saved + (work, saba_filled)
 
     def read_checkpoint():
         """One counted read-back: x, |(x, y)|^2 and sum |v| (SOBA; 0 for StocBiO)."""
         scalars.dot(z, z, dl.S_AUX)
-        if method == "soba":
-            scalars.abs_sum(v, dl.S_AUX2)  # StocBiO: the slot stays 0 (Scalars are zeroed)
+        if has_v:
+            scalars.abs_sum(v, dl.S_AUX2)  # others: the slot stays 0 (Scalars are zeroed)
         _launch(_pack_kernel, dx + 2, buf, z, dx, scalars.device, dl.S_AUX, dl.S_AUX2)
         out = to_host(buf, counter)
         return out[:dx].copy(), out[dx], out[dx + 1]
@@ -689,7 +1049,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
             if not key.startswith("_"):
                 history.setdefault(key, []).append(val)
 
-    rewind = _rewind_class()((z, wv, states))
+    rewind = _rewind_class()(saved)
     x_host, zz, _ = read_checkpoint()
     checkpoint()
     rewind.checkpoint(0, math.sqrt(zz), x_host)
@@ -697,6 +1057,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         m = min(eval_every, maxiter - k)
         t0 = time.perf_counter()
         with _quiet_simulated_arithmetic():
+            if method == "saba" and m > 0:
+                saba_init()
             for it in range(m):
                 iteration(k + it)
             cuda.synchronize()
@@ -760,6 +1122,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
     samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
     hist = {key: np.asarray(val) for key, val in history.items()}
+    if method == "saba":
+        dl.copy(v, work[:dy])  # the CPU layout: v first (mlocore.saba_tables unpacks it)
+        state_work = work
+    else:
+        state_work = v if has_v else np.zeros(0)
     return OptimizeResult(
         x=x_out, y=y_out, fun=current_ref.get("F", np.nan), jac=current_ref.get("_grad"),
         nit=k, success=status in (0, 20), status=status,
@@ -769,8 +1136,12 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                "beta": dataclasses.replace(beta, initial=float(par[1])),
                "neumann_step": float(par[2])},
         step_reductions=reductions, batch_size=(samp_u.bs, samp_l.bs), time=elapsed,
-        state={"work": v if method == "soba" else np.zeros(0)},
+        state={"work": state_work},
         transfers=counter.as_dict())
+
+
+def _batch_len(idx):
+    return 1 if idx is None else idx.shape[0]
 
 
 def _to_device_int(a, counter):
