@@ -205,6 +205,7 @@ def dense_problems(dy, rng):
     R = rng.standard_normal((dy, RANK))
     A = R @ R.T / RANK
     A[np.diag_indices(dy)] += 1.0 + SHIFT
+    A = 0.5 * (A + A.T)  # exactly symmetric: the device kernel reads A by columns
     C = rng.standard_normal((DX, dy)) / np.sqrt(dy)
     lower = (A, np.zeros((DX, DX)), C, np.zeros(dy), np.zeros(DX))
     upper = (np.eye(dy), MU * np.eye(DX), np.zeros((DX, dy)), -rng.standard_normal(dy),

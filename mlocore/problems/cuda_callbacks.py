@@ -48,7 +48,11 @@ def _reduce_to_host(terms) -> float:
 @cuda.jit
 def _quad_affine_kernel(z, A, B, C, a, b, lin, out):
     """out = (B x + C y + lin b, A y + C^T x + lin a) for z = (x, y): the CPU
-    ``_quad_affine`` with its summation order, one thread per entry."""
+    ``_quad_affine`` with its summation order, one thread per entry.
+
+    A and B are Hessian blocks, symmetric (the quadratic family builds them so): thread q
+    reads column q of A (``A[r, q]`` = ``A[q, r]``), so that the threads of a warp read
+    consecutive addresses (coalesced) instead of rows dy apart."""
     dx = B.shape[0]
     dy = A.shape[0]
     for i in range(cuda.grid(1), dx + dy, cuda.gridsize(1)):
@@ -62,7 +66,7 @@ def _quad_affine_kernel(z, A, B, C, a, b, lin, out):
             q = i - dx
             s = lin * a[q]
             for r in range(dy):
-                s += A[q, r] * z[dx + r]
+                s += A[r, q] * z[dx + r]
             for p in range(dx):
                 s += C[p, q] * z[p]
         out[i] = s
@@ -87,7 +91,7 @@ def _quad_value_terms_kernel(z, A, B, C, a, b, terms):
             yq = z[i]
             t = 0.5 * A[q, q] * yq + a[q]
             for r in range(q + 1, dy):
-                t += A[q, r] * z[dx + r]
+                t += A[r, q] * z[dx + r]
             terms[i] = yq * t
 
 
