@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: modules whose module-level kernels must all be launched by some workload below
 KERNEL_MODULES = ("mlocore.cuda._linalg", "mlocore.cuda._unrolled", "mlocore.cuda._stochastic",
-                  "mlocore.cuda._direct",
+                  "mlocore.cuda._direct", "mlocore.cuda._stochastic_variance",
                   "mlocore.problems.cuda_callbacks", "mlocore.problems.cuda_multilevel",
                   "mlocore.problems.cuda_stochastic")
 BENCHMARK_FILE = os.path.join(ROOT, "benchmarks", "cuda_ratios.py")

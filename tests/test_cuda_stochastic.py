@@ -1,5 +1,6 @@
-"""CUDA backend, stochastic bilevel loops (SOBA, SABA, StocBiO, BSA, TTSA, AID, alternating)
-on the device, against the CPU.
+"""CUDA backend, stochastic bilevel loops (SOBA, SABA, StocBiO, BSA, TTSA, AID, alternating;
+SUSTAIN, MRBO, VRBO, STABLE, Hessian-free, penalty, primal-dual) on the device, against the
+CPU.
 
 Evidence: full-batch runs equal the CPU runs to 1e-10; fixed minibatches
 (``sampler="batches"``, whose permutation and batch orders come from the CPU driver's
@@ -241,8 +242,8 @@ def test_callback_stop_and_history(quad, dev):
 # ---------------------------------------------------------------------------------------
 def test_bad_input_errors(quad, dev):
     kw = dict(maxiter=1, step=0.1, inner_step=0.1)
-    with pytest.raises(NotImplementedError, match="'stable'.*soba, saba, stocbio"):
-        minimize_stochastic(dev, X0, Y0, "stable", **kw)
+    with pytest.raises(ValueError, match="method"):
+        minimize_stochastic(dev, X0, Y0, "newton", **kw)
     with pytest.raises(ValueError, match="lower_batch_size = 9 exceeds.*n_samples = 8"):
         minimize_stochastic(dev, X0, Y0, "soba", batch_size=9, upper_batch_size=4, **kw)
     with pytest.raises(ValueError, match=r"SABA needs fixed minibatches \(sampler='batches'\), "
@@ -517,3 +518,172 @@ def test_saba_backtracking_rewinds_tables_like_cpu(quad, dev, monkeypatch):
     assert r.steps["alpha"].initial == c.steps["alpha"].initial
     np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-10)
     _assert_same_state(r, c, "saba", nb=2)
+
+
+# ---------------------------------------------------------------------------------------
+# SUSTAIN, MRBO, VRBO, STABLE, Hessian-free, penalty, primal-dual
+# (mlocore/cuda/_stochastic_variance.py)
+# ---------------------------------------------------------------------------------------
+NEUMANN2 = dict(neumann_terms=3, neumann_step=0.3)
+VARIANCE_OPTIONS = {"sustain": NEUMANN2, "mrbo": NEUMANN2, "vrbo": {**NEUMANN2, "period": 2},
+                    "stable": dict(hessian_floor=0.1),
+                    "hessian-free": dict(inner_steps=2, directions=2),
+                    "penalty": dict(inner_steps=2), "primal-dual": dict(inner_steps=2)}
+VARIANCE_METHODS = list(VARIANCE_OPTIONS)
+
+
+def _vrun(problem, method, x0=X0, y0=Y0, **kw):
+    return minimize_stochastic(problem, x0, y0, method, reference=kw.pop("reference", None),
+                               **{**VARIANCE_OPTIONS[method], **kw})
+
+
+def _vcpu(quad, method, problem=None, **kw):
+    return mlo.minimize_bilevel(quad.stochastic_problem if problem is None else problem, X0, Y0,
+                                method=method, **{**VARIANCE_OPTIONS[method], **kw})
+
+
+def _assert_same_variance_run(r, c, atol):
+    _assert_same_run(r, c, atol)
+    work = r.state["work"]
+    work = work.copy_to_host() if is_device_array(work) else work
+    np.testing.assert_allclose(work, c.state["work"], rtol=0, atol=atol)
+    if r.method == "primal-dual":
+        assert r.multiplier == pytest.approx(c.multiplier, rel=1e-12, abs=atol)
+
+
+@pytest.mark.parametrize("sampling", ["full", "batches"])
+@pytest.mark.parametrize("method", VARIANCE_METHODS)
+def test_variance_methods_match_cpu(quad, dev, method, sampling):
+    """batch_size = n_samples (the deterministic algorithm) and sampler="batches" (batch 3
+    of 8: the CPU's permutation and per-epoch orders): the device run is the CPU run to
+    1e-10 (iterates, history, oracle counts, the method state in the CPU layout: SUSTAIN /
+    MRBO / VRBO's estimates and previous point, STABLE's averaged Hessians, yhat and the
+    multiplier). SUSTAIN's random truncations come from the host SplitMix64 stream and the
+    Hessian-free directions from the same stream evaluated on the device, so both follow
+    the CPU's draws; VRBO (period 2) refreshes on the full batch and recurses in between."""
+    kw = dict(step=0.2, inner_step=0.3, maxiter=6, eval_every=3, seed=5, reference=quad)
+    kw.update(batch_size=8) if sampling == "full" else \
+        kw.update(batch_size=3, sampler="batches", seed=7)
+    checks = 0 if getattr(dev, "_sample_checked", False) else 2  # first run on dev
+    r = _vrun(dev, method, **kw)
+    c = _vcpu(quad, method, **kw)
+    assert r.status == c.status == 20 and r.nit == 6
+    _assert_same_variance_run(r, c, 1e-10)
+    if sampling == "batches":
+        assert r.oracle_samples["upper_grad"] < r.oracle_calls["upper_grad"] * 8
+        assert r.transfers["h2d"] == 2 + 2  # x0, y0, one permutation per level
+    else:
+        assert r.oracle_samples["upper_grad"] == r.oracle_calls["upper_grad"] * 8
+        assert r.transfers["h2d"] == 2
+    # read-backs: per checkpoint and y at the end (and the callback checks of a first run);
+    # none per iteration, except the penalty methods' value callbacks (their own, uncounted)
+    assert r.transfers["d2h"] == 3 + 1 + checks
+
+
+CONVERGE_OPTIONS = {"sustain": dict(momentum=0.5, inner_momentum=0.5),
+                    "mrbo": dict(momentum=0.5, inner_momentum=0.5),
+                    "vrbo": dict(sampler="uniform", period=4)}
+
+
+@pytest.mark.parametrize("method", VARIANCE_METHODS)
+def test_variance_methods_uniform_reproducible_and_converge(quad, dev, method):
+    """Indices (and the Hessian-free directions) drawn on the device: the same seed gives the
+    same bits whatever the chunking, another seed differs; 20 iterations (batch 4 of 8,
+    alpha_k = 0.2 / sqrt(1 + k/10), beta = 0.3, from |x0 - x*| = 3.1) converge like the CPU's
+    runs: the final distance must be within the CPU's spread over seeds 0-5 (below their
+    maximum or twice their median). Measured (CPU median of seeds 0-5 / device seeds 0, 1):
+    SUSTAIN 0.14 / 0.28, 0.39; MRBO 0.25 / 0.10, 0.10; VRBO 0.05 / 0.08, 0.05; STABLE 0.16 /
+    0.14, 0.56; Hessian-free 0.25 / 0.31, 0.04; penalty (rho = 10, biased) 1.42 / 1.49,
+    1.64; primal-dual 0.31 / 0.53, 0.56. Over more seeds (device 12, CPU 100) the medians
+    agree: SUSTAIN 0.27 / 0.26, STABLE 0.23 / 0.20, primal-dual 0.39 / 0.38."""
+    kw = dict(batch_size=4, step=mlo.Schedule(0.2, 0.5, 10.0), inner_step=0.3,
+              reference=quad, **CONVERGE_OPTIONS.get(method, {}))
+    a = _vrun(dev, method, seed=0, maxiter=20, eval_every=4, **kw)
+    b = _vrun(dev, method, seed=0, maxiter=4, eval_every=3, **kw)
+    c = _vrun(dev, method, seed=1, maxiter=4, eval_every=4, **kw)
+    for key in ("F", "dist_to_x_star"):  # b's iterate at 4 is a's at 4, bit for bit
+        assert b.history[key][-1] == a.history[key][1]
+    assert b.history["oracle_calls"][-1] == a.history["oracle_calls"][1]
+    assert np.abs(b.x - c.x).max() > 1e-6
+    assert a.transfers["h2d"] == 3  # x0, y0 and the generator states
+    cpu = [_vcpu(quad, method, seed=s, maxiter=20, eval_every=20,
+                 **kw).history["dist_to_x_star"][-1] for s in range(6)]
+    d = a.history["dist_to_x_star"]
+    assert d[0] > 3.0 and d[-1] < max(2.0 * np.median(cpu), max(cpu)), (d[-1], cpu)
+    assert d[-1] < (0.6 if method == "penalty" else 0.2) * d[0]
+
+
+def test_variance_methods_diverge_with_status_13(quad, dev):
+    for method in VARIANCE_METHODS:
+        r = _vrun(dev, method, batch_size=2, step=1e3, inner_step=1e3, maxiter=6,
+                  eval_every=2, seed=0)
+        assert r.status == 13 and "Diverged" in r.message and r.nit < 6, method
+        assert np.all(np.isfinite(r.x)) and np.all(np.isfinite(r.y)), method
+
+
+def test_momentum_backtracking_rewinds_state_like_cpu(quad, dev, monkeypatch):
+    """Default upper step far too large (L_F patched on both backends): each divergence
+    halves it and resumes from a saved state (MRBO's estimates, previous point and started
+    flag included); the device run stays the CPU run."""
+    import mlocore._stochastic as cpu_driver
+    from mlocore.cuda import _stochastic as dev_driver
+    monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    kw = dict(batch_size=8, inner_step=0.3, maxiter=8, eval_every=4, seed=0, backtrack=20,
+              reference=quad)
+    r = _vrun(dev, "mrbo", **kw)
+    c = _vcpu(quad, "mrbo", **kw)
+    assert c.step_reductions > 3 and r.step_reductions == c.step_reductions
+    assert r.steps["alpha"].initial == c.steps["alpha"].initial
+    _assert_same_variance_run(r, c, 1e-10)
+
+
+def test_variance_method_options_validated_like_cpu(quad, dev):
+    kw = dict(batch_size=4, step=0.1, inner_step=0.1, maxiter=1, seed=0)
+    bad = [("sustain", dict(momentum=2.0), ValueError, r"momentum must be in \(0, 1\]"),
+           ("mrbo", dict(inner_momentum=0.0), ValueError, "inner_momentum"),
+           ("vrbo", dict(period=0), ValueError, "period"),
+           ("stable", dict(tau=1.5), ValueError, r"tau must be in \(0, 1\]"),
+           ("stable", dict(hessian_floor=-1.0), ValueError, "hessian_floor"),
+           ("hessian-free", dict(directions=0), ValueError, "directions"),
+           ("hessian-free", dict(smoothing=0.0), ValueError, "smoothing"),
+           ("penalty", dict(rho=-1.0), ValueError, "rho"),
+           ("primal-dual", dict(dual_step=0.0), ValueError, "dual_step"),
+           ("primal-dual", dict(rho=1.0), TypeError, "unexpected keyword argument 'rho'"),
+           ("stable", dict(neumann_terms=3), TypeError, "does not use neumann_terms"),
+           ("penalty", dict(neumann_step=0.1), TypeError, "does not use neumann_step")]
+    for method, opts, exc, match in bad:
+        for run in (lambda: minimize_stochastic(dev, X0, Y0, method, **kw, **opts),
+                    lambda: mlo.minimize_bilevel(quad.stochastic_problem, X0, Y0,
+                                                 method=method, **kw, **opts)):
+            with pytest.raises(exc, match=match):
+                run()
+    no_value = DeviceBilevelProblem(dev.upper, DeviceObjective(
+        quad_sample_grad_device, hvp=quad_sample_hvp_device, args=dev.lower.args,
+        n_samples=8), dims=(2, 3))
+    with pytest.raises(ValueError, match="needs the lower objective's value callback"):
+        minimize_stochastic(no_value, X0, Y0, "penalty", **kw)
+    grad_only = DeviceBilevelProblem(dev.upper, DeviceObjective(
+        quad_sample_grad_device, value=quad_sample_value_device, args=dev.lower.args,
+        n_samples=8), dims=(2, 3))
+    with pytest.raises(ValueError, match="needs explicit step and inner_step"):
+        minimize_stochastic(grad_only, X0, Y0, "hessian-free", batch_size=4, maxiter=1)
+    with pytest.raises(ValueError, match="needs the lower objective's hvp"):
+        minimize_stochastic(grad_only, X0, Y0, "mrbo", **kw)
+
+
+@pytest.mark.parametrize("method", ["hessian-free", "primal-dual"])
+def test_gradient_only_methods_without_lower_hvp(quad, method):
+    """Hessian-free and the value-function methods call no HVP: a lower objective without
+    hvp runs (explicit steps) and is the CPU run (full batch)."""
+    lower = DeviceObjective(quad_sample_grad_device, value=quad_sample_value_device,
+                            args=stochastic_quadratic_device_problem(quad).lower.args,
+                            n_samples=8)
+    problem = DeviceBilevelProblem(stochastic_quadratic_device_problem(quad).upper, lower,
+                                   dims=(2, 3))
+    kw = dict(batch_size=8, step=0.2, inner_step=0.3, maxiter=4, eval_every=2, seed=1,
+              reference=quad)
+    r = _vrun(problem, method, **kw)
+    c = _vcpu(quad, method, **kw)
+    assert r.oracle_calls["lower_hvp"] == c.oracle_calls["lower_hvp"] == 0
+    _assert_same_variance_run(r, c, 1e-10)

@@ -5,8 +5,8 @@ Two modes (issue 5, DESIGN.md "Layers"):
 * one large problem (:class:`DeviceBilevelProblem`, :class:`DeviceMultilevelProblem`):
   vectors stay on the device for the whole solve; user callbacks take and write device
   arrays; ``mlocore.hypergrad`` (implicit incl. "direct", unrolled, n-level),
-  ``mlocore.solve_lower``, ``mlocore.minimize_bilevel`` (deterministic, and the stochastic
-  methods in :data:`DEVICE_STOCHASTIC_METHODS`, minibatches drawn on the device),
+  ``mlocore.solve_lower``, ``mlocore.minimize_bilevel`` (deterministic, and every stochastic
+  method, :data:`DEVICE_STOCHASTIC_METHODS`, minibatches drawn on the device),
   ``mlocore.minimize_multilevel``, ``mlocore.HyperObjective`` and ``mlocore.linalg.cg`` /
   ``neumann`` / ``solve_direct`` run fused kernels;
 * many small problems at once (:class:`BatchedBilevelProblem`): one thread block per

@@ -1,5 +1,8 @@
 """Stochastic bilevel loops on the device ("one large problem" mode): SOBA, SABA, StocBiO,
-BSA, TTSA, stochastic AID-BiO and the alternating baseline.
+BSA, TTSA, stochastic AID-BiO and the alternating baseline here; SUSTAIN, MRBO, VRBO,
+STABLE, Hessian-free (PZOBO), penalty and primal-dual in
+:mod:`mlocore.cuda._stochastic_variance` (driven by this module's driver, which validates
+their options with the CPU specs' ``setup`` functions).
 
 The CPU driver :func:`mlocore._stochastic.minimize_stochastic` and its kernels
 (:mod:`mlocore._kernels.stoch_implicit`, :mod:`mlocore._kernels.stoch_free`, ALGORITHMS.md
@@ -56,8 +59,8 @@ from scipy.optimize import OptimizeResult
 from .._callbacks import CallbackError
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels import stochastic as _sk
-from .._kernels.oracles import (COUNTER_NAMES, LOWER_GRAD, LOWER_HVP, N_COUNTERS,
-                                UPPER_GRAD, UPPER_HVP)
+from .._kernels.oracles import (COUNTER_NAMES, LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
+                                N_COUNTERS, UPPER_GRAD, UPPER_HVP, UPPER_VALUE)
 from .._results import status_message
 from .._validation import check_choice, check_int, check_positive
 from . import _linalg as dl
@@ -67,7 +70,9 @@ from ._problem import DeviceBilevelProblem, DeviceOracle
 __all__ = ["minimize_stochastic", "DEVICE_STOCHASTIC_METHODS"]
 
 #: methods with a device loop (the others of mlocore.STOCHASTIC_METHODS run on the CPU only)
-DEVICE_STOCHASTIC_METHODS = ("soba", "saba", "stocbio", "bsa", "ttsa", "aid", "alternating")
+DEVICE_STOCHASTIC_METHODS = ("soba", "saba", "stocbio", "bsa", "ttsa", "aid", "alternating",
+                             "sustain", "mrbo", "vrbo", "stable", "hessian-free", "penalty",
+                             "primal-dual")
 
 _TPB = dl.THREADS_PER_BLOCK
 _SIMULATOR = simulator_enabled()
@@ -447,8 +452,9 @@ class _SampledOracle:
 
     def __init__(self, obj, role, counts, bs):
         self.obj, self.role, self.counts, self.bs = obj, role, counts, bs
-        self.slot_grad, self.slot_hvp = (UPPER_GRAD, UPPER_HVP) if role == "upper" else \
-            (LOWER_GRAD, LOWER_HVP)
+        self.slot_grad, self.slot_hvp, self.slot_value = \
+            (UPPER_GRAD, UPPER_HVP, UPPER_VALUE) if role == "upper" else \
+            (LOWER_GRAD, LOWER_HVP, LOWER_VALUE)
         self.sampled = obj.n_samples is not None
 
     def _call(self, name, fn, vecs, idx, out):
@@ -472,6 +478,18 @@ class _SampledOracle:
     def hvp(self, z, v, idx, out):
         self._count(self.slot_hvp, idx)
         self._call("hvp", self.obj.hvp, (z, v), idx, out)
+
+    def value(self, z, idx):
+        """The mean value over idx, a host float (the callback reads it back)."""
+        self._count(self.slot_value, idx)
+        args = (z,) + ((idx,) if self.sampled else ()) + tuple(self.obj.args)
+        try:
+            return float(self.obj.value(*args))
+        except CallbackError:
+            raise
+        except Exception as exc:
+            raise CallbackError(f"callback {self.role}.value raised {type(exc).__name__}: "
+                                f"{exc}") from exc
 
 
 def _check_sampled(obj, role, z, counter):
@@ -700,7 +718,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     x0, y0 : ndarray or device array
         Host arrays are validated and copied once each (counted); device arrays are used
         as given and never modified.
-    method : {"soba", "saba", "stocbio", "bsa", "ttsa", "aid", "alternating"}
+    method : str, one of DEVICE_STOCHASTIC_METHODS
         ALGORITHMS.md section 4: SOBA (Dagreou et al. 2022; joint single-loop steps on y, v,
         x), SABA (SOBA with SAGA tables on fixed minibatches; option ``memory_init`` "full"
         or "zeros"), StocBiO (Ji, Yang & Liang 2021; T warm-started lower SGD steps, Neumann
@@ -708,6 +726,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         CG iterations on one minibatch Hessian, warm-started v) and the alternating
         baseline. The kernels of :mod:`mlocore._kernels.stoch_implicit` and
         :mod:`mlocore._kernels.stoch_free`, step for step (no projection on this path).
+        Also SUSTAIN / MRBO (STORM double momentum), VRBO (SPIDER, full-batch refresh every
+        ``period``), STABLE (averaged dense Hessians), Hessian-free (PZOBO; no HVP needed
+        when steps are given) and the value-function penalty / primal-dual methods (need the
+        lower ``value`` callback): :mod:`mlocore.cuda._stochastic_variance`, with the CPU's
+        method options (``momentum``, ``period``, ``tau``, ``directions``, ``rho``, ...).
     maxiter, batch_size, upper_batch_size, step, inner_step, inner_steps, neumann_terms,
     neumann_step, seed, eval_every, tol, callback, reference, backtrack
         As :func:`mlocore._stochastic.minimize_stochastic` (numbers or
@@ -727,9 +750,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     scipy.optimize.OptimizeResult
         The CPU driver's fields (``x, y, fun, jac, nit, success, status, message, method,
         seed, oracle_calls, oracle_samples, history, steps, step_reductions, batch_size,
-        time, state``) plus ``transfers``. ``state["work"]`` (a device array) is v (SOBA, AID)
-        or SABA's work array in the CPU layout (the host copy unpacks with
-        :func:`mlocore._stochastic_free.saba_tables`); empty for the others.
+        time, state``) plus ``transfers`` (and ``multiplier`` for "primal-dual").
+        ``state["work"]`` (a device array) is v (SOBA, AID), SABA's work array in the CPU
+        layout (the host copy unpacks with :func:`mlocore._stochastic_free.saba_tables`) or
+        the CPU's work layout of SUSTAIN / MRBO / VRBO / STABLE / penalty / primal-dual;
+        empty for the others.
         ``time`` is the time of the device loops (synchronized at each checkpoint).
 
     Notes
@@ -794,10 +819,18 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                                          for a in ("F", "hypergrad", "x_star")):
         raise TypeError(f"reference must have F(x), hypergrad(x) and/or x_star (the problem "
                         f"library's problems do), got {type(reference).__name__}")
+    from . import _stochastic_variance as _sv
     if problem.lower.hvp is None:
-        raise ValueError(f"method {method!r} on the CUDA backend needs the lower objective's "
-                         "hvp callback (hvp(z, v, idx, out, *args)); got "
-                         "DeviceObjective(hvp=None)")
+        if method not in _sv.GRADIENT_ONLY:
+            raise ValueError(f"method {method!r} on the CUDA backend needs the lower "
+                             "objective's hvp callback (hvp(z, v, idx, out, *args)); got "
+                             "DeviceObjective(hvp=None)")
+        if step is None or inner_step is None:
+            raise ValueError(f"method {method!r} without the lower objective's hvp callback "
+                             "needs explicit step and inner_step on the CUDA backend (the "
+                             "default steps come from Hessian-vector products)")
+    if spec.needs_value and problem.lower.value is None:
+        raise ValueError(f"method {method!r} needs the lower objective's value callback")
 
     dx, dy = problem.dx, problem.dy
     n = dx + dy
@@ -877,6 +910,13 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     eta = check_positive("neumann_step", neumann_step) if neumann_step is not None else \
         (1.0 / lipschitz("lower_full")
          if "neumann_step" in spec.uses or "neumann_terms" in spec.uses else 0.0)
+    variance = method in _sv.VARIANCE_DEVICE_METHODS
+    if variance:  # the CPU setup: the same option checks, defaults and parameter layout
+        from .._stochastic import _Context
+        ctx = _Context(problem, None, np.zeros(dy), samp_u.n, samp_l.n, samp_u.bs,
+                       samp_l.bs, lipschitz)
+        ctx.T, ctx.Q, ctx.eta, ctx.sampler = T, Q, eta, sampler
+        work_host, fextra, iextra = spec.setup(ctx, extra)
     # the halvable parameters (the CPU's fpar slots ALPHA0, BETA0, ETA)
     par = [alpha.initial, beta.initial, eta]
     halvable = [i for i, given in ((0, step), (1, inner_step), (2, neumann_step))
@@ -1005,12 +1045,23 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                 o_tu + i * ru, samp_l.nb * fl, fl, samp_u.nb * fu, fu, d_saga)
         _launch(_saba_step_kernel, n, z, v, d_saga, dx, dy, rho, gamma)
 
-    iteration = {"soba": soba_iteration, "saba": saba_iteration,
-                 "stocbio": neumann_iteration, "bsa": neumann_iteration,
-                 "ttsa": neumann_iteration, "aid": aid_iteration,
-                 "alternating": alternating_iteration}[method]
     has_v = method in ("soba", "saba", "aid")
     saved = (z, wv, states, hrng) + samp_u.state_arrays() + samp_l.state_arrays()
+    ext = None
+    if variance:
+        from types import SimpleNamespace
+        ext = _sv.build(method, SimpleNamespace(
+            z=z, dx=dx, dy=dy, n=n, lower=lower, upper=upper, samp_l=samp_l, samp_u=samp_u,
+            hrng=hrng, par=par, alpha_at=alpha_at, beta_at=beta_at, T=T, Q=Q, fextra=fextra,
+            iextra=iextra, work_host=work_host, gf=gf, gg=gg, h=h, counter=counter))
+        iteration = ext.iteration
+        saved = saved + tuple(ext.saved)
+    else:
+        iteration = {"soba": soba_iteration, "saba": saba_iteration,
+                     "stocbio": neumann_iteration, "bsa": neumann_iteration,
+                     "ttsa": neumann_iteration, "aid": aid_iteration,
+                     "alternating": alternating_iteration}[method]
+    check_vec = v if has_v else (ext.check if ext is not None else None)
     if method == "aid":
         r_cg = dl.empty(dy)
         cg_sc = dl.Scalars(counter)
@@ -1024,10 +1075,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         saved = saved + (work, saba_filled)
 
     def read_checkpoint():
-        """One counted read-back: x, |(x, y)|^2 and sum |v| (SOBA; 0 for StocBiO)."""
+        """One counted read-back: x, |(x, y)|^2 and sum |v| (v of SOBA, SABA, AID; the
+        method state of the variance-reduced / value-function methods; 0 for StocBiO)."""
         scalars.dot(z, z, dl.S_AUX)
-        if has_v:
-            scalars.abs_sum(v, dl.S_AUX2)  # others: the slot stays 0 (Scalars are zeroed)
+        if check_vec is not None:
+            scalars.abs_sum(check_vec, dl.S_AUX2)  # others: the slot stays 0 (zeroed)
         _launch(_pack_kernel, dx + 2, buf, z, dx, scalars.device, dl.S_AUX, dl.S_AUX2)
         out = to_host(buf, counter)
         return out[:dx].copy(), out[dx], out[dx + 1]
@@ -1066,7 +1118,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
             x_new, zz, vsum = read_checkpoint()
         with np.errstate(invalid="ignore"):
             nz = math.sqrt(zz) if zz >= 0 else math.nan
-        nonfinite = not (math.isfinite(zz) and math.isfinite(vsum))
+        nonfinite = not (math.isfinite(zz) and math.isfinite(vsum)) or \
+            (ext is not None and not ext.host_ok())
         if nonfinite or rewind.blown_up(nz, k + m):
             what = (f"a non-finite iterate (or |(x, y)|^2 overflowing) by iteration {k + m}"
                     if nonfinite else f"|(x, y)| grew to {nz:.3g} by iteration {k + m}")
@@ -1125,6 +1178,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     if method == "saba":
         dl.copy(v, work[:dy])  # the CPU layout: v first (mlocore.saba_tables unpacks it)
         state_work = work
+    elif ext is not None:
+        state_work = ext.state_work()
     else:
         state_work = v if has_v else np.zeros(0)
     return OptimizeResult(
@@ -1135,7 +1190,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         steps={"alpha": dataclasses.replace(alpha, initial=float(par[0])),
                "beta": dataclasses.replace(beta, initial=float(par[1])),
                "neumann_step": float(par[2])},
-        step_reductions=reductions, batch_size=(samp_u.bs, samp_l.bs), time=elapsed,
+        step_reductions=reductions, **({} if ext is None else ext.result()),
+        batch_size=(samp_u.bs, samp_l.bs), time=elapsed,
         state={"work": state_work},
         transfers=counter.as_dict())
 
