@@ -233,15 +233,10 @@ class BilevelProblem:
         for name, d in (("dx", dx), ("dy", dy)):
             if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
                 raise ValueError(f"dims must be positive integers, got {name}={d!r}")
-        if bounds is not None and project is not None:
-            raise ValueError("give either bounds or project, not both")
-        if project is not None and not callable(project):
-            raise TypeError(f"project must be callable, got {type(project).__name__}")
         self.upper, self.lower = upper, lower
         self.dx, self.dy = int(dx), int(dy)
         self.dims = (self.dx, self.dy)
-        self.lb, self.ub = _parse_bounds(bounds, self.dx)
-        self._project = project
+        self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dx)
 
     @property
     def constrained(self) -> bool:
@@ -266,6 +261,17 @@ class BilevelProblem:
 
     def __repr__(self):
         return f"BilevelProblem(dims={self.dims}, upper={self.upper!r}, lower={self.lower!r})"
+
+
+def parse_constraints(bounds, project, dx):
+    """``(lb, ub, project)`` of an upper variable of size dx: bounds or a projection (a
+    callable or :class:`Ball`), not both (shared by the CPU and device problem classes)."""
+    if bounds is not None and project is not None:
+        raise ValueError("give either bounds or project, not both")
+    if project is not None and not callable(project):
+        raise TypeError(f"project must be callable, got {type(project).__name__}")
+    lb, ub = _parse_bounds(bounds, dx)
+    return lb, ub, project
 
 
 def _parse_bounds(bounds, dx):
@@ -347,17 +353,12 @@ class MultilevelProblem:
         for k, d in enumerate(dims, start=1):
             if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
                 raise ValueError(f"dims must be positive integers, got d_{k}={d!r}")
-        if bounds is not None and project is not None:
-            raise ValueError("give either bounds or project, not both")
-        if project is not None and not callable(project):
-            raise TypeError(f"project must be callable, got {type(project).__name__}")
         self.levels = levels
         self.dims = tuple(int(d) for d in dims)
         self.n = len(levels)
         self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.dims)]))
         self.size = self.offsets[-1]
-        self.lb, self.ub = _parse_bounds(bounds, self.dims[0])
-        self._project = project
+        self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dims[0])
 
     def block(self, k: int) -> slice:
         """The slice of z holding x_k (k = 1..n)."""

@@ -46,7 +46,8 @@ class DeviceHyperObjective(HyperObjective):
     Parameters
     ----------
     problem : DeviceBilevelProblem
-        Its upper objective needs a ``value`` callback.
+        Its upper objective needs a ``value`` callback. Its bounds or projection, if any, are
+        not used here (as on the CPU): pass ``bounds`` to ``scipy.optimize.minimize``.
     y0 : array_like or device array, shape (dy,)
         Initial lower point: a host array is copied once (counted), a device array is used
         in place and never modified.
@@ -150,7 +151,10 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     Parameters
     ----------
     problem : DeviceMultilevelProblem
-        No projection (a device problem has none): plain gradient steps.
+        Its bounds, :class:`mlocore.Ball` or projection on x_1 are honoured by projected
+        steps ``x_1 <- P(x_1 - step grad)`` computed on the host (a user ``project`` is a host
+        function of x_1), as on the CPU: the start's x_1 is projected first, and the stopping
+        test and ``history["grad_norm"]`` use the projected-gradient mapping.
     x0s : list of n arrays, or one joint vector of length ``sum(dims)``
         Host or device; never modified (host arrays are copied once each, counted).
     method : {"exact", "truncated", "fd"}
@@ -212,11 +216,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     eng = DeviceMultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
     sh = eng.sh
     d1 = problem.dims[0]
-    z = _as_joint(problem, x0s, sh.counter, "x0s")
-    if not problem._checked:
-        eng.check_at(z)
-        problem._checked = True
-    state = {"z": z}
+    z = _as_joint(problem, x0s, sh.counter, "x0s")  # a new vector, owned by this run
     x_cache = {"host": None, "device": None}
 
     def x_device(x1):
@@ -225,6 +225,15 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
             x_cache["host"] = np.array(x1, dtype=np.float64)
             x_cache["device"] = to_device("x", x_cache["host"], sh.counter, d1)
         return x_cache["device"]
+
+    x1 = to_host(z[:d1], sh.counter)
+    if problem.constrained:  # x_1 projected on the host before the check, as on the CPU
+        x1 = problem.project(x1)
+        dl.copy(x_device(x1), z[:d1])
+    if not problem._checked:
+        eng.check_at(z)
+        problem._checked = True
+    state = {"z": z}
 
     def solved(x1):
         zz = _copy(state["z"])
@@ -260,9 +269,8 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     def calls():
         return int(sum(int(c[UPPER_GRAD] + c[UPPER_HVP] + c[UPPER_VALUE]) for c in sh.counts))
 
-    x1 = to_host(z[:d1], sh.counter)
     x1, fun, grad, nit, status, detail, history = descent_loop(
-        lambda u: u, x1, direction, F_eval, commit, step, maxiter, tol, callback, extra,
+        problem.project, x1, direction, F_eval, commit, step, maxiter, tol, callback, extra,
         calls=calls)
     if status != 0 or step is not None:
         fun, zz, _, _ = F_eval(x1)  # F at the returned x_1

@@ -11,7 +11,10 @@ itself is the CPU's :func:`mlocore._minimize.descent_loop`) for a
   iteration (and one line-search trial) to the next, as on the CPU;
 * hypergradients are the device kernels of :mod:`mlocore.cuda._implicit` ("aid": lower solve
   then CG, ALGORITHMS.md section 1) and :mod:`mlocore.cuda._unrolled` ("itd": reverse-mode
-  unrolled differentiation, section 2).
+  unrolled differentiation, section 2);
+* bounds or a projection on x (``DeviceBilevelProblem(..., bounds=..., project=...)``) are
+  applied on the host, to x0 and after every step, exactly as on the CPU (projected steps;
+  the stopping test and ``history["grad_norm"]`` use the projected-gradient mapping).
 
 Every copy, the scalars read back by the stopping tests included, is counted in
 ``res.transfers``.
@@ -116,10 +119,12 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     Parameters
     ----------
     problem : DeviceBilevelProblem
-        ``g(x, .)`` strongly convex (ALGORITHMS.md section 1). No bounds or projection (a
-        DeviceBilevelProblem has none): the steps are plain gradient steps.
+        ``g(x, .)`` strongly convex (ALGORITHMS.md section 1). Its bounds,
+        :class:`mlocore.Ball` or projection on x are honoured by projected steps
+        ``x <- P(x - step grad)``, computed on the host (a user ``project`` is a host
+        function of x), as on the CPU.
     x0 : array_like, shape (dx,)
-        Upper start (host; the upper loop runs on the host).
+        Upper start (host; the upper loop runs on the host); projected first, as on the CPU.
     y0 : array_like or device array, shape (dy,)
         Lower start: a host array is copied once (counted), a device array is used in place
         and never modified.
@@ -133,9 +138,10 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
         Fixed upper step; default Barzilai-Borwein trial steps with an Armijo backtracking
         search on F (needs ``upper.value``; each trial solves the lower level, warm-started).
     maxiter, tol, callback
-        Upper iterations; stop when ``|grad| <= tol``; ``callback(intermediate_result)`` after
-        each iteration (its ``y`` is a host copy, counted), ``StopIteration`` stops (status
-        99).
+        Upper iterations; stop when the projected-gradient mapping ``|x - P(x - grad)|``
+        (``|grad|`` without constraints) is at most tol; ``callback(intermediate_result)``
+        after each iteration (its ``y`` is a host copy, counted), ``StopIteration`` stops
+        (status 99).
     lower_method, lower_tol, lower_maxiter, lower_step, lin_tol, lin_maxiter, T, K,
     inner_step
         As :func:`mlocore._minimize.minimize_deterministic`.
@@ -155,7 +161,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     dl.check_output(output, "cuda")
     check_choice("method", method, BILEVEL_METHODS)
     from .._validation import as_vector
-    x = as_vector("x0", x0, problem.dx)
+    x = problem.project(as_vector("x0", x0, problem.dx))
     maxiter = check_int("maxiter", maxiter, 0)
     tol = check_positive("tol", tol, allow_zero=True)
     if step is not None:
@@ -194,7 +200,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
         return {"y": to_host(drv.y, sess.counter)}
 
     x, fun, grad, nit, status, detail, history = descent_loop(
-        lambda u: u, x, direction, F_eval, commit, step, maxiter, tol, callback, extra,
+        problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback, extra,
         calls=lambda: int(sess.counts.sum()))
     if problem.upper.value is not None and (step is not None or status != 0):
         fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved

@@ -44,6 +44,7 @@ from .._validation import check_backend, check_choice, check_int, check_positive
 from . import _linalg as dl
 from ._device import Transfers, is_device_array, to_device, to_host
 from ._implicit import _HyyOperator, lower_core
+from .._problem import BilevelProblem, MultilevelProblem, parse_constraints
 from ._problem import DeviceObjective, DeviceOracle
 
 __all__ = ["DeviceMultilevelProblem", "multilevel_hypergrad", "DeviceMultilevelEngine"]
@@ -62,13 +63,19 @@ class DeviceMultilevelProblem:
         the joint device vector ``z = concat(x_1, ..., x_n)``.
     dims : sequence of int
         ``(d_1, ..., d_n)``, positive.
+    bounds, project
+        Constraints on x_1, as for :class:`mlocore.MultilevelProblem` (box bounds, or a
+        projection such as :class:`mlocore.Ball`). ``project`` is a *host* function of a
+        NumPy array x_1: :func:`mlocore.minimize_multilevel` keeps x_1, which is small, on the
+        host and projects there, as the CPU backend does.
 
     Notes
     -----
     As :class:`mlocore.MultilevelProblem`: every lower level k >= 2 must be strongly convex in
     x_k near the solution (the Hessian of its reduced objective in x_k is inverted, Gu & Chen
-    2024, Lemmas 3.1-3.2). No bounds or projection (no device driver uses them yet). The
-    callbacks are checked once, at the first point a hypergradient sees.
+    2024, Lemmas 3.1-3.2). The callbacks are checked once, at the first point a hypergradient
+    sees. Constraints are honoured by :func:`mlocore.minimize_multilevel` (projected steps);
+    ``hypergrad`` ignores them, as on the CPU.
 
     Attributes
     ----------
@@ -78,6 +85,10 @@ class DeviceMultilevelProblem:
         ``(0, d_1, d_1 + d_2, ..., sum(dims))``: block k of z is ``offsets[k-1]:offsets[k]``.
     size : int
         ``sum(dims)``.
+    lb, ub : ndarray or None
+        The box on x_1 (None without bounds).
+    constrained : bool
+        Whether x_1 has bounds or a projection.
     transfers : dict
         Host -> device copies of the levels' args, made at construction.
     """
@@ -86,7 +97,7 @@ class DeviceMultilevelProblem:
     #: ``on_device``: that marker routes bilevel entry points to the bilevel device code)
     device_multilevel = True
 
-    def __init__(self, levels, dims):
+    def __init__(self, levels, dims, bounds=None, project=None):
         try:
             levels = list(levels)
         except TypeError:
@@ -113,7 +124,13 @@ class DeviceMultilevelProblem:
         self.n = len(levels)
         self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.dims)]))
         self.size = self.offsets[-1]
+        self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dims[0])
         self._checked = False
+
+    # the CPU's: x_1 is on the host in the driver that projects
+    project = MultilevelProblem.project
+    constrained = BilevelProblem.constrained
+    dx = MultilevelProblem.dx  # the CPU's project reads dx (= d_1)
 
     def block(self, k: int) -> slice:
         """The slice of z holding x_k (k = 1..n)."""

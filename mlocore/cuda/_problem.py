@@ -24,6 +24,7 @@ import numpy as np
 
 from .._callbacks import CallbackError
 from .._config import FD_REL_STEP
+from .._problem import BilevelProblem, parse_constraints
 from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE, UPPER_GRAD, UPPER_HVP,
                                 UPPER_VALUE)
 from . import _linalg as dl
@@ -136,18 +137,30 @@ class DeviceBilevelProblem:
         f and g over the joint vector z of size ``dx + dy``.
     dims : tuple of int
         ``(dx, dy)``.
+    bounds : optional
+        Box on x, as for :class:`mlocore.BilevelProblem`: ``scipy.optimize.Bounds``, a
+        sequence of ``dx`` pairs ``(lo, hi)``, or one pair of scalars/arrays; ``None``
+        entries mean unbounded.
+    project : callable, optional
+        ``project(x) -> x``: projection onto the feasible set of x (instead of bounds), e.g.
+        :class:`mlocore.Ball`. A *host* function of a NumPy array x: the deterministic
+        drivers (:func:`mlocore.minimize_bilevel`'s "aid", "itd", "alternating") keep x,
+        which is small, on the host and project there, as the CPU backend does.
 
     Notes
     -----
     As :class:`mlocore.BilevelProblem`: ``g(x, .)`` must be strongly convex (ALGORITHMS.md
-    section 1). No bounds or projection yet (the drivers are CPU only). The callbacks are
-    checked once, at the first point a solver sees (errors name the callback).
+    section 1). The callbacks are checked once, at the first point a solver sees (errors name
+    the callback). Constraints are honoured by the deterministic drivers only (projected
+    steps, as on the CPU); the device stochastic methods refuse a constrained problem.
+    ``hypergrad``, ``solve_lower`` and :class:`mlocore.HyperObjective` ignore them, as on the
+    CPU (scipy's L-BFGS-B takes its ``bounds`` itself).
     """
 
     #: routes :func:`mlocore.hypergrad` and :func:`mlocore.solve_lower` to the CUDA backend
     on_device = True
 
-    def __init__(self, upper, lower, dims):
+    def __init__(self, upper, lower, dims, bounds=None, project=None):
         if not isinstance(upper, DeviceObjective) or not isinstance(lower, DeviceObjective):
             raise TypeError("upper and lower must be DeviceObjective instances (device "
                             f"callbacks), got {type(upper).__name__} and "
@@ -162,7 +175,12 @@ class DeviceBilevelProblem:
         self.upper, self.lower = upper, lower
         self.dx, self.dy = int(dx), int(dy)
         self.dims = (self.dx, self.dy)
+        self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dx)
         self._checked = False
+
+    # the CPU's: x is on the host in the drivers that project
+    constrained = BilevelProblem.constrained
+    project = BilevelProblem.project
 
     @property
     def transfers(self) -> dict:

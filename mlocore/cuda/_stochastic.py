@@ -773,6 +773,11 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                                STOCHASTIC_METHODS, _as_schedule, _reference_values)
     from ._implicit import check_problem_backend
     check_problem_backend(problem, backend, "minimize_bilevel (stochastic methods)")
+    if problem.constrained:
+        raise NotImplementedError(
+            "minimize_bilevel: the CUDA stochastic methods do not support bounds or a "
+            "projection on x yet; use the deterministic methods 'aid', 'itd' or 'alternating' "
+            "(projected steps), or backend='cpu' with an mlocore.BilevelProblem")
     check_choice("method", method, STOCHASTIC_METHODS)
     if method not in DEVICE_STOCHASTIC_METHODS:
         raise NotImplementedError(

@@ -1,0 +1,314 @@
+"""CUDA backend: bounds and projections on device problems, for the deterministic drivers.
+
+``DeviceBilevelProblem(..., bounds=..., project=...)`` and ``DeviceMultilevelProblem(...)``
+validate their constraints as the CPU problems do; the device ``minimize_bilevel`` ("aid",
+"itd", "alternating") and ``minimize_multilevel`` take the CPU's projected steps (x on the
+host), so their iterates match the CPU run on the same problem to 1e-10. Runs under numba's
+CUDA simulator (tests/conftest.py): tiny sizes, few iterations.
+"""
+import numpy as np
+import pytest
+import scipy.optimize as so
+
+import mlocore as mlo
+from mlocore._callbacks import CallbackError
+from mlocore.cuda import DeviceBilevelProblem, DeviceMultilevelProblem
+from mlocore.problems import make_quadratic
+from mlocore.problems.cuda_callbacks import quadratic_device_problem
+from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
+from mlocore.problems.multilevel import make_trilevel_quadratic
+
+pytestmark = pytest.mark.cuda
+
+DX, DY = 2, 3
+
+
+@pytest.fixture(scope="module")
+def quadratic():
+    """(q, device problem): x* = q.x_star is about (1.0, -0.5)."""
+    q = make_quadratic(dx=DX, dy=DY, seed=0)
+    return q, quadratic_device_problem(q)
+
+
+def _pair(q, dp, **constraints):
+    """The same constrained problem on the CPU and on the device (the builders' objectives)."""
+    cpu = mlo.BilevelProblem(q.problem.upper, q.problem.lower, (DX, DY), **constraints)
+    dev = DeviceBilevelProblem(dp.upper, dp.lower, (DX, DY), **constraints)
+    return cpu, dev
+
+
+def _same_bilevel_run(res, ref, atol=1e-10):
+    assert (res.status, res.nit, res.nfev) == (ref.status, ref.nit, ref.nfev), res.message
+    assert res.message == ref.message
+    assert res.oracle_calls == ref.oracle_calls
+    np.testing.assert_allclose(res.x, ref.x, rtol=0, atol=atol)
+    np.testing.assert_allclose(res.jac, ref.jac, rtol=0, atol=atol)
+    np.testing.assert_allclose(res.y, ref.y, rtol=0, atol=atol)
+    assert res.fun == pytest.approx(ref.fun, abs=atol)
+    for key in ("fun", "grad_norm"):
+        np.testing.assert_allclose(res.history[key], ref.history[key], rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------
+# DeviceBilevelProblem: attributes and validation
+# ---------------------------------------------------------------------------------------
+def test_bilevel_constraints_attributes(quadratic):
+    q, dp = quadratic
+    assert not dp.constrained and dp.lb is None and dp.ub is None
+    x = np.array([3.0, -4.0])
+    np.testing.assert_array_equal(dp.project(x), x)
+    cpu, dev = _pair(q, dp, bounds=so.Bounds([-1.0, 0.0], [1.0, np.inf]))
+    assert dev.constrained
+    np.testing.assert_array_equal(dev.lb, cpu.lb)
+    np.testing.assert_array_equal(dev.ub, cpu.ub)
+    np.testing.assert_array_equal(dev.project(x), [1.0, 0.0])
+    _, dev = _pair(q, dp, bounds=[(None, 0.5), (-2.0, None)])  # dx pairs, None = unbounded
+    np.testing.assert_array_equal(dev.lb, [-np.inf, -2.0])
+    np.testing.assert_array_equal(dev.ub, [0.5, np.inf])
+    ball = mlo.Ball(2.0, [1.0, 0.0])
+    cpu, dev = _pair(q, dp, project=ball)
+    assert dev.constrained and dev.lb is None
+    np.testing.assert_allclose(dev.project(x), cpu.project(x), rtol=0, atol=0)
+    np.testing.assert_array_equal(x, [3.0, -4.0])  # not modified
+
+
+def _errors_match(make_cpu, make_dev, **kw):
+    with pytest.raises(Exception) as cpu_err:
+        make_cpu(**kw)
+    with pytest.raises(cpu_err.type) as dev_err:
+        make_dev(**kw)
+    assert str(dev_err.value) == str(cpu_err.value)
+    return dev_err
+
+
+BAD_CONSTRAINTS = [
+    dict(bounds=(-1.0, 1.0), project=lambda x: x),          # both
+    dict(project=3.0),                                      # not callable
+    dict(bounds=(1.0, -1.0)),                               # lo > hi
+    dict(bounds=(np.inf, np.inf)),                          # infeasible
+    dict(bounds=(np.zeros(DX + 1), np.ones(DX + 1))),       # wrong length
+    dict(bounds=(np.nan, 1.0)),
+    dict(bounds=[(0.0, 1.0)] * 3),                          # neither dx pairs nor one pair
+    dict(bounds=5.0),
+]
+
+
+@pytest.mark.parametrize("kw", BAD_CONSTRAINTS)
+def test_bilevel_validation_as_cpu(quadratic, kw):
+    q, dp = quadratic
+    _errors_match(lambda **k: mlo.BilevelProblem(q.problem.upper, q.problem.lower, (DX, DY),
+                                                 **k),
+                  lambda **k: DeviceBilevelProblem(dp.upper, dp.lower, (DX, DY), **k), **kw)
+
+
+def test_bad_user_projection_errors_as_cpu(quadratic):
+    q, dp = quadratic
+    x0, y0 = np.ones(DX), np.zeros(DY)
+
+    def boom(x):
+        raise RuntimeError("no")
+
+    for proj, match in ((lambda x: x[:1], "callback project returned shape"),
+                        (lambda x: np.full(DX, np.nan), "non-finite"),
+                        (boom, "callback project raised RuntimeError: no")):
+        cpu, dev = _pair(q, dp, project=proj)
+        with pytest.raises(CallbackError, match=match) as cpu_err:
+            mlo.minimize_bilevel(cpu, x0, y0, step=0.1, maxiter=1)
+        with pytest.raises(CallbackError, match=match) as dev_err:
+            mlo.minimize_bilevel(dev, x0, y0, step=0.1, maxiter=1)
+        assert str(dev_err.value) == str(cpu_err.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Device minimize_bilevel against the CPU
+# ---------------------------------------------------------------------------------------
+def test_box_bounds_aid_solution_on_the_bound(quadratic):
+    """Box with x*_1 outside: the constrained optimum sits on the bound x_1 = 0.5; the
+    device line-search run matches the CPU's, and satisfies x = P(x - grad F(x))."""
+    q, dp = quadratic
+    lo, hi = np.array([-1.0, -1.0]), np.array([0.5, 5.0])
+    cpu, dev = _pair(q, dp, bounds=so.Bounds(lo, hi))  # (lo, hi) would be dx = 2 pairs
+    x0, y0 = np.array([-3.0, 0.5]), np.zeros(DY)     # x0 infeasible: projected first
+    res = mlo.minimize_bilevel(dev, x0, y0, method="aid", tol=1e-9, maxiter=50)
+    ref = mlo.minimize_bilevel(cpu, x0, y0, method="aid", tol=1e-9, maxiter=50)
+    assert res.success and res.nit > 2, res.message
+    _same_bilevel_run(res, ref)
+    np.testing.assert_allclose(res.v, ref.v, rtol=0, atol=1e-10)
+    assert res.x[0] == 0.5 and lo[1] < res.x[1] < hi[1]        # on the bound, x_2 free
+    g = q.hypergrad(res.x)
+    assert g[0] < -1e-3                                       # the bound is active
+    np.testing.assert_allclose(res.x - np.clip(res.x - g, lo, hi), 0.0, atol=1e-8)
+    assert abs(g[1]) < 1e-8
+    assert res.history["grad_norm"][-1] <= 1e-9
+    # each new upper point (the projected x0 and every trial) copied in once, plus y0
+    assert res.transfers["h2d"] == 1 + res.nfev
+    np.testing.assert_array_equal(x0, [-3.0, 0.5])
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("itd", dict(step=0.3, T=6, K=4, inner_step=0.3)),
+    ("alternating", dict(step=0.2, T=3)),
+])
+def test_box_bounds_fixed_steps(quadratic, method, kw):
+    q, dp = quadratic
+    cpu, dev = _pair(q, dp, bounds=[(-0.5, 0.5), (None, 1.0)])
+    x0, y0 = np.array([0.3, 2.0]), np.zeros(DY)
+    res = mlo.minimize_bilevel(dev, x0, y0, method=method, maxiter=4, tol=0.0, **kw)
+    ref = mlo.minimize_bilevel(cpu, x0, y0, method=method, maxiter=4, tol=0.0, **kw)
+    assert res.status == 10 and res.nit == 4
+    _same_bilevel_run(res, ref)
+    assert res.x[1] <= 1.0 and -0.5 <= res.x[0] <= 0.5
+
+
+def test_ball_aid_matches_cpu_and_optimality(quadratic):
+    """A Ball not containing x*: the optimum is on the sphere, where -grad F is normal to it
+    (parallel to x - center)."""
+    q, dp = quadratic
+    center = np.array([0.5, 0.0])
+    ball = mlo.Ball(0.5, center)
+    cpu, dev = _pair(q, dp, project=ball)
+    x0, y0 = np.zeros(DX), np.zeros(DY)
+    res = mlo.minimize_bilevel(dev, x0, y0, method="aid", tol=1e-8, maxiter=30)
+    ref = mlo.minimize_bilevel(cpu, x0, y0, method="aid", tol=1e-8, maxiter=30)
+    assert res.success, res.message
+    _same_bilevel_run(res, ref)
+    d = res.x - center
+    assert np.linalg.norm(d) == pytest.approx(0.5, abs=1e-12)
+    g = q.hypergrad(res.x)
+    cos = -(g @ d) / (np.linalg.norm(g) * np.linalg.norm(d))
+    assert cos == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(res.x - ball(res.x - g), 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("itd", dict(step=0.3, T=5, inner_step=0.3)),
+    ("aid", dict(step=0.3, lower_tol=1e-8)),
+])
+def test_user_projection_matches_cpu(quadratic, method, kw):
+    """A user projection (a host function of x): the half-plane x_1 + x_2 <= 1."""
+    q, dp = quadratic
+    a = np.array([1.0, 1.0])
+    seen = []
+
+    def halfplane(x):
+        seen.append(type(x))
+        s = a @ x - 1.0
+        return x - max(s, 0.0) / (a @ a) * a
+
+    cpu, dev = _pair(q, dp, project=halfplane)
+    x0, y0 = np.array([2.0, 1.0]), np.zeros(DY)
+    res = mlo.minimize_bilevel(dev, x0, y0, method=method, maxiter=5, tol=0.0, **kw)
+    ref = mlo.minimize_bilevel(cpu, x0, y0, method=method, maxiter=5, tol=0.0, **kw)
+    _same_bilevel_run(res, ref)
+    assert a @ res.x <= 1.0 + 1e-12
+    assert seen and all(t is np.ndarray for t in seen)  # called with host arrays
+
+
+def test_hyperobjective_with_scipy_bounds(quadratic):
+    """DeviceHyperObjective ignores the problem's constraints (as the CPU's): scipy's
+    L-BFGS-B takes its bounds itself, and gives the projected-descent solution."""
+    q, dp = quadratic
+    lo, hi = [-1.0, -1.0], [0.5, 5.0]
+    cpu, dev = _pair(q, dp, bounds=so.Bounds(lo, hi))
+    hd = mlo.HyperObjective(dev, np.zeros(DY))
+    hc = mlo.HyperObjective(cpu, np.zeros(DY))
+    f, g = hd(np.array([0.2, 0.1]))
+    fc, gc = hc(np.array([0.2, 0.1]))
+    assert f == pytest.approx(fc, rel=1e-12)
+    np.testing.assert_allclose(g, gc, rtol=0, atol=1e-10)
+    opts = {"gtol": 1e-10, "ftol": 1e-15, "maxiter": 30}
+    res = so.minimize(hd, np.zeros(DX), jac=True, method="L-BFGS-B",
+                      bounds=list(zip(lo, hi)), options=opts)
+    ref = so.minimize(hc, np.zeros(DX), jac=True, method="L-BFGS-B",
+                      bounds=list(zip(lo, hi)), options=opts)
+    assert res.nit == ref.nit
+    np.testing.assert_allclose(res.x, ref.x, rtol=0, atol=1e-10)
+    assert res.x[0] == 0.5
+    g = q.hypergrad(res.x)
+    np.testing.assert_allclose(res.x - np.clip(res.x - g, lo, hi), 0.0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# DeviceMultilevelProblem and the device minimize_multilevel
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trilevel():
+    tq = make_trilevel_quadratic(dim=2)  # x* = -c / 7, about (-2.0, -2.7)
+    return tq, trilevel_quadratic_device_problem(tq)
+
+
+def _ml_pair(tq, dp, **constraints):
+    cpu = mlo.MultilevelProblem(tq.problem.levels, tq.problem.dims, **constraints)
+    dev = DeviceMultilevelProblem(dp.levels, dp.dims, **constraints)
+    return cpu, dev
+
+
+def _same_multilevel_run(res, ref, atol=1e-10):
+    assert (res.nit, res.status, res.success) == (ref.nit, ref.status, ref.success)
+    assert res.message == ref.message
+    for key in ("x", "z", "jac"):
+        np.testing.assert_allclose(res[key], ref[key], rtol=0, atol=atol)
+    assert res.fun == pytest.approx(ref.fun, abs=atol)
+    for key in ("fun", "grad_norm"):
+        np.testing.assert_allclose(res.history[key], ref.history[key], rtol=0, atol=atol)
+    for k in ("level1", "level2"):
+        assert res.oracle_calls[k] == ref.oracle_calls[k]
+
+
+def test_multilevel_attributes_and_validation(trilevel):
+    tq, dp = trilevel
+    assert not dp.constrained and dp.lb is None
+    cpu, dev = _ml_pair(tq, dp, bounds=(0.0, [1.0, 2.0]))
+    assert dev.constrained and dev.dx == 2
+    np.testing.assert_array_equal(dev.lb, cpu.lb)
+    np.testing.assert_array_equal(dev.ub, cpu.ub)
+    np.testing.assert_array_equal(dev.project(np.array([-1.0, 3.0])), [0.0, 2.0])
+    for kw in BAD_CONSTRAINTS:
+        if isinstance(kw.get("bounds"), list):
+            kw = dict(bounds=[(0.0, 1.0)] * 3)
+        _errors_match(lambda **k: mlo.MultilevelProblem(tq.problem.levels, tq.problem.dims,
+                                                        **k),
+                      lambda **k: DeviceMultilevelProblem(dp.levels, dp.dims, **k), **kw)
+
+
+def test_multilevel_box_line_search_solution_on_the_bound(trilevel):
+    tq, dp = trilevel
+    lo, hi = np.array([-1.0, -5.0]), np.array([1.0, 5.0])
+    cpu, dev = _ml_pair(tq, dp, bounds=so.Bounds(lo, hi))
+    xs = [np.array([2.0, 0.5]), np.zeros(2), np.zeros(2)]   # x_1 infeasible: projected
+    res = mlo.minimize_multilevel(dev, xs, method="exact", maxiter=20, tol=1e-9)
+    ref = mlo.minimize_multilevel(cpu, xs, method="exact", maxiter=20, tol=1e-9)
+    assert res.success, res.message
+    _same_multilevel_run(res, ref)
+    # closed form: grad F = c + 7 x; with x_1 >= -1 active, x = (-1, -c_2 / 7)
+    np.testing.assert_allclose(res.x, [-1.0, -tq.c[1] / 7.0], rtol=0, atol=1e-9)
+    g = tq.c + 7.0 * res.x
+    assert g[0] > 1e-3
+    np.testing.assert_allclose(res.x - np.clip(res.x - g, lo, hi), 0.0, atol=1e-9)
+    np.testing.assert_array_equal(xs[0], [2.0, 0.5])
+
+
+def test_multilevel_ball_and_projection_fixed_steps(trilevel):
+    tq, dp = trilevel
+    xs = [np.array([0.3, -0.2]), np.zeros(2), np.zeros(2)]
+    for kw in (dict(project=mlo.Ball(1.0, [0.0, 0.5])),
+               dict(project=lambda x: np.maximum(x, -0.5))):
+        cpu, dev = _ml_pair(tq, dp, **kw)
+        res = mlo.minimize_multilevel(dev, xs, method="truncated", step=0.02, maxiter=4,
+                                      tol=0.0)
+        ref = mlo.minimize_multilevel(cpu, xs, method="truncated", step=0.02, maxiter=4,
+                                      tol=0.0)
+        assert res.nit >= 2  # the half-plane run ends at the corner (-0.5, -0.5): pg = 0
+        _same_multilevel_run(res, ref)
+        np.testing.assert_allclose(res.x, cpu.project(res.x), rtol=0, atol=1e-15)
+
+
+def test_stochastic_device_loops_refuse_constraints():
+    from mlocore.problems import make_quadratic
+    from mlocore.problems.cuda_stochastic import stochastic_quadratic_device_problem
+    dev = stochastic_quadratic_device_problem(make_quadratic(dx=2, dy=3, n_outer=8,
+                                                             n_inner=8, seed=0))
+    boxed = DeviceBilevelProblem(dev.upper, dev.lower, dims=dev.dims, bounds=(-1.0, 1.0))
+    with pytest.raises(NotImplementedError, match="do not support bounds"):
+        mlo.minimize_bilevel(boxed, np.zeros(2), np.zeros(3), method="soba", batch_size=4,
+                             maxiter=2, step=0.1, inner_step=0.1)
