@@ -28,15 +28,11 @@ import math
 import numpy as np
 from numba import cuda, int32
 
-from .._kernels import implicit as _imp
-from .._kernels import lower as _low
 from .._kernels.linalg import INFO_BREAKDOWN, INFO_NOT_PD
-from .._results import (HypergradResult, counts_dict, linear_info_message, status_message)
-from .._validation import check_int, check_positive
 from . import _linalg as dl
-from ._device import Transfers, to_device
+from ._device import Transfers
 
-__all__ = ["direct_device", "solve_direct", "direct_hypergrad", "implicit_direct"]
+__all__ = ["direct_device", "solve_direct"]
 
 _TPB = dl.THREADS_PER_BLOCK
 _FLAG_OK = 0
@@ -237,86 +233,3 @@ def solve_direct(A, b, *, args=(), full_output=False, output="numpy"):
 # ---------------------------------------------------------------------------------------
 # The implicit hypergradient with the direct solve
 # ---------------------------------------------------------------------------------------
-def implicit_direct(sess, x, xd, z, v0, solve_lower_flag, lower, output):
-    """The CPU ``implicit_hypergrad`` kernel with ``solver=DIRECT`` on the device (the device
-    ``_implicit`` with a dense Cholesky solve of ``H_yy v = grad_y f``): same statuses,
-    messages and result fields. ``v0`` (device or None) is only returned when the lower
-    solve fails, as on the CPU."""
-    from ._implicit import _HyyOperator, _host_x, lower_core
-    dx, dy, n = sess.dx, sess.dy, sess.n
-    lower_nit, lower_gnorm, lower_status = 0, math.nan, _low.OK
-    if solve_lower_flag:
-        z, lower_status, lower_nit, lower_gnorm, _ = lower_core(sess, z, *lower)
-    grad = dl.empty(dx)
-    dl.fill(grad, np.nan)
-    v = v0
-    fun, info, nit, res = math.nan, 0, 0, math.nan
-    status = lower_status
-    if lower_status in (_low.OK, _low.MAXITER):  # maxiter still gives a (less exact) answer
-        gf = dl.empty(n)
-        sess.upper.grad(z, gf)
-        if sess.upper.has_value:
-            fun = sess.upper.value(z)
-        op = _HyyOperator(sess, z)
-        v, info, nit, res, _ = direct_device(op, gf[dx:], sess.counter)
-        dl.copy(v, op.w[dx:])               # direction (0, v): x block of w is zero
-        sess.lower.hvp(z, op.w, op.h)       # (H_xy v, H_yy v)
-        dl.axpy_into(grad, gf[:dx], -1.0, op.h[:dx])
-        if info != 0:
-            status = _imp.LINEAR_FAILED
-        else:
-            sess.scalars.abs_sum(grad, dl.S_AUX)
-            if not math.isfinite(sess.scalars.read()[dl.S_AUX]):
-                status = _imp.NONFINITE_RESULT
-    if v is None:
-        v = dl.zeros(dy)
-    detail = ""
-    if solve_lower_flag:
-        detail = f"Lower level: |grad_y g| = {lower_gnorm:.3e} after {lower_nit} iterations."
-    if status == _imp.LINEAR_FAILED:
-        detail += f" Linear solve (direct): {linear_info_message(info)}, residual {res:.3e}."
-    out = HypergradResult(
-        grad=sess.to_output(grad, output), x=_host_x(x, xd),
-        y=sess.to_output(z[dx:], output), v=sess.to_output(v, output), fun=fun,
-        method="direct", success=status == 0, status=int(status),
-        message=status_message(status, detail), nit=int(nit), lin_info=int(info),
-        lin_residual=float(res), lower_nit=int(lower_nit), lower_grad_norm=float(lower_gnorm),
-        lower_status=int(lower_status), eta=None)
-    calls = counts_dict(sess.counts)
-    out.oracle_calls = calls
-    out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-    out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
-    out.transfers = sess.counter.as_dict()
-    return out
-
-
-def direct_hypergrad(problem, x, y=None, *, tol=1e-10, atol=0.0, maxiter=None, v0=None,
-                     eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
-                     lower_maxiter=None, lower_step=None, output="numpy", **unused):
-    """``hypergrad(device_problem, x, y, method="direct")``: the implicit hypergradient with
-    ``H_yy v = grad_y f`` solved by a dense Cholesky on the device (:func:`direct_device`;
-    H_yy assembled from dy lower Hessian-vector products). Options and result as the CPU
-    (``tol``, ``atol``, ``maxiter`` and ``v0`` are accepted and unused by the solve, as
-    there; ``tol`` sets the default ``lower_tol = min(tol, 1e-10)``), plus ``transfers``.
-    Called by :func:`mlocore.cuda._implicit.hypergrad` after its backend check."""
-    from ._implicit import _Session, _inputs, _lower_options
-    given = [k for k, v in unused.items() if v is not None and not (k == "T" and v == 100)]
-    if given:
-        raise TypeError(f"options {', '.join(sorted(given))} do not apply to method="
-                        "'direct' (unrolled methods only)")
-    if eta is not None:
-        raise TypeError("option eta does not apply to method='direct'")
-    if y is None:
-        raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
-    tol = check_positive("tol", tol, allow_zero=True)
-    check_positive("atol", atol, allow_zero=True)
-    lower = _lower_options(lower_method, min(tol, 1e-10) if lower_tol is None else lower_tol,
-                           1000 if lower_maxiter is None else lower_maxiter, lower_step)
-    if maxiter is not None:
-        check_int("maxiter", maxiter, 0)
-    sess = _Session(problem)
-    xd, yd = _inputs(sess, x, y, "y")
-    v0d = None if v0 is None else to_device("v0", v0, sess.counter, problem.dy)
-    z = sess.joint(xd, yd)
-    sess.check_once(z)
-    return implicit_direct(sess, x, xd, z, v0d, not lower_solved, lower, output)

@@ -26,7 +26,6 @@ from .._validation import (as_vector, check_backend, check_choice, check_int,
                            check_positive)
 from . import _linalg as dl
 from ._device import to_device, to_host
-from ._direct import implicit_direct
 from ._implicit import _Session, _implicit, _lower_options, check_problem_backend
 from ._multilevel import DeviceMultilevelEngine, DeviceMultilevelProblem, _as_joint, _copy
 
@@ -118,11 +117,8 @@ class DeviceHyperObjective(HyperObjective):
         xd = to_device("x", x, sess.counter, sess.dx)
         z = sess.joint(xd, self.y_device)
         sess.check_once(z)
-        if self.method == "direct":
-            res = implicit_direct(sess, x, xd, z, self.v_device, True, self.lower, "device")
-        else:
-            res = _implicit(sess, self.method, x, xd, z, self.v_device, True, self.lower,
-                            self.tol, 0.0, self.maxiter, -1.0, "device")
+        res = _implicit(sess, self.method, x, xd, z, self.v_device, True, self.lower,
+                        self.tol, 0.0, self.maxiter, -1.0, "device")
         res.grad = to_host(res.grad, sess.counter)
         res.transfers = sess.counter.as_dict()
         self.ncalls += 1

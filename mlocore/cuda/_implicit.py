@@ -32,8 +32,7 @@ from ._problem import DeviceBilevelProblem, DeviceOracle
 __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
 
 LOWER_METHODS = ("newton-cg", "agd", "gd")
-HYPERGRAD_METHODS = ("cg", "neumann")
-_DIRECT_METHODS = ("direct",)  # dense Cholesky: mlocore.cuda._direct
+HYPERGRAD_METHODS = ("cg", "neumann", "direct")
 
 
 def check_problem_backend(problem, backend, where):
@@ -337,12 +336,6 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         return unrolled_hypergrad(problem, x, y, method, T=unused.get("T", 100),
                                   K=unused.get("K"), step=unused.get("step"),
                                   backend=backend, output=output)
-    if method in _DIRECT_METHODS:
-        from ._direct import direct_hypergrad
-        return direct_hypergrad(problem, x, y, tol=tol, atol=atol, maxiter=maxiter, v0=v0,
-                                eta=eta, lower_solved=lower_solved, lower_method=lower_method,
-                                lower_tol=lower_tol, lower_maxiter=lower_maxiter,
-                                lower_step=lower_step, output=output, **unused)
     check_choice("method", method, HYPERGRAD_METHODS)
     given = [k for k, v in unused.items() if v is not None and not (k == "T" and v == 100)]
     if given:
@@ -392,6 +385,9 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
         if method == "cg":
             v, info, nit, res, _ = dl.cg_device(op, b, v0, tol, atol, maxiter,
                                                 counter=sess.counter)
+        elif method == "direct":  # dense H_yy from dy HVPs, one-block Cholesky
+            from ._direct import direct_device
+            v, info, nit, res, _ = direct_device(op, b, sess.counter)
         else:
             if eta <= 0.0:
                 lam, _ = dl.power_iteration_device(op, dy, POWER_ITERS, counter=sess.counter)
