@@ -34,6 +34,7 @@ full-batch objectives: :class:`DataCleaning` uses them for both ``problem`` and
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numba
@@ -58,9 +59,11 @@ def _sigmoid(m):
     return e / (1.0 + e)
 
 
-@numba.njit(cache=True)
-def _probs(z, off, A, i, label, K, p):
-    """Fill p with softmax(W^T a_i) (W = z[off:] as (d, K)) and return CE(W; a_i, label)."""
+def probs_source(z, off, A, i, label, K, p):
+    """Fill p with softmax(W^T a_i) (W = z[off:] as (d, K)) and return CE(W; a_i, label).
+
+    Plain Python over scalars and ``math``: compiled for the CPU here (``_probs``) and for
+    the GPU as a device function in :mod:`mlocore.problems.cuda_callbacks`, one source."""
     d = A.shape[1]
     for k in range(K):
         p[k] = 0.0
@@ -76,17 +79,16 @@ def _probs(z, off, A, i, label, K, p):
             mx = p[k]
     s = 0.0
     for k in range(K):
-        s += np.exp(p[k] - mx)
-    lse = mx + np.log(s)
+        s += math.exp(p[k] - mx)
+    lse = mx + math.log(s)
     ce = lse - p[label]
     for k in range(K):
-        p[k] = np.exp(p[k] - lse)
+        p[k] = math.exp(p[k] - lse)
     return ce
 
 
-@numba.njit(cache=True)
-def _project_row(v, off, A, i, K, u):
-    """u = V^T a_i for V = v[off:] as (d, K)."""
+def project_row_source(v, off, A, i, K, u):
+    """u = V^T a_i for V = v[off:] as (d, K) (one source for the CPU and the GPU)."""
     d = A.shape[1]
     for k in range(K):
         u[k] = 0.0
@@ -96,6 +98,10 @@ def _project_row(v, off, A, i, K, u):
             base = off + j * K
             for k in range(K):
                 u[k] += a * v[base + k]
+
+
+_probs = numba.njit(cache=True)(probs_source)
+_project_row = numba.njit(cache=True)(project_row_source)
 
 
 @numba.njit(cache=True)

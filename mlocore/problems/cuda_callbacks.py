@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as _np
 from numba import cuda
+from numba import float64 as _float64
 
 from ..cuda import _linalg as dl
 from ..cuda._device import Transfers
 from ..cuda._problem import DeviceBilevelProblem, DeviceObjective
+from .cleaning import probs_source, project_row_source
 
 __all__ = ["quad_grad_device", "quad_hvp_device", "quad_value_device",
            "logistic_lower_grad_device", "logistic_lower_hvp_device",
@@ -265,9 +268,6 @@ def logistic_device_problem(lh):
 # W (p, K) row-major; args (A, t, n_classes, ridge, C, work) with C an (m, K) device matrix
 # and work a device vector of length m (m samples of the level), both scratch space.
 # ---------------------------------------------------------------------------------------
-import numpy as _np  # noqa: E402  (the data-cleaning section's own imports)
-from numba import float64 as _float64  # noqa: E402
-
 __all__ += ["cleaning_lower_grad_device", "cleaning_lower_hvp_device",
             "cleaning_lower_value_device", "cleaning_upper_grad_device",
             "cleaning_upper_hvp_device", "cleaning_upper_value_device",
@@ -278,45 +278,9 @@ CLEANING_MAX_CLASSES = 64
 _LOWER, _UPPER = 0, 1
 
 
-@cuda.jit(device=True)
-def _softmax_ce(z, off, A, i, label, K, p):
-    """p[:K] <- softmax(W^T a_i) (W = z[off:] as (d, K)); returns CE(W; a_i, label): the
-    CPU ``_probs`` operation for operation."""
-    d = A.shape[1]
-    for k in range(K):
-        p[k] = 0.0
-    for j in range(d):
-        a = A[i, j]
-        if a != 0.0:
-            base = off + j * K
-            for k in range(K):
-                p[k] += a * z[base + k]
-    mx = p[0]
-    for k in range(1, K):
-        if p[k] > mx:
-            mx = p[k]
-    s = 0.0
-    for k in range(K):
-        s += math.exp(p[k] - mx)
-    lse = mx + math.log(s)
-    ce = lse - p[label]
-    for k in range(K):
-        p[k] = math.exp(p[k] - lse)
-    return ce
-
-
-@cuda.jit(device=True)
-def _project_row_device(v, off, A, i, K, u):
-    """u[:K] <- V^T a_i for V = v[off:] as (d, K) (the CPU ``_project_row``)."""
-    d = A.shape[1]
-    for k in range(K):
-        u[k] = 0.0
-    for j in range(d):
-        a = A[i, j]
-        if a != 0.0:
-            base = off + j * K
-            for k in range(K):
-                u[k] += a * v[base + k]
+# the CPU's per-sample operations, compiled from the same source as device functions
+_softmax_ce = cuda.jit(device=True)(probs_source)
+_project_row_device = cuda.jit(device=True)(project_row_source)
 
 
 @cuda.jit
