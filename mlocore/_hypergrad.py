@@ -12,7 +12,7 @@ from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
                        status_message)
-from ._validation import (as_vector, check_backend, check_choice,
+from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
                           check_int, check_positive)
 
 __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
@@ -57,7 +57,7 @@ class LowerOptions:
 
 
 def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, step=None,
-                backend=None):
+                backend=None, output="numpy"):
     """Minimize the lower objective g(x, .) from y0 until ``|grad_y g| <= tol``.
 
     Parameters
@@ -71,6 +71,12 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     step : float, optional
         Step for "gd"/"agd"; default ``1/L`` with L a power-iteration estimate of
         ``lambda_max(H_yy)`` at (x, y0) (times a 1.05 safety factor).
+    backend : {"cpu", "cuda"}, optional
+        Default: the process-wide one (:func:`mlocore.set_backend`, ``MLOCORE_BACKEND``).
+        Device problems (:mod:`mlocore.cuda`) run on "cuda"; CPU problems on "cpu".
+    output : {"numpy", "device"}
+        Device problems: return the vectors as NumPy arrays (default, counted copies) or
+        leave them on the device. "device" with the CPU backend is a ValueError.
 
     Returns
     -------
@@ -81,7 +87,8 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     if getattr(problem, "on_device", False) or check_backend(backend, "solve_lower") == "cuda":
         from .cuda._implicit import solve_lower as _solve_lower_cuda  # DeviceBilevelProblem
         return _solve_lower_cuda(problem, x, y0, method=method, tol=tol, maxiter=maxiter,
-                                 step=step, backend=backend)
+                                 step=step, backend=backend, output=output)
+    check_cpu_output(output)
     _check_problem(problem)
     x = as_vector("x", x, problem.dx)
     y0 = as_vector("y0", y0, problem.dy)
@@ -102,7 +109,7 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
 def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=None,
               v0=None, eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
               lower_maxiter=None, lower_step=None, T=100, K=None, step=None, fd_step=None,
-              backend=None):
+              backend=None, output="numpy"):
     """Hypergradient ``grad F(x)`` of ``F(x) = f(x, y*(x))``, or of ``F = phi_1`` for n levels.
 
     Parameters
@@ -141,6 +148,12 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         (truncated back-propagation; default K = T).
     step : float, optional
         Unrolled methods: inner step beta (default ``1/L`` at (x, y)).
+    backend : {"cpu", "cuda"}, optional
+        Default: the process-wide one (:func:`mlocore.set_backend`, ``MLOCORE_BACKEND``).
+        Device problems (:mod:`mlocore.cuda`) run on "cuda"; CPU problems on "cpu".
+    output : {"numpy", "device"}
+        Device problems: return the vectors as NumPy arrays (default, counted copies) or
+        leave them on the device. "device" with the CPU backend is a ValueError.
 
     Returns
     -------
@@ -154,14 +167,16 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
                                 lower_tol=lower_tol, lower_maxiter=lower_maxiter,
                                 fd_step=fd_step, backend=backend, y=y, atol=atol,
                                 maxiter=maxiter, v0=v0, eta=eta, lower_method=lower_method,
-                                lower_step=lower_step, T=T, K=K, step=step)
+                                lower_step=lower_step, T=T, K=K, step=step, output=output)
     if getattr(problem, "on_device", False) or check_backend(backend, "hypergrad") == "cuda":
         from .cuda._implicit import hypergrad as _hypergrad_cuda  # DeviceBilevelProblem
         return _hypergrad_cuda(problem, x, y, method, tol=tol, atol=atol, maxiter=maxiter,
                                v0=v0, eta=eta, lower_solved=lower_solved,
                                lower_method=lower_method, lower_tol=lower_tol,
                                lower_maxiter=lower_maxiter, lower_step=lower_step,
-                               backend=backend, T=T, K=K, step=step, fd_step=fd_step)
+                               backend=backend, T=T, K=K, step=step, fd_step=fd_step,
+                               output=output)
+    check_cpu_output(output)
     unrolled = method is not None and method.startswith("itd")
     if isinstance(problem, MultilevelProblem):
         _reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,

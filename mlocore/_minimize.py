@@ -15,7 +15,7 @@ from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_j
                           unrolled_multilevel_hypergrad)
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
-from ._validation import (as_vector, check_backend, check_choice,
+from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
                           check_int, check_positive)
 
 __all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
@@ -110,6 +110,9 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         ``batch_size`` is given.
     **options
         Options of the chosen method; an option the method does not use raises TypeError.
+        Every method takes ``backend`` ("cpu" or "cuda"; device problems of
+        :mod:`mlocore.cuda` run on the GPU) and ``output`` ("numpy", or "device" to leave
+        a device problem's vectors on the GPU).
 
     Stochastic options
     ------------------
@@ -177,7 +180,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
 def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
                      callback=None, lower_method="newton-cg", lower_tol=1e-10,
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
-                     T=100, K=None, inner_step=None, backend=None):
+                     T=100, K=None, inner_step=None, backend=None, output="numpy"):
     """Minimize ``F(x) = f(x, y*(x))`` by projected (hyper)gradient steps.
 
     Parameters
@@ -226,7 +229,9 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
                               callback=callback, lower_method=lower_method,
                               lower_tol=lower_tol, lower_maxiter=lower_maxiter,
                               lower_step=lower_step, lin_tol=lin_tol, lin_maxiter=lin_maxiter,
-                              T=T, K=K, inner_step=inner_step, backend=backend)
+                              T=T, K=K, inner_step=inner_step, backend=backend,
+                              output=output)
+    check_cpu_output(output)
     _check_problem(problem)
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))
@@ -276,7 +281,7 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
                         callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
-                        T=50, inner_step=None, fd_step=None, backend=None):
+                        T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
     """The multilevel gradient method of Gu & Chen (2024), Algorithm 1 and Theorem 4.1.
 
     Repeat: solve levels n..2 for the current x_1 (warm-started from the previous solution),
@@ -314,7 +319,8 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         return _minimize_multilevel_cuda(
             problem, x0s, method, step=step, maxiter=maxiter, tol=tol, callback=callback,
             lin_tol=lin_tol, lower_tol=lower_tol, lower_maxiter=lower_maxiter, T=T,
-            inner_step=inner_step, fd_step=fd_step, backend=backend)
+            inner_step=inner_step, fd_step=fd_step, backend=backend, output=output)
+    check_cpu_output(output)
     if not isinstance(problem, MultilevelProblem):
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")

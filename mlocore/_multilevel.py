@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._callbacks import CallbackError, call_kernel
+from ._callbacks import call_kernel
 from ._config import FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low

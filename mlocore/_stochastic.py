@@ -24,7 +24,7 @@ from ._kernels import stoch_implicit as _si
 from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
 from ._problem import Ball, BilevelProblem
 from ._results import status_message
-from ._validation import (as_vector, check_backend, check_choice,
+from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
                           check_int, check_positive)
 
 __all__ = ["Schedule", "METHODS", "STOCHASTIC_METHODS", "minimize_stochastic",
@@ -392,7 +392,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                         upper_batch_size=None, sampler=None, step=None, inner_step=None,
                         inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
                         eval_every=None, tol=None, callback=None, reference=None,
-                        backtrack=None, backend=None, **method_options):
+                        backtrack=None, backend=None, output="numpy", **method_options):
     """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
     if getattr(problem, "on_device", False) or \
             check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
@@ -403,7 +403,9 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                                 inner_steps=inner_steps, neumann_terms=neumann_terms,
                                 neumann_step=neumann_step, seed=seed, eval_every=eval_every,
                                 tol=tol, callback=callback, reference=reference,
-                                backtrack=backtrack, backend=backend, **method_options)
+                                backtrack=backtrack, backend=backend, output=output,
+                                **method_options)
+    check_cpu_output(output)
     if not isinstance(problem, BilevelProblem):
         raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
                         f"{type(problem).__name__}")

@@ -72,3 +72,14 @@ def check_backend(backend, where="this function"):
         from .cuda._device import require_cuda
         require_cuda(where)
     return backend
+
+
+def check_cpu_output(output):
+    """On the CPU path results are NumPy: ``output`` must be "numpy" ("device" needs the
+    CUDA backend)."""
+    if output == "numpy":
+        return output
+    if output == "device":
+        raise ValueError("output='device' returns CUDA device arrays and needs the CUDA "
+                         "backend (backend='cuda' or a device problem)")
+    raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")

@@ -140,3 +140,26 @@ def test_cpu_multilevel_problem_on_cuda_needs_device_callbacks():
     p = make_trilevel_quadratic().problem
     with pytest.raises(TypeError, match="DeviceMultilevelProblem"):
         mlo.hypergrad(p, [np.zeros(d) for d in p.dims], backend="cuda")
+
+
+def test_output_device_through_the_public_entry_points(quad_problem):
+    """Outputs are NumPy unless asked otherwise; output="device" needs the CUDA backend."""
+    from mlocore.problems import make_quadratic
+    from mlocore.problems.cuda_callbacks import quadratic_device_problem
+    x, y = np.zeros(3), np.zeros(6)
+    for call in (lambda: mlo.hypergrad(quad_problem, x, y, output="device"),
+                 lambda: mlo.solve_lower(quad_problem, x, y, output="device"),
+                 lambda: mlo.minimize_bilevel(quad_problem, x, y, output="device")):
+        with pytest.raises(ValueError, match="output='device' .* needs the CUDA backend"):
+            call()
+    with pytest.raises(ValueError, match="output must be 'numpy' or 'device'"):
+        mlo.hypergrad(quad_problem, x, y, output="gpu")
+    q = make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=0)
+    dev = quadratic_device_problem(q)
+    x2, y3 = np.ones(2), np.zeros(3)
+    on_device = mlo.hypergrad(dev, x2, y3, output="device")
+    assert is_device_array(on_device.grad) and is_device_array(on_device.y)
+    host = mlo.hypergrad(dev, x2, y3)
+    assert isinstance(host.grad, np.ndarray)
+    np.testing.assert_array_equal(on_device.grad.copy_to_host(), host.grad)
+    assert is_device_array(mlo.solve_lower(dev, x2, y3, output="device").y)
