@@ -388,31 +388,12 @@ def _reference_values(reference, x):
     return out
 
 
-def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
-                        upper_batch_size=None, sampler=None, step=None, inner_step=None,
-                        inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
-                        eval_every=None, tol=None, callback=None, reference=None,
-                        backtrack=None, backend=None, output="numpy", **method_options):
-    """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
-    if getattr(problem, "on_device", False) or \
-            check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
-        from .cuda._stochastic import minimize_stochastic as _device_minimize
-        return _device_minimize(problem, x0, y0, method, maxiter=maxiter,
-                                batch_size=batch_size, upper_batch_size=upper_batch_size,
-                                sampler=sampler, step=step, inner_step=inner_step,
-                                inner_steps=inner_steps, neumann_terms=neumann_terms,
-                                neumann_step=neumann_step, seed=seed, eval_every=eval_every,
-                                tol=tol, callback=callback, reference=reference,
-                                backtrack=backtrack, backend=backend, output=output,
-                                **method_options)
-    check_cpu_output(output)
-    if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
-                        f"{type(problem).__name__}")
-    check_choice("method", method, STOCHASTIC_METHODS)
-    spec = METHODS[method]
-    x = as_vector("x0", x0, problem.dx)
-    y = as_vector("y0", y0, problem.dy)
+def parse_run_options(spec, method, *, maxiter, batch_size, upper_batch_size, sampler,
+                      inner_steps, neumann_terms, neumann_step, seed, eval_every, tol,
+                      callback, reference, backtrack, method_options):
+    """Validate the options every stochastic driver (CPU and CUDA) shares; returns
+    ``(maxiter, T, Q, extra, batch_size, upper_batch_size, sampler, seed, eval_every,
+    backtrack, tol)`` with the method's defaults filled in and a drawn seed for None."""
     maxiter = check_int("maxiter", maxiter, 0)
     for name, value in (("inner_steps", inner_steps), ("neumann_terms", neumann_terms),
                         ("neumann_step", neumann_step)):
@@ -448,6 +429,42 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                                          for a in ("F", "hypergrad", "x_star")):
         raise TypeError(f"reference must have F(x), hypergrad(x) and/or x_star (the problem "
                         f"library's problems do), got {type(reference).__name__}")
+    return (maxiter, T, Q, extra, batch_size, upper_batch_size, sampler, int(seed),
+            eval_every, backtrack, tol)
+
+
+def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
+                        upper_batch_size=None, sampler=None, step=None, inner_step=None,
+                        inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
+                        eval_every=None, tol=None, callback=None, reference=None,
+                        backtrack=None, backend=None, output="numpy", **method_options):
+    """Driver of the stochastic methods; see :func:`mlocore.minimize_bilevel`."""
+    if getattr(problem, "on_device", False) or \
+            check_backend(backend, "minimize_bilevel (stochastic methods)") == "cuda":
+        from .cuda._stochastic import minimize_stochastic as _device_minimize
+        return _device_minimize(problem, x0, y0, method, maxiter=maxiter,
+                                batch_size=batch_size, upper_batch_size=upper_batch_size,
+                                sampler=sampler, step=step, inner_step=inner_step,
+                                inner_steps=inner_steps, neumann_terms=neumann_terms,
+                                neumann_step=neumann_step, seed=seed, eval_every=eval_every,
+                                tol=tol, callback=callback, reference=reference,
+                                backtrack=backtrack, backend=backend, output=output,
+                                **method_options)
+    check_cpu_output(output)
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
+                        f"{type(problem).__name__}")
+    check_choice("method", method, STOCHASTIC_METHODS)
+    spec = METHODS[method]
+    x = as_vector("x0", x0, problem.dx)
+    y = as_vector("y0", y0, problem.dy)
+    maxiter, T, Q, extra, batch_size, upper_batch_size, sampler, seed, eval_every, \
+        backtrack, tol = parse_run_options(
+            spec, method, maxiter=maxiter, batch_size=batch_size,
+            upper_batch_size=upper_batch_size, sampler=sampler, inner_steps=inner_steps,
+            neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
+            eval_every=eval_every, tol=tol, callback=callback, reference=reference,
+            backtrack=backtrack, method_options=method_options)
 
     from ._hypergrad import _compiled
     comp = _compiled(problem, x, y)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import sys
 import time
 import warnings
@@ -62,7 +61,7 @@ from .._kernels import stochastic as _sk
 from .._kernels.oracles import (COUNTER_NAMES, LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
                                 N_COUNTERS, UPPER_GRAD, UPPER_HVP, UPPER_VALUE)
 from .._results import status_message
-from .._validation import check_choice, check_int, check_positive
+from .._validation import check_choice, check_positive
 from . import _linalg as dl
 from ._device import Transfers, simulator_enabled, to_device, to_host
 from ._problem import DeviceBilevelProblem, DeviceOracle
@@ -683,14 +682,6 @@ def _upper_lipschitz(problem, x, y, counter, iters=15):
 # ---------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------
-def _check_seed(seed):
-    if seed is None:
-        return int(np.random.SeedSequence().generate_state(1)[0])
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
-
-
 def _step_at(s, k):
     """``s0 (offset / (offset + k))**power``: the CPU kernels' ``step_at``."""
     s0, p, off = s
@@ -769,8 +760,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     ``|(x, y)|`` blowing up) is detected at checkpoints; the oracle counts then include the
     work done up to that checkpoint.
     """
-    from .._stochastic import (DEFAULT_BACKTRACK, DEFAULT_BATCH, METHODS, STEP_SAFETY,
-                               STOCHASTIC_METHODS, _as_schedule, _reference_values)
+    from .._stochastic import (DEFAULT_BATCH, METHODS, STEP_SAFETY, STOCHASTIC_METHODS,
+                               _as_schedule, _reference_values, parse_run_options)
     from ._implicit import check_problem_backend
     check_problem_backend(problem, backend, "minimize_bilevel (stochastic methods)")
     if problem.constrained:
@@ -786,44 +777,19 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
             "(or use backend='cpu' with an mlocore.BilevelProblem)")
     dl.check_output(output, "cuda")
     spec = METHODS[method]
-    maxiter = check_int("maxiter", maxiter, 0)
-    for name, value in (("inner_steps", inner_steps), ("neumann_terms", neumann_terms),
-                        ("neumann_step", neumann_step)):
-        if value is not None and name not in spec.uses:
-            raise TypeError(f"method {method!r} does not use {name}")
-    T = spec.inner_steps if inner_steps is None else check_int("inner_steps", inner_steps, 1)
-    Q = spec.neumann_terms if neumann_terms is None else check_int("neumann_terms",
-                                                                   neumann_terms, 1)
-    extra = dict(spec.options)
-    for name, value in method_options.items():
-        if name not in spec.options:
-            raise TypeError(f"minimize_bilevel(method={method!r}) got an unexpected keyword "
-                            f"argument {name!r}; its method-specific options are: "
-                            + (", ".join(sorted(spec.options)) or "none"))
-        extra[name] = value
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size, 1)
-    upper_batch_size = batch_size if upper_batch_size is None else \
-        check_int("upper_batch_size", upper_batch_size, 1)
-    sampler = spec.sampler if sampler is None else check_choice("sampler", sampler,
-                                                                ("uniform", "batches"))
+    maxiter, T, Q, extra, batch_size, upper_batch_size, sampler, seed, eval_every, \
+        backtrack, tol = parse_run_options(
+            spec, method, maxiter=maxiter, batch_size=batch_size,
+            upper_batch_size=upper_batch_size, sampler=sampler, inner_steps=inner_steps,
+            neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
+            eval_every=eval_every, tol=tol, callback=callback, reference=reference,
+            backtrack=backtrack, method_options=method_options)
     if method == "saba":
         if sampler != "batches":
             raise ValueError(f"SABA needs fixed minibatches (sampler='batches'), got "
                              f"sampler={sampler!r}")
         from .._stochastic_free import _SABA_INIT
         memory_init = check_choice("memory_init", extra["memory_init"], tuple(_SABA_INIT))
-    seed = _check_seed(seed)
-    eval_every = max(1, maxiter // 20) if eval_every is None else \
-        check_int("eval_every", eval_every, 1)
-    backtrack = DEFAULT_BACKTRACK if backtrack is None else check_int("backtrack", backtrack, 0)
-    tol = check_positive("tol", tol, allow_none=True, allow_zero=True)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    if reference is not None and not any(hasattr(reference, a)
-                                         for a in ("F", "hypergrad", "x_star")):
-        raise TypeError(f"reference must have F(x), hypergrad(x) and/or x_star (the problem "
-                        f"library's problems do), got {type(reference).__name__}")
     from . import _stochastic_variance as _sv
     if problem.lower.hvp is None:
         if method not in _sv.GRADIENT_ONLY:
