@@ -177,6 +177,30 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
     return minimize_deterministic(problem, x0, y0, method, **options)
 
 
+def descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lin_maxiter, T, K,
+                    inner_step):
+    """Validate the options of the deterministic bilevel descent (CPU and CUDA drivers);
+    returns ``(maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step)``."""
+    maxiter = check_int("maxiter", maxiter, 0)
+    tol = check_positive("tol", tol, allow_zero=True)
+    if step is not None:
+        step = check_positive("step", step)
+    elif problem.upper.value is None:
+        raise ValueError("step=None uses a backtracking line search on F, which needs the "
+                         "upper objective's value callback; pass a fixed step=... instead")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
+    lin_maxiter = 10 * problem.dy if lin_maxiter is None else check_int("lin_maxiter",
+                                                                         lin_maxiter, 0)
+    T = check_int("T", T, 1)
+    K = T if K is None else check_int("K", K, 1)
+    if K > T:
+        raise ValueError(f"K must be <= T = {T}, got K={K}")
+    inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
+    return maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step
+
+
 def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
                      callback=None, lower_method="newton-cg", lower_tol=1e-10,
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
@@ -236,24 +260,10 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))
     y = as_vector("y0", y0, problem.dy)
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.upper.value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs the "
-                         "upper objective's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step = descent_options(
+        problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
+        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step)
     lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lin_maxiter = 10 * problem.dy if lin_maxiter is None else check_int("lin_maxiter",
-                                                                         lin_maxiter, 0)
-    T = check_int("T", T, 1)
-    K = T if K is None else check_int("K", K, 1)
-    if K > T:
-        raise ValueError(f"K must be <= T = {T}, got K={K}")
-    inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
 
     drv = _Driver(problem, x, y, lower, lin_tol, lin_maxiter, T, K, inner_step)
 

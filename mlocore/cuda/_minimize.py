@@ -27,9 +27,9 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .._kernels import lower as _low
-from .._minimize import BILEVEL_METHODS, descent_loop
+from .._minimize import BILEVEL_METHODS, descent_loop, descent_options
 from .._results import counts_dict, status_message
-from .._validation import check_choice, check_int, check_positive
+from .._validation import as_vector, check_choice
 from . import _linalg as dl
 from ._device import to_device, to_host
 from ._implicit import (_Session, _implicit, _lower_options, check_problem_backend,
@@ -160,26 +160,11 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     check_problem_backend(problem, backend, "minimize_bilevel")
     dl.check_output(output, "cuda")
     check_choice("method", method, BILEVEL_METHODS)
-    from .._validation import as_vector
     x = problem.project(as_vector("x0", x0, problem.dx))
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.upper.value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs the "
-                         "upper objective's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step = descent_options(
+        problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
+        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step)
     lower = _lower_options(lower_method, lower_tol, lower_maxiter, lower_step)
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lin_maxiter = 10 * problem.dy if lin_maxiter is None else check_int("lin_maxiter",
-                                                                         lin_maxiter, 0)
-    T = check_int("T", T, 1)
-    K = T if K is None else check_int("K", K, 1)
-    if K > T:
-        raise ValueError(f"K must be <= T = {T}, got K={K}")
-    inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
 
     drv = _DeviceDriver(problem, y0, lower, lin_tol, lin_maxiter, T, K, inner_step)
     sess = drv.sess
