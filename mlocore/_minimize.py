@@ -289,6 +289,25 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         oracle_calls=counts_dict(drv.counts), method=method, history=history)
 
 
+def multilevel_descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lower_tol,
+                               lower_maxiter):
+    """Validate the options of the multilevel descent (CPU and CUDA drivers); returns
+    ``(maxiter, tol, step, lin_tol, lower_tol, lower_maxiter)``."""
+    maxiter = check_int("maxiter", maxiter, 0)
+    tol = check_positive("tol", tol, allow_zero=True)
+    if step is not None:
+        step = check_positive("step", step)
+    elif problem.levels[0].value is None:
+        raise ValueError("step=None uses a backtracking line search on F, which needs level "
+                         "1's value callback; pass a fixed step=... instead")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
+    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
+    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
+    return maxiter, tol, step, lin_tol, lower_tol, lower_maxiter
+
+
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
                         callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
                         T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
@@ -335,18 +354,9 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")
     check_choice("method", method, MULTILEVEL_MODES + ("itd",))
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.levels[0].value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs level "
-                         "1's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
-    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
+    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(
+        problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
+        lower_tol=lower_tol, lower_maxiter=lower_maxiter)
     z = as_joint(problem, x0s, "x0s")
     d1 = problem.dims[0]
     z[:d1] = problem.project(z[:d1])

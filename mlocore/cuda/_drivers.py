@@ -19,7 +19,7 @@ from .._callbacks import CallbackError
 from .._hypergrad import default_linear_maxiter
 from .._kernels import lower as _low
 from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
-from .._minimize import HyperObjective, descent_loop
+from .._minimize import HyperObjective, descent_loop, multilevel_descent_options
 from .._multilevel import MULTILEVEL_MODES, LevelFailure
 from .._results import status_message
 from .._validation import (as_vector, check_backend, check_choice, check_int,
@@ -195,18 +195,9 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
                                   "CPU")
     check_choice("method", method, MULTILEVEL_MODES)
     dl.check_output(output, "cuda")
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.levels[0].value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs level "
-                         "1's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
-    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
+    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(
+        problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
+        lower_tol=lower_tol, lower_maxiter=lower_maxiter)
     if fd_step is not None:
         fd_step = check_positive("fd_step", fd_step)
     eng = DeviceMultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
