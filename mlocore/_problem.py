@@ -343,6 +343,12 @@ class MultilevelProblem:
             if not isinstance(obj, Objective):
                 raise TypeError(f"level {k} must be an mlocore.Objective, got "
                                 f"{type(obj).__name__}")
+        self._set_layout(levels, dims, bounds, project)
+
+    def _set_layout(self, levels, dims, bounds, project):
+        """Validate dims (one positive size per level) and the constraints on x_1; set
+        ``levels``, ``dims``, ``n``, ``offsets``, ``size``, ``lb``, ``ub`` (shared with
+        :class:`mlocore.cuda.DeviceMultilevelProblem`)."""
         try:
             dims = tuple(dims)
         except TypeError:

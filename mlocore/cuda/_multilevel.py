@@ -44,7 +44,7 @@ from .._validation import check_backend, check_choice, check_int, check_positive
 from . import _linalg as dl
 from ._device import Transfers, is_device_array, to_device, to_host
 from ._implicit import _HyyOperator, lower_core
-from .._problem import BilevelProblem, MultilevelProblem, parse_constraints
+from .._problem import BilevelProblem, MultilevelProblem
 from ._problem import DeviceObjective, DeviceOracle
 
 __all__ = ["DeviceMultilevelProblem", "multilevel_hypergrad", "DeviceMultilevelEngine"]
@@ -109,22 +109,7 @@ class DeviceMultilevelProblem:
             if not isinstance(obj, DeviceObjective):
                 raise TypeError(f"level {k} must be an mlocore.cuda.DeviceObjective (device "
                                 f"callbacks), got {type(obj).__name__}")
-        try:
-            dims = tuple(dims)
-        except TypeError:
-            raise ValueError(f"dims must be a sequence of {len(levels)} integers, got "
-                             f"{dims!r}") from None
-        if len(dims) != len(levels):
-            raise ValueError(f"dims has {len(dims)} entries but there are {len(levels)} levels")
-        for k, d in enumerate(dims, start=1):
-            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-                raise ValueError(f"dims must be positive integers, got d_{k}={d!r}")
-        self.levels = levels
-        self.dims = tuple(int(d) for d in dims)
-        self.n = len(levels)
-        self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.dims)]))
-        self.size = self.offsets[-1]
-        self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dims[0])
+        MultilevelProblem._set_layout(self, levels, dims, bounds, project)
         self._checked = False
 
     # the CPU's: x_1 is on the host in the driver that projects
