@@ -30,6 +30,7 @@ from numba import cuda
 from ..cuda import _linalg as dl
 from ..cuda._device import Transfers
 from ..cuda._problem import DeviceBilevelProblem, DeviceObjective
+from .quadratic import sample_value_source
 
 __all__ = ["quad_sample_grad_device", "quad_sample_hvp_device", "quad_sample_value_device",
            "stochastic_quadratic_device_problem"]
@@ -71,30 +72,15 @@ def _sample_affine_kernel(z, idx, U, W, C, a, b, ridge, lin, out):
         out[j] = acc * scale + ridge * z[j]
 
 
+_sample_value_device = cuda.jit(device=True)(sample_value_source)
+
+
 @cuda.jit
 def _sample_value_terms_kernel(z, idx, U, W, C, a, b, terms):
-    """``terms[k] = phi_{idx[k]}(z)`` without the ridge (one thread per sample)."""
-    dx = W.shape[1]
-    dy = U.shape[1]
+    """``terms[k] = phi_{idx[k]}(z)`` without the ridge (one thread per sample; the CPU's
+    per-sample source, :func:`mlocore.problems.quadratic.sample_value_source`)."""
     for k in range(cuda.grid(1), idx.shape[0], cuda.gridsize(1)):
-        i = idx[k]
-        wx = 0.0
-        bx = 0.0
-        for p in range(dx):
-            wx += W[i, p] * z[p]
-            bx += b[i, p] * z[p]
-        uy = 0.0
-        ay = 0.0
-        for q in range(dy):
-            uy += U[i, q] * z[dx + q]
-            ay += a[i, q] * z[dx + q]
-        xcy = 0.0
-        for p in range(dx):
-            t = 0.0
-            for q in range(dy):
-                t += C[i, p, q] * z[dx + q]
-            xcy += z[p] * t
-        terms[k] = 0.5 * (wx * wx + uy * uy) + xcy + ay + bx
+        terms[k] = _sample_value_device(z, idx[k], U, W, C, a, b)
 
 
 def _check_idx(idx):

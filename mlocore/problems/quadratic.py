@@ -168,35 +168,44 @@ def quad_sample_hvp(z, v, idx, U, W, C, a, b, ridge):
     return _sample_affine(v, idx, U, W, C, a, b, ridge, 0.0)
 
 
+def sample_value_source(z, i, U, W, C, a, b):
+    """phi_i(z) without the ridge: plain Python over scalars, compiled for the CPU here
+    (``_sample_value``) and as a CUDA device function in
+    :mod:`mlocore.problems.cuda_stochastic` (one source)."""
+    dx = W.shape[1]
+    dy = U.shape[1]
+    wx = 0.0
+    bx = 0.0
+    for p in range(dx):
+        wx += W[i, p] * z[p]
+        bx += b[i, p] * z[p]
+    uy = 0.0
+    ay = 0.0
+    for q in range(dy):
+        uy += U[i, q] * z[dx + q]
+        ay += a[i, q] * z[dx + q]
+    xcy = 0.0
+    for p in range(dx):
+        t = 0.0
+        for q in range(dy):
+            t += C[i, p, q] * z[dx + q]
+        xcy += z[p] * t
+    return 0.5 * (wx * wx + uy * uy) + xcy + ay + bx
+
+
+_sample_value = numba.njit(cache=True)(sample_value_source)
+
+
 @numba.njit(cache=True)
 def quad_sample_value(z, idx, U, W, C, a, b, ridge):
     """Mean over i in idx of phi_i(z)."""
-    dx = W.shape[1]
-    dy = U.shape[1]
     m = idx.shape[0]
     s = 0.0
     for k in range(m):
-        i = idx[k]
-        wx = 0.0
-        bx = 0.0
-        for p in range(dx):
-            wx += W[i, p] * z[p]
-            bx += b[i, p] * z[p]
-        uy = 0.0
-        ay = 0.0
-        for q in range(dy):
-            uy += U[i, q] * z[dx + q]
-            ay += a[i, q] * z[dx + q]
-        xcy = 0.0
-        for p in range(dx):
-            t = 0.0
-            for q in range(dy):
-                t += C[i, p, q] * z[dx + q]
-            xcy += z[p] * t
-        s += 0.5 * (wx * wx + uy * uy) + xcy + ay + bx
+        s += _sample_value(z, idx[k], U, W, C, a, b)
     scale = 1.0 / m if m > 0 else 0.0
     sq = 0.0
-    for j in range(dx + dy):
+    for j in range(z.shape[0]):
         sq += z[j] * z[j]
     return s * scale + 0.5 * ridge * sq
 
