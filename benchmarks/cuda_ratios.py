@@ -50,7 +50,6 @@ from mlocore.problems.cuda_callbacks import (quad_grad_device, quad_hvp_device, 
 from mlocore.problems.quadratic import quad_grad, quad_hvp, quad_value  # noqa: E402
 
 DX = 10
-_TPB = dl.THREADS_PER_BLOCK  # a module global: a compile-time constant in kernels
 SHIFT = 0.25     # s: the lower Hessians' smallest eigenvalue is about s (condition ~ 17)
 MU = 0.1
 RANK = 16
@@ -136,21 +135,10 @@ def _tri_lower_x_kernel(w, CT, out):
     """x-part of the lower product: (C^T w_y)_p, one block per p (block reduction)."""
     dx, dy = CT.shape
     p = cuda.blockIdx.x
-    buf = cuda.shared.array(_TPB, numba.float64)
-    tid = cuda.threadIdx.x
     acc = 0.0
-    for q in range(tid, dy, cuda.blockDim.x):
+    for q in range(cuda.threadIdx.x, dy, cuda.blockDim.x):
         acc += CT[p, q] * w[dx + q]
-    buf[tid] = acc
-    cuda.syncthreads()
-    half = _TPB // 2
-    while half > 0:
-        if tid < half:
-            buf[tid] += buf[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    if tid == 0:
-        out[p] = buf[0]
+    dl._block_sum_store(acc, out, p)  # mlocore's shared-memory block reduction
 
 
 @cuda.jit
