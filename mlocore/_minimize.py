@@ -143,7 +143,8 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         problems): evaluated at checkpoints outside the timed loop into ``history``
         (``F``, ``grad_norm_sq``, ``dist_to_x_star``; ``grad_mapping_sq``, ``|x - P(x - grad F)|^2``, with constraints).
     tol : float, optional
-        Stop at a checkpoint where the reference ``|grad F|^2 <= tol``.
+        Stop at a checkpoint where the reference ``|grad F|^2 <= tol`` (with constraints,
+        the projected-gradient mapping ``|x - P(x - grad F)|^2 <= tol``).
     callback : callable, optional
         ``callback(intermediate_result)`` at checkpoints; ``StopIteration`` stops.
     backtrack : int

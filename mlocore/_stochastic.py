@@ -372,7 +372,10 @@ class _Rewind:
         self._put(self.last)
 
 
-def _reference_values(reference, x):
+def _reference_values(reference, x, problem=None):
+    """The reference's values at a checkpoint: ``F``, ``grad_norm_sq`` (and ``_grad``),
+    ``dist_to_x_star``; for a constrained ``problem`` also ``grad_mapping_sq``,
+    ``|x - P(x - grad F)|^2`` (stationarity with constraints)."""
     out = {}
     if reference is None:
         return out
@@ -382,10 +385,20 @@ def _reference_values(reference, x):
         g = np.asarray(reference.hypergrad(x), dtype=np.float64)
         out["grad_norm_sq"] = float(g @ g)
         out["_grad"] = g
+        if problem is not None and problem.constrained:
+            gm = x - problem.project(x - g)
+            out["grad_mapping_sq"] = float(gm @ gm)
     xs = getattr(reference, "x_star", None)
     if xs is not None:
         out["dist_to_x_star"] = float(np.linalg.norm(x - xs))
     return out
+
+
+def _stationarity(ref):
+    """What ``tol`` is compared with: the projected-gradient mapping ``|x - P(x - grad
+    F)|^2`` with constraints (``grad F`` need not vanish on the boundary), else ``|grad
+    F|^2``; inf without a reference hypergradient."""
+    return ref.get("grad_mapping_sq", ref.get("grad_norm_sq", np.inf))
 
 
 def parse_run_options(spec, method, *, maxiter, batch_size, upper_batch_size, sampler,
@@ -531,11 +544,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         history["time"].append(elapsed)
         history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
         history["samples"].append(int(counts[N_COUNTERS:].sum()))
-        current_ref = _reference_values(reference, x)
-        if problem.constrained and "_grad" in current_ref:
-            # projected-gradient mapping |x - P(x - grad F)|^2 (stationarity with constraints)
-            gm = x - problem.project(x - current_ref["_grad"])
-            current_ref["grad_mapping_sq"] = float(gm @ gm)
+        current_ref = _reference_values(reference, x, problem)
         for key, val in current_ref.items():
             if not key.startswith("_"):
                 history.setdefault(key, []).append(val)
@@ -583,7 +592,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         k += n
         rewind.checkpoint(k, nz)
         checkpoint()
-        if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
+        if tol is not None and _stationarity(current_ref) <= tol:
             status = 0
             break
         if callback is not None:

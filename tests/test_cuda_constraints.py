@@ -1,14 +1,18 @@
-"""CUDA backend: bounds and projections on device problems, for the deterministic drivers.
+"""CUDA backend: bounds and projections on device problems.
 
 ``DeviceBilevelProblem(..., bounds=..., project=...)`` and ``DeviceMultilevelProblem(...)``
 validate their constraints as the CPU problems do; the device ``minimize_bilevel`` ("aid",
 "itd", "alternating") and ``minimize_multilevel`` take the CPU's projected steps (x on the
-host), so their iterates match the CPU run on the same problem to 1e-10. Runs under numba's
+host), so their iterates match the CPU run on the same problem to 1e-10; the stochastic
+device loops project x on the device (bounds, Ball) or by a round trip (a user project)
+where the CPU kernels project, and match the CPU's full-batch runs to 1e-10. Runs under numba's
 CUDA simulator (tests/conftest.py): tiny sizes, few iterations.
 """
 import numpy as np
 import pytest
 import scipy.optimize as so
+
+from numba import njit
 
 import mlocore as mlo
 from mlocore._callbacks import CallbackError
@@ -303,12 +307,113 @@ def test_multilevel_ball_and_projection_fixed_steps(trilevel):
         np.testing.assert_allclose(res.x, cpu.project(res.x), rtol=0, atol=1e-15)
 
 
-def test_stochastic_device_loops_refuse_constraints():
-    from mlocore.problems import make_quadratic
+# ---------------------------------------------------------------------------------------
+# The stochastic device loops: bounds and Ball by a kernel, a user project by a round trip
+# ---------------------------------------------------------------------------------------
+@njit(cache=True)
+def _cap_second(x):
+    """A user projection onto ``x_2 <= -2.5`` (the CPU compiles it into its loop; the
+    device calls it on x's host copy)."""
+    out = x.copy()
+    if out[1] > -2.5:
+        out[1] = -2.5
+    return out
+
+
+@pytest.fixture(scope="module")
+def stoch():
+    """(q, device problem): the stochastic quadratic (n = 8 samples per level, ridge 1) of
+    tests/test_cuda_stochastic.py; x* = q.x_star is about (-0.09, 0.30)."""
     from mlocore.problems.cuda_stochastic import stochastic_quadratic_device_problem
-    dev = stochastic_quadratic_device_problem(make_quadratic(dx=2, dy=3, n_outer=8,
-                                                             n_inner=8, seed=0))
-    boxed = DeviceBilevelProblem(dev.upper, dev.lower, dims=dev.dims, bounds=(-1.0, 1.0))
-    with pytest.raises(NotImplementedError, match="do not support bounds"):
-        mlo.minimize_bilevel(boxed, np.zeros(2), np.zeros(3), method="soba", batch_size=4,
-                             maxiter=2, step=0.1, inner_step=0.1)
+    q = make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0)
+    return q, stochastic_quadratic_device_problem(q)
+
+
+#: x0 = (2, -2) and x* = (-0.09, 0.30) are outside the box; x* lies beyond its corner
+#: (2.5, -2.5), where both bounds are active from the first projection on
+BOX = (np.array([2.5, -3.0]), np.array([3.0, -2.5]))
+SX0, SY0 = np.array([2.0, -2.0]), np.array([0.5, 0.0, -0.5])
+STOCH_OPTIONS = {"soba": {}, "stocbio": dict(inner_steps=2, neumann_terms=3, neumann_step=0.3),
+                 "mrbo": dict(neumann_terms=3, neumann_step=0.3),
+                 "stable": dict(hessian_floor=0.1),
+                 "hessian-free": dict(inner_steps=2, directions=2),
+                 "penalty": dict(inner_steps=2)}
+
+
+def _stoch_pair(stoch, **constraints):
+    q, dp = stoch
+    cpu = mlo.BilevelProblem(q.stochastic_problem.upper, q.stochastic_problem.lower,
+                             (DX, DY), **constraints)
+    return cpu, DeviceBilevelProblem(dp.upper, dp.lower, (DX, DY), **constraints)
+
+
+def _stoch_runs(stoch, method, cpu, dev, **kw):
+    """The full batch (batch_size = n_samples: the deterministic algorithm), both backends."""
+    kw = {**dict(batch_size=8, step=0.2, inner_step=0.3, maxiter=6, eval_every=3, seed=5,
+                 reference=stoch[0]), **STOCH_OPTIONS[method], **kw}
+    return (mlo.minimize_bilevel(dev, SX0, SY0, method=method, **kw),
+            mlo.minimize_bilevel(cpu, SX0, SY0, method=method, **kw))
+
+
+def _same_stochastic_run(r, c, atol=1e-10):
+    assert (r.status, r.nit) == (c.status, c.nit), r.message
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=atol)
+    np.testing.assert_allclose(r.y, c.y, rtol=0, atol=atol)
+    for key in ("F", "grad_norm_sq", "grad_mapping_sq", "dist_to_x_star"):
+        np.testing.assert_allclose(r.history[key], c.history[key], rtol=1e-10, atol=1e-12)
+    assert r.oracle_calls == c.oracle_calls
+
+
+@pytest.mark.parametrize("method", list(STOCH_OPTIONS))
+def test_stochastic_box_bounds_match_cpu(stoch, method):
+    """Full batch, box bounds active from the first step (x0 = (2, -2) is outside): the
+    device run is the CPU run to 1e-10, for a projection at the end of the iteration
+    (SOBA, StocBiO, MRBO, Hessian-free, penalty) and in its middle (STABLE: the lower
+    correction uses the projected x_{k+1} - x_k). Bounds copied in once each (h2d 2 + 2)."""
+    cpu, dev = _stoch_pair(stoch, bounds=list(zip(*BOX)))
+    r, c = _stoch_runs(stoch, method, cpu, dev)
+    _same_stochastic_run(r, c)
+    assert np.all(r.x >= BOX[0]) and np.all(r.x <= BOX[1])
+    np.testing.assert_array_equal(r.x, [2.5, -2.5])  # the corner: both bounds active
+    assert r.transfers["h2d"] == 2 + 2
+
+
+def test_stochastic_ball_and_user_projection_match_cpu(stoch):
+    """A Ball (kernel; its centre copied once) and a user projection (a host round trip of
+    x per iteration and for x0: h2d and d2h 7 more each than without constraints), SOBA
+    on the full batch: the CPU runs to 1e-10; the Ball is active (x* is 2.1 away from its
+    centre, x0 1.1)."""
+    ball = mlo.Ball(1.0, np.array([1.0, -1.5]))
+    cpu, dev = _stoch_pair(stoch, project=ball)
+    r, c = _stoch_runs(stoch, "soba", cpu, dev)
+    _same_stochastic_run(r, c)
+    assert np.linalg.norm(r.x - ball.center) == pytest.approx(1.0, abs=1e-12)
+    assert r.transfers["h2d"] == 2 + 1
+    cpu, dev = _stoch_pair(stoch, project=_cap_second)
+    r, c = _stoch_runs(stoch, "soba", cpu, dev)
+    _same_stochastic_run(r, c)
+    assert r.x[1] == -2.5 and abs(r.x[0] - SX0[0]) > 0.1  # x_2 held at its cap, x_1 free
+    free = _stoch_runs(stoch, "soba", *_stoch_pair(stoch))[0]
+    assert r.transfers["h2d"] - free.transfers["h2d"] == 7
+    assert r.transfers["d2h"] - free.transfers["d2h"] == 7
+
+
+def test_stochastic_bad_user_projection_is_a_callback_error(stoch):
+    def wrong_size(x):
+        return np.zeros(3)
+    _, dev = _stoch_pair(stoch, project=wrong_size)
+    with pytest.raises(CallbackError, match=r"callback project returned shape \(3,\)"):
+        mlo.minimize_bilevel(dev, SX0, SY0, method="soba", batch_size=8, step=0.2,
+                             inner_step=0.3, maxiter=2, seed=0)
+
+
+def test_stochastic_tol_uses_the_gradient_mapping_with_constraints(stoch):
+    """With bounds active at the optimum, grad F does not vanish there: ``tol`` is compared
+    with the projected-gradient mapping (CPU and device alike), so the run stops (status 0)
+    while |grad F|^2 stays large."""
+    cpu, dev = _stoch_pair(stoch, bounds=list(zip(*BOX)))
+    kw = dict(tol=1e-8, maxiter=400, eval_every=20)
+    r, c = _stoch_runs(stoch, "soba", cpu, dev, **kw)
+    assert c.status == 0 and c.nit < 400
+    _same_stochastic_run(r, c)
+    assert r.history["grad_mapping_sq"][-1] <= 1e-8 < 1e-2 < r.history["grad_norm_sq"][-1]

@@ -168,7 +168,7 @@ def _multilevel():
 
 def _stochastic():
     """Every device stochastic method, two iterations of minibatch 2 (fewest inner steps and
-    Neumann terms), and the value callback."""
+    Neumann terms), the value callback, and the projections (box bounds, Ball)."""
     from numba import cuda
     from mlocore._stochastic import METHODS
     from mlocore.cuda import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
@@ -186,6 +186,12 @@ def _stochastic():
                             maxiter=2, eval_every=2, seed=0, reference=quad, **kw)
     up = dev.upper.full_batch()  # the value callback (the runs above do not evaluate it)
     up.value(cuda.to_device(np.concatenate([x0, y0])), *up.args)
+    from mlocore.cuda import DeviceBilevelProblem
+    from mlocore import Ball
+    for constraint in (dict(bounds=(-0.5, 0.5)), dict(project=Ball(0.5))):  # x projected
+        boxed = DeviceBilevelProblem(dev.upper, dev.lower, dev.dims, **constraint)
+        minimize_stochastic(boxed, x0, y0, "soba", batch_size=2, step=0.1, inner_step=0.1,
+                            maxiter=1, eval_every=1, seed=0)
 
 
 def _benchmark_tridiagonal():

@@ -151,8 +151,9 @@ class DeviceBilevelProblem:
     -----
     As :class:`mlocore.BilevelProblem`: ``g(x, .)`` must be strongly convex (ALGORITHMS.md
     section 1). The callbacks are checked once, at the first point a solver sees (errors name
-    the callback). Constraints are honoured by the deterministic drivers only (projected
-    steps, as on the CPU); the device stochastic methods refuse a constrained problem.
+    the callback). Constraints are honoured by ``minimize_bilevel`` (projected steps, as on the
+    CPU: on the host in the deterministic drivers, by a kernel in the stochastic loops for
+    bounds and Ball).
     ``hypergrad``, ``solve_lower`` and :class:`mlocore.HyperObjective` ignore them, as on the
     CPU (scipy's L-BFGS-B takes its ``bounds`` itself).
     """

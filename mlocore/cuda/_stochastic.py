@@ -251,6 +251,70 @@ def _saba_step_kernel(z, v, d, dx, dy, rho, gamma):
             v[q] -= rho * (d[dy + q] - d[rl + q])
 
 
+# projection of x onto the upper feasible set (the CPU kernels' ``project``) --------------
+@cuda.jit
+def _clip_kernel(z, lb, ub):
+    """``x <- min(max(x, lb), ub)`` on the x block of z (box bounds, as the CPU's mode 1)."""
+    for i in range(cuda.grid(1), lb.shape[0], cuda.gridsize(1)):
+        if z[i] < lb[i]:
+            z[i] = lb[i]
+        elif z[i] > ub[i]:
+            z[i] = ub[i]
+
+
+@cuda.jit
+def _ball_kernel(z, center, radius, scratch):
+    """``x <- c + r (x - c) / |x - c|`` when ``|x - c| > r`` (the CPU's mode 2). ONE block:
+    every thread reads the block's sum of squares after the barrier (``scratch[0]``)."""
+    dx = center.shape[0]
+    acc = 0.0
+    for i in range(cuda.threadIdx.x, dx, cuda.blockDim.x):
+        d = z[i] - center[i]
+        acc += d * d
+    dl._block_sum_store(acc, scratch, 0)
+    cuda.syncthreads()
+    s = math.sqrt(scratch[0])
+    if s > radius:
+        c = radius / s
+        for i in range(cuda.threadIdx.x, dx, cuda.blockDim.x):
+            z[i] = center[i] + c * (z[i] - center[i])
+
+
+class _DeviceProjection:
+    """``x <- P(x)`` in place on the x block of the device iterate z, after every upper step
+    (where the CPU kernels call ``project``): box bounds and :class:`mlocore.Ball` by a
+    kernel (bounds / centre copied once, counted); a user ``project`` (a host function) by a
+    round trip per call: x read back, projected and validated by ``problem.project``, copied
+    back (two counted transfers per iteration: dx is the small side)."""
+
+    def __init__(self, problem, counter):
+        from .._problem import Ball
+        self.problem, self.counter, self.dx = problem, counter, problem.dx
+        user = problem._project
+        self.mode = 0
+        if isinstance(user, Ball):
+            self.mode = 2
+            self.center = to_device("Ball center", user.center_for(self.dx), counter,
+                                    self.dx)
+            self.radius = float(user.radius)
+            self.scratch = dl.empty(1)
+        elif user is not None:
+            self.mode = 3
+        elif problem.lb is not None:
+            self.mode = 1
+            self.lb = to_device("lower bounds", problem.lb, counter, self.dx)
+            self.ub = to_device("upper bounds", problem.ub, counter, self.dx)
+
+    def __call__(self, z):
+        if self.mode == 1:
+            _launch(_clip_kernel, self.dx, z, self.lb, self.ub)
+        elif self.mode == 2:
+            _ball_kernel[1, _TPB](z, self.center, self.radius, self.scratch)
+        elif self.mode == 3:
+            x = self.problem.project(to_host(z[:self.dx], self.counter))
+            dl.copy(to_device("project(x)", x, self.counter, self.dx), z[:self.dx])
+
+
 # stochastic AID-BiO: CG on one minibatch Hessian, breaks decided on the device -----------
 _CG_RR, _CG_PAP, _CG_RRNEW, _CG_STEP, _CG_STOP = 0, 1, 2, 3, 4
 _CG_SLOTS = 5
@@ -704,8 +768,10 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         Objectives with ``n_samples`` take minibatch callbacks ``grad(z, idx, out, *args)``,
         ``hvp(z, v, idx, out, *args)`` returning the mean over idx (a deterministic
         objective is one sample). The lower objective must have ``hvp`` (no difference
-        products on this path). ``g(x, .)`` strongly convex (ALGORITHMS.md section 1); no
-        bounds or projection.
+        products on this path). ``g(x, .)`` strongly convex (ALGORITHMS.md section 1). Its bounds or
+        :class:`mlocore.Ball` are applied by a kernel after every upper step, as the CPU
+        kernels do; a user ``project`` (a host function) costs a round trip of x per
+        iteration (two counted transfers).
     x0, y0 : ndarray or device array
         Host arrays are validated and copied once each (counted); device arrays are used
         as given and never modified.
@@ -716,7 +782,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         sum of Q terms), BSA and TTSA (randomized Neumann estimator), stochastic AID-BiO (Q
         CG iterations on one minibatch Hessian, warm-started v) and the alternating
         baseline. The kernels of :mod:`mlocore._kernels.stoch_implicit` and
-        :mod:`mlocore._kernels.stoch_free`, step for step (no projection on this path).
+        :mod:`mlocore._kernels.stoch_free`, step for step.
         Also SUSTAIN / MRBO (STORM double momentum), VRBO (SPIDER, full-batch refresh every
         ``period``), STABLE (averaged dense Hessians), Hessian-free (PZOBO; no HVP needed
         when steps are given) and the value-function penalty / primal-dual methods (need the
@@ -761,14 +827,10 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     work done up to that checkpoint.
     """
     from .._stochastic import (DEFAULT_BATCH, METHODS, STEP_SAFETY, STOCHASTIC_METHODS,
-                               _as_schedule, _reference_values, parse_run_options)
+                               _as_schedule, _reference_values, _stationarity,
+                               parse_run_options)
     from ._implicit import check_problem_backend
     check_problem_backend(problem, backend, "minimize_bilevel (stochastic methods)")
-    if problem.constrained:
-        raise NotImplementedError(
-            "minimize_bilevel: the CUDA stochastic methods do not support bounds or a "
-            "projection on x yet; use the deterministic methods 'aid', 'itd' or 'alternating' "
-            "(projected steps), or backend='cpu' with an mlocore.BilevelProblem")
     check_choice("method", method, STOCHASTIC_METHODS)
     if method not in DEVICE_STOCHASTIC_METHODS:
         raise NotImplementedError(
@@ -820,6 +882,9 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
             else:
                 _check_sampled(obj, role, z, counter)
         problem._sample_checked = True
+    project = _DeviceProjection(problem, counter)
+    if problem.constrained:  # x0 projected first, as on the CPU
+        project(z)
 
     # the CPU driver's generators, in its order: permutations (upper, then lower), then the
     # SplitMix64 state of batch orders and BSA's / TTSA's numbers of terms (on the host)
@@ -1024,14 +1089,21 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         ext = _sv.build(method, SimpleNamespace(
             z=z, dx=dx, dy=dy, n=n, lower=lower, upper=upper, samp_l=samp_l, samp_u=samp_u,
             hrng=hrng, par=par, alpha_at=alpha_at, beta_at=beta_at, T=T, Q=Q, fextra=fextra,
-            iextra=iextra, work_host=work_host, gf=gf, gg=gg, h=h, counter=counter))
+            iextra=iextra, work_host=work_host, gf=gf, gg=gg, h=h, counter=counter,
+            project=project if problem.constrained else None))
         iteration = ext.iteration
         saved = saved + tuple(ext.saved)
     else:
-        iteration = {"soba": soba_iteration, "saba": saba_iteration,
-                     "stocbio": neumann_iteration, "bsa": neumann_iteration,
-                     "ttsa": neumann_iteration, "aid": aid_iteration,
-                     "alternating": alternating_iteration}[method]
+        step_xy = {"soba": soba_iteration, "saba": saba_iteration,
+                   "stocbio": neumann_iteration, "bsa": neumann_iteration,
+                   "ttsa": neumann_iteration, "aid": aid_iteration,
+                   "alternating": alternating_iteration}[method]
+        if problem.constrained:
+            def iteration(k):  # the upper step is each iteration's last update of x
+                step_xy(k)
+                project(z)
+        else:
+            iteration = step_xy
     check_vec = v if has_v else (ext.check if ext is not None else None)
     if method == "aid":
         r_cg = dl.empty(dy)
@@ -1067,7 +1139,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         history["time"].append(elapsed)
         history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
         history["samples"].append(int(counts[N_COUNTERS:].sum()))
-        current_ref = _reference_values(reference, x_host)
+        current_ref = _reference_values(reference, x_host, problem)
         for key, val in current_ref.items():
             if not key.startswith("_"):
                 history.setdefault(key, []).append(val)
@@ -1115,7 +1187,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
         x_host = x_new
         rewind.checkpoint(k, nz, x_host)
         checkpoint()
-        if tol is not None and current_ref.get("grad_norm_sq", np.inf) <= tol:
+        if tol is not None and _stationarity(current_ref) <= tol:
             status = 0
             break
         if callback is not None:

@@ -372,6 +372,12 @@ class _Method:
     def result(self):
         return {}
 
+    def project(self):
+        """``x <- P(x)`` after the upper step (where the CPU kernels project), if
+        constrained."""
+        if self.r.project is not None:
+            self.r.project(self.r.z)
+
 
 class _Estimates(_Method):
     """SUSTAIN / MRBO (``vrbo`` False: STORM momentum, ``work = [started, h_g, h_f, x_prev,
@@ -475,6 +481,7 @@ class _Estimates(_Method):
             self.started[0] = 1
         _launch(_estimate_step_kernel, r.n, z, self.work, self.o_hg, self.o_hf, self.o_zp,
                 r.dx, r.alpha_at(k), r.beta_at(k))
+        self.project()
 
     def state_work(self):
         return self.work
@@ -519,6 +526,7 @@ class _Stable(_Method):
         _launch(_vt_solve_kernel, dy, self.t, self.V, r.gf, dx, self.lam)
         _launch(_v_apply_kernel, dy, self.v, self.V, self.t)
         _launch(_stable_upper_kernel, dx, z, r.gf, self.work, self.v, dx, dy, r.alpha_at(k))
+        self.project()  # before the correction, which uses x_{k+1} - x_k
         r.lower.grad(zs, r.samp_l.draw(), r.gg)
         _launch(_stable_dx_kernel, dy, self.d, self.work, z, zs, dx, dy)
         _launch(_vt_solve_kernel, dy, self.t, self.V, self.d, 0, self.lam)
@@ -574,6 +582,7 @@ class _HessianFree(_Method):
         r.upper.grad(z, r.samp_u.draw(), r.gf)
         _launch(_hf_upper_kernel, dx, z, r.gf, self.dirs, self.deltas, self.nq, dx, dy,
                 alpha)
+        self.project()
 
     def state_work(self):
         return np.zeros(0)
@@ -625,6 +634,7 @@ class _ValueFunction(_Method):
             r.lower.grad(zh, idx_l, self.gh)
         _launch(_vf_step_kernel, n, z, r.gf, r.gg, self.gh, dx, alpha, beta, s, w,
                 1 if w != 0.0 else 0)
+        self.project()
         if self.dual:
             new = rho + self.dual_step * (c - self.eps)
             if not math.isfinite(new):
