@@ -18,6 +18,7 @@ Run: ``python examples/cuda_backend.py`` where there is an NVIDIA GPU (``pip ins
 ".[cuda]"``), or ``python examples/cuda_backend.py --simulator`` anywhere (numba's CUDA
 simulator: tiny sizes, slow, for trying the API only; no timing there means anything).
 """
+import math
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ THREADS = 4 if SIM else 256
 def _lower_grad_kernel(z, out, a):
     d = a.shape[0]
     for j in range(cuda.grid(1), d, cuda.gridsize(1)):
-        e, y = np.exp(z[j]), z[d + j]
+        e, y = math.exp(z[j]), z[d + j]
         out[j] = 0.5 * e * y * y            # d g / d x_j
         out[d + j] = e * y - a[j]            # d g / d y_j
 
@@ -57,7 +58,7 @@ def _lower_grad_kernel(z, out, a):
 def _lower_hvp_kernel(z, v, out, a):
     d = a.shape[0]
     for j in range(cuda.grid(1), d, cuda.gridsize(1)):
-        e, y = np.exp(z[j]), z[d + j]
+        e, y = math.exp(z[j]), z[d + j]
         out[j] = 0.5 * e * y * y * v[j] + e * y * v[d + j]
         out[d + j] = e * y * v[j] + e * v[d + j]
 
@@ -79,26 +80,16 @@ def _upper_hvp_kernel(z, v, out, b):
 
 
 @cuda.jit
-def _upper_value_kernel(z, b, out):
-    """``out[0] += sum_j (y_j - b_j)^2 / 2``: a per-thread sum, a shared-memory tree per
-    block, one atomic add per block."""
+def _upper_value_terms_kernel(z, b, terms):
     d = b.shape[0]
-    acc = 0.0
     for j in range(cuda.grid(1), d, cuda.gridsize(1)):
         r = z[d + j] - b[j]
-        acc += 0.5 * r * r
-    buf = cuda.shared.array(THREADS, np.float64)
-    t = cuda.threadIdx.x
-    buf[t] = acc
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if t < half:
-            buf[t] += buf[t + half]
-        cuda.syncthreads()
-        half //= 2
-    if t == 0:
-        cuda.atomic.add(out, 0, buf[0])
+        terms[j] = 0.5 * r * r
+
+
+@cuda.reduce
+def _device_sum(s, t):
+    return s + t
 
 
 def _blocks(d):
@@ -122,10 +113,12 @@ def upper_hvp(z, v, out, b):
 
 
 def upper_value(z, b):
-    """f(x, y), one scalar read back (the line search of minimize_bilevel calls it)."""
-    out = cuda.to_device(np.zeros(1))
-    _upper_value_kernel[_blocks(b.shape[0]), THREADS](z, b, out)
-    return float(out.copy_to_host()[0])
+    """f(x, y) (the line search of minimize_bilevel calls it): the terms by a kernel, their
+    sum by numba's ``cuda.reduce`` (one scalar read back). A real program would keep the
+    terms array instead of allocating it per call."""
+    terms = cuda.device_array(b.shape[0])
+    _upper_value_terms_kernel[_blocks(b.shape[0]), THREADS](z, b, terms)
+    return float(_device_sum(terms))
 
 
 def separable_problem(d, seed=0):
