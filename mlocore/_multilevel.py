@@ -483,8 +483,10 @@ class UnrolledEngine:
         return g
 
 
-def _unrolled_setup(problem, xs, T, steps, fd_step):
-    n = problem.n
+def unrolled_options(n, T, steps):
+    """``(Ts, betas)`` for the n-level unrolled baseline (CPU and CUDA): ``Ts[k]`` and
+    ``betas[k]`` for levels k = 2..n (entries 0 and 1 None); a None beta is estimated later.
+    ``T`` and ``steps`` are one value or a sequence of n - 1 (levels 2..n)."""
     if isinstance(T, (list, tuple)):
         if len(T) != n - 1:
             raise ValueError(f"T must be an int or a sequence of {n - 1} ints (levels 2..n), "
@@ -502,6 +504,11 @@ def _unrolled_setup(problem, xs, T, steps, fd_step):
                                 for s in steps]
     else:
         betas = [None, None] + [check_positive("step", steps)] * (n - 1)
+    return Ts, betas
+
+
+def _unrolled_setup(problem, xs, T, steps, fd_step):
+    Ts, betas = unrolled_options(problem.n, T, steps)
     z = as_joint(problem, xs)
     ueng = UnrolledEngine(problem, Ts, betas, z.copy(), fd_step)
     if not getattr(problem, "_checked", False):

@@ -82,16 +82,6 @@ def test_switch_function_and_context_manager():
     assert mlo.get_backend() == "cpu"
 
 
-def test_methods_without_a_cuda_path_refuse():
-    """What has no device implementation says so (never a silent CPU run)."""
-    from mlocore.problems import make_trilevel_quadratic
-    from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
-    tq = make_trilevel_quadratic()
-    dml = trilevel_quadratic_device_problem(tq)
-    with pytest.raises(NotImplementedError, match="itd"):
-        mlo.hypergrad(dml, [np.zeros(d) for d in tq.problem.dims], method="itd")
-
-
 def test_every_stochastic_method_has_a_device_loop():
     from mlocore._stochastic import STOCHASTIC_METHODS
     from mlocore.cuda import DEVICE_STOCHASTIC_METHODS

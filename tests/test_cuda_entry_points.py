@@ -330,8 +330,8 @@ def test_minimize_multilevel_fixed_step_callback_device_output(trilevel):
 def test_minimize_multilevel_errors(trilevel):
     tq, dp = trilevel
     xs = [np.zeros(1)] * 3
-    with pytest.raises(NotImplementedError, match="'itd'.*not implemented for the CUDA"):
-        mlo.minimize_multilevel(dp, xs, method="itd")
+    with pytest.raises(ValueError, match="T must be"):
+        mlo.minimize_multilevel(dp, xs, method="itd", T=0)
     with pytest.raises(TypeError, match="needs device callbacks"):
         mlo.minimize_multilevel(tq.problem, xs, backend="cuda")
     with pytest.raises(TypeError, match="runs on the CUDA backend only"):

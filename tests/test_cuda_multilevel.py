@@ -3,7 +3,9 @@
 The device recursion (:mod:`mlocore.cuda._multilevel`) against the CPU engine
 (``mlocore.hypergrad(cpu_problem, xs, method=...)``) to 1e-10 and against closed forms. Runs
 under numba's CUDA simulator (tests/conftest.py): tiny dims (1-2 per level); the n = 4 cases
-start from the closed-form solution so that only one level is re-solved.
+start from the closed-form solution so that only one level is re-solved. method="itd" (the
+unrolled baseline, :class:`mlocore.cuda._multilevel.DeviceUnrolledEngine`) runs T <= 4 steps
+per level (its cost grows like T_2 ... T_n).
 """
 
 import numpy as np
@@ -20,7 +22,7 @@ from mlocore.problems.cuda_multilevel import (nlevel_quadratic_device_problem,
                                               nonquadratic_trilevel_device_problem,
                                               quadform_grad_device, quadform_hvp_device,
                                               trilevel_quadratic_device_problem)
-from mlocore.problems.multilevel import (logcosh_quad_grad, logcosh_quad_hvp,
+from mlocore.problems.multilevel import (NLevelQuadratic, logcosh_quad_grad, logcosh_quad_hvp,
                                          logcosh_quad_value, make_nlevel_quadratic,
                                          make_nonquadratic_trilevel, make_trilevel_quadratic)
 
@@ -222,8 +224,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="unknown method 'cg'; expected one of 'exact', 'fd', "
                                          "'truncated'"):
         mlo.hypergrad(dp, good, method="cg")
-    with pytest.raises(NotImplementedError, match="'itd' .* not implemented for the CUDA"):
-        mlo.hypergrad(dp, good, method="itd")
+    with pytest.raises(ValueError, match="T must be >= 1, got 0"):
+        mlo.hypergrad(dp, good, method="itd", T=0)
     with pytest.raises(TypeError, match="CUDA backend only, got backend='cpu'"):
         mlo.hypergrad(dp, good, backend="cpu")
     with pytest.raises(TypeError, match="options eta, v0 do not apply to method='exact'"):
@@ -251,3 +253,213 @@ def test_callback_errors_name_the_level():
                                   DeviceObjective(broken_grad, args=(P, qv))], dims=(1, 1))
     with pytest.raises(CallbackError, match="callback level2.grad raised RuntimeError: boom"):
         mlo.hypergrad(dp, [np.zeros(1), np.zeros(1)])
+
+
+# ---------------------------------------------------------------------------------------
+# method="itd": the n-level unrolled baseline (Sato et al. 2021) on the device
+# ---------------------------------------------------------------------------------------
+ITD_STEPS = [0.47, 0.95]  # below 1/L (0.5, 1) of levels 2, 3 of the dim-1 trilevel quadratic
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(b), 1e-300)))
+
+
+def _check_itd_against_cpu(res, ref, rtol=1e-10):
+    assert res.success and ref.success, (res.message, ref.message)
+    assert isinstance(res.grad, np.ndarray) and res.method == ref.method == "itd"
+    assert _rel(res.grad, ref.grad) <= rtol
+    np.testing.assert_allclose(res.z, ref.z, rtol=rtol, atol=1e-14)
+    for a, b in zip(res.xs, ref.xs):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-14)
+    assert res.fun == pytest.approx(ref.fun, rel=rtol)
+    assert res.T == ref.T and res.nit == ref.nit
+    np.testing.assert_allclose(np.array(res.step, dtype=float), np.array(ref.step, dtype=float),
+                               rtol=1e-10)
+    assert res.oracle_calls == ref.oracle_calls
+    assert res.ngrad == ref.ngrad and res.nhvp == ref.nhvp
+    assert res.message == ref.message
+
+
+@pytest.mark.parametrize("case", ["trilevel-default-steps", "nonquadratic-steps",
+                                  "bilevel-default-steps"])
+def test_itd_matches_cpu(case):
+    """Device itd against the CPU's: grad, unrolled outputs, F~, steps, oracle counts; the
+    transfers are the inputs, one start vector per estimated step, scalar read-backs and the
+    outputs (grad and z)."""
+    if case.startswith("trilevel"):
+        tq = make_trilevel_quadratic(dim=1)
+        dp, cpu, x1 = trilevel_quadratic_device_problem(tq), tq.problem, [0.3]
+    elif case.startswith("nonquadratic"):
+        nt = make_nonquadratic_trilevel(dims=(1, 1, 1), seed=0, scale=2.0)
+        dp, cpu, x1 = nonquadratic_trilevel_device_problem(nt), nt.problem, [0.4]
+    else:
+        q = make_nlevel_quadratic(2, dims=(1, 2), seed=1)
+        dp, cpu, x1 = nlevel_quadratic_device_problem(q), q.problem, [0.5]
+    steps = None if case.endswith("default-steps") else ITD_STEPS
+    T = 4 if dp.n == 2 else [2, 1] if steps is None else 2
+    xs = _starts(dp.dims, x1)
+    xs0 = [x.copy() for x in xs]
+    res = mlo.hypergrad(dp, xs, method="itd", T=T, step=steps)
+    ref = mlo.hypergrad(cpu, xs, method="itd", T=T, step=steps)
+    _check_itd_against_cpu(res, ref)
+    estimated = 0 if steps is not None else dp.n - 1
+    t = res.transfers
+    assert t["h2d"] == dp.n + estimated
+    assert t["h2d_bytes"] == 8 * dp.size + (8 * sum(dp.dims[1:]) if estimated else 0)
+    assert t["d2h_bytes"] == READ_BYTES * (t["d2h"] - 2) + 8 * (dp.dims[0] + dp.size)
+    for x, x0 in zip(xs, xs0):
+        np.testing.assert_array_equal(x, x0)
+    # passing the steps used back gives the same approximation, without power iterations
+    again = mlo.hypergrad(dp, xs, method="itd", T=T, step=list(res.step))
+    assert _rel(again.grad, res.grad) <= 1e-12 and again.transfers["h2d"] == dp.n
+
+
+def test_itd_approaches_exact_as_T_grows():
+    """Trilevel quadratic, fixed inner steps: the unrolled gradient tends to the device's
+    exact hypergradient (relative errors ~8e-2, 6e-3, 3e-4 for T = 1, 2, 3)."""
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    xs = _starts(dp.dims, [0.3])
+    exact = mlo.hypergrad(dp, xs, method="exact").grad
+    errs = []
+    for T in (1, 2, 3):
+        res = mlo.hypergrad(dp, xs, method="itd", T=T, step=ITD_STEPS)
+        assert res.success, res.message
+        errs.append(_rel(res.grad, exact))
+    assert 1e-2 < errs[0] < 0.5
+    assert errs[1] < 0.1 * errs[0] and errs[2] < 0.1 * errs[1]
+    assert errs[2] < 1e-3
+
+
+def test_itd_bilevel_converges_to_exact_device_arrays():
+    """n = 2 (cost linear in T): T = 16 matches the exact hypergradient to 1e-10; device
+    input and output, the steps given: nothing is copied in, every read-back is scalars."""
+    q = make_nlevel_quadratic(2, dims=(1, 1), seed=1)
+    dp = nlevel_quadratic_device_problem(q)
+    x1 = np.array([0.5])
+    z_host = np.array([0.5, 0.0])
+    z = cuda.to_device(z_host)
+    exact = q.hypergrad(x1)
+    ref = mlo.hypergrad(q.problem, z_host, method="itd", T=16)
+    res = multilevel_hypergrad(dp, z, "itd", T=16, step=ref.step, output="device")
+    assert res.success, res.message
+    assert is_device_array(res.grad) and is_device_array(res.z)
+    assert all(is_device_array(x) for x in res.xs)
+    assert res.transfers["h2d"] == 0
+    assert res.transfers["d2h_bytes"] == READ_BYTES * res.transfers["d2h"]
+    grad = res.grad.copy_to_host()
+    assert _rel(grad, exact) < 1e-10
+    assert _rel(grad, ref.grad) < 1e-10
+    np.testing.assert_array_equal(z.copy_to_host(), z_host)
+
+
+@pytest.mark.filterwarnings("ignore:.*overflow:RuntimeWarning",
+                            "ignore:.*invalid value:RuntimeWarning")
+def test_itd_diverging_steps_report_failure():
+    """A huge inner step: success False with the CPU's status and message, grad NaN, no
+    exception (the simulator's NumPy scalars warn on overflow; a GPU does not); at level 3
+    (the device GD) and at level 2 (the outer loop's finiteness test, on a problem whose
+    level 3 does not see x_2)."""
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    xs = _starts(dp.dims, [0.3])
+    res = mlo.hypergrad(dp, xs, method="itd", T=3, step=1e150)
+    ref = mlo.hypergrad(tq.problem, xs, method="itd", T=3, step=1e150)
+    assert not res.success and res.status == ref.status == 2
+    assert res.message == ref.message and "level 3: unrolled iterates diverged" in res.message
+    assert np.all(np.isnan(res.grad)) and np.isnan(res.fun)
+    assert res.oracle_calls == ref.oracle_calls
+    P2 = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    P3 = np.diag([0.0, 0.0, 1.0])
+    q = NLevelQuadratic([np.eye(3), P2, P3], [np.ones(3), np.zeros(3), np.zeros(3)], (1, 1, 1))
+    dq = nlevel_quadratic_device_problem(q)
+    xs = _starts(q.dims, [1.0])
+    res = mlo.hypergrad(dq, xs, method="itd", T=3, step=[1e200, 0.5])
+    ref = mlo.hypergrad(q.problem, xs, method="itd", T=3, step=[1e200, 0.5])
+    assert not res.success and res.status == ref.status == 2
+    assert res.message == ref.message and "level 2: unrolled iterates diverged" in res.message
+    assert np.all(np.isnan(res.grad))
+
+
+def test_itd_option_errors_as_cpu():
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    xs = _starts(dp.dims, [0.3])
+    bad = [dict(T=0), dict(T=1.5), dict(T=[2]), dict(T=[2, 0]), dict(step=-1.0),
+           dict(step=[0.1]), dict(step=[0.1, 0.0]), dict(step=np.nan)]
+    for kw in bad:
+        with pytest.raises((TypeError, ValueError)) as cpu_err:
+            mlo.hypergrad(tq.problem, xs, method="itd", **kw)
+        with pytest.raises((TypeError, ValueError)) as dev_err:
+            mlo.hypergrad(dp, xs, method="itd", **kw)
+        assert dev_err.type is cpu_err.type and str(dev_err.value) == str(cpu_err.value), kw
+        inner = dict(T=kw["T"]) if "T" in kw else dict(inner_step=kw["step"])
+        with pytest.raises((TypeError, ValueError)) as cpu_err:
+            mlo.minimize_multilevel(tq.problem, xs, method="itd", step=0.1, **inner)
+        with pytest.raises((TypeError, ValueError)) as dev_err:
+            mlo.minimize_multilevel(dp, xs, method="itd", step=0.1, **inner)
+        assert dev_err.type is cpu_err.type and str(dev_err.value) == str(cpu_err.value), kw
+    for kw in (dict(K=2), dict(lower_tol=1e-8), dict(lower_solved=True), dict(v0=np.zeros(1))):
+        name = next(iter(kw))
+        with pytest.raises(TypeError, match=f"{name} does not apply to method='itd'"):
+            mlo.hypergrad(tq.problem, xs, method="itd", **kw)
+        with pytest.raises(TypeError, match=f"{name} does not apply to method='itd'"):
+            mlo.hypergrad(dp, xs, method="itd", **kw)
+    with pytest.raises(ValueError, match="fd_step must be > 0"):
+        mlo.hypergrad(dp, xs, method="itd", fd_step=0.0)
+
+
+def _same_itd_run(res, ref, rtol=1e-10):
+    assert res.status == ref.status and res.nit == ref.nit and res.method == "itd"
+    assert res.message == ref.message
+    np.testing.assert_allclose(res.x, ref.x, rtol=rtol, atol=1e-14)
+    np.testing.assert_allclose(res.z, ref.z, rtol=rtol, atol=1e-14)
+    for a, b in zip(res.xs, ref.xs):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-14)
+    np.testing.assert_allclose(res.jac, ref.jac, rtol=rtol, atol=1e-14)
+    assert res.fun == pytest.approx(ref.fun, rel=rtol)
+    np.testing.assert_allclose(res.history["grad_norm"], ref.history["grad_norm"], rtol=rtol)
+    assert res.oracle_calls == ref.oracle_calls
+    np.testing.assert_array_equal(res.history["oracle_calls"], ref.history["oracle_calls"])
+
+
+def test_minimize_itd_matches_cpu():
+    """Fixed steps on the trilevel quadratic (starts move to the unrolled outputs), and
+    Barzilai-Borwein steps with the Armijo search on F~ on a 2-level one (default inner
+    step, fixed at the first call); iterates, nit, F~ and oracle counts as on the CPU."""
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    xs = _starts(dp.dims, [0.3])
+    res = mlo.minimize_multilevel(dp, xs, method="itd", step=0.05, maxiter=2, tol=0.0, T=2,
+                                  inner_step=ITD_STEPS)
+    ref = mlo.minimize_multilevel(tq.problem, xs, method="itd", step=0.05, maxiter=2, tol=0.0,
+                                  T=2, inner_step=ITD_STEPS)
+    _same_itd_run(res, ref)
+    assert res.status == 10 and res.nit == 2
+    t = res.transfers  # x0s, then x_1 once per hypergradient (3: x_0, x_1, x_2)
+    assert t["h2d"] == 3 + 3
+    # vectors read back: x_1 of x0s, the 3 hypergradients (d_1 = 1) and z at the end
+    assert t["d2h_bytes"] == READ_BYTES * (t["d2h"] - 5) + 8 * (1 + 3 * 1 + 3)
+    q = make_nlevel_quadratic(2, dims=(1, 1), seed=1)
+    dq = nlevel_quadratic_device_problem(q)
+    xs = _starts(q.dims, [0.5])
+    res = mlo.minimize_multilevel(dq, xs, method="itd", maxiter=3, tol=0.0, T=8)
+    ref = mlo.minimize_multilevel(q.problem, xs, method="itd", maxiter=3, tol=0.0, T=8)
+    _same_itd_run(res, ref)
+    assert res.nit == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*overflow:RuntimeWarning",
+                            "ignore:.*invalid value:RuntimeWarning")
+def test_minimize_itd_diverging_inner_step_fails_cleanly():
+    tq = make_trilevel_quadratic(dim=1)
+    dp = trilevel_quadratic_device_problem(tq)
+    xs = _starts(dp.dims, [0.3])
+    res = mlo.minimize_multilevel(dp, xs, method="itd", step=0.05, maxiter=3, T=2,
+                                  inner_step=1e150)
+    ref = mlo.minimize_multilevel(tq.problem, xs, method="itd", step=0.05, maxiter=3, T=2,
+                                  inner_step=1e150)
+    assert not res.success and res.status == ref.status == 2
+    assert res.message == ref.message and "diverged" in res.message
+    assert res.nit == ref.nit == 0 and np.isnan(res.fun)

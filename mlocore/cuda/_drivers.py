@@ -27,7 +27,9 @@ from .._validation import (as_vector, check_backend, check_choice, check_int,
 from . import _linalg as dl
 from ._device import to_device, to_host
 from ._implicit import _Session, _implicit, _lower_options, check_problem_backend
-from ._multilevel import DeviceMultilevelEngine, DeviceMultilevelProblem, _as_joint, _copy
+from ._multilevel import (DeviceMultilevelEngine, DeviceMultilevelProblem,
+                          DeviceUnrolledEngine, _as_joint, _copy, unrolled_core,
+                          unrolled_options)
 
 __all__ = ["DeviceHyperObjective", "minimize_multilevel"]
 
@@ -136,7 +138,8 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
                         T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
     """:func:`mlocore.minimize_multilevel` for a :class:`~mlocore.cuda.DeviceMultilevelProblem`:
     the multilevel gradient method of Gu & Chen (2024, Algorithm 1) with the device
-    hypergradient (:class:`~mlocore.cuda._multilevel.DeviceMultilevelEngine`).
+    hypergradient (:class:`~mlocore.cuda._multilevel.DeviceMultilevelEngine`; for "itd",
+    :class:`~mlocore.cuda._multilevel.DeviceUnrolledEngine`).
 
     The CPU's loop (:func:`mlocore._minimize.descent_loop`: fixed steps, or Barzilai-Borwein
     trial steps with an Armijo search on F) with x_1 on the host; the joint vector of all
@@ -153,12 +156,18 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         test and ``history["grad_norm"]`` use the projected-gradient mapping.
     x0s : list of n arrays, or one joint vector of length ``sum(dims)``
         Host or device; never modified (host arrays are copied once each, counted).
-    method : {"exact", "truncated", "fd"}
-        Hypergradient mode; "itd" runs on the CPU only (NotImplementedError).
+    method : {"exact", "truncated", "fd", "itd"}
+        Hypergradient mode; "itd" is the unrolled baseline of Sato et al. (2021) on the
+        device (:class:`~mlocore.cuda._multilevel.DeviceUnrolledEngine`): T gradient steps
+        per lower level from the previous iteration's unrolled outputs, steps on the unrolled
+        approximation of F, its inner steps fixed at the first call (power iteration there
+        unless ``inner_step`` is given), as on the CPU.
     step, maxiter, tol, callback, lin_tol, lower_tol, lower_maxiter, fd_step
         As :func:`mlocore.minimize_multilevel` (``callback`` gets host copies of every
-        level's block in ``xs``, counted). ``T`` and ``inner_step`` apply to "itd" only and
-        are ignored, as on the CPU.
+        level's block in ``xs``, counted).
+    T, inner_step
+        "itd" only (ints / steps, or per-level sequences for levels 2..n; validated with the
+        CPU's errors); ignored by the other modes, as on the CPU.
     backend : {None, "cuda"}
     output : {"numpy", "device"}
         Type of ``res.z`` and ``res.xs``.
@@ -188,19 +197,15 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
                         f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
                         "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
     check_backend("cuda", where)
-    if method == "itd":
-        raise NotImplementedError(f"{where}: method='itd' (unrolled multilevel) is not "
-                                  "implemented for the CUDA backend yet; use 'exact', "
-                                  "'truncated' or 'fd', or an mlocore.MultilevelProblem on the "
-                                  "CPU")
-    check_choice("method", method, MULTILEVEL_MODES)
+    check_choice("method", method, MULTILEVEL_MODES + ("itd",))
     dl.check_output(output, "cuda")
     maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
         lower_tol=lower_tol, lower_maxiter=lower_maxiter)
     if fd_step is not None:
         fd_step = check_positive("fd_step", fd_step)
-    eng = DeviceMultilevelEngine(problem, method, lin_tol, lower_tol, lower_maxiter, fd_step)
+    eng = DeviceMultilevelEngine(problem, "truncated" if method == "itd" else method, lin_tol,
+                                 lower_tol, lower_maxiter, fd_step)
     sh = eng.sh
     d1 = problem.dims[0]
     z = _as_joint(problem, x0s, sh.counter, "x0s")  # a new vector, owned by this run
@@ -221,13 +226,35 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         eng.check_at(z)
         problem._checked = True
     state = {"z": z}
+    if method == "itd":  # validated here (the CPU does at its first unrolled call)
+        unrolled_options(problem.n, T, inner_step)
 
     def solved(x1):
         zz = _copy(state["z"])
         dl.copy(x_device(x1), zz[:d1])
         return eng.solve_from(zz, 1)
 
+    # the unrolled approximation F~ must stay one function during a run: its inner steps are
+    # fixed at the first call (power iteration there, unless inner_step is given)
+    inner = {"steps": inner_step}
+
+    def unrolled(x1, value_only=False):
+        """The CPU's unrolled_multilevel_hypergrad at (x1, the current starts), on the
+        device, counted in this run's oracles and transfers: ``(grad (device), zz, fun,
+        status, message)``."""
+        zz = _copy(state["z"])
+        dl.copy(x_device(x1), zz[:d1])
+        Ts, betas = unrolled_options(problem.n, T, inner["steps"])
+        ueng = DeviceUnrolledEngine(problem, Ts, betas, zz, fd_step, shared=sh)
+        grad, zz, fun, status, detail = unrolled_core(ueng, zz, value_only)
+        if inner["steps"] is None and status == 0:
+            inner["steps"] = [float(b) for b in betas[2:]]
+        return grad, zz, fun, status, status_message(status, detail)
+
     def F_eval(x1):
+        if method == "itd":
+            _, zz, fun, status, message = unrolled(x1, value_only=True)
+            return fun, zz, status, message
         try:
             zz = solved(x1)
         except LevelFailure as fail:
@@ -238,6 +265,14 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         state["z"] = zz
 
     def direction(x1):
+        if method == "itd":
+            # the starts of the inner loops stay fixed within an iteration (F~, its gradient
+            # and the line search's trial values describe one function); they move to the
+            # unrolled outputs when a step is taken (commit, or here for fixed steps)
+            grad, zz, fun, status, message = unrolled(x1)
+            if status == 0 and step is not None:
+                state["z"] = zz
+            return to_host(grad, sh.counter), status, message, fun
         try:
             zz = solved(x1)
             state["z"] = zz

@@ -23,6 +23,12 @@ The CPU engine cannot be driven through an adapter: its recursion slices, concat
 NumPy arrays at every step. This module mirrors it method for method (same names, same order of
 operations) on device vectors.
 
+The unrolled baseline (``method="itd"``, Sato et al. 2021): :class:`DeviceUnrolledEngine`
+mirrors the CPU :class:`~mlocore._multilevel.UnrolledEngine` the same way (T gradient steps per
+lower level from fixed starts, reverse mode through the nested loops, level n's VJP as the
+CPU's ``unrolled_vjp`` kernel with device joint hvps, outer levels' HVPs by central differences
+of unrolled gradients).
+
 Third-order products (mode "exact", level n): a :class:`~mlocore.cuda.DeviceObjective` has no
 ``tvp`` callback, so they are always central differences of the level-n Hessian-vector product
 (the CPU's fallback when ``tvp`` is absent); on problems whose level n is quadratic both are
@@ -38,7 +44,8 @@ import numpy as np
 from .._config import FD_REL_STEP
 from .._kernels import lower as _low
 from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
-from .._multilevel import FD_SHIFT_STEP, MULTILEVEL_MODES, LevelFailure
+from .._multilevel import (FD_SHIFT_STEP, MULTILEVEL_MODES, UNROLLED_FD_STEP, LevelFailure,
+                           unrolled_options)
 from .._results import HypergradResult, linear_info_message, new_counts, status_message
 from .._validation import check_backend, check_choice, check_int, check_positive
 from . import _linalg as dl
@@ -46,8 +53,10 @@ from ._device import Transfers, is_device_array, to_device, to_host
 from ._implicit import _HyyOperator, lower_core
 from .._problem import BilevelProblem, MultilevelProblem
 from ._problem import DeviceObjective, DeviceOracle
+from ._unrolled import _matrix
 
-__all__ = ["DeviceMultilevelProblem", "multilevel_hypergrad", "DeviceMultilevelEngine"]
+__all__ = ["DeviceMultilevelProblem", "multilevel_hypergrad", "DeviceMultilevelEngine",
+           "DeviceUnrolledEngine", "unrolled_multilevel_hypergrad"]
 
 OUTPUTS = ("numpy", "device")
 
@@ -440,6 +449,211 @@ class DeviceMultilevelEngine:
                 for k, c in enumerate(self.sh.counts, 1)}
 
 
+class DeviceUnrolledEngine:
+    """The n-level unrolled baseline of Sato, Tanaka & Takeda (2021) on device vectors.
+
+    Method for method the CPU :class:`mlocore._multilevel.UnrolledEngine` (same names,
+    arguments and order of operations): each lower level k is replaced by ``T_k`` gradient
+    steps with step ``beta_k`` on its unrolled reduced objective
+    ``phi~_k(x_<=k) = f_k(x_<=k, X_>k(x_<=k))``, every inner loop starting from the fixed
+    starts of levels 2..n, and the hypergradient is the gradient of ``f_1(x_1, X_>1(x_1))`` by
+    reverse mode through the nested loops. Level n's loop is the device gradient descent of
+    :func:`mlocore.cuda._implicit.lower_core` forwards (the CPU ``solve_lower_kernel`` with
+    ``GD``, tol 0) and, for its VJP, T stored steps and the adjoint recursion of the CPU
+    ``unrolled_vjp`` kernel (one level-n joint hvp per step back); the outer levels' loops
+    keep their iterates in a ``(T_k, d_k)`` device matrix, and their Hessian-vector products
+    are central differences of the unrolled gradient (as on the CPU). Vectors passed in are
+    never modified.
+
+    Read-backs (counted): the power iteration's ``v.Av`` and ``|Av|`` (one per iteration,
+    only for levels whose step is not given) plus one host -> device copy of its start vector
+    (the CPU's ``linspace(1, 2, d_k)``, normalized), the norms of every difference step, one
+    ``|grad|`` per level-n forward step, one finiteness test per outer-level forward step and
+    one per level-n VJP (of ``y_T``: a non-finite entry stays non-finite under
+    ``y - beta g``, so the status is the CPU's, which tests every iterate).
+
+    Parameters
+    ----------
+    problem : DeviceMultilevelProblem
+    T : list
+        ``T[k]`` for k = 2..n (entries 0 and 1 unused), as the CPU engine.
+    steps : list
+        ``steps[k]`` (beta_k), or None to estimate it lazily by power iteration (1/L with
+        ``L = 1.05 lambda``); filled in place, as on the CPU.
+    starts : device array, shape (sum(dims),)
+        The joint vector whose blocks 2..n start every inner loop (not modified).
+    fd_step : float, optional
+        Relative step of the central differences (default 1e-4, the CPU's).
+    shared : _Shared, optional
+        Oracles, counters and transfers shared with another engine (a driver's).
+    """
+
+    def __init__(self, problem, T, steps, starts, fd_step=None, shared=None):
+        self.p = problem
+        self.n = problem.n
+        self.off = problem.offsets
+        self.N = problem.size
+        self.T = T
+        self.beta = steps
+        self.starts = starts
+        self.fd_step = UNROLLED_FD_STEP if fd_step is None else fd_step
+        self.eng = DeviceMultilevelEngine(problem, "truncated", shared=shared)
+        self.sh = self.eng.sh
+        self._zeros = None
+
+    def finite(self, a) -> bool:
+        """All entries of the device vector a finite? ``a . 0`` is 0 exactly when they are
+        (NaN otherwise, immune to overflow); one counted read-back."""
+        if self._zeros is None:
+            self._zeros = dl.zeros(self.N)
+        self.sh.scalars.dot(a, self._zeros[:a.shape[0]], dl.S_AUX)
+        return self.sh.scalars.read()[dl.S_AUX] == 0.0
+
+    def _start(self, z, k):
+        """A new vector: z with the blocks of levels > k reset to the fixed starting points."""
+        o = self.off[k]
+        out = dl.empty(self.N)
+        dl.copy(z[:o], out[:o])
+        dl.copy(self.starts[o:], out[o:])
+        return out
+
+    def step_size(self, k, z):
+        """beta_k: 1/L from power iteration on the block Hessian of phi~_k at z."""
+        if self.beta[k] is None:
+            lo, hi = self.off[k - 1], self.off[k]
+            v0 = np.linspace(1.0, 2.0, hi - lo)
+            v0 /= np.linalg.norm(v0)
+            v = to_device("v", v0, self.sh.counter, hi - lo)
+            if self._zeros is None:
+                self._zeros = dl.zeros(self.N)
+            s = dl.zeros(hi)
+            lam = 0.0
+            for _ in range(15):
+                dl.copy(v, s[lo:hi])
+                w = self.hvp_unrolled(k, z, s)[lo:hi]
+                self.sh.scalars.dot(v, w, dl.S_AUX)
+                self.sh.scalars.dot(w, w, dl.S_AUX2)
+                r = self.sh.scalars.read()
+                lam = float(r[dl.S_AUX])
+                nw = math.sqrt(r[dl.S_AUX2])
+                if nw == 0 or not math.isfinite(nw):
+                    break
+                dl.difference_quotient(v, w, self._zeros[:hi - lo], nw)  # v = w / |w|
+            if not lam > 0:
+                raise LevelFailure(3, k, f"level {k}: the unrolled block Hessian is not "
+                                         "positive definite at the starting point")
+            self.beta[k] = 1.0 / (1.05 * lam)
+        return self.beta[k]
+
+    def forward(self, k, z):
+        """z with levels k+1..n replaced by their unrolled outputs (from the fixed starts); a
+        new vector unless k >= n."""
+        if k >= self.n:
+            return z
+        z = self._start(z, k)
+        j = k + 1
+        lo, hi = self.off[j - 1], self.off[j]
+        beta = self.step_size(j, z)
+        if j == self.n:
+            out, status, _, _, _ = lower_core(self.sh, z, "gd", 0.0, self.T[j], beta)
+            if status == _low.NONFINITE:
+                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
+                                         f"(step {beta:.3e})")
+            return out
+        for _ in range(self.T[j]):
+            g = self.grad_unrolled(j, z)[lo:hi]
+            dl.axpy_into(z[lo:hi], z[lo:hi], -beta, g)
+            if not self.finite(z[lo:hi]):
+                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
+                                         f"(step {beta:.3e})")
+        return self.forward(j, z)
+
+    def grad_unrolled(self, j, z):
+        """Gradient of phi~_j over x_<=j (length ``off[j]``; the joint gradient for j = n)."""
+        zz = self.forward(j, z)
+        g = self.eng.grad(j, zz)
+        if j == self.n:
+            return g
+        o = self.off[j]
+        out = dl.empty(o)
+        dl.axpy_into(out, g[:o], 1.0, self.vjp(j, z, g[o:]))
+        return out
+
+    def hvp_unrolled(self, j, z, s):
+        """Hessian of phi~_j times s (s of length ``off[j]``)."""
+        if j == self.n:
+            return self.eng.hvp(j, z, s)
+        o = self.off[j]
+        zn, sn = self.sh.norms(z[:o], s)
+        eps = self.fd_step * (1.0 + zn) / max(sn, 1e-300)
+        zp = _copy(z)
+        dl.axpy_into(zp[:o], z[:o], eps, s)
+        zm = _copy(z)
+        dl.axpy_into(zm[:o], z[:o], -eps, s)
+        out = dl.empty(o)
+        dl.difference_quotient(out, self.grad_unrolled(j, zp), self.grad_unrolled(j, zm),
+                               2.0 * eps)
+        return out
+
+    def vjp(self, k, z, w):
+        """``w^T d X_>k / d x_<=k`` for the unrolled outputs X_>k (w over levels > k)."""
+        j = k + 1
+        lo, hi = self.off[k], self.off[j]
+        z = self._start(z, k)
+        beta = self.step_size(j, z)
+        if j == self.n:
+            return self._innermost_vjp(z, self.T[j], beta, w)
+        traj = _matrix(self.T[j], hi - lo)
+        for t in range(self.T[j]):  # forward through level j's loop, keeping its iterates
+            dl.copy(z[lo:hi], traj[t])
+            g = self.grad_unrolled(j, z)[lo:hi]
+            dl.axpy_into(z[lo:hi], z[lo:hi], -beta, g)
+        u = self.vjp(j, z, w[hi - lo:])
+        a = dl.empty(hi - lo)
+        dl.axpy_into(a, w[:hi - lo], 1.0, u[lo:hi])
+        g = _copy(u[:lo])
+        s = dl.zeros(hi)
+        for t in range(self.T[j] - 1, -1, -1):
+            dl.copy(traj[t], z[lo:hi])
+            dl.copy(a, s[lo:hi])
+            h = self.hvp_unrolled(j, z, s)
+            dl.axpy_into(g, g, -beta, h[:lo])
+            dl.axpy_into(a, a, -beta, h[lo:hi])
+        return g
+
+    def _innermost_vjp(self, z, T, beta, w):
+        """``w^T d y_T / d x`` for T gradient steps of level n from the fixed y_0 = z[dx:]
+        (x = x_<n = z[:dx]): the CPU ``unrolled_vjp`` kernel on the device."""
+        sh = self.sh
+        dx, dy, n = sh.dx, sh.dy, sh.n
+        zt = _copy(z)
+        y = zt[dx:]
+        Y = _matrix(T, dy)           # the iterates y_0..y_{T-1}
+        g = dl.empty(n)
+        for t in range(T):
+            dl.copy(y, Y[t])
+            sh.lower.grad(zt, g)
+            dl.axpy_into(y, y, -beta, g[dx:])
+        if not self.finite(y):
+            raise LevelFailure(2, self.n, f"level {self.n}: unrolled iterates diverged")
+        h = dl.zeros(dx)
+        wd = dl.zeros(n)             # the adjoint a_t lives in the direction (0, a_t)
+        a = wd[dx:]
+        dl.copy(w, a)
+        zs = dl.empty(n)
+        dl.copy(z[:dx], zs[:dx])
+        hv = dl.empty(n)
+        for t in range(T - 1, -1, -1):
+            dl.copy(Y[t], zs[dx:])
+            sh.lower.hvp(zs, wd, hv)
+            dl.axpy_into(h, h, -beta, hv[:dx])
+            dl.axpy_into(a, a, -beta, hv[dx:])
+        return h
+
+    def oracle_calls(self):
+        return self.eng.oracle_calls()
+
+
 def _as_joint(problem, xs, counter, name="xs"):
     """A new joint device vector from ``xs``: a list of n per-level arrays, or one joint
     vector of length ``sum(dims)``; host or device arrays (host ones validated and copied once
@@ -491,14 +705,18 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
         x_1 and the warm starts of levels 2..n (the solutions with ``lower_solved=True``).
         Host arrays are validated and copied once each (counted in ``transfers``); device
         arrays are read in place. Never modified.
-    method : {"exact", "truncated", "fd"}, default "exact"
+    method : {"exact", "truncated", "fd", "itd"}, default "exact"
         Best-response curvature: "exact" (third-order products by central differences of the
         level-n hvp, central differences of adjoints with re-solved lower levels deeper down;
         exact for n <= 3), "truncated" (dropped; exact when best responses are affine, e.g.
         quadratic levels), "fd" (whole reduced Hessian-vector products by central differences
-        of reduced gradients). "itd" runs on the CPU only.
+        of reduced gradients); or "itd", the unrolled baseline of Sato et al. (2021):
+        T gradient steps per lower level from the given starts, differentiated in reverse
+        mode (:class:`DeviceUnrolledEngine`, :func:`unrolled_multilevel_hypergrad`), with
+        the options ``T``, ``step`` (per-level sequences allowed; default 1/L by power
+        iteration) and ``fd_step`` (default 1e-4), as on the CPU.
     tol : float
-        Relative residual of every reduced-Hessian CG solve.
+        Relative residual of every reduced-Hessian CG solve (ignored by "itd").
     lower_solved : bool
         The given levels 2..n are already solved: skip the lower solves.
     lower_tol : float, optional
@@ -506,7 +724,10 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
     lower_maxiter : int, optional
         Newton iterations per lower level (default 100).
     fd_step : float, optional
-        Relative step of the differences with re-solved lower levels (default 1e-3).
+        Relative step of the differences with re-solved lower levels (default 1e-3; "itd":
+        of the differences of unrolled gradients, default 1e-4).
+    T, step
+        "itd" only: inner gradient steps and inner steps per lower level.
     backend : {None, "cuda"}
         A device problem runs on the CUDA backend only.
     output : {"numpy", "device"}
@@ -517,19 +738,19 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
     HypergradResult
         The CPU's fields (``grad``, ``z``, ``xs``, ``fun``, ``method``, ``success``,
         ``status``, ``message``, ``lower_nit`` per level, ``nit``, ``oracle_calls`` per level,
-        ``ngrad``, ``nhvp``) plus ``transfers``: this call's host <-> device copies (inputs,
-        the scalars read back by every stopping test, line search and difference step, one
-        finiteness check of grad, the outputs; the first call on a problem also reads back one
-        scalar per callback check).
+        ``ngrad``, ``nhvp``; "itd": ``T``, ``step``, ``nit`` = T_2 instead of ``lower_nit``)
+        plus ``transfers``: this call's host <-> device copies (inputs, the scalars read back
+        by every stopping test, line search and difference step, one finiteness check of
+        grad, the outputs; "itd" also copies one power-iteration start vector per level whose
+        step is estimated; the first call on a problem also reads back one scalar per callback
+        check).
 
     Raises
     ------
     TypeError
         Not a DeviceMultilevelProblem, backend "cpu", or options that do not apply.
     ValueError
-        Bad method, sizes or non-finite inputs.
-    NotImplementedError
-        ``method="itd"``.
+        Bad method, sizes, non-finite inputs, or bad ``T`` / ``step`` for "itd".
     """
     where = "hypergrad"
     if not isinstance(problem, DeviceMultilevelProblem):
@@ -548,18 +769,23 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
         raise TypeError("for a DeviceMultilevelProblem pass xs, the list of all levels' "
                         "arrays, as the second argument and no y")
     method = "exact" if method is None else method
-    if method == "itd":
-        raise NotImplementedError(f"{where}: method='itd' (unrolled multilevel) is not "
-                                  "implemented for the CUDA backend yet; use 'exact', "
-                                  "'truncated' or 'fd', or an mlocore.MultilevelProblem on the "
-                                  "CPU")
-    check_choice("method", method, MULTILEVEL_MODES)
+    if method == "itd":  # the options of the CPU's: T, step, fd_step (tol is ignored)
+        given = [k for k in given if k not in ("T", "step")]
+        given = sorted(given + [name for name, was_given in (
+            ("lower_solved", lower_solved), ("lower_tol", lower_tol is not None),
+            ("lower_maxiter", lower_maxiter is not None)) if was_given])
+    else:
+        check_choice("method", method, MULTILEVEL_MODES)
     if given:
         raise TypeError(f"option{'s' if len(given) > 1 else ''} {', '.join(given)} "
                         f"{'do' if len(given) > 1 else 'does'} not apply to method={method!r} "
                         "for a DeviceMultilevelProblem")
     if output not in OUTPUTS:
         raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")
+    if method == "itd":
+        return unrolled_multilevel_hypergrad(
+            problem, xs, T=options.get("T", _NOT_FOR_MULTILEVEL["T"]), steps=options.get("step"),
+            fd_step=fd_step, output=output)
     tol = check_positive("tol", tol, allow_zero=True)
     if lower_tol is not None:
         lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
@@ -613,3 +839,70 @@ def _hypergrad_with(eng, z, lower_solved, output):
     out.transfers = sh.counter.as_dict()
     return out
 
+
+
+def unrolled_core(ueng, z, value_only=False):
+    """The CPU ``unrolled_multilevel_hypergrad``'s computation on the device, from the joint
+    device vector z (x_1 and the starts; not modified). Returns ``(grad, zz, fun, status,
+    detail)``: device vectors ``grad`` (d_1; NaN unless computed) and ``zz`` (the unrolled
+    outputs, or z when the forward pass failed)."""
+    d1 = ueng.p.dims[0]
+    status, detail = 0, ""
+    grad = dl.empty(d1)
+    dl.fill(grad, np.nan)
+    fun, zz = np.nan, z
+    try:
+        if not value_only:
+            grad = ueng.grad_unrolled(1, z)[:d1]
+        zz = ueng.forward(1, z)
+        fun = ueng.eng.value(1, zz)
+        if not value_only and not ueng.finite(grad):
+            status = 6
+    except LevelFailure as fail:
+        status, detail = fail.status, fail.detail
+    return grad, zz, fun, status, detail
+
+
+def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
+                                  value_only=False, output="numpy"):
+    """Hypergradient of the n-level unrolled approximation (Sato et al. 2021) on the device:
+    the CPU :func:`mlocore._multilevel.unrolled_multilevel_hypergrad` with
+    :class:`DeviceUnrolledEngine` (reached through ``mlocore.hypergrad(problem, xs,
+    method="itd", T=..., step=..., fd_step=...)``).
+
+    ``xs`` (host or device, a list of n arrays or one joint vector; never modified) gives x_1
+    and the fixed starts of levels 2..n; ``T`` and ``steps`` are ints / steps or per-level
+    sequences (levels 2..n; a None entry is estimated by power iteration). The result has the
+    CPU's fields (``grad``, ``z``, ``xs``, ``fun``, ``method="itd"``, ``success``,
+    ``status``, ``message``, ``T``, ``step`` (the inner steps used: pass them back to keep
+    the same approximation), ``nit``, ``oracle_calls``, ``ngrad``, ``nhvp``) plus
+    ``transfers``. Diverging inner iterates end with status 2 (never an exception), a
+    non-finite gradient with status 6. ``value_only``: only the forward passes and ``fun``.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")
+    Ts, betas = unrolled_options(problem.n, T, steps)
+    if fd_step is not None:
+        fd_step = check_positive("fd_step", fd_step)
+    ueng = DeviceUnrolledEngine(problem, Ts, betas, None, fd_step)
+    z = _as_joint(problem, xs, ueng.sh.counter)
+    ueng.starts = z
+    if not problem._checked:
+        ueng.eng.check_at(z)
+        problem._checked = True
+    grad, zz, fun, status, detail = unrolled_core(ueng, z, value_only)
+    sh, p = ueng.sh, problem
+    if output == "numpy":
+        grad = to_host(grad, sh.counter)
+        zz = to_host(zz, sh.counter)
+        xs_out = [zz[p.block(k)].copy() for k in range(1, p.n + 1)]
+    else:
+        xs_out = [_copy(zz[p.block(k)]) for k in range(1, p.n + 1)]
+    out = HypergradResult(
+        grad=grad, z=zz, xs=xs_out, fun=fun, method="itd", success=status == 0,
+        status=int(status), message=status_message(status, detail), T=Ts[2:],
+        step=betas[2:], nit=int(Ts[2]), oracle_calls=ueng.oracle_calls())
+    out.ngrad = int(sum(c[UPPER_GRAD] for c in sh.counts))
+    out.nhvp = int(sum(c[UPPER_HVP] for c in sh.counts))
+    out.transfers = sh.counter.as_dict()
+    return out
