@@ -130,15 +130,34 @@ def _tri_lower_y_kernel(w, C, out):
         out[dx + q] = s
 
 
+def x_chunks(dy):
+    """Blocks per entry p of ``C^T w_y``: enough of them to fill the GPU when dy is large
+    (one block per p would keep only DX = 10 multiprocessors busy), at most 64."""
+    return max(1, min(64, -(-dy // (16 * dl.THREADS_PER_BLOCK))))
+
+
 @cuda.jit
-def _tri_lower_x_kernel(w, CT, out):
-    """x-part of the lower product: (C^T w_y)_p, one block per p (block reduction)."""
+def _tri_lower_x_partial_kernel(w, CT, partials):
+    """x-part of the lower product, first pass: grid (dx, n_chunks); block (p, c) sums
+    ``CT[p, q] w_y[q]`` over its interleaved share of q (coalesced) into
+    ``partials[p n_chunks + c]`` (mlocore's shared-memory block reduction)."""
     dx, dy = CT.shape
+    p, c = cuda.blockIdx.x, cuda.blockIdx.y
+    n_chunks, width = cuda.gridDim.y, cuda.blockDim.x
+    acc = 0.0
+    for q in range(c * width + cuda.threadIdx.x, dy, n_chunks * width):
+        acc += CT[p, q] * w[dx + q]
+    dl._block_sum_store(acc, partials, p * n_chunks + c)
+
+
+@cuda.jit
+def _tri_lower_x_sum_kernel(partials, n_chunks, out):
+    """Second pass, one block per p: ``out[p] = sum_c partials[p n_chunks + c]``."""
     p = cuda.blockIdx.x
     acc = 0.0
-    for q in range(cuda.threadIdx.x, dy, cuda.blockDim.x):
-        acc += CT[p, q] * w[dx + q]
-    dl._block_sum_store(acc, out, p)  # mlocore's shared-memory block reduction
+    for c in range(cuda.threadIdx.x, n_chunks, cuda.blockDim.x):
+        acc += partials[p * n_chunks + c]
+    dl._block_sum_store(acc, out, p)
 
 
 @cuda.jit
@@ -151,25 +170,27 @@ def _tri_upper_kernel(w, t, mu, lin, out):
             out[i] = w[i] - lin * t[i - dx]
 
 
-def _tri_lower_device(w, out, C, CT):
-    dy = C.shape[0]
+def _tri_lower_device(w, out, C, CT, partials):
+    dy, dx = C.shape
+    n_chunks = partials.shape[0] // dx
     _tri_lower_y_kernel[dl.grid_for(dy), dl.THREADS_PER_BLOCK](w, C, out)
-    _tri_lower_x_kernel[CT.shape[0], dl.THREADS_PER_BLOCK](w, CT, out)
+    _tri_lower_x_partial_kernel[(dx, n_chunks), dl.THREADS_PER_BLOCK](w, CT, partials)
+    _tri_lower_x_sum_kernel[dx, dl.THREADS_PER_BLOCK](partials, n_chunks, out)
 
 
-def tri_lower_grad_device(z, out, C, CT, t, mu):
-    _tri_lower_device(z, out, C, CT)
+def tri_lower_grad_device(z, out, C, CT, t, mu, partials):
+    _tri_lower_device(z, out, C, CT, partials)
 
 
-def tri_lower_hvp_device(z, v, out, C, CT, t, mu):
-    _tri_lower_device(v, out, C, CT)
+def tri_lower_hvp_device(z, v, out, C, CT, t, mu, partials):
+    _tri_lower_device(v, out, C, CT, partials)
 
 
-def tri_upper_grad_device(z, out, C, CT, t, mu):
+def tri_upper_grad_device(z, out, C, CT, t, mu, partials):
     _tri_upper_kernel[dl.grid_for(out.shape[0]), dl.THREADS_PER_BLOCK](z, t, mu, 1.0, out)
 
 
-def tri_upper_hvp_device(z, v, out, C, CT, t, mu):
+def tri_upper_hvp_device(z, v, out, C, CT, t, mu, partials):
     _tri_upper_kernel[dl.grid_for(out.shape[0]), dl.THREADS_PER_BLOCK](v, t, mu, 0.0, out)
 
 
@@ -180,7 +201,7 @@ def structured_problems(dy, rng):
     cpu = mlo.BilevelProblem(mlo.Objective(tri_upper_grad, hvp=tri_upper_hvp, args=cpu_args),
                              mlo.Objective(tri_lower_grad, hvp=tri_lower_hvp, args=cpu_args),
                              dims=(DX, dy))
-    dev_args = (C, np.ascontiguousarray(C.T), t, MU)
+    dev_args = (C, np.ascontiguousarray(C.T), t, MU, np.zeros(DX * x_chunks(dy)))
     dev = DeviceBilevelProblem(
         DeviceObjective(tri_upper_grad_device, hvp=tri_upper_hvp_device, args=dev_args),
         DeviceObjective(tri_lower_grad_device, hvp=tri_lower_hvp_device, args=dev_args),

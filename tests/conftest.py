@@ -17,6 +17,41 @@ from numba import njit
 import mlocore as mlo
 
 
+def _thread_safe_simulated_shared_arrays():
+    """numba's simulator creates a static ``cuda.shared.array`` at its first use in a block
+    by check-then-create without a lock (``FakeCUDAShared.array``): two threads can each get
+    a private array, which corrupts a block reduction (rarely: a wrong sum, an iteration
+    count off by one). Same lookup (the caller's file and line), under a lock. Shape 0
+    (dynamic shared memory) is left to numba."""
+    import sys
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:
+            return original(self, shape, dtype)
+        if isinstance(dtype, numba.core.types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    import numba.core.types
+    _thread_safe_simulated_shared_arrays()
+
+
 # g(x, y) = 0.5 y.A y + y.C x + a.y ;  f(x, y) = 0.5 |y - t|^2 + 0.5 mu |x|^2 + h.x
 @njit(cache=True)
 def quad_lower_grad(z, A, C, a):

@@ -88,10 +88,12 @@ def test_cg_device_callback_warm_start_and_device_output():
 
 
 def test_cg_second_reduction_pass(monkeypatch):
-    """Several blocks per launch: the block partials are summed by the second pass."""
+    """Several blocks per launch: the block partials are summed by the second pass (n is
+    10 blocks' worth of threads, capped at 4 blocks: 40 under the simulator, 2560 on a GPU)."""
     monkeypatch.setattr(dl, "MAX_BLOCKS", 4)
-    A, b = _spd(40, seed=2, shift=4.0)
-    assert dl.grid_for(40) == 4
+    n = 10 * dl.THREADS_PER_BLOCK
+    A, b = _spd(n, seed=2, shift=4.0)
+    assert dl.grid_for(n) == 4
     x, info, res = la.cg(A, b, rtol=1e-10, backend="cuda", full_output=True)
     xc, infoc, resc = la.cg(A, b, rtol=1e-10, full_output=True)
     assert info == infoc == 0 and res.nit == resc.nit
