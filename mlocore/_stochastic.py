@@ -394,6 +394,48 @@ def _reference_values(reference, x, problem=None):
     return out
 
 
+def _divergence_detail(what, reductions, halvable, k, alpha0, beta0):
+    """The message of a run that diverged after its last allowed halving (status 13)."""
+    halved = (f"after {reductions} halvings of the default steps" if halvable
+              else "with the steps given")
+    return (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate "
+            f"(iteration {k}). Decrease step / inner_step (now {alpha0:.3g} / {beta0:.3g}).")
+
+
+def _stop_at_checkpoint(current_ref, tol, callback, k, elapsed, xy):
+    """After a kept checkpoint: status 0 when ``tol`` is met (:func:`_stationarity`), 99
+    when ``callback`` raised StopIteration, else None. ``xy()`` gives the (x, y) copies
+    handed to the callback (called only when there is one)."""
+    if tol is not None and _stationarity(current_ref) <= tol:
+        return 0
+    if callback is not None:
+        x, y = xy()
+        inter = OptimizeResult(x=x, y=y, nit=k, time=elapsed,
+                               **{key: v for key, v in current_ref.items()
+                                  if not key.startswith("_")})
+        if "F" in current_ref:
+            inter.fun = current_ref["F"]
+        try:
+            callback(inter)
+        except StopIteration:
+            return 99
+    return None
+
+
+def _run_summary(status, detail, tol, reductions, counts, history):
+    """``(status, detail, oracle_calls, oracle_samples, history)`` at the end of a run:
+    maxiter with a tol is status 10; halvings are reported unless the run diverged."""
+    if status == 20 and tol is not None:
+        status = 10
+    if reductions and status != 13:
+        detail = (f"The default steps were halved {reductions} time(s) after divergence "
+                  f"(res.steps holds the final ones).")
+    calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
+    samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
+    hist = {key: np.asarray(val) for key, val in history.items()}
+    return status, detail, calls, samples, hist
+
+
 def _stationarity(ref):
     """What ``tol`` is compared with: the projected-gradient mapping ``|x - P(x - grad
     F)|^2`` with constraints (``grad F`` need not vanish on the boundary), else ``|grad
@@ -583,38 +625,20 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
                 continue
             rewind.restore_last()
             status = 13
-            halved = (f"after {rewind.reductions} halvings of the default steps" if halvable
-                      else "with the steps given")
-            detail = (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate "
-                      f"(iteration {k}). Decrease step / inner_step (now "
-                      f"{fpar[_sk.ALPHA0]:.3g} / {fpar[_sk.BETA0]:.3g}).")
+            detail = _divergence_detail(what, rewind.reductions, halvable, k,
+                                        fpar[_sk.ALPHA0], fpar[_sk.BETA0])
             break
         k += n
         rewind.checkpoint(k, nz)
         checkpoint()
-        if tol is not None and _stationarity(current_ref) <= tol:
-            status = 0
+        stop = _stop_at_checkpoint(current_ref, tol, callback, k, elapsed,
+                                   lambda: (x.copy(), y.copy()))
+        if stop is not None:
+            status = stop
             break
-        if callback is not None:
-            inter = OptimizeResult(x=x.copy(), y=y.copy(), nit=k, time=elapsed,
-                                   **{key: v for key, v in current_ref.items()
-                                      if not key.startswith("_")})
-            if "F" in current_ref:
-                inter.fun = current_ref["F"]
-            try:
-                callback(inter)
-            except StopIteration:
-                status = 99
-                break
-    if status == 20 and tol is not None:
-        status = 10
     reductions = rewind.reductions
-    if reductions and status != 13:
-        detail = (f"The default steps were halved {reductions} time(s) after divergence "
-                  f"(res.steps holds the final ones).")
-    calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
-    samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
-    hist = {key: np.asarray(val) for key, val in history.items()}
+    status, detail, calls, samples, hist = _run_summary(status, detail, tol, reductions,
+                                                        counts, history)
     fun = current_ref.get("F", np.nan)
     return OptimizeResult(
         x=x, y=y, fun=fun, jac=current_ref.get("_grad"), nit=k, success=status in (0, 20),

@@ -58,7 +58,7 @@ from scipy.optimize import OptimizeResult
 from .._callbacks import CallbackError
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels import stochastic as _sk
-from .._kernels.oracles import (COUNTER_NAMES, LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
+from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
                                 N_COUNTERS, UPPER_GRAD, UPPER_HVP, UPPER_VALUE)
 from .._results import status_message
 from .._validation import check_choice, check_positive
@@ -827,8 +827,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     work done up to that checkpoint.
     """
     from .._stochastic import (DEFAULT_BATCH, METHODS, STEP_SAFETY, STOCHASTIC_METHODS,
-                               _as_schedule, _reference_values, _stationarity,
-                               parse_run_options)
+                               _as_schedule, _divergence_detail, _reference_values,
+                               _run_summary, _stop_at_checkpoint, parse_run_options)
     from ._implicit import check_problem_backend
     check_problem_backend(problem, backend, "minimize_bilevel (stochastic methods)")
     check_choice("method", method, STOCHASTIC_METHODS)
@@ -1177,47 +1177,26 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
             rewind.restore_last()
             x_host = rewind.x_last
             status = 13
-            halved = (f"after {rewind.reductions} halvings of the default steps" if halvable
-                      else "with the steps given")
-            detail = (f"Diverged ({what}) {halved}; returning the last checkpoint's iterate "
-                      f"(iteration {k}). Decrease step / inner_step (now "
-                      f"{par[0]:.3g} / {par[1]:.3g}).")
+            detail = _divergence_detail(what, rewind.reductions, halvable, k, par[0], par[1])
             break
         k += m
         x_host = x_new
         rewind.checkpoint(k, nz, x_host)
         checkpoint()
-        if tol is not None and _stationarity(current_ref) <= tol:
-            status = 0
+        stop = _stop_at_checkpoint(current_ref, tol, callback, k, elapsed,
+                                   lambda: (x_host.copy(), _dcopy(z[dx:])))
+        if stop is not None:
+            status = stop
             break
-        if callback is not None:
-            y_view = dl.empty(dy)
-            dl.copy(z[dx:], y_view)
-            inter = OptimizeResult(x=x_host.copy(), y=y_view, nit=k, time=elapsed,
-                                   **{key: val for key, val in current_ref.items()
-                                      if not key.startswith("_")})
-            if "F" in current_ref:
-                inter.fun = current_ref["F"]
-            try:
-                callback(inter)
-            except StopIteration:
-                status = 99
-                break
-    if status == 20 and tol is not None:
-        status = 10
     reductions = rewind.reductions
-    if reductions and status != 13:
-        detail = (f"The default steps were halved {reductions} time(s) after divergence "
-                  f"(res.steps holds the final ones).")
+    status, detail, calls, samples, hist = _run_summary(status, detail, tol, reductions,
+                                                        counts, history)
     if output == "numpy":
         x_out, y_out = x_host, to_host(z[dx:], counter)
     else:
         x_out, y_out = dl.empty(dx), dl.empty(dy)
         dl.copy(z[:dx], x_out)
         dl.copy(z[dx:], y_out)
-    calls = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[:N_COUNTERS])}
-    samples = {name: int(c) for name, c in zip(COUNTER_NAMES, counts[N_COUNTERS:])}
-    hist = {key: np.asarray(val) for key, val in history.items()}
     if method == "saba":
         dl.copy(v, work[:dy])  # the CPU layout: v first (mlocore.saba_tables unpacks it)
         state_work = work
