@@ -15,6 +15,8 @@ import pytest
 import scipy.optimize as so
 from numba import cuda
 
+from cuda_helpers import spd, tridiagonal_matvec
+
 import mlocore as mlo
 import mlocore.linalg as la
 from mlocore.cuda import _linalg as dl
@@ -36,28 +38,6 @@ pytestmark = pytest.mark.cuda
 READ_BYTES = 8 * dl.N_SCALARS
 
 
-def _spd(n, seed=0, shift=1.0):
-    rng = np.random.default_rng(seed)
-    M = rng.standard_normal((n, n))
-    return M @ M.T / n + shift * np.eye(n), rng.standard_normal(n)
-
-
-@cuda.jit
-def _tridiagonal_kernel(p, out, diag, off):
-    n = p.shape[0]
-    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-        s = diag * p[i]
-        if i > 0:
-            s += off * p[i - 1]
-        if i + 1 < n:
-            s += off * p[i + 1]
-        out[i] = s
-
-
-def tridiagonal_matvec(p, out, diag, off):
-    _tridiagonal_kernel[dl.grid_for(p.shape[0]), dl.THREADS_PER_BLOCK](p, out, diag, off)
-
-
 @cuda.jit
 def _nan_first_kernel(p, out):
     for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
@@ -74,7 +54,7 @@ def nan_matvec(p, out):
 # solve_direct
 # ---------------------------------------------------------------------------------------
 def test_solve_direct_matches_cpu_and_counts_transfers():
-    A, b = _spd(9, seed=1)  # n > THREADS_PER_BLOCK under the simulator: rows per thread > 1
+    A, b = spd(9, seed=1)  # n > THREADS_PER_BLOCK under the simulator: rows per thread > 1
     A[0, 1] += 1e-3         # not symmetric: the solve uses the symmetric part, as the CPU
     A0, b0 = A.copy(), b.copy()
     x, info, res = la.solve_direct(A, b, backend="cuda", full_output=True)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
+from cuda_helpers import spd, tridiagonal, tridiagonal_matvec
+
 import mlocore as mlo
 import mlocore.linalg as la
 from mlocore._callbacks import CallbackError
@@ -22,40 +24,11 @@ from mlocore.problems.cuda_callbacks import (logistic_device_problem, quad_grad_
 pytestmark = pytest.mark.cuda
 
 
-
-
-def _spd(n, seed=0, shift=1.0):
-    rng = np.random.default_rng(seed)
-    M = rng.standard_normal((n, n))
-    return M @ M.T / n + shift * np.eye(n), rng.standard_normal(n)
-
-
-@cuda.jit
-def _tridiagonal_kernel(p, out, diag, off):
-    n = p.shape[0]
-    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-        s = diag * p[i]
-        if i > 0:
-            s += off * p[i - 1]
-        if i + 1 < n:
-            s += off * p[i + 1]
-        out[i] = s
-
-
-def tridiagonal_matvec(p, out, diag, off):
-    """A device callback: out = T p with T = tridiag(off, diag, off)."""
-    _tridiagonal_kernel[dl.grid_for(p.shape[0]), dl.THREADS_PER_BLOCK](p, out, diag, off)
-
-
-def _tridiagonal(n, diag, off):
-    return diag * np.eye(n) + off * (np.eye(n, k=1) + np.eye(n, k=-1))
-
-
 # ---------------------------------------------------------------------------------------
 # Linear solvers
 # ---------------------------------------------------------------------------------------
 def test_cg_dense_matches_cpu_and_counts_transfers():
-    A, b = _spd(10)
+    A, b = spd(10)
     A0, b0 = A.copy(), b.copy()
     x, info, res = la.cg(A, b, rtol=1e-12, backend="cuda", full_output=True)
     xc, infoc, resc = la.cg(A, b, rtol=1e-12, full_output=True)
@@ -71,7 +44,7 @@ def test_cg_dense_matches_cpu_and_counts_transfers():
 
 def test_cg_device_callback_warm_start_and_device_output():
     n = 12
-    T = _tridiagonal(n, 3.0, -1.0)
+    T = tridiagonal(n, 3.0, -1.0)
     rng = np.random.default_rng(1)
     b, x0 = rng.standard_normal(n), rng.standard_normal(n)
     bd, x0d = cuda.to_device(b), cuda.to_device(x0)
@@ -92,7 +65,7 @@ def test_cg_second_reduction_pass(monkeypatch):
     10 blocks' worth of threads, capped at 4 blocks: 40 under the simulator, 2560 on a GPU)."""
     monkeypatch.setattr(dl, "MAX_BLOCKS", 4)
     n = 10 * dl.THREADS_PER_BLOCK
-    A, b = _spd(n, seed=2, shift=4.0)
+    A, b = spd(n, seed=2, shift=4.0)
     assert dl.grid_for(n) == 4
     x, info, res = la.cg(A, b, rtol=1e-10, backend="cuda", full_output=True)
     xc, infoc, resc = la.cg(A, b, rtol=1e-10, full_output=True)
@@ -101,14 +74,14 @@ def test_cg_second_reduction_pass(monkeypatch):
 
 
 def test_neumann_matches_cpu_default_and_given_step():
-    A, b = _spd(8, seed=3, shift=2.0)
+    A, b = spd(8, seed=3, shift=2.0)
     x, info, res = la.neumann(A, b, rtol=1e-8, backend="cuda", full_output=True)
     xc, infoc, resc = la.neumann(A, b, rtol=1e-8, full_output=True)
     assert info == infoc == 0 and res.nit == resc.nit
     assert res.eta == pytest.approx(resc.eta, rel=1e-12)
     np.testing.assert_allclose(x, xc, rtol=0, atol=1e-10)
     n = 10
-    T = _tridiagonal(n, 3.0, -1.0)
+    T = tridiagonal(n, 3.0, -1.0)
     b = np.linspace(-1.0, 1.0, n)
     x, info, res = la.neumann(tridiagonal_matvec, b, eta=0.2, rtol=1e-6, args=(3.0, -1.0),
                               backend="cuda", full_output=True)
@@ -129,14 +102,14 @@ def test_info_codes_match_cpu():
         assert info == infoc and res.nit == resc.nit, kw
         np.testing.assert_allclose(x, xc, rtol=0, atol=1e-12)
     assert la.cg(indefinite, b, backend="cuda")[1] == -2
-    A, b = _spd(n, seed=4)
+    A, b = spd(n, seed=4)
     assert la.cg(A, b, rtol=1e-14, maxiter=2, backend="cuda")[1] == 2
     x, info = la.neumann(A, b, eta=10.0, backend="cuda")
     assert info == la.neumann(A, b, eta=10.0)[1] == -3
 
 
 def test_linear_solver_input_errors():
-    A, b = _spd(4)
+    A, b = spd(4)
     with pytest.raises(ValueError, match="square"):
         la.cg(np.ones((3, 4)), b, backend="cuda")
     with pytest.raises(ValueError, match=r"A has shape \(4, 4\) but b has shape \(3,\)"):
