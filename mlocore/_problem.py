@@ -200,6 +200,19 @@ class Ball:
         return f"Ball(radius={self.radius:g})"
 
 
+def parse_bilevel_dims(dims):
+    """``(dx, dy)`` from ``dims``, a pair of positive integers (ValueError otherwise); shared
+    by the CPU, device and batched bilevel problems."""
+    try:
+        dx, dy = dims
+    except (TypeError, ValueError):
+        raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
+    for name, d in (("dx", dx), ("dy", dy)):
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+            raise ValueError(f"dims must be positive integers, got {name}={d!r}")
+    return int(dx), int(dy)
+
+
 class BilevelProblem:
     """``min_x f(x, y*(x))`` with ``y*(x) = argmin_y g(x, y)``, over ``z = concat(x, y)``.
 
@@ -226,15 +239,8 @@ class BilevelProblem:
         if not isinstance(upper, Objective) or not isinstance(lower, Objective):
             raise TypeError("upper and lower must be mlocore.Objective instances, got "
                             f"{type(upper).__name__} and {type(lower).__name__}")
-        try:
-            dx, dy = dims
-        except (TypeError, ValueError):
-            raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
-        for name, d in (("dx", dx), ("dy", dy)):
-            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-                raise ValueError(f"dims must be positive integers, got {name}={d!r}")
         self.upper, self.lower = upper, lower
-        self.dx, self.dy = int(dx), int(dy)
+        self.dx, self.dy = parse_bilevel_dims(dims)
         self.dims = (self.dx, self.dy)
         self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dx)
 

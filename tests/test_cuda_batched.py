@@ -218,7 +218,7 @@ def test_problem_errors():
         BatchedBilevelProblem(_cpu_grad, _zero_grad, quad_component_hvp, dims=(2, 4))
     with pytest.raises(TypeError, match="lower_hvp"):
         BatchedBilevelProblem(_zero_grad, _zero_grad, lambda i, z, v, d: 0.0, dims=(2, 4))
-    with pytest.raises(ValueError, match="dy must be a positive integer"):
+    with pytest.raises(ValueError, match="dims must be positive integers, got dy="):
         BatchedBilevelProblem(_zero_grad, _zero_grad, quad_component_hvp, dims=(2, 0))
     with pytest.raises(ValueError, match="dims must be a pair"):
         BatchedBilevelProblem(_zero_grad, _zero_grad, quad_component_hvp, dims=3)

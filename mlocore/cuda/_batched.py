@@ -91,6 +91,7 @@ import numpy as np
 from numba import cuda, float64, int64
 from scipy.optimize import OptimizeResult
 
+from .._problem import parse_bilevel_dims
 from .._results import STATUS_MESSAGES, linear_info_message
 from ._device import Transfers, is_device_array, require_cuda, to_device, to_host
 
@@ -614,16 +615,9 @@ class BatchedBilevelProblem:
                     f"BatchedBilevelProblem: {name} must be a numba.cuda.jit(device=True) "
                     f"function, got {fn!r} ({type(fn).__name__}); CPU @njit functions cannot "
                     "be called from CUDA kernels")
-        try:
-            dx, dy = dims
-        except (TypeError, ValueError):
-            raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
-        for name, val in (("dx", dx), ("dy", dy)):
-            if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
-                raise ValueError(f"dims: {name} must be a positive integer, got {val!r}")
         self.upper_grad, self.lower_grad, self.lower_hvp = upper_grad, lower_grad, lower_hvp
         self.upper_hvp, self.upper_value = upper_hvp, upper_value
-        self.dx, self.dy = int(dx), int(dy)
+        self.dx, self.dy = parse_bilevel_dims(dims)
 
     @property
     def dims(self):

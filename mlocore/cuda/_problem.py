@@ -24,7 +24,7 @@ import numpy as np
 
 from .._callbacks import CallbackError
 from .._config import FD_REL_STEP
-from .._problem import BilevelProblem, parse_constraints
+from .._problem import BilevelProblem, parse_bilevel_dims, parse_constraints
 from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE, UPPER_GRAD, UPPER_HVP,
                                 UPPER_VALUE)
 from . import _linalg as dl
@@ -166,15 +166,8 @@ class DeviceBilevelProblem:
             raise TypeError("upper and lower must be DeviceObjective instances (device "
                             f"callbacks), got {type(upper).__name__} and "
                             f"{type(lower).__name__}")
-        try:
-            dx, dy = dims
-        except (TypeError, ValueError):
-            raise ValueError(f"dims must be a pair (dx, dy), got {dims!r}") from None
-        for name, d in (("dx", dx), ("dy", dy)):
-            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-                raise ValueError(f"dims must be positive integers, got {name}={d!r}")
         self.upper, self.lower = upper, lower
-        self.dx, self.dy = int(dx), int(dy)
+        self.dx, self.dy = parse_bilevel_dims(dims)
         self.dims = (self.dx, self.dy)
         self.lb, self.ub, self._project = parse_constraints(bounds, project, self.dx)
         self._checked = False
