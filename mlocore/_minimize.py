@@ -178,6 +178,24 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
     return minimize_deterministic(problem, x0, y0, method, **options)
 
 
+def driver_closures(drv, method):
+    """:func:`descent_loop`'s ``F_eval``, ``commit`` and ``direction`` for a bilevel driver
+    (CPU or CUDA) with ``F(x, y) -> (f, y_new, lower_status)``, ``direction(method, x)`` and
+    the warm lower iterate ``y``, which an accepted step replaces."""
+    def F_eval(x_new):
+        f, y_new, lstatus = drv.F(x_new, drv.y)
+        ok = lstatus in (_low.OK, _low.MAXITER)
+        return f, y_new, 0 if ok else lstatus, "" if ok else status_message(lstatus)
+
+    def commit(y_new):
+        drv.y = y_new
+
+    def direction(x_now):
+        return drv.direction(method, x_now)
+
+    return F_eval, commit, direction
+
+
 def descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lin_maxiter, T, K,
                     inner_step):
     """Validate the options of the deterministic bilevel descent (CPU and CUDA drivers);
@@ -267,17 +285,7 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
     lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
 
     drv = _Driver(problem, x, y, lower, lin_tol, lin_maxiter, T, K, inner_step)
-
-    def F_eval(x_new):
-        f, y_new, lstatus = drv.F(x_new, drv.y)
-        ok = lstatus in (_low.OK, _low.MAXITER)
-        return f, y_new, 0 if ok else lstatus, "" if ok else status_message(lstatus)
-
-    def commit(y_new):
-        drv.y = y_new
-
-    def direction(x_now):
-        return drv.direction(method, x_now)
+    F_eval, commit, direction = driver_closures(drv, method)
 
     x, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback,

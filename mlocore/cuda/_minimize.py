@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .._kernels import lower as _low
-from .._minimize import BILEVEL_METHODS, descent_loop, descent_options
+from .._minimize import BILEVEL_METHODS, descent_loop, descent_options, driver_closures
 from .._results import counts_dict, status_message
 from .._validation import as_vector, check_choice
 from . import _linalg as dl
@@ -169,17 +169,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     drv = _DeviceDriver(problem, y0, lower, lin_tol, lin_maxiter, T, K, inner_step)
     sess = drv.sess
     sess.check_once(drv.joint(x, drv.y))
-
-    def F_eval(x_new):
-        f, y_new, lstatus = drv.F(x_new, drv.y)
-        ok = lstatus in (_low.OK, _low.MAXITER)
-        return f, y_new, 0 if ok else lstatus, "" if ok else status_message(lstatus)
-
-    def commit(y_new):
-        drv.y = y_new
-
-    def direction(x_now):
-        return drv.direction(method, x_now)
+    F_eval, commit, direction = driver_closures(drv, method)
 
     def extra():
         return {"y": to_host(drv.y, sess.counter)}
