@@ -455,13 +455,22 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, tid, nthreads):
-        """y, v and (thread 0) f(x, y) of problem pb to global memory."""
+    def store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, out_i, tid, nthreads,
+                     lgnorm, residual, status, lstatus, info, nit, lower_nit, cg_nit):
+        """y, v and (thread 0) f(x, y) and the statistics of problem pb to global memory."""
         for j in range(tid, dy, nthreads):
             out_y[pb, j] = z[dx + j]
             out_v[pb, j] = v[j]
         if tid == 0:
             out_f[pb, _F_FUN] = value_fn(z, udata) if has_value else math.nan
+            out_f[pb, _F_LOWER_GNORM] = lgnorm
+            out_f[pb, _F_RESIDUAL] = residual
+            out_i[pb, _I_STATUS] = status
+            out_i[pb, _I_LOWER_STATUS] = lstatus
+            out_i[pb, _I_INFO] = info
+            out_i[pb, _I_NIT] = nit
+            out_i[pb, _I_LOWER_NIT] = lower_nit
+            out_i[pb, _I_CG_NIT] = cg_nit
 
     @cuda.jit
     def hypergrad_kernel(x, y0, v0, use_v0, udata_all, ldata_all, solve_lower, lower_tol,
@@ -485,16 +494,8 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
                 maxiter, use_v0, v, hg, fx, b, g, d, r, q, ysave, gtry, red, parity, tid, nthreads)
             for i in range(tid, dx, nthreads):
                 out_grad[pb, i] = hg[i]
-            store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, tid, nthreads)
-            if tid == 0:
-                out_f[pb, _F_LOWER_GNORM] = lgnorm
-                out_f[pb, _F_RESIDUAL] = residual
-                out_i[pb, _I_STATUS] = status
-                out_i[pb, _I_LOWER_STATUS] = lstatus
-                out_i[pb, _I_INFO] = info
-                out_i[pb, _I_NIT] = nit
-                out_i[pb, _I_LOWER_NIT] = lnit
-                out_i[pb, _I_CG_NIT] = nit
+            store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, out_i, tid, nthreads,
+                         lgnorm, residual, status, lstatus, info, nit, lnit, nit)
 
     @cuda.jit
     def minimize_kernel(x0, y0, v0, use_v0, udata_all, ldata_all, step, maxiter, gtol,
@@ -547,16 +548,8 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
             for i in range(tid, dx, nthreads):
                 out_x[pb, i] = z[i]
                 out_grad[pb, i] = hg[i]
-            store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, tid, nthreads)
-            if tid == 0:
-                out_f[pb, _F_LOWER_GNORM] = lgnorm
-                out_f[pb, _F_RESIDUAL] = residual
-                out_i[pb, _I_STATUS] = status
-                out_i[pb, _I_LOWER_STATUS] = lstatus
-                out_i[pb, _I_INFO] = info
-                out_i[pb, _I_NIT] = it
-                out_i[pb, _I_LOWER_NIT] = total_lower
-                out_i[pb, _I_CG_NIT] = total_cg
+            store_common(pb, z, v, dx, dy, udata, out_y, out_v, out_f, out_i, tid, nthreads,
+                         lgnorm, residual, status, lstatus, info, it, total_lower, total_cg)
 
     return hypergrad_kernel, minimize_kernel
 
