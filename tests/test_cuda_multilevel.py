@@ -234,7 +234,7 @@ def test_bad_input_errors():
         mlo.hypergrad(dp, good, np.zeros(1))
     with pytest.raises(ValueError, match="output must be 'numpy' or 'device', got 'gpu'"):
         multilevel_hypergrad(dp, good, output="gpu")
-    with pytest.raises(TypeError, match="must be a DeviceMultilevelProblem, got str"):
+    with pytest.raises(TypeError, match="must be a DeviceMultilevelProblem for backend=.cuda., got str"):
         multilevel_hypergrad("problem", good)
     with pytest.raises(TypeError, match="expects an NLevelQuadratic .* got TrilevelQuadratic"):
         nlevel_quadratic_device_problem(make_trilevel_quadratic())

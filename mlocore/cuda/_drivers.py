@@ -22,14 +22,12 @@ from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
 from .._minimize import HyperObjective, descent_loop, multilevel_descent_options
 from .._multilevel import MULTILEVEL_MODES, LevelFailure
 from .._results import status_message
-from .._validation import (as_vector, check_backend, check_choice, check_int,
-                           check_positive)
+from .._validation import as_vector, check_choice, check_int, check_positive
 from . import _linalg as dl
 from ._device import to_device, to_host
 from ._implicit import _Session, _implicit, _lower_options, check_problem_backend
-from ._multilevel import (DeviceMultilevelEngine, DeviceMultilevelProblem,
-                          DeviceUnrolledEngine, _as_joint, _copy, unrolled_core,
-                          unrolled_options)
+from ._multilevel import (DeviceMultilevelEngine, DeviceUnrolledEngine, _as_joint, _copy,
+                          check_multilevel_backend, unrolled_core, unrolled_options)
 
 __all__ = ["DeviceHyperObjective", "minimize_multilevel"]
 
@@ -182,21 +180,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         count them as hvps.
     """
     where = "minimize_multilevel"
-    if not isinstance(problem, DeviceMultilevelProblem):
-        from .._problem import MultilevelProblem
-        if isinstance(problem, MultilevelProblem):
-            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
-                            "mlocore.cuda.DeviceMultilevelProblem (e.g. from "
-                            "mlocore.problems.cuda_multilevel), got an "
-                            "mlocore.MultilevelProblem (CPU callbacks); use backend='cpu' for "
-                            "it")
-        raise TypeError(f"{where}: problem must be a DeviceMultilevelProblem for "
-                        f"backend='cuda', got {type(problem).__name__}")
-    if backend is not None and backend != "cuda":
-        raise TypeError(f"{where}: a DeviceMultilevelProblem has device callbacks and runs on "
-                        f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
-                        "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
-    check_backend("cuda", where)
+    check_multilevel_backend(problem, backend, where)
     check_choice("method", method, MULTILEVEL_MODES + ("itd",))
     dl.check_output(output, "cuda")
     maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(

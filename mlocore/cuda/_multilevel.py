@@ -654,6 +654,26 @@ class DeviceUnrolledEngine:
         return self.eng.oracle_calls()
 
 
+def check_multilevel_backend(problem, backend, where):
+    """TypeError unless ``problem`` is a DeviceMultilevelProblem on the CUDA backend (a CPU
+    MultilevelProblem is pointed to ``backend='cpu'``); CudaUnavailableError without a GPU
+    or the simulator."""
+    if not isinstance(problem, DeviceMultilevelProblem):
+        if isinstance(problem, MultilevelProblem):
+            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
+                            "mlocore.cuda.DeviceMultilevelProblem (e.g. from "
+                            "mlocore.problems.cuda_multilevel), got an "
+                            "mlocore.MultilevelProblem (CPU callbacks); use backend='cpu' for "
+                            "it")
+        raise TypeError(f"{where}: problem must be a DeviceMultilevelProblem for "
+                        f"backend='cuda', got {type(problem).__name__}")
+    if backend is not None and backend != "cuda":
+        raise TypeError(f"{where}: a DeviceMultilevelProblem has device callbacks and runs on "
+                        f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
+                        "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
+    check_backend("cuda", where)
+
+
 def _as_joint(problem, xs, counter, name="xs"):
     """A new joint device vector from ``xs``: a list of n per-level arrays, or one joint
     vector of length ``sum(dims)``; host or device arrays (host ones validated and copied once
@@ -753,14 +773,7 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
         Bad method, sizes, non-finite inputs, or bad ``T`` / ``step`` for "itd".
     """
     where = "hypergrad"
-    if not isinstance(problem, DeviceMultilevelProblem):
-        raise TypeError(f"{where}: problem must be a DeviceMultilevelProblem, got "
-                        f"{type(problem).__name__}")
-    if backend is not None and backend != "cuda":
-        raise TypeError(f"{where}: a DeviceMultilevelProblem has device callbacks and runs on "
-                        f"the CUDA backend only, got backend={backend!r}; pass backend='cuda' "
-                        "(or leave it None), or build an mlocore.MultilevelProblem for the CPU")
-    check_backend("cuda", where)
+    check_multilevel_backend(problem, backend, where)
     unknown = sorted(set(options) - set(_NOT_FOR_MULTILEVEL))
     if unknown:
         raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}")
