@@ -101,6 +101,16 @@ class _Session:
     def to_output(self, a, output):
         return to_host(a, self.counter) if output == "numpy" else a
 
+    def finish(self, out):
+        """Fill a hypergradient result's oracle counts (``oracle_calls``, ``ngrad``,
+        ``nhvp``) and ``transfers`` from this session; returns it."""
+        calls = counts_dict(self.counts)
+        out.oracle_calls = calls
+        out.ngrad = calls["upper_grad"] + calls["lower_grad"]
+        out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
+        out.transfers = self.counter.as_dict()
+        return out
+
 
 class _HyyOperator(dl.DeviceOperator):
     """``p -> H_yy(z) p``: the lower joint hvp with direction ``(0, p)``, block y."""
@@ -422,9 +432,4 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
         nit=int(nit), lin_info=int(info), lin_residual=float(res), lower_nit=int(lower_nit),
         lower_grad_norm=float(lower_gnorm), lower_status=int(lower_status),
         eta=float(eta) if method == "neumann" else None)
-    calls = counts_dict(sess.counts)
-    out.oracle_calls = calls
-    out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-    out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
-    out.transfers = sess.counter.as_dict()
-    return out
+    return sess.finish(out)

@@ -35,7 +35,7 @@ from numba import cuda
 
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels import lower as _low
-from .._results import HypergradResult, counts_dict, status_message
+from .._results import HypergradResult, status_message
 from .._validation import check_int, check_positive
 from . import _linalg as dl
 
@@ -239,9 +239,4 @@ def unrolled_hypergrad(problem, x, y, method="itd-reverse", *, T=100, K=None, st
         message=status_message(status, f"Unrolled T={T} steps (K={K}) with step "
                                        f"{beta_used:.3e}."),
         nit=T, K=K, step=beta_used, lower_nit=T, lower_grad_norm=np.nan)
-    calls = counts_dict(sess.counts)
-    out.oracle_calls = calls
-    out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-    out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
-    out.transfers = sess.counter.as_dict()
-    return out
+    return sess.finish(out)

@@ -49,15 +49,21 @@ def quadratic_row(means):
 
 
 @cuda.jit(device=True)
-def _quad_affine_component(i, w, data, lin):
-    """Component i of (B x + C y + lin b, A y + C^T x + lin a) at w = (x, y)."""
+def _row_layout(data):
+    """``(dx, dy)`` and the offsets of A, B, C, a, b in a :func:`quadratic_row`."""
     dx = int(data[0])
     dy = int(data[1])
     o_a = HEADER
     o_b = o_a + dy * dy
     o_c = o_b + dx * dx
     o_va = o_c + dx * dy
-    o_vb = o_va + dy
+    return dx, dy, o_a, o_b, o_c, o_va, o_va + dy
+
+
+@cuda.jit(device=True)
+def _quad_affine_component(i, w, data, lin):
+    """Component i of (B x + C y + lin b, A y + C^T x + lin a) at w = (x, y)."""
+    dx, dy, o_a, o_b, o_c, o_va, o_vb = _row_layout(data)
     s = 0.0
     if i < dx:
         p = i
@@ -93,13 +99,7 @@ def quad_component_hvp(i, z, v, data):
 @cuda.jit(device=True)
 def quad_component_value(z, data):
     """y.A y/2 + x.B x/2 + x.C y + a.y + b.x (one thread; the CPU ``quad_value``)."""
-    dx = int(data[0])
-    dy = int(data[1])
-    o_a = HEADER
-    o_b = o_a + dy * dy
-    o_c = o_b + dx * dx
-    o_va = o_c + dx * dy
-    o_vb = o_va + dy
+    dx, dy, o_a, o_b, o_c, o_va, o_vb = _row_layout(data)
     s = 0.0
     for p in range(dx):
         t = 0.5 * data[o_b + p * dx + p] * z[p] + data[o_vb + p]
