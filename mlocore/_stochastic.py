@@ -394,6 +394,20 @@ def _reference_values(reference, x, problem=None):
     return out
 
 
+def _record_checkpoint(history, k, elapsed, counts, reference, x, problem):
+    """Append checkpoint k to ``history`` (iteration, time, oracle calls and samples so far,
+    the reference's public values at x); returns the reference values (``_grad`` too)."""
+    history["iteration"].append(k)
+    history["time"].append(elapsed)
+    history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
+    history["samples"].append(int(counts[N_COUNTERS:].sum()))
+    ref = _reference_values(reference, x, problem)
+    for key, val in ref.items():
+        if not key.startswith("_"):
+            history.setdefault(key, []).append(val)
+    return ref
+
+
 def _divergence_detail(what, reductions, halvable, k, alpha0, beta0):
     """The message of a run that diverged after its last allowed halving (status 13)."""
     halved = (f"after {reductions} halvings of the default steps" if halvable
@@ -582,14 +596,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
 
     def checkpoint():
         nonlocal current_ref
-        history["iteration"].append(k)
-        history["time"].append(elapsed)
-        history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
-        history["samples"].append(int(counts[N_COUNTERS:].sum()))
-        current_ref = _reference_values(reference, x, problem)
-        for key, val in current_ref.items():
-            if not key.startswith("_"):
-                history.setdefault(key, []).append(val)
+        current_ref = _record_checkpoint(history, k, elapsed, counts, reference, x, problem)
 
     def run(k0, n):
         return call_kernel(spec.kernel, comp.upper.fns, uargs, comp.lower.fns, largs,

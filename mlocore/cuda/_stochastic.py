@@ -827,7 +827,7 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
     work done up to that checkpoint.
     """
     from .._stochastic import (DEFAULT_BATCH, METHODS, STEP_SAFETY, STOCHASTIC_METHODS,
-                               _as_schedule, _divergence_detail, _reference_values,
+                               _as_schedule, _divergence_detail, _record_checkpoint,
                                _run_summary, _stop_at_checkpoint, parse_run_options)
     from ._implicit import check_problem_backend
     check_problem_backend(problem, backend, "minimize_bilevel (stochastic methods)")
@@ -1135,14 +1135,8 @@ def minimize_stochastic(problem, x0, y0, method, *, maxiter=1000, batch_size=Non
 
     def checkpoint():
         nonlocal current_ref
-        history["iteration"].append(k)
-        history["time"].append(elapsed)
-        history["oracle_calls"].append(int(counts[:N_COUNTERS].sum()))
-        history["samples"].append(int(counts[N_COUNTERS:].sum()))
-        current_ref = _reference_values(reference, x_host, problem)
-        for key, val in current_ref.items():
-            if not key.startswith("_"):
-                history.setdefault(key, []).append(val)
+        current_ref = _record_checkpoint(history, k, elapsed, counts, reference, x_host,
+                                         problem)
 
     rewind = _rewind_class()(saved)
     x_host, zz, _ = read_checkpoint()
