@@ -408,6 +408,9 @@ def test_itd_option_errors_as_cpu():
             mlo.hypergrad(dp, xs, method="itd", **kw)
     with pytest.raises(ValueError, match="fd_step must be > 0"):
         mlo.hypergrad(dp, xs, method="itd", fd_step=0.0)
+    from mlocore.cuda._multilevel import unrolled_multilevel_hypergrad
+    with pytest.raises(TypeError, match="needs device callbacks.*got an mlocore.Multilevel"):
+        unrolled_multilevel_hypergrad(tq.problem, xs)
 
 
 def _same_itd_run(res, ref, rtol=1e-10):

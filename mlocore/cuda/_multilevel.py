@@ -892,6 +892,7 @@ def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
     ``transfers``. Diverging inner iterates end with status 2 (never an exception), a
     non-finite gradient with status 6. ``value_only``: only the forward passes and ``fun``.
     """
+    check_multilevel_backend(problem, None, "unrolled_multilevel_hypergrad")
     if output not in OUTPUTS:
         raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")
     Ts, betas = unrolled_options(problem.n, T, steps)
