@@ -16,7 +16,7 @@ Public API at a glance::
     mlocore.problems                        # benchmark problems with known solutions
 """
 from ._callbacks import CallbackError
-from ._config import backend, get_backend, set_backend
+from ._backend import backend, get_backend, set_backend
 from ._hypergrad import hypergrad, solve_lower
 from ._minimize import HyperObjective, minimize_bilevel, minimize_multilevel
 from ._problem import Ball, BilevelProblem, MultilevelProblem, Objective

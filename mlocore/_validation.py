@@ -5,6 +5,8 @@ import numbers
 
 import numpy as np
 
+from . import _backend
+
 __all__ = ["as_vector", "check_positive", "check_int", "check_choice", "check_backend"]
 
 
@@ -61,16 +63,14 @@ def check_choice(name: str, value, choices):
 
 
 def check_backend(backend, where="this function"):
-    """Resolve ``backend`` (None: the process-wide default, see :mod:`mlocore._config`) to
+    """Resolve ``backend`` (None: the process-wide default, see :mod:`mlocore._backend`) to
     "cpu" or "cuda". "cuda" raises :class:`mlocore.cuda.CudaUnavailableError` where no GPU
     (and no simulator) can run it: never a silent CPU run."""
-    from . import _config
     if backend is None:
-        backend = _config.get_backend()
-    check_choice("backend", backend, ("cpu", "cuda"))
+        backend = _backend.get_backend()
+    check_choice("backend", backend, _backend.BACKENDS)
     if backend == "cuda":
-        from .cuda._device import require_cuda
-        require_cuda(where)
+        _backend.require_cuda(where)
     return backend
 
 

@@ -13,58 +13,13 @@ run on a GPU where one is lent (README, "CUDA backend").
 from __future__ import annotations
 
 import numpy as np
-from numba import config, cuda
+from numba import cuda
+
+from .._backend import (CudaUnavailableError, cuda_available, device_info, require_cuda,
+                        simulator_enabled)
 
 __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "simulator_enabled",
            "require_cuda", "is_device_array", "to_device", "to_host", "device_info"]
-
-
-class CudaUnavailableError(RuntimeError):
-    """``backend="cuda"`` was requested where no GPU (and no simulator) can run it."""
-
-
-def simulator_enabled() -> bool:
-    """True when numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1`` at import)."""
-    return bool(config.ENABLE_CUDASIM)
-
-
-def cuda_available() -> bool:
-    """True when CUDA kernels can run here: a usable GPU and driver, or the simulator."""
-    try:
-        return bool(cuda.is_available())
-    except Exception:  # a broken driver install: treat as unavailable, say why elsewhere
-        return False
-
-
-def _why_unavailable() -> str:
-    try:
-        cuda.detect()  # prints to stdout; only its failure matters here
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return " ".join(f"{type(exc).__name__}: {exc}".split())
-    return "numba.cuda.is_available() is False (no NVIDIA driver or GPU found)"
-
-
-def require_cuda(where: str) -> None:
-    """Raise :class:`CudaUnavailableError` unless CUDA kernels can run here."""
-    if cuda_available():
-        return
-    raise CudaUnavailableError(
-        f"{where}: backend='cuda' was requested, but no CUDA device is available "
-        f"({_why_unavailable()}) and numba's CUDA simulator is off. mlocore never falls back "
-        "to the CPU silently: use backend='cpu' (or unset MLOCORE_BACKEND), run on a machine "
-        "with an NVIDIA GPU, or set NUMBA_ENABLE_CUDASIM=1 before numba is imported to run "
-        "the kernels in the (slow) simulator.")
-
-
-def device_info() -> str:
-    """One line naming the device the kernels run on (or the simulator)."""
-    if simulator_enabled():
-        return "numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
-    if not cuda_available():
-        return "no CUDA device"
-    dev = cuda.get_current_device()
-    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    return f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})"
 
 
 class Transfers:
