@@ -8,17 +8,18 @@ from ._callbacks import call_kernel
 from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
+from ._options import (HYPERGRAD_METHODS, LOWER_METHODS, LowerOptions, hypergrad_options,
+                       reject_unused)
 from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
-from ._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
-                       status_message)
-from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
-                          check_int, check_positive)
+from ._results import HypergradResult, counts_dict, implicit_result, new_counts, status_message
+from ._validation import as_vector, check_backend, check_cpu_output
+from .cuda._implicit import hypergrad as _hypergrad_cuda
+from .cuda._implicit import solve_lower as _solve_lower_cuda
+from .cuda._multilevel import multilevel_hypergrad as _multilevel_cuda
 
 __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
 
-LOWER_METHODS = {"gd": _low.GD, "agd": _low.AGD, "newton-cg": _low.NEWTON_CG}
-HYPERGRAD_METHODS = ("direct", "cg", "neumann", "itd-forward", "itd-reverse")
 _SOLVERS = {"direct": _imp.DIRECT, "cg": _imp.CG, "neumann": _imp.NEUMANN}
 
 
@@ -42,18 +43,6 @@ class _Compiled:
 
 def _compiled(problem, x, y):
     return _Compiled(problem, x, y)
-
-
-class LowerOptions:
-    """Validated options of the lower-level solver (shared by every bilevel driver)."""
-
-    def __init__(self, method="newton-cg", tol=1e-10, maxiter=1000, step=None):
-        check_choice("lower_method", method, tuple(LOWER_METHODS))
-        self.name = method
-        self.code = LOWER_METHODS[method]
-        self.tol = check_positive("lower_tol", tol, allow_zero=True)
-        self.maxiter = check_int("lower_maxiter", maxiter, 0)
-        self.step = -1.0 if step is None else check_positive("lower_step", step)
 
 
 def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, step=None,
@@ -85,7 +74,6 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
         ``oracle_calls``.
     """
     if getattr(problem, "on_device", False) or check_backend(backend, "solve_lower") == "cuda":
-        from .cuda._implicit import solve_lower as _solve_lower_cuda  # DeviceBilevelProblem
         return _solve_lower_cuda(problem, x, y0, method=method, tol=tol, maxiter=maxiter,
                                  step=step, backend=backend, output=output)
     check_cpu_output(output)
@@ -162,14 +150,12 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
     """
     if getattr(problem, "device_multilevel", False):  # DeviceMultilevelProblem
-        from .cuda._multilevel import multilevel_hypergrad as _multilevel_cuda
         return _multilevel_cuda(problem, x, method, tol=tol, lower_solved=lower_solved,
                                 lower_tol=lower_tol, lower_maxiter=lower_maxiter,
                                 fd_step=fd_step, backend=backend, y=y, atol=atol,
                                 maxiter=maxiter, v0=v0, eta=eta, lower_method=lower_method,
                                 lower_step=lower_step, T=T, K=K, step=step, output=output)
     if getattr(problem, "on_device", False) or check_backend(backend, "hypergrad") == "cuda":
-        from .cuda._implicit import hypergrad as _hypergrad_cuda  # DeviceBilevelProblem
         return _hypergrad_cuda(problem, x, y, method, tol=tol, atol=atol, maxiter=maxiter,
                                v0=v0, eta=eta, lower_solved=lower_solved,
                                lower_method=lower_method, lower_tol=lower_tol,
@@ -179,7 +165,7 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     check_cpu_output(output)
     unrolled = method is not None and method.startswith("itd")
     if isinstance(problem, MultilevelProblem):
-        _reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,
+        reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,
                        eta=eta is not None, atol=atol != 0.0,
                        lower_method=lower_method != "newton-cg",
                        lower_step=lower_step is not None, K=K is not None,
@@ -197,56 +183,22 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
                                     lower_maxiter=100 if lower_maxiter is None else lower_maxiter,
                                     fd_step=fd_step)
     _check_problem(problem)
-    method = "cg" if method is None else method
-    check_choice("method", method, HYPERGRAD_METHODS)
-    _reject_unused(method, fd_step=fd_step is not None, K=K is not None and not unrolled,
-                   step=step is not None and not unrolled, v0=v0 is not None and unrolled,
-                   eta=eta is not None and method != "neumann",
-                   maxiter=maxiter is not None and unrolled, lower_solved=lower_solved and unrolled,
-                   lower_tol=lower_tol is not None and unrolled,
-                   lower_maxiter=lower_maxiter is not None and unrolled,
-                   lower_step=lower_step is not None and unrolled,
-                   lower_method=lower_method != "newton-cg" and unrolled)
+    opts = hypergrad_options(method, problem.dy, tol=tol, atol=atol, maxiter=maxiter,
+                             v0_given=v0 is not None, eta=eta, lower_solved=lower_solved,
+                             lower_method=lower_method, lower_tol=lower_tol,
+                             lower_maxiter=lower_maxiter, lower_step=lower_step, T=T, K=K,
+                             step=step, fd_step=fd_step)
     if y is None:
         raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
-    lower_maxiter = 1000 if lower_maxiter is None else lower_maxiter
     x = as_vector("x", x, problem.dx)
     y = as_vector("y", y, problem.dy)
-    tol = check_positive("tol", tol, allow_zero=True)
-    atol = check_positive("atol", atol, allow_zero=True)
     comp = _compiled(problem, x, y)
     counts = new_counts()
-    if method.startswith("itd"):
-        T = check_int("T", T, 0)
-        K = T if K is None else check_int("K", K, 0)
-        if K > T:
-            raise ValueError(f"K (steps differentiated) must be <= T = {T}, got K={K}")
-        beta = -1.0 if step is None else check_positive("step", step)
-        return _unrolled(comp, method, x, y, T, K, beta, counts)
-    lower = LowerOptions(lower_method, min(tol, 1e-10) if lower_tol is None else lower_tol,
-                         lower_maxiter, lower_step)
-    maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
-        check_int("maxiter", maxiter, 0)
+    if opts.unrolled:
+        return _unrolled(comp, opts.method, x, y, opts.T, opts.K, opts.beta, counts)
     v0 = np.zeros(problem.dy) if v0 is None else as_vector("v0", v0, problem.dy)
-    eta = -1.0 if eta is None else check_positive("eta", eta)
-    return implicit_call(comp, method, x, y, v0, not lower_solved, lower, tol, atol, maxiter,
-                         eta, counts)
-
-
-def _reject_unused(method, **given):
-    """A TypeError for options that the chosen method would silently ignore."""
-    unused = [name for name, was_given in given.items() if was_given]
-    if unused:
-        raise TypeError(f"option{'s' if len(unused) > 1 else ''} {', '.join(unused)} "
-                        f"{'do' if len(unused) > 1 else 'does'} not apply to method="
-                        f"{method!r} for this problem")
-
-
-def default_linear_maxiter(method, dy):
-    """Default iteration limit of the linear solver of an implicit method."""
-    if method == "neumann":
-        return max(100 * dy, 10_000)
-    return 10 * dy if method == "cg" else 1
+    return implicit_call(comp, opts.method, x, y, v0, opts.solve_lower, opts.lower, opts.tol,
+                         opts.atol, opts.maxiter, opts.eta, counts)
 
 
 def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
@@ -259,17 +211,10 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
         _imp.implicit_hypergrad, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.has_hvp,
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
         _SOLVERS[method], tol, atol, maxiter, eta, counts)
-    detail = ""
-    if solve_lower_flag:
-        detail = f"Lower level: |grad_y g| = {lgnorm:.3e} after {lnit} iterations."
-    if status == _imp.LINEAR_FAILED:
-        detail += f" Linear solve ({method}): {linear_info_message(info)}, residual {res:.3e}."
-    out = HypergradResult(
-        grad=grad, x=x, y=ysol, v=v, fun=fun, method=method, success=status == 0,
-        status=int(status), message=status_message(status, detail), nit=int(nit),
-        lin_info=int(info), lin_residual=float(res), lower_nit=int(lnit),
-        lower_grad_norm=float(lgnorm), lower_status=int(lstatus),
-        eta=float(eta_used) if method == "neumann" else None)
+    out = implicit_result(method, grad=grad, x=x, y=ysol, v=v, fun=fun, status=status,
+                          lower_status=lstatus, lower_nit=lnit, lower_grad_norm=lgnorm,
+                          info=info, nit=nit, residual=res, eta=eta_used,
+                          solved_lower=solve_lower_flag)
     _add_counts(out, counts)
     return out
 

@@ -1,28 +1,31 @@
-"""Deterministic bilevel optimization: :func:`minimize_bilevel` and :class:`HyperObjective`."""
+"""Optimization entry points: :func:`minimize_bilevel`, :func:`minimize_multilevel` and
+:class:`HyperObjective`, with their CPU drivers; device problems and ``backend="cuda"``
+go to :mod:`mlocore.cuda`, stochastic methods to the stochastic drivers."""
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import CallbackError, call_kernel
-from ._hypergrad import (LowerOptions, _check_problem, _compiled, default_linear_maxiter,
-                         implicit_call, unrolled_call)
+from ._callbacks import call_kernel
+from ._descent import (BILEVEL_METHODS, HyperObjectiveBase, descent_loop, descent_options,
+                       driver_closures, multilevel_descent, multilevel_descent_options)
+from ._hypergrad import _check_problem, _compiled, implicit_call, unrolled_call
 from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
-from ._multilevel import (MULTILEVEL_MODES, LevelFailure, MultilevelEngine, as_joint,
+from ._multilevel import (MULTILEVEL_MODES, MultilevelEngine, as_joint,
                           unrolled_multilevel_hypergrad)
+from ._options import LowerOptions, default_linear_maxiter
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
+from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
 from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
                           check_int, check_positive)
+from .cuda._drivers import DeviceHyperObjective
+from .cuda._drivers import minimize_multilevel as _minimize_multilevel_cuda
+from .cuda._minimize import minimize_bilevel as _minimize_cuda
 
 __all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
 
-BILEVEL_METHODS = ("aid", "itd", "alternating")
-_ARMIJO = 1e-4
-_MAX_BACKTRACK = 40
 
 
 class _Driver:
@@ -166,7 +169,6 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         ``steps`` (the final schedules), ``step_reductions`` (halvings after divergence),
         ``time`` (seconds in the compiled loops, wasted ones included).
     """
-    from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
     stochastic = method not in BILEVEL_METHODS or (
         method in ("aid", "alternating") and options.get("batch_size") is not None)
     if stochastic:
@@ -176,48 +178,6 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
     if "batch_size" in options and options["batch_size"] is None:
         del options["batch_size"]
     return minimize_deterministic(problem, x0, y0, method, **options)
-
-
-def driver_closures(drv, method):
-    """:func:`descent_loop`'s ``F_eval``, ``commit`` and ``direction`` for a bilevel driver
-    (CPU or CUDA) with ``F(x, y) -> (f, y_new, lower_status)``, ``direction(method, x)`` and
-    the warm lower iterate ``y``, which an accepted step replaces."""
-    def F_eval(x_new):
-        f, y_new, lstatus = drv.F(x_new, drv.y)
-        ok = lstatus in (_low.OK, _low.MAXITER)
-        return f, y_new, 0 if ok else lstatus, "" if ok else status_message(lstatus)
-
-    def commit(y_new):
-        drv.y = y_new
-
-    def direction(x_now):
-        return drv.direction(method, x_now)
-
-    return F_eval, commit, direction
-
-
-def descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lin_maxiter, T, K,
-                    inner_step):
-    """Validate the options of the deterministic bilevel descent (CPU and CUDA drivers);
-    returns ``(maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step)``."""
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.upper.value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs the "
-                         "upper objective's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lin_maxiter = 10 * problem.dy if lin_maxiter is None else check_int("lin_maxiter",
-                                                                         lin_maxiter, 0)
-    T = check_int("T", T, 1)
-    K = T if K is None else check_int("K", K, 1)
-    if K > T:
-        raise ValueError(f"K must be <= T = {T}, got K={K}")
-    inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
-    return maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step
 
 
 def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
@@ -267,7 +227,6 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
     """
     if getattr(problem, "on_device", False) or \
             check_backend(backend, "minimize_bilevel") == "cuda":  # DeviceBilevelProblem
-        from .cuda._minimize import minimize_bilevel as _minimize_cuda
         return _minimize_cuda(problem, x0, y0, method, step=step, maxiter=maxiter, tol=tol,
                               callback=callback, lower_method=lower_method,
                               lower_tol=lower_tol, lower_maxiter=lower_maxiter,
@@ -296,25 +255,6 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         x=x, fun=fun, jac=grad, nit=nit, nfev=drv.nfev, success=status == 0, status=status,
         message=status_message(status, detail), y=drv.y, v=drv.v if method == "aid" else None,
         oracle_calls=counts_dict(drv.counts), method=method, history=history)
-
-
-def multilevel_descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lower_tol,
-                               lower_maxiter):
-    """Validate the options of the multilevel descent (CPU and CUDA drivers); returns
-    ``(maxiter, tol, step, lin_tol, lower_tol, lower_maxiter)``."""
-    maxiter = check_int("maxiter", maxiter, 0)
-    tol = check_positive("tol", tol, allow_zero=True)
-    if step is not None:
-        step = check_positive("step", step)
-    elif problem.levels[0].value is None:
-        raise ValueError("step=None uses a backtracking line search on F, which needs level "
-                         "1's value callback; pass a fixed step=... instead")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
-    lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
-    lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
-    return maxiter, tol, step, lin_tol, lower_tol, lower_maxiter
 
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
@@ -353,7 +293,6 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     """
     if getattr(problem, "device_multilevel", False) or \
             check_backend(backend, "minimize_multilevel") == "cuda":  # DeviceMultilevelProblem
-        from .cuda._drivers import minimize_multilevel as _minimize_multilevel_cuda
         return _minimize_multilevel_cuda(
             problem, x0s, method, step=step, maxiter=maxiter, tol=tol, callback=callback,
             lin_tol=lin_tol, lower_tol=lower_tol, lower_maxiter=lower_maxiter, T=T,
@@ -374,70 +313,10 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     if not getattr(problem, "_checked", False):
         eng.check_at(z)
         problem._checked = True
-    state = {"z": z}
-    unrolled_counts = np.zeros_like(eng.counts)
-
-    def solved(x1):
-        zz = state["z"].copy()
-        zz[:d1] = x1
-        return eng.solve_from(zz, 1)
-
-    # the unrolled approximation F~ must stay one function during a run: its inner steps are
-    # fixed at the first call (power iteration there, unless inner_step is given)
-    inner = {"steps": inner_step}
-
-    def unrolled(x1, value_only=False):
-        zz = state["z"].copy()
-        zz[:d1] = x1
-        res = unrolled_multilevel_hypergrad(problem, zz, T=T, steps=inner["steps"],
-                                            fd_step=fd_step, value_only=value_only)
-        unrolled_counts[:] += _counts_array(res.oracle_calls)
-        if inner["steps"] is None and res.success:
-            inner["steps"] = [float(b) for b in res.step]
-        return res
-
-    def F_eval(x1):
-        if method == "itd":
-            res = unrolled(x1, value_only=True)
-            return res.fun, res.z, 0 if res.success else res.status, res.message
-        try:
-            zz = solved(x1)
-        except LevelFailure as fail:
-            return np.nan, None, fail.status, fail.detail
-        return eng.value(1, zz), zz, 0, ""
-
-    def commit(zz):
-        state["z"] = zz
-
-    def direction(x1):
-        if method == "itd":
-            # the starts of the inner loops stay fixed within an iteration so that F~ and its
-            # gradient, and the line search's trial values, describe one function; they move
-            # to the unrolled outputs when a step is taken (commit, or here for fixed steps)
-            res = unrolled(x1)
-            if res.success and step is not None:
-                state["z"] = res.z
-            return res.grad, res.status, res.message, res.fun
-        try:
-            zz = solved(x1)
-            state["z"] = zz
-            return eng.grad_reduced(1, zz)[:d1], 0, "", eng.value(1, zz)
-        except LevelFailure as fail:
-            return np.full(d1, np.nan), fail.status, fail.detail, np.nan
-
-    def extra():
-        zz = state["z"]
-        return {"xs": [zz[problem.block(k)].copy() for k in range(1, problem.n + 1)]}
-
-    x1, fun, grad, nit, status, detail, history = descent_loop(
-        problem.project, z[:d1].copy(), direction, F_eval, commit, step, maxiter, tol,
-        callback, extra, calls=lambda: int(eng.counts.sum() + unrolled_counts.sum()))
-    if status != 0 or step is not None:
-        fun, zz, fstatus, fdetail = F_eval(x1)  # F at the returned x_1
-        if zz is not None:
-            state["z"] = zz
-    zz = state["z"]
-    calls = eng.counts + unrolled_counts
+    run = _CpuMultilevelRun(problem, eng, T, fd_step)
+    x1, fun, grad, nit, status, detail, history, zz = multilevel_descent(
+        run, z, z[:d1].copy(), method, step, maxiter, tol, callback, inner_step)
+    calls = eng.counts + run.unrolled_counts
     return OptimizeResult(
         x=x1, xs=[zz[problem.block(k)].copy() for k in range(1, problem.n + 1)], z=zz,
         fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
@@ -447,100 +326,42 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
                       for k, row in enumerate(calls, 1)}, history=history)
 
 
+class _CpuMultilevelRun:
+    """:func:`~mlocore._descent.multilevel_descent`'s hooks on the CPU (NumPy joint vectors)."""
+
+    def __init__(self, problem, eng, T, fd_step):
+        self.problem, self.eng, self.T, self.fd_step = problem, eng, T, fd_step
+        self.unrolled_counts = np.zeros_like(eng.counts)
+
+    def with_x(self, z, x1):
+        zz = z.copy()
+        zz[:self.problem.dims[0]] = x1
+        return zz
+
+    def host(self, a):
+        return a
+
+    def blocks(self, z):
+        return [z[self.problem.block(k)].copy() for k in range(1, self.problem.n + 1)]
+
+    def unrolled(self, z, steps, value_only):
+        res = unrolled_multilevel_hypergrad(self.problem, z, T=self.T, steps=steps,
+                                            fd_step=self.fd_step, value_only=value_only)
+        self.unrolled_counts[:] += _counts_array(res.oracle_calls)
+        used = [float(b) for b in res.step] if res.success else None
+        return (res.grad, res.z, res.fun, 0 if res.success else res.status, res.message,
+                used)
+
+    def calls(self):
+        return int(self.eng.counts.sum() + self.unrolled_counts.sum())
+
+
 def _counts_array(calls):
     return np.array([[c["grad"], c["hvp"], c["tvp"], c["value"]] for c in calls.values()],
                     dtype=np.int64)
 
 
-def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, callback,
-                 extra, calls=None):
-    """Projected (hyper)gradient descent shared by the bilevel and multilevel drivers.
-
-    ``direction(x) -> (grad, status, detail, F or nan)`` updates the caller's warm starts;
-    ``F_eval(x) -> (F, state, status, detail)`` evaluates F exactly (lower levels solved) and
-    ``commit(state)`` keeps the state of an accepted trial point. ``step=None``: Barzilai-
-    Borwein trial steps with an Armijo backtracking search on F (accepting changes within
-    round-off of F); otherwise fixed steps. Stops when ``|x - P(x - grad)| <= tol``.
-    ``calls()``, if given, returns the cumulative oracle count recorded in the history.
-    Returns ``(x, fun, grad, nit, status, detail, history)``.
-    """
-    history = {"fun": [], "grad_norm": [], "time": []}
-    if calls is not None:
-        history["oracle_calls"] = []
-    t0 = time.perf_counter()
-    fun = np.nan
-    if step is None:  # the line search compares exact values of F
-        fun, state, fstatus, detail = F_eval(x)
-        if fstatus != 0:
-            return x, fun, None, 0, fstatus, "At x0: " + detail, _arrays(history)
-        commit(state)
-    trial = 1.0 if step is None else step
-    prev = None
-    status, detail, grad, nit = 10, "", None, 0
-    for it in range(maxiter + 1):
-        grad, gstatus, gmsg, fun_here = direction(x)
-        if step is not None:
-            fun = fun_here
-        if gstatus != 0 and (gstatus != _low.MAXITER or not np.all(np.isfinite(grad))):
-            status, detail = gstatus, gmsg
-            break
-        pg_norm = float(np.linalg.norm(x - project(x - grad)))
-        _record(history, fun, pg_norm, t0)
-        if calls is not None:
-            history["oracle_calls"].append(calls())
-        if it > 0 and callback is not None:
-            inter = OptimizeResult(x=x.copy(), fun=fun, jac=grad.copy(), nit=nit, **extra())
-            try:
-                callback(inter)
-            except StopIteration:
-                status = 99
-                break
-        if pg_norm <= tol:
-            status = 0
-            break
-        if it == maxiter:
-            break
-        if step is not None:
-            x = project(x - step * grad)
-        else:
-            if prev is not None:  # Barzilai-Borwein trial step from the last two iterates
-                s_k, g_k = x - prev[0], grad - prev[1]
-                sy = s_k @ g_k
-                trial = (s_k @ s_k) / sy if sy > 0 else 2.0 * trial
-            prev = (x.copy(), grad.copy())
-            accepted = False
-            slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
-            for _ in range(_MAX_BACKTRACK):
-                x_try = project(x - trial * grad)
-                f_try, state, fstatus, _ = F_eval(x_try)
-                if fstatus == 0 and np.isfinite(f_try) and \
-                        f_try <= fun + _ARMIJO * (grad @ (x_try - x)) + slack:
-                    accepted = True
-                    break
-                trial *= 0.5
-            if not accepted:
-                status = 11
-                break
-            x, fun = x_try, f_try
-            commit(state)
-        nit += 1
-        if not np.all(np.isfinite(x)):
-            status = 12
-            break
-    return x, fun, grad, nit, status, detail, _arrays(history)
-
-
-def _arrays(history):
-    return {k: np.asarray(v) for k, v in history.items()}
-
-
-def _record(history, fun, pg_norm, t0):
-    history["fun"].append(fun)
-    history["grad_norm"].append(pg_norm)
-    history["time"].append(time.perf_counter() - t0)
-
-
-class HyperObjective:
+class HyperObjective(HyperObjectiveBase):
     """``x -> (F(x), grad F(x))`` for ``scipy.optimize.minimize(..., jac=True)``.
 
     The lower solution y and the adjoint v are warm-started from the previous call, so a
@@ -573,17 +394,20 @@ class HyperObjective:
     message rather than handing scipy a NaN.
     """
 
+    def __new__(cls, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
+                lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
+        if cls is HyperObjective and (getattr(problem, "on_device", False) or check_backend(
+                backend, "HyperObjective") == "cuda"):  # y, v warm on the device
+            # a DeviceHyperObjective is a HyperObjective (registered below); Python does
+            # not run __init__ again on it
+            return DeviceHyperObjective(problem, y0, method, tol=tol,
+                                        lower_method=lower_method, lower_tol=lower_tol,
+                                        lower_maxiter=lower_maxiter, maxiter=maxiter,
+                                        backend=backend)
+        return super().__new__(cls)
+
     def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
                  lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
-        if getattr(problem, "on_device", False) or \
-                check_backend(backend, "HyperObjective") == "cuda":  # DeviceBilevelProblem
-            from .cuda._drivers import DeviceHyperObjective  # y, v warm on the device
-            self.__class__ = DeviceHyperObjective
-            DeviceHyperObjective.__init__(self, problem, y0, method, tol=tol,
-                                          lower_method=lower_method, lower_tol=lower_tol,
-                                          lower_maxiter=lower_maxiter, maxiter=maxiter,
-                                          backend=backend)
-            return
         _check_problem(problem)
         check_choice("method", method, ("cg", "direct", "neumann"))
         if problem.upper.value is None:
@@ -603,21 +427,15 @@ class HyperObjective:
         self.last = None
         self._comp = None
 
-    @property
-    def oracle_calls(self):
-        return counts_dict(self._counts)
-
     def __call__(self, x):
         x = as_vector("x", x, self.problem.dx)
         if self._comp is None:
             self._comp = _compiled(self.problem, x, self.y)
         res = implicit_call(self._comp, self.method, x, self.y, self.v, True, self.lower,
                             self.tol, 0.0, self.maxiter, -1.0, self._counts)
-        self.ncalls += 1
-        self.last = res
-        if not res.success and res.status != _low.MAXITER:
-            raise RuntimeError(f"hypergradient at x failed: {res.message}")
-        if not (np.isfinite(res.fun) and np.all(np.isfinite(res.grad))):
-            raise CallbackError(f"F or its hypergradient is not finite at x: {res.message}")
+        out = self._accept(res)
         self.y, self.v = res.y, res.v
-        return float(res.fun), res.grad.copy()
+        return out
+
+
+HyperObjective.register(DeviceHyperObjective)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from ._kernels.implicit import LINEAR_FAILED
 from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
 
 #: status code -> message. Codes 0-6 come from kernels; 10+ from the Python drivers.
@@ -81,3 +82,21 @@ class HypergradResult(OptimizeResult):
         Counts per callback (``upper_grad``, ``lower_grad``, ``lower_hvp``, ...);
         ``ngrad`` and ``nhvp`` are totals.
     """
+
+
+def implicit_result(method, *, grad, x, y, v, fun, status, lower_status, lower_nit,
+                    lower_grad_norm, info, nit, residual, eta, solved_lower):
+    """The :class:`HypergradResult` of an implicit hypergradient (both backends): the
+    message names the lower solve's and the linear solve's outcome."""
+    detail = ""
+    if solved_lower:
+        detail = f"Lower level: |grad_y g| = {lower_grad_norm:.3e} after {lower_nit} iterations."
+    if status == LINEAR_FAILED:
+        detail += (f" Linear solve ({method}): {linear_info_message(info)}, "
+                   f"residual {residual:.3e}.")
+    return HypergradResult(
+        grad=grad, x=x, y=y, v=v, fun=fun, method=method, success=status == 0,
+        status=int(status), message=status_message(status, detail), nit=int(nit),
+        lin_info=int(info), lin_residual=float(residual), lower_nit=int(lower_nit),
+        lower_grad_norm=float(lower_grad_norm), lower_status=int(lower_status),
+        eta=float(eta) if method == "neumann" else None)

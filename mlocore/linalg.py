@@ -26,6 +26,8 @@ from ._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from ._kernels import linalg as _k
 from ._results import linear_info_message
 from ._validation import as_vector, check_backend, check_int, check_positive
+from .cuda import _linalg as _cuda
+from .cuda._direct import solve_direct as _solve_direct_cuda
 
 __all__ = ["cg", "neumann", "solve_direct", "largest_eigenvalue"]
 
@@ -151,7 +153,6 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         (``p^T A p == 0`` or non-finite); -2 negative curvature (A not positive definite).
     """
     if check_backend(backend, "mlocore.linalg.cg") == "cuda" or output != "numpy":
-        from .cuda import _linalg as _cuda  # output="device" needs backend="cuda" (checked)
         _cuda.check_output(output, check_backend(backend, "mlocore.linalg.cg"))
         return _cuda.cg(A, b, x0, rtol=rtol, atol=atol, maxiter=maxiter, M=M,
                         callback=callback, args=args, full_output=full_output, output=output)
@@ -227,7 +228,6 @@ def neumann(A, b, x0=None, *, eta=None, rtol=1e-5, atol=0.0, maxiter=None, callb
     x, info (and an ``OptimizeResult`` with ``full_output``); info -3 means divergence.
     """
     if check_backend(backend, "mlocore.linalg.neumann") == "cuda" or output != "numpy":
-        from .cuda import _linalg as _cuda  # output="device" needs backend="cuda" (checked)
         _cuda.check_output(output, check_backend(backend, "mlocore.linalg.neumann"))
         return _cuda.neumann(A, b, x0, eta=eta, rtol=rtol, atol=atol, maxiter=maxiter,
                              callback=callback, args=args, full_output=full_output,
@@ -256,7 +256,6 @@ def solve_direct(A, b, *, args=(), full_output=False, backend=None):
     reference the iterative solvers are tested against.
     """
     if check_backend(backend, "mlocore.linalg.solve_direct") == "cuda":  # mlocore.cuda._direct
-        from .cuda._direct import solve_direct as _solve_direct_cuda
         return _solve_direct_cuda(A, b, args=args, full_output=full_output)
     b = as_vector("b", b)
     op = _Operator(A, args, b.shape[0])

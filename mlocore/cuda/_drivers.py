@@ -15,17 +15,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from .._callbacks import CallbackError
-from .._hypergrad import default_linear_maxiter
-from .._kernels import lower as _low
+from .._options import LowerOptions, default_linear_maxiter
 from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
-from .._minimize import HyperObjective, descent_loop, multilevel_descent_options
-from .._multilevel import MULTILEVEL_MODES, LevelFailure
+from .._descent import HyperObjectiveBase, multilevel_descent, multilevel_descent_options
+from .._multilevel import MULTILEVEL_MODES
 from .._results import status_message
 from .._validation import as_vector, check_choice, check_int, check_positive
 from . import _linalg as dl
 from ._device import to_device, to_host
-from ._implicit import _Session, _implicit, _lower_options, check_problem_backend
+from ._implicit import _Session, _implicit, check_problem_backend
 from ._multilevel import (DeviceMultilevelEngine, DeviceUnrolledEngine, _as_joint, _copy,
                           check_multilevel_backend, unrolled_core, unrolled_options)
 
@@ -34,7 +32,7 @@ __all__ = ["DeviceHyperObjective", "minimize_multilevel"]
 HYPEROBJECTIVE_METHODS = ("cg", "direct", "neumann")
 
 
-class DeviceHyperObjective(HyperObjective):
+class DeviceHyperObjective(HyperObjectiveBase):
     """:class:`mlocore.HyperObjective` for a :class:`~mlocore.cuda.DeviceBilevelProblem`:
     ``x -> (F(x), grad F(x))`` for ``scipy.optimize.minimize(..., jac=True)``, with the lower
     solution y and the adjoint v warm-started *on the device* from one call to the next.
@@ -85,7 +83,7 @@ class DeviceHyperObjective(HyperObjective):
         self.y_device = to_device("y0", y0, self._sess.counter, problem.dy)
         self.v_device = None
         self.tol = check_positive("tol", tol, allow_zero=True)
-        self.lower = _lower_options(lower_method,
+        self.lower = LowerOptions(lower_method,
                                     min(self.tol, 1e-10) if lower_tol is None else lower_tol,
                                     lower_maxiter, None)
         self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
@@ -121,14 +119,9 @@ class DeviceHyperObjective(HyperObjective):
                         self.tol, 0.0, self.maxiter, -1.0, "device")
         res.grad = to_host(res.grad, sess.counter)
         res.transfers = sess.counter.as_dict()
-        self.ncalls += 1
-        self.last = res
-        if not res.success and res.status != _low.MAXITER:
-            raise RuntimeError(f"hypergradient at x failed: {res.message}")
-        if not (np.isfinite(res.fun) and np.all(np.isfinite(res.grad))):
-            raise CallbackError(f"F or its hypergradient is not finite at x: {res.message}")
+        out = self._accept(res)
         self.y_device, self.v_device = res.y, res.v
-        return float(res.fun), res.grad.copy()
+        return out
 
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
@@ -193,101 +186,66 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     sh = eng.sh
     d1 = problem.dims[0]
     z = _as_joint(problem, x0s, sh.counter, "x0s")  # a new vector, owned by this run
-    x_cache = {"host": None, "device": None}
-
-    def x_device(x1):
-        """x_1 on the device: copied (and counted) once per new point."""
-        if x_cache["host"] is None or not np.array_equal(x1, x_cache["host"]):
-            x_cache["host"] = np.array(x1, dtype=np.float64)
-            x_cache["device"] = to_device("x", x_cache["host"], sh.counter, d1)
-        return x_cache["device"]
-
+    run = _DeviceMultilevelRun(problem, eng, T, fd_step)
     x1 = to_host(z[:d1], sh.counter)
     if problem.constrained:  # x_1 projected on the host before the check, as on the CPU
         x1 = problem.project(x1)
-        dl.copy(x_device(x1), z[:d1])
+        dl.copy(run.x_device(x1), z[:d1])
     if not problem._checked:
         eng.check_at(z)
         problem._checked = True
-    state = {"z": z}
     if method == "itd":  # validated here (the CPU does at its first unrolled call)
         unrolled_options(problem.n, T, inner_step)
-
-    def solved(x1):
-        zz = _copy(state["z"])
-        dl.copy(x_device(x1), zz[:d1])
-        return eng.solve_from(zz, 1)
-
-    # the unrolled approximation F~ must stay one function during a run: its inner steps are
-    # fixed at the first call (power iteration there, unless inner_step is given)
-    inner = {"steps": inner_step}
-
-    def unrolled(x1, value_only=False):
-        """The CPU's unrolled_multilevel_hypergrad at (x1, the current starts), on the
-        device, counted in this run's oracles and transfers: ``(grad (device), zz, fun,
-        status, message)``."""
-        zz = _copy(state["z"])
-        dl.copy(x_device(x1), zz[:d1])
-        Ts, betas = unrolled_options(problem.n, T, inner["steps"])
-        ueng = DeviceUnrolledEngine(problem, Ts, betas, zz, fd_step, shared=sh)
-        grad, zz, fun, status, detail = unrolled_core(ueng, zz, value_only)
-        if inner["steps"] is None and status == 0:
-            inner["steps"] = [float(b) for b in betas[2:]]
-        return grad, zz, fun, status, status_message(status, detail)
-
-    def F_eval(x1):
-        if method == "itd":
-            _, zz, fun, status, message = unrolled(x1, value_only=True)
-            return fun, zz, status, message
-        try:
-            zz = solved(x1)
-        except LevelFailure as fail:
-            return np.nan, None, fail.status, fail.detail
-        return eng.value(1, zz), zz, 0, ""
-
-    def commit(zz):
-        state["z"] = zz
-
-    def direction(x1):
-        if method == "itd":
-            # the starts of the inner loops stay fixed within an iteration (F~, its gradient
-            # and the line search's trial values describe one function); they move to the
-            # unrolled outputs when a step is taken (commit, or here for fixed steps)
-            grad, zz, fun, status, message = unrolled(x1)
-            if status == 0 and step is not None:
-                state["z"] = zz
-            return to_host(grad, sh.counter), status, message, fun
-        try:
-            zz = solved(x1)
-            state["z"] = zz
-            grad = to_host(eng.grad_reduced(1, zz)[:d1], sh.counter)
-            return grad, 0, "", eng.value(1, zz)
-        except LevelFailure as fail:
-            return np.full(d1, np.nan), fail.status, fail.detail, np.nan
-
-    def host_blocks(zz):
-        zh = to_host(zz, sh.counter)
-        return zh, [zh[problem.block(k)].copy() for k in range(1, problem.n + 1)]
-
-    def extra():
-        return {"xs": host_blocks(state["z"])[1]}
-
-    def calls():
-        return int(sum(int(c[UPPER_GRAD] + c[UPPER_HVP] + c[UPPER_VALUE]) for c in sh.counts))
-
-    x1, fun, grad, nit, status, detail, history = descent_loop(
-        problem.project, x1, direction, F_eval, commit, step, maxiter, tol, callback, extra,
-        calls=calls)
-    if status != 0 or step is not None:
-        fun, zz, _, _ = F_eval(x1)  # F at the returned x_1
-        if zz is not None:
-            state["z"] = zz
-    zz = state["z"]
+    x1, fun, grad, nit, status, detail, history, zz = multilevel_descent(
+        run, z, x1, method, step, maxiter, tol, callback, inner_step)
     if output == "numpy":
-        zz, xs = host_blocks(zz)
+        zz = to_host(zz, sh.counter)
+        xs = [zz[problem.block(k)].copy() for k in range(1, problem.n + 1)]
     else:
         xs = [_copy(zz[problem.block(k)]) for k in range(1, problem.n + 1)]
     return OptimizeResult(
         x=x1, xs=xs, z=zz, fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
         message=status_message(status, detail), method=method,
         oracle_calls=eng.oracle_calls(), history=history, transfers=sh.counter.as_dict())
+
+
+class _DeviceMultilevelRun:
+    """:func:`~mlocore._descent.multilevel_descent`'s hooks on the device: the joint vector
+    of all levels stays there; x_1 is a host array, copied (and counted) once per new point."""
+
+    def __init__(self, problem, eng, T, fd_step):
+        self.problem, self.eng, self.T, self.fd_step = problem, eng, T, fd_step
+        self.sh = eng.sh
+        self._x_host = self._x_dev = None
+
+    def x_device(self, x1):
+        if self._x_host is None or not np.array_equal(x1, self._x_host):
+            self._x_host = np.array(x1, dtype=np.float64)
+            self._x_dev = to_device("x", self._x_host, self.sh.counter, self.problem.dims[0])
+        return self._x_dev
+
+    def with_x(self, z, x1):
+        zz = _copy(z)
+        dl.copy(self.x_device(x1), zz[:self.problem.dims[0]])
+        return zz
+
+    def host(self, a):
+        return to_host(a, self.sh.counter)
+
+    def blocks(self, z):
+        zh = to_host(z, self.sh.counter)
+        return [zh[self.problem.block(k)].copy() for k in range(1, self.problem.n + 1)]
+
+    def unrolled(self, z, steps, value_only):
+        """The CPU's unrolled_multilevel_hypergrad at z on the device, counted in this run's
+        oracles and transfers."""
+        Ts, betas = unrolled_options(self.problem.n, self.T, steps)
+        ueng = DeviceUnrolledEngine(self.problem, Ts, betas, z, self.fd_step, shared=self.sh)
+        grad, zz, fun, status, detail = unrolled_core(ueng, z, value_only)
+        grad = None if value_only else to_host(grad, self.sh.counter)
+        return (grad, zz, fun, status, status_message(status, detail),
+                [float(b) for b in betas[2:]])
+
+    def calls(self):
+        return int(sum(int(c[UPPER_GRAD] + c[UPPER_HVP] + c[UPPER_VALUE])
+                       for c in self.sh.counts))

@@ -22,111 +22,15 @@ from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels import implicit as _imp
 from .._kernels import lower as _low
 from .._kernels.linalg import INFO_BREAKDOWN, INFO_NEGATIVE_CURVATURE
-from .._results import (HypergradResult, counts_dict, linear_info_message, new_counts,
-                        status_message)
-from .._validation import check_backend, check_choice, check_int, check_positive
+from .._results import counts_dict, implicit_result, status_message
+from .._options import LowerOptions, hypergrad_options
 from . import _linalg as dl
-from ._device import Transfers, to_device, to_host
-from ._problem import DeviceBilevelProblem, DeviceOracle
+from ._device import to_device
+from ._direct import direct_device
+from ._session import (_HyyOperator, _Session, _host_x, _inputs, check_problem_backend)
+from ._unrolled import unrolled_hypergrad
 
-__all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
-
-LOWER_METHODS = ("newton-cg", "agd", "gd")
-HYPERGRAD_METHODS = ("cg", "neumann", "direct")
-
-
-def check_problem_backend(problem, backend, where):
-    """Resolve the backend of a bilevel entry point for ``problem`` (only ever called for a
-    DeviceBilevelProblem or backend "cuda"): a DeviceBilevelProblem runs on "cuda" (the
-    default when backend is None); mixing device callbacks and the CPU, or CPU callbacks and
-    the GPU, is a TypeError."""
-    device_problem = isinstance(problem, DeviceBilevelProblem)
-    resolved = check_backend("cuda" if backend is None and device_problem else backend, where)
-    if device_problem and resolved != "cuda":
-        raise TypeError(f"{where}: a DeviceBilevelProblem has device callbacks and runs on the "
-                        f"CUDA backend only, got backend={backend!r}; pass backend='cuda' (or "
-                        "leave it None), or build an mlocore.BilevelProblem for the CPU")
-    if not device_problem:
-        from .._problem import BilevelProblem, MultilevelProblem
-        if isinstance(problem, BilevelProblem):
-            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
-                            "mlocore.cuda.DeviceBilevelProblem (e.g. from "
-                            "mlocore.problems.cuda_callbacks), got an mlocore.BilevelProblem "
-                            "(CPU callbacks); use backend='cpu' for it")
-        if isinstance(problem, MultilevelProblem):
-            raise TypeError(f"{where}: backend='cuda' needs device callbacks: a "
-                            "mlocore.cuda.DeviceMultilevelProblem (e.g. from "
-                            "mlocore.problems.cuda_multilevel), got an "
-                            "mlocore.MultilevelProblem (CPU callbacks); use backend='cpu' "
-                            "for it")
-        raise TypeError(f"{where}: problem must be a DeviceBilevelProblem for backend='cuda', "
-                        f"got {type(problem).__name__}")
-    return resolved
-
-
-class _Session:
-    """One call's device state: transfers, oracle counters, the two oracles, sizes."""
-
-    def __init__(self, problem):
-        self.problem = problem
-        self.dx, self.dy = problem.dx, problem.dy
-        self.n = self.dx + self.dy
-        self.counter = Transfers()
-        self.counts = new_counts()
-        # finite-sum objectives (n_samples) are solved on the full batch, as on the CPU
-        self.upper = DeviceOracle(problem.upper.full_batch(), "upper", self.counts,
-                                  self.counter, self.n)
-        self.lower = DeviceOracle(problem.lower.full_batch(), "lower", self.counts,
-                                  self.counter, self.n)
-        self.scalars = dl.Scalars(self.counter)
-
-    def joint(self, x, y):
-        """A new joint device vector ``z = concat(x, y)`` (x, y device vectors)."""
-        z = dl.empty(self.n)
-        dl.copy(x, z[:self.dx])
-        dl.copy(y, z[self.dx:])
-        return z
-
-    def check_once(self, z):
-        if not self.problem._checked:
-            self.upper.check_at(z)
-            self.lower.check_at(z)
-            self.problem._checked = True
-
-    def norm(self, a) -> float:
-        """``|a|`` on the host (one counted read-back)."""
-        self.scalars.dot(a, a, dl.S_AUX)
-        return math.sqrt(self.scalars.read()[dl.S_AUX])
-
-    def to_output(self, a, output):
-        return to_host(a, self.counter) if output == "numpy" else a
-
-    def finish(self, out):
-        """Fill a hypergradient result's oracle counts (``oracle_calls``, ``ngrad``,
-        ``nhvp``) and ``transfers`` from this session; returns it."""
-        calls = counts_dict(self.counts)
-        out.oracle_calls = calls
-        out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-        out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
-        out.transfers = self.counter.as_dict()
-        return out
-
-
-class _HyyOperator(dl.DeviceOperator):
-    """``p -> H_yy(z) p``: the lower joint hvp with direction ``(0, p)``, block y."""
-
-    def __init__(self, sess, z):
-        super().__init__(None, sess.dy, name="lower.hvp")
-        self.sess, self.z = sess, z
-        self.w = dl.zeros(sess.n)
-        self.h = dl.empty(sess.n)
-
-    def apply(self, p, out):
-        self.n_matvec += 1
-        dx = self.sess.dx
-        dl.copy(p, self.w[dx:])
-        self.sess.lower.hvp(self.z, self.w, self.h)
-        dl.copy(self.h[dx:], out)
+__all__ = ["solve_lower", "hypergrad"]
 
 
 def _lower_gradient(sess, z, g_joint):
@@ -247,26 +151,6 @@ def _newton_cg(sess, z, g, gnorm, gbuf, tol, maxiter, step):
     return z, _low.MAXITER, maxiter, gnorm, step
 
 
-def _inputs(sess, x, y, yname):
-    """x and y on the device (host arrays validated and copied once each, counted)."""
-    xd = to_device("x", x, sess.counter, sess.dx)
-    yd = to_device(yname, y, sess.counter, sess.dy)
-    return xd, yd
-
-
-def _host_x(x, xd):
-    """The result's x: a NumPy copy of a host x; a device x as given (no transfer)."""
-    return xd if xd is x else np.array(x, dtype=np.float64)
-
-
-def _lower_options(method, tol, maxiter, step):
-    check_choice("lower_method", method, LOWER_METHODS)
-    tol = check_positive("lower_tol", tol, allow_zero=True)
-    maxiter = check_int("lower_maxiter", maxiter, 0)
-    step = -1.0 if step is None else check_positive("lower_step", step)
-    return method, tol, maxiter, step
-
-
 def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, step=None,
                 backend=None, output="numpy"):
     """:func:`mlocore.solve_lower` for a :class:`DeviceBilevelProblem` (same options and
@@ -288,7 +172,7 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     """
     check_problem_backend(problem, backend, "solve_lower")
     dl.check_output(output, "cuda")
-    method, tol, maxiter, step = _lower_options(method, tol, maxiter, step)
+    method, tol, maxiter, step = LowerOptions(method, tol, maxiter, step)
     sess = _Session(problem)
     xd, yd = _inputs(sess, x, y0, "y0")
     z = sess.joint(xd, yd)
@@ -305,7 +189,8 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
 
 def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=None, v0=None,
               eta=None, lower_solved=False, lower_method="newton-cg", lower_tol=None,
-              lower_maxiter=None, lower_step=None, backend=None, output="numpy", **unused):
+              lower_maxiter=None, lower_step=None, T=100, K=None, step=None, fd_step=None,
+              backend=None, output="numpy"):
     """:func:`mlocore.hypergrad` (implicit methods "cg" and "neumann") for a
     :class:`DeviceBilevelProblem`, with every vector on the device.
 
@@ -331,45 +216,23 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     """
     check_problem_backend(problem, backend, "hypergrad")
     dl.check_output(output, "cuda")
-    method = "cg" if method is None else method
-    if method in ("itd-reverse", "itd-forward"):  # unrolled: mlocore.cuda._unrolled
-        from .._hypergrad import _reject_unused
-        from ._unrolled import unrolled_hypergrad
-        _reject_unused(method, fd_step=unused.get("fd_step") is not None,
-                       v0=v0 is not None, eta=eta is not None, maxiter=maxiter is not None,
-                       lower_solved=bool(lower_solved), lower_tol=lower_tol is not None,
-                       lower_maxiter=lower_maxiter is not None,
-                       lower_step=lower_step is not None,
-                       lower_method=lower_method != "newton-cg",
-                       **{k: True for k, v in unused.items()
-                          if v is not None and k not in ("T", "K", "step", "fd_step")})
-        return unrolled_hypergrad(problem, x, y, method, T=unused.get("T", 100),
-                                  K=unused.get("K"), step=unused.get("step"),
+    opts = hypergrad_options(method, problem.dy, tol=tol, atol=atol, maxiter=maxiter,
+                             v0_given=v0 is not None, eta=eta, lower_solved=lower_solved,
+                             lower_method=lower_method, lower_tol=lower_tol,
+                             lower_maxiter=lower_maxiter, lower_step=lower_step, T=T, K=K,
+                             step=step, fd_step=fd_step)
+    if opts.unrolled:  # mlocore.cuda._unrolled
+        return unrolled_hypergrad(problem, x, y, opts.method, T=opts.T, K=opts.K, step=step,
                                   backend=backend, output=output)
-    check_choice("method", method, HYPERGRAD_METHODS)
-    given = [k for k, v in unused.items() if v is not None and not (k == "T" and v == 100)]
-    if given:
-        raise TypeError(f"options {', '.join(sorted(given))} do not apply to method="
-                        f"{method!r} (unrolled methods only)")
-    if eta is not None and method != "neumann":
-        raise TypeError(f"option eta does not apply to method={method!r}")
     if y is None:
         raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
-    tol = check_positive("tol", tol, allow_zero=True)
-    atol = check_positive("atol", atol, allow_zero=True)
-    lower = _lower_options(lower_method, min(tol, 1e-10) if lower_tol is None else lower_tol,
-                           1000 if lower_maxiter is None else lower_maxiter, lower_step)
-    from .._hypergrad import default_linear_maxiter
-    maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
-        check_int("maxiter", maxiter, 0)
-    eta = -1.0 if eta is None else check_positive("eta", eta)
     sess = _Session(problem)
     xd, yd = _inputs(sess, x, y, "y")
     v0d = None if v0 is None else to_device("v0", v0, sess.counter, problem.dy)
     z = sess.joint(xd, yd)
     sess.check_once(z)
-    return _implicit(sess, method, x, xd, z, v0d, not lower_solved, lower, tol, atol, maxiter,
-                     eta, output)
+    return _implicit(sess, opts.method, x, xd, z, v0d, opts.solve_lower, opts.lower, opts.tol,
+                     opts.atol, opts.maxiter, opts.eta, output)
 
 
 def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
@@ -378,7 +241,7 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
     dx, dy, n = sess.dx, sess.dy, sess.n
     lower_nit, lower_gnorm, lower_status = 0, math.nan, _low.OK
     if solve_lower_flag:
-        z, lower_status, lower_nit, lower_gnorm, _ = lower_core(sess, z, *lower)
+        z, lower_status, lower_nit, lower_gnorm, _ = lower_core(sess, z, lower.name, lower.tol, lower.maxiter, lower.step)
     grad = dl.empty(dx)
     dl.fill(grad, np.nan)
     v = v0
@@ -396,7 +259,6 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
             v, info, nit, res, _ = dl.cg_device(op, b, v0, tol, atol, maxiter,
                                                 counter=sess.counter)
         elif method == "direct":  # dense H_yy from dy HVPs, one-block Cholesky
-            from ._direct import direct_device
             v, info, nit, res, _ = direct_device(op, b, sess.counter)
         else:
             if eta <= 0.0:
@@ -420,16 +282,9 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
                     status = _imp.NONFINITE_RESULT
     if v is None:
         v = dl.zeros(dy)
-    detail = ""
-    if solve_lower_flag:
-        detail = f"Lower level: |grad_y g| = {lower_gnorm:.3e} after {lower_nit} iterations."
-    if status == _imp.LINEAR_FAILED:
-        detail += f" Linear solve ({method}): {linear_info_message(info)}, residual {res:.3e}."
-    out = HypergradResult(
-        grad=sess.to_output(grad, output), x=_host_x(x, xd),
-        y=sess.to_output(z[dx:], output), v=sess.to_output(v, output), fun=fun, method=method,
-        success=status == 0, status=int(status), message=status_message(status, detail),
-        nit=int(nit), lin_info=int(info), lin_residual=float(res), lower_nit=int(lower_nit),
-        lower_grad_norm=float(lower_gnorm), lower_status=int(lower_status),
-        eta=float(eta) if method == "neumann" else None)
+    out = implicit_result(
+        method, grad=sess.to_output(grad, output), x=_host_x(x, xd),
+        y=sess.to_output(z[dx:], output), v=sess.to_output(v, output), fun=fun, status=status,
+        lower_status=lower_status, lower_nit=lower_nit, lower_grad_norm=lower_gnorm, info=info,
+        nit=nit, residual=res, eta=eta, solved_lower=solve_lower_flag)
     return sess.finish(out)

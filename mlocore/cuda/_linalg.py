@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda, float64
 from scipy.optimize import OptimizeResult
 
+from .._callbacks import CallbackError
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels.linalg import INFO_BREAKDOWN, INFO_DIVERGED, INFO_NEGATIVE_CURVATURE
 from .._results import linear_info_message
@@ -366,7 +367,6 @@ class DeviceOperator:
         try:
             self.matvec(p, out, *self.args)
         except Exception as exc:
-            from .._callbacks import CallbackError
             raise CallbackError(f"callback {self.name} raised {type(exc).__name__}: {exc}") \
                 from exc
 

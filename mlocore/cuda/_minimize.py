@@ -27,12 +27,13 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from .._kernels import lower as _low
-from .._minimize import BILEVEL_METHODS, descent_loop, descent_options, driver_closures
+from .._descent import BILEVEL_METHODS, descent_loop, descent_options, driver_closures
+from .._options import LowerOptions
 from .._results import counts_dict, status_message
 from .._validation import as_vector, check_choice
 from . import _linalg as dl
 from ._device import to_device, to_host
-from ._implicit import (_Session, _implicit, _lower_options, check_problem_backend,
+from ._implicit import (_Session, _implicit, check_problem_backend,
                         lower_core)
 from ._unrolled import unrolled_core
 
@@ -164,7 +165,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step = descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
         lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step)
-    lower = _lower_options(lower_method, lower_tol, lower_maxiter, lower_step)
+    lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
 
     drv = _DeviceDriver(problem, y0, lower, lin_tol, lin_maxiter, T, K, inner_step)
     sess = drv.sess

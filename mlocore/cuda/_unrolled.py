@@ -35,9 +35,10 @@ from numba import cuda
 
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .._kernels import lower as _low
+from .._options import unrolled_steps
 from .._results import HypergradResult, status_message
-from .._validation import check_int, check_positive
 from . import _linalg as dl
+from ._session import _HyyOperator, _Session, _host_x, _inputs, check_problem_backend
 
 __all__ = ["unrolled_hypergrad", "unrolled_core", "UNROLLED_METHODS"]
 
@@ -80,7 +81,6 @@ def step_size(sess, z0, beta) -> float:
     finite (indefinite lower level)."""
     if beta > 0.0:
         return beta
-    from ._implicit import _HyyOperator
     lam, _ = dl.power_iteration_device(_HyyOperator(sess, z0), sess.dy, POWER_ITERS,
                                        counter=sess.counter)
     L = LIPSCHITZ_SAFETY * lam
@@ -171,16 +171,6 @@ def unrolled_core(sess, method, z0, T, K, beta):
     return grad, z, aux, fun, status, beta
 
 
-def unrolled_options(T, K, step):
-    """Validated ``(T, K, beta)`` as the CPU :func:`mlocore.hypergrad` (beta -1: default)."""
-    T = check_int("T", T, 0)
-    K = T if K is None else check_int("K", K, 0)
-    if K > T:
-        raise ValueError(f"K (steps differentiated) must be <= T = {T}, got K={K}")
-    beta = -1.0 if step is None else check_positive("step", step)
-    return T, K, beta
-
-
 def unrolled_hypergrad(problem, x, y, method="itd-reverse", *, T=100, K=None, step=None,
                        backend=None, output="numpy"):
     """:func:`mlocore.hypergrad` with ``method="itd-reverse"`` or ``"itd-forward"`` for a
@@ -214,14 +204,13 @@ def unrolled_hypergrad(problem, x, y, method="itd-reverse", *, T=100, K=None, st
         ``status``, ``nit`` = ``lower_nit`` = T, ``K``, ``step``, ``oracle_calls``, plus
         ``transfers``.
     """
-    from ._implicit import _Session, _host_x, _inputs, check_problem_backend
     check_problem_backend(problem, backend, "hypergrad")
     dl.check_output(output, "cuda")
     if method not in UNROLLED_METHODS:
         raise ValueError(f"method must be one of {UNROLLED_METHODS}, got {method!r}")
     if y is None:
         raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
-    T, K, beta = unrolled_options(T, K, step)
+    T, K, beta = unrolled_steps(T, K, step)
     sess = _Session(problem)
     xd, yd = _inputs(sess, x, y, "y")
     z0 = sess.joint(xd, yd)

@@ -33,6 +33,8 @@ import numbers
 import numba
 import numpy as np
 
+from .._hypergrad import hypergrad, solve_lower
+from .._minimize import minimize_bilevel
 from .._problem import BilevelProblem, Objective
 
 __all__ = ["LogisticHyperparameter", "BilevelReference", "make_logistic",
@@ -397,7 +399,6 @@ class BilevelReference:
         RuntimeError
             The lower solver did not converge.
         """
-        from .._hypergrad import solve_lower
         x = self._x(x)
         if self._last is not None and np.array_equal(self._last[0], x):
             return self._last[1].copy()
@@ -423,7 +424,6 @@ class BilevelReference:
         RuntimeError
             The lower solve or the linear solve did not converge.
         """
-        from .._hypergrad import hypergrad
         x = self._x(x)
         y0 = self._last[1] if self._last is not None and np.array_equal(self._last[0], x) \
             else self._y
@@ -449,7 +449,6 @@ class BilevelReference:
         return 0.5 * (H + H.T)
 
     def _search(self):
-        from .._minimize import minimize_bilevel
         escaped = []
         bound = self.star_bound
         outside = np.zeros(self.dx, dtype=np.int64)  # consecutive iterations beyond bound
