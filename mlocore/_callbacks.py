@@ -16,6 +16,7 @@ exact signature and calls its entry point.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -26,7 +27,8 @@ import numpy as np
 from numba import types
 from numba.core.errors import NumbaExperimentalFeatureWarning, NumbaError
 
-__all__ = ["CallbackError", "compile_callback", "missing_callback", "call_kernel", "FnTuple"]
+__all__ = ["CallbackError", "compile_callback", "missing_callback", "placeholder", "call_kernel",
+           "FnTuple"]
 
 VEC = types.float64[::1]
 IDX = types.int64[::1]
@@ -195,27 +197,31 @@ def compile_callback(func, role: str, argtypes: tuple, kind: str):
         return disp, types.FunctionType(cres.signature)
 
 
-_MISSING: dict = {}
+@functools.lru_cache(maxsize=None)
+def placeholder(kind: str, nvec: int, nargs: int):
+    """The ``@njit(cache=True)`` placeholder ``missing_{kind}_{nvec}_{nargs}(v0.., a0..)``
+    for an absent optional callback: it returns ``np.empty(0)`` ("vector") or NaN
+    ("scalar") and is never called (kernels take every callback slot they might use; flags
+    tell them which are real).
+
+    One factory for every arity. Its source is compiled with this file as its file name and
+    this module as its module, so that numba's disk cache keeps it like any function
+    written here (the cache is keyed by the function's name and code, and refreshed when
+    this file changes).
+    """
+    name = f"missing_{kind}_{nvec}_{nargs}"
+    params = ", ".join([f"v{i}" for i in range(nvec)] + [f"a{i}" for i in range(nargs)])
+    body = "np.empty(0)" if kind == "vector" else "np.nan"
+    namespace = {"np": np, "__name__": __name__}
+    exec(compile(f"def {name}({params}):\n    return {body}\n", __file__, "exec"), namespace)
+    return numba.njit(cache=True)(namespace[name])
 
 
 def missing_callback(nvec: int, argtypes: tuple, kind: str = "vector"):
-    """A placeholder with the right arity for an absent optional callback.
-
-    Kernels take every callback slot they might use; flags tell them which are real, so a
-    missing ``hvp`` is replaced by differences of ``grad`` and the placeholder is never called.
-    """
-    nargs = len(argtypes) - nvec
-    key = (nvec, nargs, kind)
-    disp = _MISSING.get(key)
-    if disp is None:
-        from . import _placeholders
-        disp = getattr(_placeholders, f"missing_{kind}_{nvec}_{nargs}", None)
-    if disp is None:
-        names = ", ".join([f"v{i}" for i in range(nvec)] + [f"a{i}" for i in range(nargs)])
-        body = "np.empty(0)" if kind == "vector" else "np.nan"
-        ns = {"np": np}
-        exec(f"def _missing_callback({names}):\n    return {body}\n", ns)
-        disp = _MISSING[key] = numba.njit(ns["_missing_callback"])
+    """A compiled placeholder with the arity of ``argtypes`` (``nvec`` vectors first) for an
+    absent optional callback: a missing ``hvp`` is replaced by differences of ``grad`` and
+    the placeholder is never called."""
+    disp = placeholder(kind, nvec, len(argtypes) - nvec)
     return compile_callback(disp, "placeholder", argtypes, kind)
 
 

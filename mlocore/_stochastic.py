@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import VEC, CallbackError, FnTuple, KeyedArgs, call_kernel, compile_callback
+from ._callbacks import (VEC, CallbackError, FnTuple, KeyedArgs, call_kernel, compile_callback,
+                         placeholder)
 from ._kernels import stochastic as _sk
 from ._kernels import stoch_implicit as _si
 from ._kernels.oracles import COUNTER_NAMES, N_COUNTERS
@@ -238,8 +239,7 @@ def _projection(problem):
     """``(mode, lb, ub, fn)`` for the kernels (see ``_kernels/stochastic.py``)."""
     global _IDENTITY
     if _IDENTITY is None:
-        from . import _placeholders
-        disp, t = compile_callback(_placeholders.missing_vector_1_0, "placeholder", (VEC,),
+        disp, t = compile_callback(placeholder("vector", 1, 0), "placeholder", (VEC,),
                                    "vector")
         _IDENTITY = FnTuple(disp, t, single=True)
     dx = problem.dx
