@@ -258,11 +258,11 @@ def test_input_errors(batch, points):
         call(P, x, y0, up, lo, threads=3)
     with pytest.raises(ValueError, match="output must be 'numpy' or 'device'"):
         call(P, x, y0, up, lo, output="cupy")
-    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"tol must be >= 0 and finite, got -1.0"):
         call(P, x, y0, up, lo, tol=-1.0)
     with pytest.raises(TypeError, match="lower_solved must be a bool"):
         call(P, x, y0, up, lo, lower_solved="yes")
-    with pytest.raises(ValueError, match="step must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"step must be > 0 and finite, got 0.0"):
         batched_minimize(P, x, y0, up, lo, step=0.0)
     big = BatchedBilevelProblem(quad_component_grad, quad_component_grad, quad_component_hvp,
                                 dims=(2, 1000))

@@ -1,6 +1,6 @@
 """mlocore's CUDA backend (``backend="cuda"``): numba.cuda kernels behind the same API.
 
-Two modes (issue 5, DESIGN.md "Layers"):
+Two modes:
 
 * one large problem (:class:`DeviceBilevelProblem`, :class:`DeviceMultilevelProblem`):
   vectors stay on the device for the whole solve; user callbacks take and write device

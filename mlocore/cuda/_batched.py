@@ -93,6 +93,8 @@ from scipy.optimize import OptimizeResult
 
 from .._problem import parse_bilevel_dims
 from .._results import STATUS_MESSAGES, linear_info_message
+from .._validation import check_int, check_positive
+from . import _linalg as dl
 from ._device import Transfers, is_device_array, require_cuda, to_device, to_host
 
 __all__ = ["BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
@@ -700,32 +702,12 @@ def _batch_inputs(where, problem, x, y0, upper_data, lower_data, v0, counter):
     return n_problems, d_x, d_y0, d_up, d_lo, d_v0, use_v0
 
 
-def _check_float(name, value, allow_zero=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}"
-                         f", got {value!r}")
-    return float(value)
-
-
-def _check_int(name, value, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_output(output):
-    if output not in ("numpy", "device"):
-        raise ValueError(f"output must be 'numpy' or 'device', got {output!r}")
-    return output
-
-
 def _solver_options(dy, tol, atol, maxiter, lower_tol, lower_maxiter):
-    tol = _check_float("tol", tol)
-    atol = _check_float("atol", atol)
-    maxiter = 10 * dy if maxiter is None else _check_int("maxiter", maxiter)
-    lower_tol = min(tol, 1e-10) if lower_tol is None else _check_float("lower_tol", lower_tol)
-    lower_maxiter = _check_int("lower_maxiter", lower_maxiter)
+    tol = check_positive("tol", tol, allow_zero=True)
+    atol = check_positive("atol", atol, allow_zero=True)
+    maxiter = 10 * dy if maxiter is None else check_int("maxiter", maxiter)
+    lower_tol = min(tol, 1e-10) if lower_tol is None else check_positive("lower_tol", lower_tol, allow_zero=True)
+    lower_maxiter = check_int("lower_maxiter", lower_maxiter)
     return tol, atol, maxiter, lower_tol, lower_maxiter
 
 
@@ -844,7 +826,7 @@ def batched_hypergrad(problem, x, y0, upper_data, lower_data, *, tol=1e-10, atol
     dx, dy = _check_problem("batched_hypergrad", problem)
     tol, atol, maxiter, lower_tol, lower_maxiter = _solver_options(
         dy, tol, atol, maxiter, lower_tol, lower_maxiter)
-    output = _check_output(output)
+    output = dl.check_output(output, "cuda")
     if not isinstance(lower_solved, (bool, np.bool_)):
         raise TypeError(f"lower_solved must be a bool, got {lower_solved!r}")
     counter = Transfers()
@@ -911,10 +893,10 @@ def batched_minimize(problem, x0, y0, upper_data, lower_data, *, step, maxiter=1
     dx, dy = _check_problem("batched_minimize", problem)
     tol, atol, cg_maxiter, lower_tol, lower_maxiter = _solver_options(
         dy, tol, atol, cg_maxiter, lower_tol, lower_maxiter)
-    step = _check_float("step", step, allow_zero=False)
-    maxiter = _check_int("maxiter", maxiter)
-    gtol = _check_float("gtol", gtol)
-    output = _check_output(output)
+    step = check_positive("step", step)
+    maxiter = check_int("maxiter", maxiter)
+    gtol = check_positive("gtol", gtol, allow_zero=True)
+    output = dl.check_output(output, "cuda")
     counter = Transfers()
     n_problems, d_x0, d_y0, d_up, d_lo, d_v0, use_v0 = _batch_inputs(
         "batched_minimize", problem, x0, y0, upper_data, lower_data, v0, counter)
