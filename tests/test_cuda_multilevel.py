@@ -184,7 +184,7 @@ def test_level_failure_is_reported_not_raised():
     res = mlo.hypergrad(dp, _starts(q.dims, [1.0]), method="truncated", lower_maxiter=0)
     ref = mlo.hypergrad(q.problem, _starts(q.dims, [1.0]), method="truncated",
                         lower_maxiter=0)
-    assert not res.success and res.status == ref.status != 0
+    assert not res.success and res.status == ref.status == 1  # lower maxiter
     assert res.message == ref.message
     assert np.all(np.isnan(res.grad))
 
@@ -386,20 +386,22 @@ def test_itd_option_errors_as_cpu():
     tq = make_trilevel_quadratic(dim=1)
     dp = trilevel_quadratic_device_problem(tq)
     xs = _starts(dp.dims, [0.3])
-    bad = [dict(T=0), dict(T=1.5), dict(T=[2]), dict(T=[2, 0]), dict(step=-1.0),
-           dict(step=[0.1]), dict(step=[0.1, 0.0]), dict(step=np.nan)]
-    for kw in bad:
-        with pytest.raises((TypeError, ValueError)) as cpu_err:
+    bad = [(dict(T=0), ValueError), (dict(T=1.5), TypeError), (dict(T=[2]), ValueError),
+           (dict(T=[2, 0]), ValueError), (dict(step=-1.0), ValueError),
+           (dict(step=[0.1]), ValueError), (dict(step=[0.1, 0.0]), ValueError),
+           (dict(step=np.nan), ValueError)]
+    for kw, exc in bad:
+        with pytest.raises(exc) as cpu_err:
             mlo.hypergrad(tq.problem, xs, method="itd", **kw)
-        with pytest.raises((TypeError, ValueError)) as dev_err:
+        with pytest.raises(exc) as dev_err:
             mlo.hypergrad(dp, xs, method="itd", **kw)
-        assert dev_err.type is cpu_err.type and str(dev_err.value) == str(cpu_err.value), kw
+        assert str(dev_err.value) == str(cpu_err.value), kw
         inner = dict(T=kw["T"]) if "T" in kw else dict(inner_step=kw["step"])
-        with pytest.raises((TypeError, ValueError)) as cpu_err:
+        with pytest.raises(exc) as cpu_err:
             mlo.minimize_multilevel(tq.problem, xs, method="itd", step=0.1, **inner)
-        with pytest.raises((TypeError, ValueError)) as dev_err:
+        with pytest.raises(exc) as dev_err:
             mlo.minimize_multilevel(dp, xs, method="itd", step=0.1, **inner)
-        assert dev_err.type is cpu_err.type and str(dev_err.value) == str(cpu_err.value), kw
+        assert str(dev_err.value) == str(cpu_err.value), kw
     for kw in (dict(K=2), dict(lower_tol=1e-8), dict(lower_solved=True), dict(v0=np.zeros(1))):
         name = next(iter(kw))
         with pytest.raises(TypeError, match=f"{name} does not apply to method='itd'"):

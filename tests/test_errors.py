@@ -145,16 +145,25 @@ def test_nan_at_initial_point_is_a_clear_error(q):
 
 
 @pytest.mark.parametrize("method", ["cg", "neumann", "direct"])
-def test_indefinite_lower_hessian(method):
+def test_indefinite_lower_hessian_stops_the_lower_solve(method):
     q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
-    p = q.problem()
-    res = mlo.hypergrad(p, np.zeros(3), np.zeros(6), method=method)
-    assert not res.success
-    assert "not positive definite" in res.message
-    # given y, skip the lower solve: the linear solver itself must detect it
-    res = mlo.hypergrad(p, np.zeros(3), np.zeros(6), method=method, lower_solved=True)
-    assert not res.success
-    assert "positive definite" in res.message or "diverged" in res.message
+    res = mlo.hypergrad(q.problem(), np.zeros(3), np.zeros(6), method=method)
+    assert not res.success and res.status == 3
+    assert "H_yy is not positive definite" in res.message
+
+
+@pytest.mark.parametrize("method, detail", [
+    ("cg", "negative curvature p^T A p < 0"),
+    ("neumann", "diverged: the Neumann step eta is too large"),
+    ("direct", "Cholesky failed"),
+])
+def test_indefinite_lower_hessian_fails_the_linear_solve(method, detail):
+    """Given y (no lower solve), the linear solver itself must detect it, each in its way."""
+    q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
+    res = mlo.hypergrad(q.problem(), np.zeros(3), np.zeros(6), method=method,
+                        lower_solved=True)
+    assert not res.success and res.status == 5
+    assert f"Linear solve ({method}): {detail}" in res.message
 
 
 def test_non_convergence_is_reported(q, quad_problem):
@@ -186,3 +195,17 @@ def test_options_a_method_would_ignore_are_rejected(quad_problem):
     ml = mlo.MultilevelProblem([quad_problem.upper, quad_problem.lower], dims=(3, 6))
     with pytest.raises(TypeError, match="maxiter"):
         mlo.hypergrad(ml, [x, y], maxiter=10)
+
+
+def test_objective_args_are_read_only():
+    obj = mlo.Objective(quad_upper_grad, args=(np.ones(2), 0.1, np.ones(1)))
+    with pytest.raises(AttributeError, match="new Objective"):
+        obj.args = (np.zeros(2), 0.1, np.ones(1))
+
+
+def test_infeasible_or_wrong_length_bounds_are_rejected():
+    q = DenseQuadratic(dx=2, dy=3)
+    with pytest.raises(ValueError, match="infeasible"):
+        q.problem(bounds=(np.inf, np.inf))
+    with pytest.raises(ValueError, match="length 2"):
+        q.problem(bounds=(np.zeros(3), np.ones(3)))

@@ -168,3 +168,14 @@ def test_loose_tol_does_not_loosen_the_lower_solve(quad, quad_problem):
     x = np.array([0.3, -1.0, 2.0])
     res = mlo.hypergrad(quad_problem, x, np.zeros(quad.dy), method="cg", tol=1e-3)
     assert res.lower_grad_norm <= 1e-10
+
+
+def test_lower_tolerance_is_scale_invariant():
+    """Scaling g by 1e7 leaves y*(x), F and grad F unchanged: so must the answer."""
+    q = DenseQuadratic(seed=4)
+    big = DenseQuadratic(seed=4)
+    big.A, big.C, big.a = 1e7 * q.A, 1e7 * q.C, 1e7 * q.a
+    x = np.array([0.3, -1.0, 2.0])
+    res = mlo.hypergrad(big.problem(), x, np.zeros(6), method="cg")
+    assert res.success, res.message
+    np.testing.assert_allclose(res.grad, q.hypergrad(x), rtol=1e-7)

@@ -98,7 +98,7 @@ def test_cg_reports_negative_curvature_and_breakdown():
 def test_cg_maxiter_zero_is_not_success():
     A, b = random_spd(5, 10.0, 5)
     x, info = linalg.cg(A, b, maxiter=0)
-    assert info > 0
+    assert info == 1  # not converged; 0 would read as success
     np.testing.assert_array_equal(x, 0.0)
 
 
@@ -186,3 +186,17 @@ def test_power_iteration_finds_an_alternating_top_eigenvector():
     u = np.where(np.arange(n) % 2 == 0, 1.0, -1.0) / np.sqrt(n)
     A = np.eye(n) + 99.0 * np.outer(u, u)  # lambda_max = 100 along the alternating vector
     assert linalg.largest_eigenvalue(A) == pytest.approx(100.0, rel=1e-3)
+
+
+def test_solve_direct_reports_a_nonfinite_operator():
+    A = np.eye(3)
+    A[1, 1] = np.nan
+    x, info = linalg.solve_direct(lambda p, M: M @ p, np.ones(3), args=(A,))
+    assert info == -1
+
+
+def test_operator_args_may_be_a_list():
+    A = np.diag([1.0, 2.0, 4.0])
+    x, info = linalg.cg(lambda p, M: M @ p, np.ones(3), args=[A], rtol=1e-12)
+    assert info == 0
+    np.testing.assert_allclose(x, [1.0, 0.5, 0.25])

@@ -102,3 +102,13 @@ def test_indefinite_lower_level_stops_with_message():
     q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
     res = mlo.minimize_bilevel(q.problem(), np.zeros(3), np.zeros(6))
     assert not res.success and "positive definite" in res.message
+
+
+def test_bounds_forms_give_lb_and_ub():
+    q = DenseQuadratic(dx=2, dy=3)
+    p = q.problem(bounds=[(0.0, 1.0), (-2.0, 3.0)])  # one pair per coordinate
+    np.testing.assert_array_equal(p.lb, [0.0, -2.0])
+    np.testing.assert_array_equal(p.ub, [1.0, 3.0])
+    p = q.problem(bounds=(-1.0, None))  # one pair for all, None = unbounded
+    np.testing.assert_array_equal(p.lb, [-1.0, -1.0])
+    assert np.all(np.isinf(p.ub))

@@ -171,7 +171,7 @@ def test_multilevel_bad_input(nonquad):
         mlo.hypergrad(p, x, np.zeros(2))
     # dims that do not match what the callbacks expect of z
     wrong = mlo.MultilevelProblem(p.levels, dims=(2, 2, 3))
-    with pytest.raises(CallbackError, match="level1.grad (raised|returned shape)"):
+    with pytest.raises(CallbackError, match="level1.grad raised ValueError"):
         mlo.hypergrad(wrong, [x, np.zeros(2), np.zeros(3)])
 
 
@@ -188,3 +188,59 @@ def test_indefinite_middle_level():
     ml = mlo.MultilevelProblem([p.upper, p.lower], dims=p.dims)
     res = mlo.hypergrad(ml, [np.zeros(3), np.zeros(6)])
     assert not res.success and "positive definite" in res.message
+
+
+# four logcosh-quadratic levels of dimension 1: "exact" needs differences of adjoints below
+# level n - 1, "truncated" must still solve the middle levels of the problem itself
+from mlocore.problems.multilevel import (logcosh_quad_grad, logcosh_quad_hvp,  # noqa: E402
+                                         logcosh_quad_tvp, logcosh_quad_value)
+
+
+def four_level_logcosh():
+    rng = np.random.default_rng(1)
+    levels = []
+    for k in range(4):
+        G = rng.standard_normal((3, 4)) * 1.5
+        b = rng.standard_normal(3)
+        c = rng.uniform(0.5, 1.5, 3)
+        P = np.zeros((4, 4))
+        P[k, k] = 3.0 if k > 0 else 0.5
+        if k > 0:
+            P[k, k - 1] = P[k - 1, k] = 0.5
+        q = rng.standard_normal(4) * 0.5
+        levels.append(mlo.Objective(logcosh_quad_grad, hvp=logcosh_quad_hvp,
+                                    value=logcosh_quad_value, tvp=logcosh_quad_tvp,
+                                    args=(G, b, c, P, q)))
+    return mlo.MultilevelProblem(levels, (1, 1, 1, 1))
+
+
+def _four_level_exact(p, x1):
+    return mlo.hypergrad(p, [np.array([x1]), np.zeros(1), np.zeros(1), np.zeros(1)],
+                         method="exact", tol=1e-12, lower_tol=1e-11)
+
+
+def test_truncated_mode_solves_the_same_lower_levels_as_exact_for_n4():
+    p = four_level_logcosh()
+    xs = [np.array([0.3]), np.zeros(1), np.zeros(1), np.zeros(1)]
+    exact = _four_level_exact(p, 0.3)
+    trunc = mlo.hypergrad(p, xs, method="truncated", tol=1e-12, lower_tol=1e-11)
+    assert exact.success and trunc.success
+    np.testing.assert_allclose(np.concatenate(trunc.xs), np.concatenate(exact.xs), atol=1e-8)
+    assert trunc.fun == pytest.approx(exact.fun, rel=1e-10)
+
+
+def test_exact_mode_matches_central_differences_of_F_for_n4():
+    p = four_level_logcosh()
+    exact = _four_level_exact(p, 0.3)
+    assert exact.success, exact.message
+    h = 1e-4
+    fd = (_four_level_exact(p, 0.3 + h).fun - _four_level_exact(p, 0.3 - h).fun) / (2 * h)
+    assert exact.grad[0] == pytest.approx(fd, rel=1e-5)
+
+
+def test_lower_maxiter_with_fixed_step_fails_with_a_finite_x():
+    p = four_level_logcosh()
+    res = mlo.minimize_multilevel(p, [np.array([0.3]), np.zeros(1), np.zeros(1), np.zeros(1)],
+                                  step=0.1, lower_maxiter=1, lower_tol=1e-14)
+    assert not res.success and res.status == 1
+    assert np.all(np.isfinite(res.x)) and "level" in res.message

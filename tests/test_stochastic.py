@@ -68,7 +68,9 @@ def test_batches_visit_every_sample_once_per_epoch():
     first = {int(b): tuple(r) for b, r in zip(ids[:5], out[:5])}
     for b, r in zip(ids[5:], out[5:]):
         assert first[int(b)] == tuple(r)
-    assert not np.array_equal(ids[:5], ids[5:10]) or not np.array_equal(ids[5:10], ids[10:])
+    # and their order is reshuffled every epoch
+    assert not np.array_equal(ids[5:10], ids[:5])
+    assert not np.array_equal(ids[10:], ids[5:10])
 
 
 def test_uniform_sampler_frequencies():
