@@ -300,7 +300,7 @@ def test_ridge_is_increased_until_Q_is_positive_definite():
     assert ev[0] >= qmod.Q_MIN_RATIO * ev[-1] > 0
     assert np.linalg.norm(q.hypergrad(q.x_star)) < 1e-10 * max(1.0, np.abs(q.r).max())
     # ... and the ridge is the smallest power-of-two multiple that works
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Q = J\^T F J .*\(need lambda_min >= "):
         make_quadratic(seed=found, ridge=q.ridge / 2, adjust_ridge=False)
     make_quadratic(seed=found, ridge=q.ridge, adjust_ridge=False)
 
@@ -314,10 +314,15 @@ def test_singular_lower_hessian_without_ridge():
     assert np.linalg.eigvalsh(q.lower_means[0])[0] > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"dx": 0}, {"dy": 2.5}, {"n_inner": True},
-                                    {"ridge": -1.0}, {"ridge": np.inf}])
-def test_make_quadratic_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dx": 0}, "dx must be a positive integer, got 0"),
+    ({"dy": 2.5}, "dy must be a positive integer, got 2.5"),
+    ({"n_inner": True}, "n_inner must be a positive integer, got True"),
+    ({"ridge": -1.0}, "ridge must be a finite number >= 0, got -1.0"),
+    ({"ridge": np.inf}, "ridge must be a finite number >= 0, got inf"),
+])
+def test_make_quadratic_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         make_quadratic(**kwargs)
 
 
@@ -411,9 +416,9 @@ def test_make_logistic_reproducible_and_validates():
     b = make_logistic(n_train=20, n_val=10, n_features=3, seed=4)
     np.testing.assert_array_equal(a.X_train, b.X_train)
     np.testing.assert_array_equal(a.t_val, b.t_val)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_features must be an integer >= 1, got 0"):
         make_logistic(n_features=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_train must be an integer >= 2, got 1"):
         make_logistic(n_train=1)
 
 
@@ -440,7 +445,7 @@ def test_breast_cancer_loads():
     assert bc.accuracy(res.y, split="test") > 0.9
     two = load_breast_cancer_logistic(val_fraction=0.5, test_fraction=0.0)
     assert two.X_test is None and two.X_train.shape[0] + two.X_val.shape[0] == 569
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction < 1"):
         load_breast_cancer_logistic(val_fraction=0.6, test_fraction=0.5)
 
 
