@@ -359,17 +359,22 @@ class MultilevelEngine(LevelRecursion):
         self.counts[self.n - 1, _GRAD] += counts6[LOWER_GRAD]
         self.counts[self.n - 1, _HVP] += counts6[LOWER_HVP]
 
-    def _innermost(self, z):
+    def lower_core(self, z, method, tol, maxiter, step):
+        """Level n minimized over x_n from z's block (x_<n fixed) by the compiled
+        ``solve_lower_kernel``: ``(z_out, status, nit, gnorm)``, z_out a new vector."""
         c = self.comp[-1]
         o = self.off[-2]
         counts6 = new_counts()
         y, status, nit, gnorm, _ = call_kernel(
             _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:o].copy(), z[o:].copy(),
-            _low.NEWTON_CG, self.lower_tol, self.lower_maxiter, -1.0, counts6)
+            method, tol, maxiter, step, counts6)
         self._fold(counts6)
         out = z.copy()
         out[o:] = y
         return out, status, nit, gnorm
+
+    def _innermost(self, z):
+        return self.lower_core(z, _low.NEWTON_CG, self.lower_tol, self.lower_maxiter, -1.0)
 
     def _cg(self, j, z, b, rtol, maxiter):
         d = self.p.dims[j - 1]
@@ -508,8 +513,8 @@ class UnrolledRecursion:
     The oracles, counters and vector operations are those of ``self.eng``, a
     :class:`LevelRecursion` backend of the same problem; a backend adds
     ``_power_start(d)`` (the power iteration's start), ``_unroll_innermost(z, T, beta) ->
-    (z_out, status)``, ``_innermost_vjp(z, T, beta, w)``, ``finite(a)`` and
-    ``_dot_norm(v, w) -> (v.w, |w|)``.
+    (z_out, status)`` (T gradient steps of level n), ``_innermost_vjp(z, T, beta, w)`` and
+    ``_dot_norm(v, w) -> (v.w, |w|)``; it may override ``finite(a)``.
     """
 
     def __init__(self, problem, T, steps, starts, fd_step, eng):
@@ -618,6 +623,10 @@ class UnrolledRecursion:
     def oracle_calls(self):
         return self.eng.oracle_calls()
 
+    def finite(self, a):
+        """All entries of a finite?"""
+        return self.eng._all_finite(a)
+
     # -- the result ---------------------------------------------------------------------------
     def core(self, z, value_only=False):
         """``(grad, zz, fun, status, detail)`` from the joint vector z (x_1 and the starts;
@@ -669,20 +678,9 @@ class UnrolledEngine(UnrolledRecursion):
     def _dot_norm(v, w):
         return float(v @ w), float(np.linalg.norm(w))
 
-    @staticmethod
-    def finite(a):
-        return bool(np.all(np.isfinite(a)))
-
     def _unroll_innermost(self, z, T, beta):
-        lo = self.off[-2]
-        c = self.eng.comp[-1]
-        counts6 = new_counts()
-        y, status, _, _, _ = call_kernel(
-            _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:lo].copy(),
-            z[lo:].copy(), _low.GD, 0.0, T, beta, counts6)
-        self.eng._fold(counts6)
-        z[lo:] = y
-        return z, status
+        out, status, _, _ = self.eng.lower_core(z, _low.GD, 0.0, T, beta)
+        return out, status
 
     def _innermost_vjp(self, z, T, beta, w):
         lo = self.off[-2]
