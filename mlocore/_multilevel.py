@@ -676,7 +676,7 @@ class UnrolledEngine(UnrolledRecursion):
 
     @staticmethod
     def _dot_norm(v, w):
-        return float(v @ w), float(np.linalg.norm(w))
+        return v @ w, np.linalg.norm(w)
 
     def _unroll_innermost(self, z, T, beta):
         out, status, _, _ = self.eng.lower_core(z, _low.GD, 0.0, T, beta)
