@@ -1,26 +1,51 @@
-"""n-level implicit differentiation (Gu & Chen 2024; ALGORITHMS.md section 3).
+"""n-level implicit differentiation: the recursion over levels, written once.
 
-Levels k = 1..n, blocks x_k of z; phi_n = f_n, phi_k(x_<=k) = f_k(x_<=k, x_>k*(x_<=k)).
-Everything is matrix-free and recursive over the levels, built from three primitives at a
-point z whose levels > k are solved for its x_<=k:
+Reference: Gu & Chen (2024), *Towards Differentiable Multilevel Optimization: A
+Gradient-Based Approach*, arXiv:2410.11312.
 
-- ``adjoint(k, z, w)  = M_k^T w``, M_k = d x_>k / d x_<=k (total best-response Jacobian);
-  one solve with the reduced Hessian block of level k+1, recursing downwards;
-- ``tangent(k, z, s)  = M_k s`` (forward composition of the best-response Jacobians);
-- ``hvp_reduced(k, z, s) = Hess(phi_k) s``:
-  ``[I, M_k^T] Hess(f_k) (s, M_k s)`` plus the best-response curvature term
-  ``D_s[M_k^T w]`` at ``w = grad_>k f_k`` (third derivatives of the lower levels):
-  "exact" takes it from third-order products (the ``tvp`` callback, or central differences
-  of ``hvp``) for k = n-1 and from central differences of the adjoint (lower levels re-solved)
-  deeper down, so it is exact for n <= 3; "truncated" drops it (exact when best responses are
-  affine); "fd" takes the whole product by central differences of the reduced gradient with
-  the lower levels re-solved, warm-started.
+Levels k = 1..n, blocks x_k of the joint vector z = concat(x_1, .., x_n), objectives f_k(z);
 
-The hypergradient is ``grad F = grad_x1 phi_1 = d_1 f_1 + M_1^T d_>1 f_1``. The innermost
-level's solves and CG run in the compiled bilevel kernels (level n against x_<n is a bilevel
-lower problem); the recursion across levels is orchestrated in Python.
+    phi_n = f_n,   phi_k(x_<=k) = f_k(x_<=k, x_>k*(x_<=k)),   x_k*(x_<k) = argmin phi_k,
+
+and F = phi_1. With ``M_k = d x_>k / d x_<=k`` (the total best-response Jacobian of the levels
+below k) the hypergradient is ``grad F = d_1 f_1 + M_1^T d_>1 f_1``. Everything is
+matrix-free and recursive over the levels, at a point z whose levels > k are solved for its
+x_<=k (``H_j`` is the block x_j of the Hessian of phi_j, ``C_j`` its cross block with x_<j):
+
+- ``adjoint(k, z, w) = M_k^T w``: with ``u = M_{k+1}^T w_>k+1`` (0 for k + 1 = n) and
+  ``a = w_k+1 + u_k+1``, solve ``H_k+1 v = a`` and return ``u_<=k - C_k+1^T v``;
+- ``tangent(k, z, s) = M_k s``: ``t = -H_k+1^{-1} C_k+1 s`` and, below, ``M_k+1 (s, t)``;
+- ``hvp_reduced(k, z, s) = Hess(phi_k) s = [I, M_k^T] Hess(f_k) (s, M_k s)`` plus the
+  best-response curvature term ``D_s[M_k^T w]`` at fixed ``w = grad_>k f_k``, which holds
+  third derivatives of the lower levels.
+
+The mode says how the curvature term is taken:
+
+- "exact": for k = n - 1 from the third-order product of f_n, ``-[I, M^T] T_n[(s, M s)]
+  (0, H_n^{-1} w)`` (the ``tvp`` callback, or central differences of ``hvp``); deeper down
+  by central differences of the adjoint with the lower levels re-solved. Exact for n <= 3;
+- "truncated": dropped (exact when the best responses are affine, e.g. quadratic levels);
+- "fd": the whole product ``Hess(phi_k) s`` by central differences of the reduced gradient,
+  the lower levels re-solved (warm-started) at the shifted points;
+
+and "itd" is the unrolled baseline of Sato, Tanaka & Takeda (2021), see
+:class:`UnrolledRecursion`. The lower levels n..2 are solved innermost first: level n by
+Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Newton on
+phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
+whose operator for j < n is the recursive reduced product.
+
+:class:`LevelRecursion` holds this algorithm (what is solved, in which order, how adjoints
+and curvature terms compose, iteration counts, the result) over a small backend interface:
+the level oracles, the two solves (innermost level, block CG) and a few vector operations;
+:class:`UnrolledRecursion` likewise holds the unrolled baseline. :class:`MultilevelEngine` and
+:class:`UnrolledEngine` are the CPU backends (NumPy vectors, the innermost level's solves, CG
+and unrolled loop in the compiled bilevel kernels);
+:class:`mlocore.cuda._multilevel.DeviceMultilevelEngine` and
+:class:`~mlocore.cuda._multilevel.DeviceUnrolledEngine` are the CUDA ones.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -34,7 +59,7 @@ from ._problem import MultilevelProblem
 from ._results import HypergradResult, linear_info_message, new_counts, status_message
 from ._validation import as_vector, check_choice, check_int, check_positive
 
-__all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "MultilevelEngine",
+__all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "LevelRecursion", "MultilevelEngine",
            "unrolled_multilevel_hypergrad"]
 
 MULTILEVEL_MODES = ("exact", "fd", "truncated")
@@ -51,14 +76,39 @@ class LevelFailure(Exception):
         self.status, self.level, self.detail = status, level, detail
 
 
-class MultilevelEngine:
-    """The recursion over levels for one problem and one mode (keeps oracle counts)."""
+class LevelRecursion:
+    """The n-level recursion (see the module docs) for one problem and one mode.
 
-    def __init__(self, problem: MultilevelProblem, mode="exact", tol=1e-10, lower_tol=None,
-                 lower_maxiter=100, fd_step=None):
+    Backends subclass it and supply the operations; the recursion itself never touches an
+    array but through them, and never modifies a vector passed in.
+
+    Notes
+    -----
+    The backend interface. Oracles: ``check_at(z)``, ``grad(k, z)``, ``value(k, z)``, ``hvp(k, z, v)``,
+    ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``.
+    Solves: ``_innermost(z) -> (z_out, status, nit, gnorm)`` (level n for x_<n, warm-started
+    from z), ``_cg(j, z, b, rtol, maxiter) -> (v, info, nit, residual)`` (block system of
+    level j from zero; its operator for j < n is :meth:`block_product`).
+    Vectors (new vectors out): ``_add(a, b)``, ``_sub(a, b)``, ``_neg(a)``,
+    ``_quotient(a, b, h) = (a - b) / h``, ``_divide(a, h)``, ``_copy(a)``, ``_join(a, b)``,
+    ``_embed(size, lo, v)`` (zeros with v at ``lo``), ``_shift(z, lo, hi, t, d)`` (z with
+    ``z[lo:hi] + t d``), ``_nan(size)``; in place: ``_set_block(z, lo, hi, v)``,
+    ``_axpy_into(a, alpha, b)`` (``a += alpha b``);
+    host scalars: ``_norm(a)``, ``_norms(a, b)``, ``_all_finite(a)``. Results:
+    ``_outputs(grad, z, output) -> (grad, z, xs)``, ``_totals() -> (ngrad, nhvp)``,
+    ``_annotate(result)``. State: ``lower_nit`` (per level, shared with the exact solver)
+    and ``_shared_state()`` (what a solver built by this engine shares with it).
+    """
+
+    #: exceptions of the backend's arithmetic that end a hypergradient with status 6
+    _float_errors = ()
+
+    def __init__(self, problem, mode="exact", tol=1e-10, lower_tol=None, lower_maxiter=100,
+                 fd_step=None):
         self.p = problem
         self.n = problem.n
         self.off = problem.offsets
+        self.N = problem.size
         self.mode = mode
         self.tol = tol
         self.lower_tol = tol if lower_tol is None else lower_tol
@@ -67,21 +117,201 @@ class MultilevelEngine:
         # (~lower_tol) is divided by the step, so it is much larger than for oracle
         # differences; 1e-3 relative balances noise against the O(h^2) truncation error
         self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
-        self.comp = [obj.compiled(f"level{k}") for k, obj in enumerate(problem.levels, 1)]
-        self.counts = np.zeros((self.n, 4), dtype=np.int64)
-        self.lower_nit = np.zeros(self.n, dtype=np.int64)
-        # The lower levels must be solved for the problem itself whatever the mode: for
-        # n >= 4 the truncated reduced gradients of the middle levels would move their
-        # solutions, so "truncated" solves them with the exact recursion (sharing counters).
         self._solver = None
-        if mode == "truncated" and self.n >= 4:
-            self._solver = MultilevelEngine(problem, "exact", tol, lower_tol, lower_maxiter,
-                                            fd_step)
-            self._solver.comp = self.comp
-            self._solver.counts = self.counts
-            self._solver.lower_nit = self.lower_nit
 
-    # -- oracles ----------------------------------------------------------------------------
+    def _init_solver(self):
+        """The lower levels must be solved for the problem itself whatever the mode: for
+        n >= 4 the truncated reduced gradients of the middle levels would move their
+        solutions, so "truncated" solves them with the exact recursion (sharing state)."""
+        if self.mode == "truncated" and self.n >= 4:
+            self._solver = type(self)(self.p, "exact", self.tol, self.lower_tol,
+                                      self.lower_maxiter, self.fd_step,
+                                      shared=self._shared_state())
+
+    # -- the solves ---------------------------------------------------------------------------
+    def solve_block(self, j, z, b, rtol=None):
+        """Solve (reduced Hessian of phi_j, block x_j) v = b by CG from zero."""
+        rtol = self.tol if rtol is None else rtol
+        maxiter = 10 * self.p.dims[j - 1] + 20
+        v, info, nit, res = self._cg(j, z, b, rtol, maxiter)
+        if info < 0:
+            raise LevelFailure(3, j, f"level {j}: reduced Hessian solve: "
+                                     f"{linear_info_message(info)}")
+        if info > 0:
+            raise LevelFailure(5, j, f"level {j}: reduced Hessian solve: "
+                                     f"{linear_info_message(info)}, residual {res:.3e}")
+        return v
+
+    def block_product(self, j, z, p):
+        """``(Hess phi_j)[x_j, x_j] p``: the reduced product with direction (0, .., 0, p)."""
+        lo, hi = self.off[j - 1], self.off[j]
+        return self.hvp_reduced(j, z, self._embed(hi, lo, p))[lo:hi]
+
+    def solve_from(self, z, k):
+        """z with levels k+1..n solved for its x_<=k (warm-started from z's own blocks); a
+        new vector unless k >= n."""
+        if self._solver is not None:
+            return self._solver.solve_from(z, k)
+        if k >= self.n:
+            return z
+        if k == self.n - 1:
+            out, status, nit, gnorm = self._innermost(z)
+            self.lower_nit[-1] += nit
+            if status != _low.OK:
+                raise LevelFailure(status, self.n, f"level {self.n}: |grad| = {gnorm:.3e} "
+                                                   f"after {nit} iterations")
+            return out
+        j = k + 1
+        lo, hi = self.off[j - 1], self.off[j]
+        z = self.solve_from(z, j)
+        g = self.grad_reduced(j, z)[lo:hi]
+        gnorm = self._norm(g)
+        for it in range(self.lower_maxiter):
+            if gnorm <= self.lower_tol:
+                self.lower_nit[j - 1] += it
+                return z
+            # inexact Newton on phi_j with a backtracking search on |grad phi_j|
+            d = self._neg(self.solve_block(j, z, g, rtol=min(0.5, math.sqrt(gnorm))))
+            t = 1.0
+            for _ in range(40):
+                z_try = self.solve_from(self._shift(z, lo, hi, t, d), j)
+                g_try = self.grad_reduced(j, z_try)[lo:hi]
+                gn_try = self._norm(g_try)
+                if math.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
+                    break
+                t *= 0.5
+            else:
+                raise LevelFailure(4, j, f"level {j}: line search failed at |grad| = "
+                                         f"{gnorm:.3e}")
+            z, g, gnorm = z_try, g_try, gn_try
+        if gnorm <= self.lower_tol:
+            self.lower_nit[j - 1] += self.lower_maxiter
+            return z
+        raise LevelFailure(1, j, f"level {j}: |grad| = {gnorm:.3e} after "
+                                 f"{self.lower_maxiter} iterations")
+
+    # -- the recursion ------------------------------------------------------------------------
+    def grad_reduced(self, k, z):
+        """Total gradient of phi_k over x_<=k at a solved point (length ``off[k]``)."""
+        g = self.grad(k, z)
+        if k == self.n:
+            return g
+        o = self.off[k]
+        return self._add(g[:o], self.adjoint(k, z, g[o:]))
+
+    def adjoint(self, k, z, w):
+        """``M_k^T w`` with ``M_k = d x_>k / d x_<=k`` (w over the blocks of levels > k)."""
+        o, o1 = self.off[k], self.off[k + 1]
+        if k + 1 == self.n:
+            u, a = None, w[:o1 - o]
+        else:
+            u = self.adjoint(k + 1, z, w[o1 - o:])
+            a = self._add(w[:o1 - o], u[o:o1])
+        v = self.solve_block(k + 1, z, a)
+        c = self.hvp_reduced(k + 1, z, self._embed(o1, o, v))[:o]  # cross block: C^T v
+        return self._neg(c) if u is None else self._sub(u[:o], c)
+
+    def tangent(self, k, z, s):
+        """``M_k s``: the change of x_>k along a direction s of x_<=k (length ``N - off[k]``)."""
+        o, o1 = self.off[k], self.off[k + 1]
+        r = self.hvp_reduced(k + 1, z, self._embed(o1, 0, s))[o:o1]
+        t = self._neg(self.solve_block(k + 1, z, r))
+        if k + 1 == self.n:
+            return t
+        return self._join(t, self.tangent(k + 1, z, self._join(s, t)))
+
+    def hvp_reduced(self, k, z, s):
+        """Hessian of phi_k (over x_<=k) times s, in this engine's mode."""
+        if k == self.n:
+            return self.hvp(k, z, s)
+        o = self.off[k]
+        if self.mode == "fd":
+            zp, zm, eps = self._shifted(k, z, s)
+            return self._quotient(self.grad_reduced(k, zp), self.grad_reduced(k, zm),
+                                  2.0 * eps)
+        sh = self._join(s, self.tangent(k, z, s))
+        h = self.hvp(k, z, sh)
+        out = self._add(h[:o], self.adjoint(k, z, h[o:]))
+        if self.mode == "exact":
+            out = self._add(out, self.curvature(k, z, s, sh))
+        return out
+
+    def curvature(self, k, z, s, sh):
+        """``D_s[M_k^T w]`` at fixed ``w = grad_>k f_k``: the best-response curvature term."""
+        o = self.off[k]
+        w = self.grad(k, z)[o:]
+        if k == self.n - 1:
+            # M^T w = -C^T H^{-1} w with H, C blocks of Hess f_n: differentiating gives
+            # -[I, M^T] T_n[sh](0, v), v = H^{-1} w (third-order product of f_n)
+            v = self.solve_block(self.n, z, w)
+            q = self.tvp(self.n, z, sh, self._embed(self.N, o, v))
+            return self._neg(self._add(q[:o], self.adjoint(k, z, q[o:])))
+        zp, zm, eps = self._shifted(k, z, s)
+        return self._quotient(self.adjoint(k, zp, w), self.adjoint(k, zm, w), 2.0 * eps)
+
+    def _shifted(self, k, z, s):
+        """``(z+, z-, eps)``: z with x_<=k moved by ``+-eps s``, levels > k re-solved."""
+        o = self.off[k]
+        sn, zn = self._norms(s, z[:o])
+        eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
+        zp = self._shift(z, 0, o, eps, s)
+        zm = self._shift(z, 0, o, -eps, s)
+        return self.solve_from(zp, k), self.solve_from(zm, k), eps
+
+    # -- the result ---------------------------------------------------------------------------
+    def hypergrad_at(self, z, lower_solved=False, output="numpy"):
+        """:class:`HypergradResult` of ``grad F`` at z (levels 2..n solved first, from z's
+        blocks, unless ``lower_solved``); failures end with a status, never an exception."""
+        d1 = self.p.dims[0]
+        status, detail = 0, ""
+        grad, fun = self._nan(d1), np.nan
+        try:
+            if not lower_solved:
+                z = self.solve_from(z, 1)
+            grad = self.grad_reduced(1, z)[:d1]
+            fun = self.value(1, z)
+            if not self._all_finite(grad):
+                status, detail = 6, ""
+        except LevelFailure as fail:
+            status, detail = fail.status, fail.detail
+        except self._float_errors as exc:  # pragma: no cover - numpy configured to raise
+            status, detail = 6, str(exc)
+        grad, z, xs = self._outputs(grad, z, output)
+        out = HypergradResult(
+            grad=grad, z=z, xs=xs, fun=fun, method=self.mode, success=status == 0,
+            status=int(status), message=status_message(status, detail),
+            lower_nit=self.lower_nit.copy(), nit=int(self.lower_nit.sum()),
+            oracle_calls=self.oracle_calls())
+        out.ngrad, out.nhvp = self._totals()
+        self._annotate(out)
+        return out
+
+
+class MultilevelEngine(LevelRecursion):
+    """The CPU backend of :class:`LevelRecursion`: NumPy vectors, the compiled callbacks,
+    level n's Newton-CG and CG in the compiled bilevel kernels (keeps oracle counts).
+
+    ``shared``: another CPU engine whose compiled callbacks and counters this one uses.
+    """
+
+    _float_errors = (FloatingPointError,)
+
+    def __init__(self, problem: MultilevelProblem, mode="exact", tol=1e-10, lower_tol=None,
+                 lower_maxiter=100, fd_step=None, shared=None):
+        super().__init__(problem, mode, tol, lower_tol, lower_maxiter, fd_step)
+        if shared is None:
+            self.comp = [obj.compiled(f"level{k}") for k, obj in enumerate(problem.levels, 1)]
+            self.counts = np.zeros((self.n, 4), dtype=np.int64)
+            self.lower_nit = np.zeros(self.n, dtype=np.int64)
+        else:
+            self.comp, self.counts, self.lower_nit = shared.comp, shared.counts, \
+                shared.lower_nit
+        self._init_solver()
+
+    def _shared_state(self):
+        return self
+
+    # -- oracles ------------------------------------------------------------------------------
     def check_at(self, z):
         for c in self.comp:
             c.check_at(z)
@@ -119,32 +349,35 @@ class MultilevelEngine:
         eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / un
         return (self.hvp(k, z + eps * u, w) - self.hvp(k, z - eps * u, w)) / (2.0 * eps)
 
-    # -- kernels for the innermost level -----------------------------------------------------
+    def oracle_calls(self):
+        return {f"level{k}": {"grad": int(c[_GRAD]), "hvp": int(c[_HVP]), "tvp": int(c[_TVP]),
+                              "value": int(c[_VALUE])}
+                for k, c in enumerate(self.counts, 1)}
+
+    # -- solves in the compiled kernels -------------------------------------------------------
     def _fold(self, counts6):
         self.counts[self.n - 1, _GRAD] += counts6[LOWER_GRAD]
         self.counts[self.n - 1, _HVP] += counts6[LOWER_HVP]
 
-    def _solve_innermost(self, z):
+    def lower_core(self, z, method, tol, maxiter, step):
+        """Level n minimized over x_n from z's block (x_<n fixed) by the compiled
+        ``solve_lower_kernel``: ``(z_out, status, nit, gnorm)``, z_out a new vector."""
         c = self.comp[-1]
         o = self.off[-2]
         counts6 = new_counts()
         y, status, nit, gnorm, _ = call_kernel(
             _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:o].copy(), z[o:].copy(),
-            _low.NEWTON_CG, self.lower_tol, self.lower_maxiter, -1.0, counts6)
+            method, tol, maxiter, step, counts6)
         self._fold(counts6)
-        self.lower_nit[-1] += nit
-        if status not in (_low.OK,):
-            raise LevelFailure(status, self.n, f"level {self.n}: |grad| = {gnorm:.3e} after "
-                                               f"{nit} iterations")
         out = z.copy()
         out[o:] = y
-        return out
+        return out, status, nit, gnorm
 
-    def solve_block(self, j, z, b, rtol=None):
-        """Solve (reduced Hessian of phi_j, block x_j) v = b by CG."""
-        rtol = self.tol if rtol is None else rtol
+    def _innermost(self, z):
+        return self.lower_core(z, _low.NEWTON_CG, self.lower_tol, self.lower_maxiter, -1.0)
+
+    def _cg(self, j, z, b, rtol, maxiter):
         d = self.p.dims[j - 1]
-        maxiter = 10 * d + 20
         if j == self.n:
             c = self.comp[-1]
             counts6 = new_counts()
@@ -153,142 +386,87 @@ class MultilevelEngine:
                                                maxiter, (), None)
             self._fold(counts6)
         else:
-            lo, hi = self.off[j - 1], self.off[j]
-
             def matvec(p):
-                s = np.zeros(hi)
-                s[lo:hi] = p
-                return self.hvp_reduced(j, z, s)[lo:hi]
+                return self.block_product(j, z, p)
 
             v, info, nit, res, _ = _kl.cg_core.py_func((matvec,), b, np.zeros(d), rtol, 0.0,
                                                        maxiter, (), None)
-        if info < 0:
-            raise LevelFailure(3, j, f"level {j}: reduced Hessian solve: "
-                                     f"{linear_info_message(info)}")
-        if info > 0:
-            raise LevelFailure(5, j, f"level {j}: reduced Hessian solve: "
-                                     f"{linear_info_message(info)}, residual {res:.3e}")
-        return v
+        return v, info, nit, res
 
-    # -- the recursion -----------------------------------------------------------------------
-    def solve_from(self, z, k):
-        """z with levels k+1..n solved for its x_<=k (warm-started from z's own blocks)."""
-        if self._solver is not None:
-            return self._solver.solve_from(z, k)
-        if k >= self.n:
-            return z
-        if k == self.n - 1:
-            return self._solve_innermost(z)
-        j = k + 1
-        lo, hi = self.off[j - 1], self.off[j]
-        z = self.solve_from(z, j)
-        g = self.grad_reduced(j, z)[lo:hi]
-        gnorm = np.linalg.norm(g)
-        for it in range(self.lower_maxiter):
-            if gnorm <= self.lower_tol:
-                self.lower_nit[j - 1] += it
-                return z
-            # inexact Newton on phi_j with a backtracking search on |grad phi_j|
-            d = -self.solve_block(j, z, g, rtol=min(0.5, np.sqrt(gnorm)))
-            t = 1.0
-            for _ in range(40):
-                z_try = z.copy()
-                z_try[lo:hi] += t * d
-                z_try = self.solve_from(z_try, j)
-                g_try = self.grad_reduced(j, z_try)[lo:hi]
-                gn_try = np.linalg.norm(g_try)
-                if np.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
-                    break
-                t *= 0.5
-            else:
-                raise LevelFailure(4, j, f"level {j}: line search failed at |grad| = "
-                                         f"{gnorm:.3e}")
-            z, g, gnorm = z_try, g_try, gn_try
-        if gnorm <= self.lower_tol:
-            self.lower_nit[j - 1] += self.lower_maxiter
-            return z
-        raise LevelFailure(1, j, f"level {j}: |grad| = {gnorm:.3e} after "
-                                 f"{self.lower_maxiter} iterations")
+    # -- vectors ------------------------------------------------------------------------------
+    @staticmethod
+    def _add(a, b):
+        return a + b
 
-    def grad_reduced(self, k, z):
-        """Total gradient of phi_k over x_<=k at a solved point."""
-        g = self.grad(k, z)
-        if k == self.n:
-            return g
-        o = self.off[k]
-        return g[:o] + self.adjoint(k, z, g[o:])
+    @staticmethod
+    def _sub(a, b):
+        return a - b
 
-    def adjoint(self, k, z, w):
-        """``M_k^T w`` with ``M_k = d x_>k / d x_<=k`` (w over the blocks of levels > k)."""
-        o, o1 = self.off[k], self.off[k + 1]
-        if k + 1 == self.n:
-            u = np.zeros(o1)
-        else:
-            u = self.adjoint(k + 1, z, w[o1 - o:])
-        a = w[:o1 - o] + u[o:o1]
-        v = self.solve_block(k + 1, z, a)
-        s = np.zeros(o1)
-        s[o:o1] = v
-        c = self.hvp_reduced(k + 1, z, s)[:o]  # cross block: -J_{k+1}^T a = c
-        return u[:o] - c
+    @staticmethod
+    def _neg(a):
+        return -a
 
-    def tangent(self, k, z, s):
-        """``M_k s``: the change of x_>k along a direction s of x_<=k."""
-        o, o1 = self.off[k], self.off[k + 1]
-        s1 = np.zeros(o1)
-        s1[:o] = s
-        r = self.hvp_reduced(k + 1, z, s1)[o:o1]
-        t = -self.solve_block(k + 1, z, r)
-        if k + 1 == self.n:
-            return t
-        s1[o:o1] = t
-        return np.concatenate([t, self.tangent(k + 1, z, s1)])
+    @staticmethod
+    def _quotient(a, b, h):
+        return (a - b) / h
 
-    def hvp_reduced(self, k, z, s):
-        """Hessian of phi_k (over x_<=k) times s, in this engine's mode."""
-        if k == self.n:
-            return self.hvp(k, z, s)
-        o = self.off[k]
-        if self.mode == "fd":
-            zp, zm, eps = self._shifted(k, z, s)
-            return (self.grad_reduced(k, zp) - self.grad_reduced(k, zm)) / (2.0 * eps)
-        sh = np.concatenate([s, self.tangent(k, z, s)])
-        h = self.hvp(k, z, sh)
-        out = h[:o] + self.adjoint(k, z, h[o:])
-        if self.mode == "exact":
-            out += self.curvature(k, z, s, sh)
+    @staticmethod
+    def _divide(a, h):
+        return a / h
+
+    @staticmethod
+    def _join(a, b):
+        return np.concatenate([a, b])
+
+    @staticmethod
+    def _copy(a):
+        return a.copy()
+
+    @staticmethod
+    def _set_block(z, lo, hi, v):
+        z[lo:hi] = v
+
+    @staticmethod
+    def _axpy_into(a, alpha, b):
+        a += alpha * b
+
+    @staticmethod
+    def _embed(size, lo, v):
+        out = np.zeros(size)
+        out[lo:lo + v.shape[0]] = v
         return out
 
-    def curvature(self, k, z, s, sh):
-        """``D_s[M_k^T w]`` at fixed ``w = grad_>k f_k``: the best-response curvature term."""
-        o = self.off[k]
-        w = self.grad(k, z)[o:]
-        if k == self.n - 1:
-            # M^T w = -C^T H^{-1} w with H, C blocks of Hess f_n: differentiating gives
-            # -[I, M^T] T_n[sh](0, v), v = H^{-1} w (third-order product of f_n)
-            v = self.solve_block(self.n, z, w)
-            e = np.zeros(z.shape[0])
-            e[o:] = v
-            q = self.tvp(self.n, z, sh, e)
-            return -(q[:o] + self.adjoint(k, z, q[o:]))
-        zp, zm, eps = self._shifted(k, z, s)
-        return (self.adjoint(k, zp, w) - self.adjoint(k, zm, w)) / (2.0 * eps)
+    @staticmethod
+    def _shift(z, lo, hi, t, d):
+        out = z.copy()
+        out[lo:hi] += t * d
+        return out
 
-    def _shifted(self, k, z, s):
-        o = self.off[k]
-        sn = np.linalg.norm(s)
-        eps = self.fd_step * (1.0 + np.linalg.norm(z[:o])) / max(sn, np.finfo(float).tiny)
-        zp = z.copy()
-        zp[:o] += eps * s
-        zm = z.copy()
-        zm[:o] -= eps * s
-        return self.solve_from(zp, k), self.solve_from(zm, k), eps
+    @staticmethod
+    def _nan(size):
+        return np.full(size, np.nan)
 
-    def oracle_calls(self):
-        return {f"level{k}": {"grad": int(c[_GRAD]), "hvp": int(c[_HVP]), "tvp": int(c[_TVP]),
-                              "value": int(c[_VALUE])}
-                for k, c in enumerate(self.counts, 1)}
+    @staticmethod
+    def _norm(a):
+        return float(np.linalg.norm(a))
 
+    @staticmethod
+    def _norms(a, b):
+        return float(np.linalg.norm(a)), float(np.linalg.norm(b))
+
+    @staticmethod
+    def _all_finite(a):
+        return bool(np.all(np.isfinite(a)))
+
+    # -- results ------------------------------------------------------------------------------
+    def _outputs(self, grad, z, output):
+        return grad, z, [z[self.p.block(k)].copy() for k in range(1, self.n + 1)]
+
+    def _totals(self):
+        return int(self.counts[:, _GRAD].sum()), int(self.counts[:, _HVP].sum())
+
+    def _annotate(self, result):
+        pass
 
 def as_joint(problem, xs, name="xs"):
     """Validate a list of per-level arrays and return the joint vector z."""
@@ -318,82 +496,57 @@ def multilevel_hypergrad(problem, xs, mode="exact", *, tol=1e-10, lower_solved=F
     if not getattr(problem, "_checked", False):
         eng.check_at(z)
         problem._checked = True
-    return _hypergrad_with(eng, z, lower_solved)
+    return eng.hypergrad_at(z, lower_solved)
 
 
-def _hypergrad_with(eng, z, lower_solved):
-    p = eng.p
-    d1 = p.dims[0]
-    status, detail = 0, ""
-    grad, fun = np.full(d1, np.nan), np.nan
-    try:
-        if not lower_solved:
-            z = eng.solve_from(z, 1)
-        grad = eng.grad_reduced(1, z)[:d1]
-        fun = eng.value(1, z)
-        if not np.all(np.isfinite(grad)):
-            status, detail = 6, ""
-    except LevelFailure as fail:
-        status, detail = fail.status, fail.detail
-    except FloatingPointError as exc:  # pragma: no cover - numpy configured to raise
-        status, detail = 6, str(exc)
-    out = HypergradResult(
-        grad=grad, z=z, xs=[z[p.block(k)].copy() for k in range(1, p.n + 1)], fun=fun,
-        method=eng.mode, success=status == 0, status=int(status),
-        message=status_message(status, detail), lower_nit=eng.lower_nit.copy(),
-        nit=int(eng.lower_nit.sum()), oracle_calls=eng.oracle_calls())
-    out.ngrad = int(eng.counts[:, _GRAD].sum())
-    out.nhvp = int(eng.counts[:, _HVP].sum())
-    return out
-
-
-class UnrolledEngine:
-    """The unrolled baseline of Sato, Tanaka & Takeda (2021) for n levels.
+class UnrolledRecursion:
+    """The unrolled baseline of Sato, Tanaka & Takeda (2021) for n levels, written once.
 
     Each lower level k is replaced by ``T_k`` gradient steps with step ``beta_k`` on its
     unrolled reduced objective ``phi~_k(x_<=k) = f_k(x_<=k, X_>k(x_<=k))``, every inner loop
     starting from the fixed points given for levels 2..n. The hypergradient is the gradient of
-    ``f_1(x_1, X_>1(x_1))`` by reverse mode through the nested loops: level n's loop runs in the
-    compiled ``unrolled_vjp`` kernel (exact, with the hvp callback); the Hessian-vector
-    products of ``phi~_k`` that the reverse pass of an outer loop needs (k < n) are central
-    differences of its reverse-mode gradient. Cost and memory grow like T_2 * ... * T_n.
+    ``f_1(x_1, X_>1(x_1))`` by reverse mode through the nested loops: level n's loop and its
+    VJP are backend operations (exact, with the hvp callback); the Hessian-vector products of
+    ``phi~_k`` that the reverse pass of an outer loop needs (k < n) are central differences of
+    its reverse-mode gradient. Cost and memory grow like T_2 * ... * T_n.
+
+    The oracles, counters and vector operations are those of ``self.eng``, a
+    :class:`LevelRecursion` backend of the same problem; a backend adds
+    ``_power_start(d)`` (the power iteration's start), ``_unroll_innermost(z, T, beta) ->
+    (z_out, status)`` (T gradient steps of level n), ``_innermost_vjp(z, T, beta, w)`` and
+    ``_dot_norm(v, w) -> (v.w, |w|)``; it may override ``finite(a)``.
     """
 
-    def __init__(self, problem, T, steps, starts, fd_step=None):
+    def __init__(self, problem, T, steps, starts, fd_step, eng):
         self.p = problem
         self.n = problem.n
         self.off = problem.offsets
+        self.N = problem.size
         self.T = T            # T[k] for k = 2..n (index k)
         self.beta = steps     # beta[k], filled lazily when None
         self.starts = starts  # the joint vector whose blocks 2..n start every inner loop
         # the outer levels' HVPs are central differences nested n-2 deep: a step larger than
         # the single-difference optimum keeps the amplified round-off small (no re-solves)
         self.fd_step = UNROLLED_FD_STEP if fd_step is None else fd_step
-        self.eng = MultilevelEngine(problem, "truncated")  # oracles and their counts
-        self.counts = self.eng.counts
+        self.eng = eng        # oracles, their counts and the vector operations
 
     def _start(self, z, k):
-        """z with the blocks of levels > k reset to the fixed starting points."""
-        out = z.copy()
-        out[self.off[k]:] = self.starts[self.off[k]:]
-        return out
+        """A new vector: z with the blocks of levels > k reset to the fixed starting points."""
+        o = self.off[k]
+        return self.eng._join(z[:o], self.starts[o:])
 
     def step_size(self, k, z):
         """beta_k: 1/L from power iteration on the block Hessian of phi~_k at z."""
         if self.beta[k] is None:
             lo, hi = self.off[k - 1], self.off[k]
-            v = np.linspace(1.0, 2.0, hi - lo)
-            v /= np.linalg.norm(v)
+            v = self._power_start(hi - lo)
             lam = 0.0
             for _ in range(15):
-                s = np.zeros(hi)
-                s[lo:hi] = v
-                w = self.hvp_unrolled(k, z, s)[lo:hi]
-                lam = v @ w
-                nw = np.linalg.norm(w)
-                if nw == 0 or not np.isfinite(nw):
+                w = self.hvp_unrolled(k, z, self.eng._embed(hi, lo, v))[lo:hi]
+                lam, nw = self._dot_norm(v, w)
+                if nw == 0 or not math.isfinite(nw):
                     break
-                v = w / nw
+                v = self.eng._divide(w, nw)
             if not lam > 0:
                 raise LevelFailure(3, k, f"level {k}: the unrolled block Hessian is not "
                                          "positive definite at the starting point")
@@ -401,86 +554,145 @@ class UnrolledEngine:
         return self.beta[k]
 
     def forward(self, k, z):
-        """z with levels k+1..n replaced by their unrolled outputs (from the fixed starts)."""
+        """z with levels k+1..n replaced by their unrolled outputs (from the fixed starts); a
+        new vector unless k >= n."""
         if k >= self.n:
             return z
         z = self._start(z, k)
         j = k + 1
         lo, hi = self.off[j - 1], self.off[j]
+        beta = self.step_size(j, z)
         if j == self.n:
-            c = self.eng.comp[-1]
-            counts6 = new_counts()
-            beta = self.step_size(j, z)
-            y, status, _, _, _ = call_kernel(
-                _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:lo].copy(),
-                z[lo:].copy(), _low.GD, 0.0, self.T[j], beta, counts6)
-            self.eng._fold(counts6)
+            out, status = self._unroll_innermost(z, self.T[j], beta)
             if status == _low.NONFINITE:
                 raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
                                          f"(step {beta:.3e})")
-            z[lo:] = y
-            return z
-        beta = self.step_size(j, z)
+            return out
         for _ in range(self.T[j]):
             g = self.grad_unrolled(j, z)[lo:hi]
-            z[lo:hi] -= beta * g
-            if not np.all(np.isfinite(z[lo:hi])):
+            self.eng._axpy_into(z[lo:hi], -beta, g)
+            if not self.finite(z[lo:hi]):
                 raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
                                          f"(step {beta:.3e})")
         return self.forward(j, z)
 
     def grad_unrolled(self, j, z):
-        """Gradient of phi~_j over x_<=j (reverse mode through the loops of levels > j)."""
+        """Gradient of phi~_j over x_<=j (length ``off[j]``; the joint gradient for j = n)."""
         zz = self.forward(j, z)
         g = self.eng.grad(j, zz)
         if j == self.n:
             return g
         o = self.off[j]
-        return g[:o] + self.vjp(j, z, g[o:])
+        return self.eng._add(g[:o], self.vjp(j, z, g[o:]))
 
     def hvp_unrolled(self, j, z, s):
+        """Hessian of phi~_j times s (s of length ``off[j]``)."""
         if j == self.n:
             return self.eng.hvp(j, z, s)
         o = self.off[j]
-        eps = self.fd_step * (1.0 + np.linalg.norm(z[:o])) / max(np.linalg.norm(s), 1e-300)
-        zp = z.copy()
-        zp[:o] += eps * s
-        zm = z.copy()
-        zm[:o] -= eps * s
-        return (self.grad_unrolled(j, zp) - self.grad_unrolled(j, zm)) / (2.0 * eps)
+        zn, sn = self.eng._norms(z[:o], s)
+        eps = self.fd_step * (1.0 + zn) / max(sn, 1e-300)
+        zp = self.eng._shift(z, 0, o, eps, s)
+        zm = self.eng._shift(z, 0, o, -eps, s)
+        return self.eng._quotient(self.grad_unrolled(j, zp), self.grad_unrolled(j, zm),
+                                  2.0 * eps)
 
     def vjp(self, k, z, w):
         """``w^T d X_>k / d x_<=k`` for the unrolled outputs X_>k (w over levels > k)."""
+        eng = self.eng
         j = k + 1
         lo, hi = self.off[k], self.off[j]
         z = self._start(z, k)
-        if j == self.n:
-            c = self.eng.comp[-1]
-            counts6 = new_counts()
-            beta = self.step_size(j, z)
-            _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.has_hvp,
-                                   z[:lo].copy(), z[lo:].copy(), self.T[j], beta,
-                                   np.ascontiguousarray(w), counts6)
-            self.eng._fold(counts6)
-            if not ok:
-                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged")
-            return h
         beta = self.step_size(j, z)
+        if j == self.n:
+            return self._innermost_vjp(z, self.T[j], beta, w)
         traj = []
         for _ in range(self.T[j]):  # forward through level j's loop, keeping its iterates
-            traj.append(z[lo:hi].copy())
-            z[lo:hi] -= beta * self.grad_unrolled(j, z)[lo:hi]
+            traj.append(eng._copy(z[lo:hi]))
+            eng._axpy_into(z[lo:hi], -beta, self.grad_unrolled(j, z)[lo:hi])
         u = self.vjp(j, z, w[hi - lo:])
-        a = w[:hi - lo] + u[lo:hi]
-        g = u[:lo].copy()
-        s = np.zeros(hi)
+        a = eng._add(w[:hi - lo], u[lo:hi])
+        g = eng._copy(u[:lo])
         for xt in reversed(traj):
-            z[lo:hi] = xt
-            s[lo:hi] = a
-            h = self.hvp_unrolled(j, z, s)
-            g -= beta * h[:lo]
-            a = a - beta * h[lo:hi]
+            eng._set_block(z, lo, hi, xt)
+            h = self.hvp_unrolled(j, z, eng._embed(hi, lo, a))
+            eng._axpy_into(g, -beta, h[:lo])
+            eng._axpy_into(a, -beta, h[lo:hi])
         return g
+
+    def oracle_calls(self):
+        return self.eng.oracle_calls()
+
+    def finite(self, a):
+        """All entries of a finite?"""
+        return self.eng._all_finite(a)
+
+    # -- the result ---------------------------------------------------------------------------
+    def core(self, z, value_only=False):
+        """``(grad, zz, fun, status, detail)`` from the joint vector z (x_1 and the starts;
+        not modified): ``grad`` (d_1; NaN unless computed) and ``zz`` (the unrolled outputs,
+        or z when the forward pass failed)."""
+        d1 = self.p.dims[0]
+        status, detail = 0, ""
+        grad, fun, zz = self.eng._nan(d1), np.nan, z
+        try:
+            if not value_only:
+                grad = self.grad_unrolled(1, z)[:d1]
+            zz = self.forward(1, z)
+            fun = self.eng.value(1, zz)
+            if not value_only and not self.finite(grad):
+                status = 6
+        except LevelFailure as fail:
+            status, detail = fail.status, fail.detail
+        return grad, zz, fun, status, detail
+
+    def hypergrad_at(self, z, value_only=False, output="numpy"):
+        """:class:`HypergradResult` (``method="itd"``) of the unrolled approximation at z."""
+        grad, zz, fun, status, detail = self.core(z, value_only)
+        grad, zz, xs = self.eng._outputs(grad, zz, output)
+        out = HypergradResult(
+            grad=grad, z=zz, xs=xs, fun=fun, method="itd", success=status == 0,
+            status=int(status), message=status_message(status, detail), T=self.T[2:],
+            step=self.beta[2:], nit=int(self.T[2]), oracle_calls=self.oracle_calls())
+        out.ngrad, out.nhvp = self.eng._totals()
+        self.eng._annotate(out)
+        return out
+
+
+class UnrolledEngine(UnrolledRecursion):
+    """The CPU backend of :class:`UnrolledRecursion`: level n's loop runs in the compiled
+    ``solve_lower_kernel`` (gradient descent) and its VJP in the ``unrolled_vjp`` kernel."""
+
+    def __init__(self, problem, T, steps, starts, fd_step=None):
+        super().__init__(problem, T, steps, starts, fd_step,
+                         MultilevelEngine(problem, "truncated"))
+        self.counts = self.eng.counts
+
+    @staticmethod
+    def _power_start(d):
+        v = np.linspace(1.0, 2.0, d)
+        v /= np.linalg.norm(v)
+        return v
+
+    @staticmethod
+    def _dot_norm(v, w):
+        return v @ w, np.linalg.norm(w)
+
+    def _unroll_innermost(self, z, T, beta):
+        out, status, _, _ = self.eng.lower_core(z, _low.GD, 0.0, T, beta)
+        return out, status
+
+    def _innermost_vjp(self, z, T, beta, w):
+        lo = self.off[-2]
+        c = self.eng.comp[-1]
+        counts6 = new_counts()
+        _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.has_hvp,
+                               z[:lo].copy(), z[lo:].copy(), T, beta,
+                               np.ascontiguousarray(w), counts6)
+        self.eng._fold(counts6)
+        if not ok:
+            raise LevelFailure(2, self.n, f"level {self.n}: unrolled iterates diverged")
+        return h
 
 
 def unrolled_options(n, T, steps):
@@ -523,25 +735,5 @@ def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
     :class:`UnrolledEngine`. ``xs`` gives x_1 and the fixed starts of levels 2..n; the result's
     ``step`` lists the inner steps used (pass them back to keep the same approximation).
     ``value_only``: only the forward passes and ``fun`` (``grad`` is NaN)."""
-    ueng, z, Ts, betas = _unrolled_setup(problem, xs, T, steps, fd_step)
-    n = problem.n
-    d1 = problem.dims[0]
-    status, detail = 0, ""
-    grad, fun, zz = np.full(d1, np.nan), np.nan, z
-    try:
-        if not value_only:
-            grad = ueng.grad_unrolled(1, z)[:d1]
-        zz = ueng.forward(1, z)
-        fun = ueng.eng.value(1, zz)
-        if not value_only and not np.all(np.isfinite(grad)):
-            status = 6
-    except LevelFailure as fail:
-        status, detail = fail.status, fail.detail
-    out = HypergradResult(
-        grad=grad, z=zz, xs=[zz[problem.block(k)].copy() for k in range(1, n + 1)], fun=fun,
-        method="itd", success=status == 0, status=int(status),
-        message=status_message(status, detail), T=Ts[2:], step=betas[2:], nit=int(Ts[2]),
-        oracle_calls=ueng.eng.oracle_calls())
-    out.ngrad = int(ueng.counts[:, _GRAD].sum())
-    out.nhvp = int(ueng.counts[:, _HVP].sum())
-    return out
+    ueng, z, _, _ = _unrolled_setup(problem, xs, T, steps, fd_step)
+    return ueng.hypergrad_at(z, value_only)

@@ -18,13 +18,15 @@ from mlocore.cuda import _linalg as dl
 from mlocore.cuda._device import is_device_array
 from mlocore.cuda._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
 from mlocore.cuda._problem import DeviceObjective
-from mlocore.problems.cuda_multilevel import (nlevel_quadratic_device_problem,
-                                              nonquadratic_trilevel_device_problem,
-                                              quadform_grad_device, quadform_hvp_device,
-                                              trilevel_quadratic_device_problem)
-from mlocore.problems.multilevel import (NLevelQuadratic, logcosh_quad_grad, logcosh_quad_hvp,
-                                         logcosh_quad_value, make_nlevel_quadratic,
-                                         make_nonquadratic_trilevel, make_trilevel_quadratic)
+from mlocore.problems.nlevel_quadratic import (NLevelQuadratic, make_nlevel_quadratic,
+                                               nlevel_quadratic_device_problem,
+                                               quadform_grad_device, quadform_hvp_device)
+from mlocore.problems.nonquadratic_trilevel import (logcosh_quad_grad, logcosh_quad_hvp,
+                                                    logcosh_quad_value,
+                                                    make_nonquadratic_trilevel,
+                                                    nonquadratic_trilevel_device_problem)
+from mlocore.problems.trilevel_quadratic import (make_trilevel_quadratic,
+                                                 trilevel_quadratic_device_problem)
 
 pytestmark = pytest.mark.cuda
 
@@ -468,3 +470,50 @@ def test_minimize_itd_diverging_inner_step_fails_cleanly():
     assert not res.success and res.status == ref.status == 2
     assert res.message == ref.message and "diverged" in res.message
     assert res.nit == ref.nit == 0 and np.isnan(res.fun)
+
+
+# ---------------------------------------------------------------------------------------
+# One recursion, two backends
+# ---------------------------------------------------------------------------------------
+_RECURSION = {"solve_from", "solve_block", "block_product", "grad_reduced", "adjoint",
+              "tangent", "hvp_reduced", "curvature", "_shifted", "hypergrad_at"}
+_UNROLLED = {"step_size", "forward", "grad_unrolled", "hvp_unrolled", "vjp", "core",
+             "hypergrad_at"}
+
+
+def test_cpu_and_device_engines_subclass_one_recursion():
+    """The CPU and device engines subclass the one recursion (implicit and unrolled) and
+    redefine none of its steps: they supply only oracles, solves and vector operations."""
+    from mlocore._multilevel import (LevelRecursion, MultilevelEngine, UnrolledEngine,
+                                     UnrolledRecursion)
+    from mlocore.cuda._multilevel import DeviceMultilevelEngine, DeviceUnrolledEngine
+    for base, backends, steps in ((LevelRecursion, (MultilevelEngine, DeviceMultilevelEngine),
+                                   _RECURSION),
+                                  (UnrolledRecursion, (UnrolledEngine, DeviceUnrolledEngine),
+                                   _UNROLLED)):
+        for cls in backends:
+            assert issubclass(cls, base)
+            assert not steps & set(vars(cls)), (cls.__name__, steps & set(vars(cls)))
+            assert all(getattr(cls, name) is getattr(base, name) for name in steps)
+
+
+@pytest.mark.parametrize("method", ["exact", "truncated", "fd", "itd"])
+def test_cpu_and_device_engines_agree_in_every_mode(method):
+    """One 4-level quadratic (dims 1), every mode: the device hypergradient is the CPU's to
+    1e-10, and the closed form for the implicit modes ("fd": to its difference error)."""
+    q = make_nlevel_quadratic(4, dims=(1, 1, 1, 1), seed=3)
+    dp = nlevel_quadratic_device_problem(q)
+    x1 = np.array([0.7])
+    if method == "itd":
+        xs = _starts(q.dims, x1)
+        res = mlo.hypergrad(dp, xs, method="itd", T=1, step=0.2)
+        ref = mlo.hypergrad(q.problem, xs, method="itd", T=1, step=0.2)
+        _check_itd_against_cpu(res, ref)
+        np.testing.assert_allclose(res.grad, ref.grad, rtol=0, atol=1e-10)
+        return
+    z = q.best_response(x1)
+    res = mlo.hypergrad(dp, z, method=method, lower_solved=True)
+    ref = mlo.hypergrad(q.problem, z, method=method, lower_solved=True)
+    _check_against_cpu(res, ref)
+    np.testing.assert_allclose(res.grad, q.hypergrad(x1), rtol=0,
+                               atol=1e-6 if method == "fd" else 1e-10)

@@ -8,8 +8,8 @@ from scipy.optimize import brentq
 import mlocore as mlo
 from mlocore.problems import (load_poisoning_trilevel, make_nlevel_quadratic,
                               make_nonquadratic_trilevel, make_trilevel_quadratic)
-from mlocore.problems.multilevel import NLevelQuadratic, tq_lower_grad, tq_middle_value, \
-    tq_upper_value
+from mlocore.problems.nlevel_quadratic import NLevelQuadratic
+from mlocore.problems.trilevel_quadratic import tq_lower_grad, tq_middle_value, tq_upper_value
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,3 +384,34 @@ def test_poisoning_trilevel_reference():
     assert not np.allclose(trunc["grad_F"], d["grad_F"], rtol=1e-4)
     with pytest.raises(ValueError, match="features"):
         load_poisoning_trilevel(features=("nope",))
+
+
+def test_multilevel_modules_reexport_the_families():
+    """``mlocore.problems.multilevel`` and ``.cuda_multilevel`` re-export the family modules'
+    objects (the same objects, so numba's caches and isinstance checks are shared)."""
+    import importlib
+    from mlocore.problems import cuda_multilevel, multilevel
+    families = [importlib.import_module(f"mlocore.problems.{m}") for m in
+                ("trilevel_quadratic", "nlevel_quadratic", "nonquadratic_trilevel",
+                 "poisoning")]
+    owner = {name: mod for mod in families for name in mod.__all__}
+    for shim in (multilevel, cuda_multilevel):
+        assert shim.__all__
+        for name in shim.__all__:
+            assert getattr(shim, name) is getattr(owner[name], name), name
+    assert set(multilevel.__all__) | set(cuda_multilevel.__all__) == set(owner)
+
+
+def test_family_modules_import_without_gpu_or_simulator():
+    """The family modules define their device kernels at import without a GPU, the CUDA
+    simulator or the mlocore.cuda stack (compiled, and imported, on first use)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = ("import sys, mlocore.problems.cuda_multilevel as m; "
+            "assert callable(m.nlevel_quadratic_device_problem); "
+            "assert 'mlocore.cuda' not in sys.modules, 'mlocore.cuda imported'")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr

@@ -1,14 +1,9 @@
-"""n-level implicit differentiation on the device (Gu & Chen 2024; ALGORITHMS.md section 3).
+"""n-level implicit differentiation on the device ("one large problem" mode).
 
-The CUDA backend's version of :mod:`mlocore._multilevel` ("one large problem" mode): the same
-recursion over levels, built from the same three primitives at a point z whose levels > k are
-solved for its x_<=k,
-
-- ``adjoint(k, z, w)  = M_k^T w`` (one reduced-Hessian solve of level k+1, recursing down),
-- ``tangent(k, z, s)  = M_k s`` (forward composition of the best-response Jacobians),
-- ``hvp_reduced(k, z, s) = Hess(phi_k) s`` in the chosen mode ("exact", "truncated", "fd"),
-
-with ``M_k = d x_>k / d x_<=k``. The hypergradient is ``grad F = d_1 f_1 + M_1^T d_>1 f_1``.
+The CUDA backend of the recursion of :mod:`mlocore._multilevel` (Gu & Chen 2024, *Towards
+Differentiable Multilevel Optimization: A Gradient-Based Approach*): the algorithm is
+:class:`mlocore._multilevel.LevelRecursion`, written once; :class:`DeviceMultilevelEngine`
+supplies its operations on device vectors.
 
 What runs where: every vector (the joint z, gradients, adjoints, tangents, CG iterates) lives
 on the device; the innermost level is solved by the device Newton-CG of
@@ -16,18 +11,14 @@ on the device; the innermost level is solved by the device Newton-CG of
 reduced-Hessian system by :func:`mlocore.cuda._linalg.cg_device`, whose operator for a level
 j < n applies the recursive reduced-Hessian product. The host orchestrates the recursion and
 reads back only the scalars of each stopping test, line search and difference step (counted in
-``res.transfers``). The iterate sequence is the CPU engine's (:class:`MultilevelEngine`) step for
-step, so results agree with the CPU backend to rounding.
+``res.transfers``). The iterate sequence is the CPU engine's step for step, so results agree
+with the CPU backend to rounding.
 
-The CPU engine cannot be driven through an adapter: its recursion slices, concatenates and adds
-NumPy arrays at every step. This module mirrors it method for method (same names, same order of
-operations) on device vectors.
-
-The unrolled baseline (``method="itd"``, Sato et al. 2021): :class:`DeviceUnrolledEngine`
-mirrors the CPU :class:`~mlocore._multilevel.UnrolledEngine` the same way (T gradient steps per
-lower level from fixed starts, reverse mode through the nested loops, level n's VJP as the
-CPU's ``unrolled_vjp`` kernel with device joint hvps, outer levels' HVPs by central differences
-of unrolled gradients).
+The unrolled baseline (``method="itd"``, Sato et al. 2021) is likewise written once, as
+:class:`mlocore._multilevel.UnrolledRecursion` (T gradient steps per lower level from fixed
+starts, reverse mode through the nested loops, outer levels' HVPs by central differences of
+unrolled gradients); :class:`DeviceUnrolledEngine` supplies level n's loop and its VJP (the
+CPU's ``unrolled_vjp`` kernel with device joint hvps).
 
 Third-order products (mode "exact", level n): a :class:`~mlocore.cuda.DeviceObjective` has no
 ``tvp`` callback, so they are always central differences of the level-n Hessian-vector product
@@ -42,11 +33,10 @@ import numbers
 import numpy as np
 
 from .._config import FD_REL_STEP
-from .._kernels import lower as _low
 from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
-from .._multilevel import (FD_SHIFT_STEP, MULTILEVEL_MODES, UNROLLED_FD_STEP, LevelFailure,
+from .._multilevel import (MULTILEVEL_MODES, LevelFailure, LevelRecursion, UnrolledRecursion,
                            unrolled_options)
-from .._results import HypergradResult, linear_info_message, new_counts, status_message
+from .._results import new_counts
 from .._validation import check_backend, check_choice, check_int, check_positive
 from . import _linalg as dl
 from ._device import Transfers, is_device_array, to_device, to_host
@@ -182,14 +172,10 @@ class _ReducedHessianBlock(dl.DeviceOperator):
     def __init__(self, eng, j, z):
         super().__init__(None, eng.p.dims[j - 1], name=f"level{j}.reduced_hvp")
         self.eng, self.j, self.z = eng, j, z
-        self.lo, self.hi = eng.off[j - 1], eng.off[j]
-        self.s = dl.zeros(self.hi)
 
     def apply(self, p, out):  # LevelFailure and CallbackError pass through unchanged
         self.n_matvec += 1
-        dl.copy(p, self.s[self.lo:self.hi])
-        h = self.eng.hvp_reduced(self.j, self.z, self.s)
-        dl.copy(h[self.lo:self.hi], out)
+        dl.copy(self.eng.block_product(self.j, self.z, p), out)
 
 
 def _joined(a, b):
@@ -213,12 +199,12 @@ def _embedded(size, lo, v):
     return out
 
 
-class DeviceMultilevelEngine:
-    """The recursion over levels on device vectors, for one problem and one mode.
-
-    Method for method the CPU :class:`mlocore._multilevel.MultilevelEngine` (same names,
-    arguments and order of operations), with device vectors in and out. Vectors passed in are
-    never modified; results are new device vectors (or views of them).
+class DeviceMultilevelEngine(LevelRecursion):
+    """The CUDA backend of :class:`mlocore._multilevel.LevelRecursion`, for one problem and
+    one mode: device vectors in and out, the innermost level by the device Newton-CG of
+    :func:`mlocore.cuda._implicit.lower_core`, every block system by
+    :func:`mlocore.cuda._linalg.cg_device`. Vectors passed in are never modified; results
+    are new device vectors (or views of them).
 
     Parameters
     ----------
@@ -228,28 +214,25 @@ class DeviceMultilevelEngine:
         As the CPU engine: reduced-Hessian solves to relative residual ``tol``, lower levels
         to ``|grad phi_k| <= lower_tol`` within ``lower_maxiter`` Newton steps, central
         differences with re-solved lower levels with relative step ``fd_step``.
+    shared : _Shared, optional
+        Oracles, counters and transfers shared with another engine.
     """
 
     def __init__(self, problem, mode="exact", tol=1e-10, lower_tol=None, lower_maxiter=100,
                  fd_step=None, shared=None):
-        self.p = problem
-        self.n = problem.n
-        self.off = problem.offsets
-        self.N = problem.size
-        self.mode = mode
-        self.tol = tol
-        self.lower_tol = tol if lower_tol is None else lower_tol
-        self.lower_maxiter = lower_maxiter
-        self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
+        super().__init__(problem, mode, tol, lower_tol, lower_maxiter, fd_step)
         self.sh = _Shared(problem) if shared is None else shared
-        # as on the CPU: "truncated" with n >= 4 solves the lower levels with the exact
-        # recursion (the truncated reduced gradients of middle levels would move them)
-        self._solver = None
-        if mode == "truncated" and self.n >= 4:
-            self._solver = DeviceMultilevelEngine(problem, "exact", tol, lower_tol,
-                                                  lower_maxiter, fd_step, shared=self.sh)
+        self._init_solver()
 
-    # -- oracles ----------------------------------------------------------------------------
+    def _shared_state(self):
+        return self.sh
+
+    @property
+    def lower_nit(self):
+        """Newton iterations per level (shared with the exact solver)."""
+        return self.sh.lower_nit
+
+    # -- oracles ------------------------------------------------------------------------------
     def check_at(self, z):
         for o in self.sh.oracles:
             o.check_at(z)
@@ -288,182 +271,115 @@ class DeviceMultilevelEngine:
         dl.difference_quotient(out, hp, hm, 2.0 * eps)
         return out
 
-    # -- the innermost level and the block solves -------------------------------------------
-    def _solve_innermost(self, z):
-        out, status, nit, gnorm, _ = lower_core(self.sh, z, "newton-cg", self.lower_tol,
-                                                self.lower_maxiter, -1.0)
-        self.sh.lower_nit[-1] += nit
-        if status not in (_low.OK,):
-            raise LevelFailure(status, self.n, f"level {self.n}: |grad| = {gnorm:.3e} after "
-                                               f"{nit} iterations")
-        return out
-
-    def solve_block(self, j, z, b, rtol=None):
-        """Solve (reduced Hessian of phi_j, block x_j) v = b by device CG from zero."""
-        rtol = self.tol if rtol is None else rtol
-        d = self.p.dims[j - 1]
-        maxiter = 10 * d + 20
-        op = _HyyOperator(self.sh, z) if j == self.n else _ReducedHessianBlock(self, j, z)
-        v, info, nit, res, _ = dl.cg_device(op, b, None, rtol, 0.0, maxiter,
-                                            counter=self.sh.counter)
-        if info < 0:
-            raise LevelFailure(3, j, f"level {j}: reduced Hessian solve: "
-                                     f"{linear_info_message(info)}")
-        if info > 0:
-            raise LevelFailure(5, j, f"level {j}: reduced Hessian solve: "
-                                     f"{linear_info_message(info)}, residual {res:.3e}")
-        return v
-
-    # -- the recursion -----------------------------------------------------------------------
-    def solve_from(self, z, k):
-        """z with levels k+1..n solved for its x_<=k (warm-started from z's own blocks); a
-        new vector unless k >= n."""
-        if self._solver is not None:
-            return self._solver.solve_from(z, k)
-        if k >= self.n:
-            return z
-        if k == self.n - 1:
-            return self._solve_innermost(z)
-        j = k + 1
-        lo, hi = self.off[j - 1], self.off[j]
-        z = self.solve_from(z, j)
-        g = self.grad_reduced(j, z)[lo:hi]
-        gnorm = self.sh.norm(g)
-        d = dl.empty(hi - lo)
-        for it in range(self.lower_maxiter):
-            if gnorm <= self.lower_tol:
-                self.sh.lower_nit[j - 1] += it
-                return z
-            # inexact Newton on phi_j with a backtracking search on |grad phi_j|
-            dl.scale_into(d, -1.0, self.solve_block(j, z, g, rtol=min(0.5, math.sqrt(gnorm))))
-            t = 1.0
-            for _ in range(40):
-                z_try = _copy(z)
-                dl.axpy_into(z_try[lo:hi], z[lo:hi], t, d)
-                z_try = self.solve_from(z_try, j)
-                g_try = self.grad_reduced(j, z_try)[lo:hi]
-                gn_try = self.sh.norm(g_try)
-                if math.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
-                    break
-                t *= 0.5
-            else:
-                raise LevelFailure(4, j, f"level {j}: line search failed at |grad| = "
-                                         f"{gnorm:.3e}")
-            z, g, gnorm = z_try, g_try, gn_try
-        if gnorm <= self.lower_tol:
-            self.sh.lower_nit[j - 1] += self.lower_maxiter
-            return z
-        raise LevelFailure(1, j, f"level {j}: |grad| = {gnorm:.3e} after "
-                                 f"{self.lower_maxiter} iterations")
-
-    def grad_reduced(self, k, z):
-        """Total gradient of phi_k over x_<=k at a solved point (length ``off[k]``)."""
-        g = self.grad(k, z)
-        if k == self.n:
-            return g
-        o = self.off[k]
-        out = dl.empty(o)
-        dl.axpy_into(out, g[:o], 1.0, self.adjoint(k, z, g[o:]))
-        return out
-
-    def adjoint(self, k, z, w):
-        """``M_k^T w`` with ``M_k = d x_>k / d x_<=k`` (w over the blocks of levels > k)."""
-        o, o1 = self.off[k], self.off[k + 1]
-        if k + 1 == self.n:
-            a = w[:o1 - o]          # u = 0: a = w + u[o:o1] is w itself
-            u = None
-        else:
-            u = self.adjoint(k + 1, z, w[o1 - o:])
-            a = dl.empty(o1 - o)
-            dl.axpy_into(a, w[:o1 - o], 1.0, u[o:o1])
-        v = self.solve_block(k + 1, z, a)
-        c = self.hvp_reduced(k + 1, z, _embedded(o1, o, v))[:o]  # cross block: -J^T a = c
-        out = dl.empty(o)
-        if u is None:
-            dl.scale_into(out, -1.0, c)
-        else:
-            dl.axpy_into(out, u[:o], -1.0, c)
-        return out
-
-    def tangent(self, k, z, s):
-        """``M_k s``: the change of x_>k along a direction s of x_<=k (length ``N - off[k]``)."""
-        o, o1 = self.off[k], self.off[k + 1]
-        s1 = _embedded(o1, 0, s)
-        r = self.hvp_reduced(k + 1, z, s1)[o:o1]
-        out = dl.empty(self.N - o)
-        dl.scale_into(out[:o1 - o], -1.0, self.solve_block(k + 1, z, r))
-        if k + 1 == self.n:
-            return out
-        dl.copy(out[:o1 - o], s1[o:o1])
-        dl.copy(self.tangent(k + 1, z, s1), out[o1 - o:])
-        return out
-
-    def hvp_reduced(self, k, z, s):
-        """Hessian of phi_k (over x_<=k) times s, in this engine's mode."""
-        if k == self.n:
-            return self.hvp(k, z, s)
-        o = self.off[k]
-        out = dl.empty(o)
-        if self.mode == "fd":
-            zp, zm, eps = self._shifted(k, z, s)
-            dl.difference_quotient(out, self.grad_reduced(k, zp), self.grad_reduced(k, zm),
-                                   2.0 * eps)
-            return out
-        sh = _joined(s, self.tangent(k, z, s))
-        h = self.hvp(k, z, sh)
-        dl.axpy_into(out, h[:o], 1.0, self.adjoint(k, z, h[o:]))
-        if self.mode == "exact":
-            dl.axpy_into(out, out, 1.0, self.curvature(k, z, s, sh))
-        return out
-
-    def curvature(self, k, z, s, sh):
-        """``D_s[M_k^T w]`` at fixed ``w = grad_>k f_k``: the best-response curvature term."""
-        o = self.off[k]
-        w = self.grad(k, z)[o:]
-        out = dl.empty(o)
-        if k == self.n - 1:
-            # -[I, M^T] T_n[sh](0, v), v = H^{-1} w (third-order product of f_n)
-            v = self.solve_block(self.n, z, w)
-            q = self.tvp(self.n, z, sh, _embedded(self.N, o, v))
-            dl.axpy_into(out, q[:o], 1.0, self.adjoint(k, z, q[o:]))
-            dl.scale_into(out, -1.0, out)
-            return out
-        zp, zm, eps = self._shifted(k, z, s)
-        dl.difference_quotient(out, self.adjoint(k, zp, w), self.adjoint(k, zm, w), 2.0 * eps)
-        return out
-
-    def _shifted(self, k, z, s):
-        o = self.off[k]
-        sn, zn = self.sh.norms(s, z[:o])
-        eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
-        zp = _copy(z)
-        dl.axpy_into(zp[:o], z[:o], eps, s)
-        zm = _copy(z)
-        dl.axpy_into(zm[:o], z[:o], -eps, s)
-        return self.solve_from(zp, k), self.solve_from(zm, k), eps
-
     def oracle_calls(self):
         """Per level: ``grad``, ``hvp``, ``tvp`` (always 0: differences of hvp), ``value``."""
         return {f"level{k}": {"grad": int(c[UPPER_GRAD]), "hvp": int(c[UPPER_HVP]), "tvp": 0,
                               "value": int(c[UPPER_VALUE])}
                 for k, c in enumerate(self.sh.counts, 1)}
 
+    # -- solves on the device -----------------------------------------------------------------
+    def _innermost(self, z):
+        out, status, nit, gnorm, _ = lower_core(self.sh, z, "newton-cg", self.lower_tol,
+                                                self.lower_maxiter, -1.0)
+        return out, status, nit, gnorm
 
-class DeviceUnrolledEngine:
-    """The n-level unrolled baseline of Sato, Tanaka & Takeda (2021) on device vectors.
+    def _cg(self, j, z, b, rtol, maxiter):
+        op = _HyyOperator(self.sh, z) if j == self.n else _ReducedHessianBlock(self, j, z)
+        v, info, nit, res, _ = dl.cg_device(op, b, None, rtol, 0.0, maxiter,
+                                            counter=self.sh.counter)
+        return v, info, nit, res
 
-    Method for method the CPU :class:`mlocore._multilevel.UnrolledEngine` (same names,
-    arguments and order of operations): each lower level k is replaced by ``T_k`` gradient
-    steps with step ``beta_k`` on its unrolled reduced objective
-    ``phi~_k(x_<=k) = f_k(x_<=k, X_>k(x_<=k))``, every inner loop starting from the fixed
-    starts of levels 2..n, and the hypergradient is the gradient of ``f_1(x_1, X_>1(x_1))`` by
-    reverse mode through the nested loops. Level n's loop is the device gradient descent of
-    :func:`mlocore.cuda._implicit.lower_core` forwards (the CPU ``solve_lower_kernel`` with
-    ``GD``, tol 0) and, for its VJP, T stored steps and the adjoint recursion of the CPU
-    ``unrolled_vjp`` kernel (one level-n joint hvp per step back); the outer levels' loops
-    keep their iterates in a ``(T_k, d_k)`` device matrix, and their Hessian-vector products
-    are central differences of the unrolled gradient (as on the CPU). Vectors passed in are
-    never modified.
+    # -- vectors (host scalars: one counted read-back each) -----------------------------------
+    @staticmethod
+    def _add(a, b):
+        out = dl.empty(a.shape[0])
+        dl.axpy_into(out, a, 1.0, b)
+        return out
+
+    @staticmethod
+    def _sub(a, b):
+        out = dl.empty(a.shape[0])
+        dl.axpy_into(out, a, -1.0, b)
+        return out
+
+    @staticmethod
+    def _neg(a):
+        out = dl.empty(a.shape[0])
+        dl.scale_into(out, -1.0, a)
+        return out
+
+    @staticmethod
+    def _quotient(a, b, h):
+        out = dl.empty(a.shape[0])
+        dl.difference_quotient(out, a, b, h)
+        return out
+
+    @staticmethod
+    def _divide(a, h):
+        out = dl.empty(a.shape[0])
+        dl.difference_quotient(out, a, dl.zeros(a.shape[0]), h)
+        return out
+
+    _copy = staticmethod(_copy)
+    _join = staticmethod(_joined)
+    _embed = staticmethod(_embedded)
+
+    @staticmethod
+    def _set_block(z, lo, hi, v):
+        dl.copy(v, z[lo:hi])
+
+    @staticmethod
+    def _axpy_into(a, alpha, b):
+        dl.axpy_into(a, a, alpha, b)
+
+    @staticmethod
+    def _shift(z, lo, hi, t, d):
+        out = _copy(z)
+        dl.axpy_into(out[lo:hi], z[lo:hi], t, d)
+        return out
+
+    @staticmethod
+    def _nan(size):
+        out = dl.empty(size)
+        dl.fill(out, np.nan)
+        return out
+
+    def _norm(self, a):
+        return self.sh.norm(a)
+
+    def _norms(self, a, b):
+        return self.sh.norms(a, b)
+
+    def _all_finite(self, a):
+        self.sh.scalars.abs_sum(a, dl.S_AUX)
+        return math.isfinite(self.sh.scalars.read()[dl.S_AUX])
+
+    # -- results ------------------------------------------------------------------------------
+    def _outputs(self, grad, z, output):
+        if output == "numpy":
+            grad = to_host(grad, self.sh.counter)
+            z = to_host(z, self.sh.counter)
+            return grad, z, [z[self.p.block(k)].copy() for k in range(1, self.n + 1)]
+        return grad, z, [_copy(z[self.p.block(k)]) for k in range(1, self.n + 1)]
+
+    def _totals(self):
+        return (int(sum(c[UPPER_GRAD] for c in self.sh.counts)),
+                int(sum(c[UPPER_HVP] for c in self.sh.counts)))
+
+    def _annotate(self, result):
+        result.transfers = self.sh.counter.as_dict()
+
+
+class DeviceUnrolledEngine(UnrolledRecursion):
+    """The CUDA backend of :class:`mlocore._multilevel.UnrolledRecursion` (the n-level
+    unrolled baseline of Sato, Tanaka & Takeda 2021) on device vectors.
+
+    Level n's loop is the device gradient descent of :func:`mlocore.cuda._implicit.lower_core`
+    forwards (the CPU ``solve_lower_kernel`` with ``GD``, tol 0) and, for its VJP, T stored
+    steps and the adjoint recursion of the CPU ``unrolled_vjp`` kernel (one level-n joint hvp
+    per step back); the outer levels' loops keep their iterates on the device, and their
+    Hessian-vector products are central differences of the unrolled gradient (as on the CPU).
+    Vectors passed in are never modified.
 
     Read-backs (counted): the power iteration's ``v.Av`` and ``|Av|`` (one per iteration,
     only for levels whose step is not given) plus one host -> device copy of its start vector
@@ -489,15 +405,8 @@ class DeviceUnrolledEngine:
     """
 
     def __init__(self, problem, T, steps, starts, fd_step=None, shared=None):
-        self.p = problem
-        self.n = problem.n
-        self.off = problem.offsets
-        self.N = problem.size
-        self.T = T
-        self.beta = steps
-        self.starts = starts
-        self.fd_step = UNROLLED_FD_STEP if fd_step is None else fd_step
-        self.eng = DeviceMultilevelEngine(problem, "truncated", shared=shared)
+        super().__init__(problem, T, steps, starts, fd_step,
+                         DeviceMultilevelEngine(problem, "truncated", shared=shared))
         self.sh = self.eng.sh
         self._zeros = None
 
@@ -509,117 +418,20 @@ class DeviceUnrolledEngine:
         self.sh.scalars.dot(a, self._zeros[:a.shape[0]], dl.S_AUX)
         return self.sh.scalars.read()[dl.S_AUX] == 0.0
 
-    def _start(self, z, k):
-        """A new vector: z with the blocks of levels > k reset to the fixed starting points."""
-        o = self.off[k]
-        out = dl.empty(self.N)
-        dl.copy(z[:o], out[:o])
-        dl.copy(self.starts[o:], out[o:])
-        return out
+    def _power_start(self, d):
+        v0 = np.linspace(1.0, 2.0, d)
+        v0 /= np.linalg.norm(v0)
+        return to_device("v", v0, self.sh.counter, d)
 
-    def step_size(self, k, z):
-        """beta_k: 1/L from power iteration on the block Hessian of phi~_k at z."""
-        if self.beta[k] is None:
-            lo, hi = self.off[k - 1], self.off[k]
-            v0 = np.linspace(1.0, 2.0, hi - lo)
-            v0 /= np.linalg.norm(v0)
-            v = to_device("v", v0, self.sh.counter, hi - lo)
-            if self._zeros is None:
-                self._zeros = dl.zeros(self.N)
-            s = dl.zeros(hi)
-            lam = 0.0
-            for _ in range(15):
-                dl.copy(v, s[lo:hi])
-                w = self.hvp_unrolled(k, z, s)[lo:hi]
-                self.sh.scalars.dot(v, w, dl.S_AUX)
-                self.sh.scalars.dot(w, w, dl.S_AUX2)
-                r = self.sh.scalars.read()
-                lam = float(r[dl.S_AUX])
-                nw = math.sqrt(r[dl.S_AUX2])
-                if nw == 0 or not math.isfinite(nw):
-                    break
-                dl.difference_quotient(v, w, self._zeros[:hi - lo], nw)  # v = w / |w|
-            if not lam > 0:
-                raise LevelFailure(3, k, f"level {k}: the unrolled block Hessian is not "
-                                         "positive definite at the starting point")
-            self.beta[k] = 1.0 / (1.05 * lam)
-        return self.beta[k]
+    def _dot_norm(self, v, w):
+        self.sh.scalars.dot(v, w, dl.S_AUX)
+        self.sh.scalars.dot(w, w, dl.S_AUX2)
+        r = self.sh.scalars.read()
+        return float(r[dl.S_AUX]), math.sqrt(r[dl.S_AUX2])
 
-    def forward(self, k, z):
-        """z with levels k+1..n replaced by their unrolled outputs (from the fixed starts); a
-        new vector unless k >= n."""
-        if k >= self.n:
-            return z
-        z = self._start(z, k)
-        j = k + 1
-        lo, hi = self.off[j - 1], self.off[j]
-        beta = self.step_size(j, z)
-        if j == self.n:
-            out, status, _, _, _ = lower_core(self.sh, z, "gd", 0.0, self.T[j], beta)
-            if status == _low.NONFINITE:
-                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
-                                         f"(step {beta:.3e})")
-            return out
-        for _ in range(self.T[j]):
-            g = self.grad_unrolled(j, z)[lo:hi]
-            dl.axpy_into(z[lo:hi], z[lo:hi], -beta, g)
-            if not self.finite(z[lo:hi]):
-                raise LevelFailure(2, j, f"level {j}: unrolled iterates diverged "
-                                         f"(step {beta:.3e})")
-        return self.forward(j, z)
-
-    def grad_unrolled(self, j, z):
-        """Gradient of phi~_j over x_<=j (length ``off[j]``; the joint gradient for j = n)."""
-        zz = self.forward(j, z)
-        g = self.eng.grad(j, zz)
-        if j == self.n:
-            return g
-        o = self.off[j]
-        out = dl.empty(o)
-        dl.axpy_into(out, g[:o], 1.0, self.vjp(j, z, g[o:]))
-        return out
-
-    def hvp_unrolled(self, j, z, s):
-        """Hessian of phi~_j times s (s of length ``off[j]``)."""
-        if j == self.n:
-            return self.eng.hvp(j, z, s)
-        o = self.off[j]
-        zn, sn = self.sh.norms(z[:o], s)
-        eps = self.fd_step * (1.0 + zn) / max(sn, 1e-300)
-        zp = _copy(z)
-        dl.axpy_into(zp[:o], z[:o], eps, s)
-        zm = _copy(z)
-        dl.axpy_into(zm[:o], z[:o], -eps, s)
-        out = dl.empty(o)
-        dl.difference_quotient(out, self.grad_unrolled(j, zp), self.grad_unrolled(j, zm),
-                               2.0 * eps)
-        return out
-
-    def vjp(self, k, z, w):
-        """``w^T d X_>k / d x_<=k`` for the unrolled outputs X_>k (w over levels > k)."""
-        j = k + 1
-        lo, hi = self.off[k], self.off[j]
-        z = self._start(z, k)
-        beta = self.step_size(j, z)
-        if j == self.n:
-            return self._innermost_vjp(z, self.T[j], beta, w)
-        traj = _matrix(self.T[j], hi - lo)
-        for t in range(self.T[j]):  # forward through level j's loop, keeping its iterates
-            dl.copy(z[lo:hi], traj[t])
-            g = self.grad_unrolled(j, z)[lo:hi]
-            dl.axpy_into(z[lo:hi], z[lo:hi], -beta, g)
-        u = self.vjp(j, z, w[hi - lo:])
-        a = dl.empty(hi - lo)
-        dl.axpy_into(a, w[:hi - lo], 1.0, u[lo:hi])
-        g = _copy(u[:lo])
-        s = dl.zeros(hi)
-        for t in range(self.T[j] - 1, -1, -1):
-            dl.copy(traj[t], z[lo:hi])
-            dl.copy(a, s[lo:hi])
-            h = self.hvp_unrolled(j, z, s)
-            dl.axpy_into(g, g, -beta, h[:lo])
-            dl.axpy_into(a, a, -beta, h[lo:hi])
-        return g
+    def _unroll_innermost(self, z, T, beta):
+        out, status, _, _, _ = lower_core(self.sh, z, "gd", 0.0, T, beta)
+        return out, status
 
     def _innermost_vjp(self, z, T, beta, w):
         """``w^T d y_T / d x`` for T gradient steps of level n from the fixed y_0 = z[dx:]
@@ -649,9 +461,6 @@ class DeviceUnrolledEngine:
             dl.axpy_into(h, h, -beta, hv[:dx])
             dl.axpy_into(a, a, -beta, hv[dx:])
         return h
-
-    def oracle_calls(self):
-        return self.eng.oracle_calls()
 
 
 def check_multilevel_backend(problem, backend, where):
@@ -810,7 +619,7 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
     if not problem._checked:
         eng.check_at(z)
         problem._checked = True
-    return _hypergrad_with(eng, z, lower_solved, output)
+    return eng.hypergrad_at(z, lower_solved, output)
 
 
 def _is_default(value, default):
@@ -819,61 +628,12 @@ def _is_default(value, default):
     return isinstance(value, (str, numbers.Real)) and value == default
 
 
-def _hypergrad_with(eng, z, lower_solved, output):
-    p, sh = eng.p, eng.sh
-    d1 = p.dims[0]
-    status, detail = 0, ""
-    grad = dl.empty(d1)
-    dl.fill(grad, np.nan)
-    fun = np.nan
-    try:
-        if not lower_solved:
-            z = eng.solve_from(z, 1)
-        grad = eng.grad_reduced(1, z)[:d1]
-        fun = eng.value(1, z)
-        sh.scalars.abs_sum(grad, dl.S_AUX)
-        if not math.isfinite(sh.scalars.read()[dl.S_AUX]):
-            status, detail = 6, ""
-    except LevelFailure as fail:
-        status, detail = fail.status, fail.detail
-    if output == "numpy":
-        grad = to_host(grad, sh.counter)
-        z = to_host(z, sh.counter)
-        xs = [z[p.block(k)].copy() for k in range(1, p.n + 1)]
-    else:
-        xs = [_copy(z[p.block(k)]) for k in range(1, p.n + 1)]
-    out = HypergradResult(
-        grad=grad, z=z, xs=xs, fun=fun, method=eng.mode, success=status == 0,
-        status=int(status), message=status_message(status, detail),
-        lower_nit=sh.lower_nit.copy(), nit=int(sh.lower_nit.sum()),
-        oracle_calls=eng.oracle_calls())
-    out.ngrad = int(sum(c[UPPER_GRAD] for c in sh.counts))
-    out.nhvp = int(sum(c[UPPER_HVP] for c in sh.counts))
-    out.transfers = sh.counter.as_dict()
-    return out
-
-
-
 def unrolled_core(ueng, z, value_only=False):
     """The CPU ``unrolled_multilevel_hypergrad``'s computation on the device, from the joint
     device vector z (x_1 and the starts; not modified). Returns ``(grad, zz, fun, status,
     detail)``: device vectors ``grad`` (d_1; NaN unless computed) and ``zz`` (the unrolled
     outputs, or z when the forward pass failed)."""
-    d1 = ueng.p.dims[0]
-    status, detail = 0, ""
-    grad = dl.empty(d1)
-    dl.fill(grad, np.nan)
-    fun, zz = np.nan, z
-    try:
-        if not value_only:
-            grad = ueng.grad_unrolled(1, z)[:d1]
-        zz = ueng.forward(1, z)
-        fun = ueng.eng.value(1, zz)
-        if not value_only and not ueng.finite(grad):
-            status = 6
-    except LevelFailure as fail:
-        status, detail = fail.status, fail.detail
-    return grad, zz, fun, status, detail
+    return ueng.core(z, value_only)
 
 
 def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
@@ -904,19 +664,4 @@ def unrolled_multilevel_hypergrad(problem, xs, T=50, steps=None, fd_step=None,
     if not problem._checked:
         ueng.eng.check_at(z)
         problem._checked = True
-    grad, zz, fun, status, detail = unrolled_core(ueng, z, value_only)
-    sh, p = ueng.sh, problem
-    if output == "numpy":
-        grad = to_host(grad, sh.counter)
-        zz = to_host(zz, sh.counter)
-        xs_out = [zz[p.block(k)].copy() for k in range(1, p.n + 1)]
-    else:
-        xs_out = [_copy(zz[p.block(k)]) for k in range(1, p.n + 1)]
-    out = HypergradResult(
-        grad=grad, z=zz, xs=xs_out, fun=fun, method="itd", success=status == 0,
-        status=int(status), message=status_message(status, detail), T=Ts[2:],
-        step=betas[2:], nit=int(Ts[2]), oracle_calls=ueng.oracle_calls())
-    out.ngrad = int(sum(c[UPPER_GRAD] for c in sh.counts))
-    out.nhvp = int(sum(c[UPPER_HVP] for c in sh.counts))
-    out.transfers = sh.counter.as_dict()
-    return out
+    return ueng.hypergrad_at(z, value_only, output)

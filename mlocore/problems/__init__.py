@@ -58,10 +58,11 @@ load_poisoning_trilevel(n_train=8, n_val=40, features=("bmi", "bp", "s5"), seed=
 from .cleaning import DataCleaning, load_digits_cleaning, make_cleaning
 from .logistic import (BilevelReference, LogisticHyperparameter, load_breast_cancer_logistic,
                        make_logistic, make_logistic_ijcnn1_like)
-from .multilevel import (NLevelQuadratic, NonquadraticTrilevel, PoisoningTrilevel,
-                         TrilevelQuadratic, load_poisoning_trilevel, make_nlevel_quadratic,
-                         make_nonquadratic_trilevel, make_trilevel_quadratic)
+from .nlevel_quadratic import NLevelQuadratic, make_nlevel_quadratic
+from .nonquadratic_trilevel import NonquadraticTrilevel, make_nonquadratic_trilevel
+from .poisoning import PoisoningTrilevel, load_poisoning_trilevel
 from .quadratic import QuadraticBilevel, make_quadratic
+from .trilevel_quadratic import TrilevelQuadratic, make_trilevel_quadratic
 
 __all__ = ["QuadraticBilevel", "make_quadratic", "LogisticHyperparameter", "make_logistic",
            "make_logistic_ijcnn1_like", "load_breast_cancer_logistic", "DataCleaning",
