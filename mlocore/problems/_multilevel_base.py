@@ -1,11 +1,16 @@
 """Shared pieces of the multilevel problem families: input checks and the nested reference
 solver of the trilevel problems (slow, dense, NumPy), plus the launch helper of their device
-callbacks (the CUDA stack is imported on first use only)."""
+callbacks."""
 from __future__ import annotations
 
 import numbers
 
 import numpy as np
+
+from ..cuda import _linalg as dl
+from ..cuda._multilevel import DeviceMultilevelProblem
+from ..cuda._problem import DeviceObjective
+from .cuda_callbacks import _reduce_to_host
 
 
 def _c64(a):
@@ -38,29 +43,24 @@ def _spd(rng, d, lo, hi):
 
 def _launch(kernel, n, *args):
     """Launch a one-dimensional device kernel over n entries (grid-stride loops)."""
-    from ..cuda import _linalg as dl
     kernel[dl.grid_for(n), dl.THREADS_PER_BLOCK](*args)
 
 
 def _device_empty(n):
-    from ..cuda import _linalg as dl
     return dl.empty(n)
 
 
 def _device_sum(terms):
     """The sum of a device vector, read back to the host (one uncounted read-back, as every
     value callback of :mod:`mlocore.problems.cuda_callbacks`)."""
-    from .cuda_callbacks import _reduce_to_host
     return _reduce_to_host(terms)
 
 
 def _device_problem(levels, dims):
-    from ..cuda._multilevel import DeviceMultilevelProblem
     return DeviceMultilevelProblem(levels, dims)
 
 
 def _device_objective(grad, **kw):
-    from ..cuda._problem import DeviceObjective
     return DeviceObjective(grad, **kw)
 
 
