@@ -18,7 +18,8 @@ from ._callbacks import CallbackError
 from ._kernels import lower as _low
 from ._multilevel import LevelFailure
 from ._results import counts_dict, status_message
-from ._validation import check_int, check_positive
+from ._options import LowerOptions, default_linear_maxiter
+from ._validation import check_choice, check_int, check_positive
 
 __all__ = ["BILEVEL_METHODS", "descent_loop", "descent_options", "multilevel_descent_options",
            "driver_closures", "multilevel_descent", "HyperObjectiveBase"]
@@ -253,6 +254,25 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
 class HyperObjectiveBase(metaclass=ABCMeta):
     """What :class:`mlocore.HyperObjective` does on every backend: count the calls, keep the
     last result, and refuse to hand scipy a failed or non-finite hypergradient."""
+
+    METHODS = ("cg", "direct", "neumann")
+
+    def _set_options(self, problem, method, tol, lower_method, lower_tol, lower_maxiter,
+                     maxiter):
+        """Validate and keep the options (both backends validate them here)."""
+        check_choice("method", method, self.METHODS)
+        if problem.upper.value is None:
+            raise ValueError("HyperObjective needs the upper objective's value callback")
+        self.problem = problem
+        self.method = method
+        self.tol = check_positive("tol", tol, allow_zero=True)
+        self.lower = LowerOptions(lower_method,
+                                  min(self.tol, 1e-10) if lower_tol is None else lower_tol,
+                                  lower_maxiter, None)
+        self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
+            check_int("maxiter", maxiter, 0)
+        self.ncalls = 0
+        self.last = None
 
     @property
     def oracle_calls(self):

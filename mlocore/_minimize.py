@@ -14,12 +14,11 @@ from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
 from ._multilevel import (MULTILEVEL_MODES, MultilevelEngine, as_joint,
                           unrolled_multilevel_hypergrad)
-from ._options import LowerOptions, default_linear_maxiter
+from ._options import LowerOptions
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
 from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
-from ._validation import (as_vector, check_backend, check_choice, check_cpu_output,
-                          check_int, check_positive)
+from ._validation import as_vector, check_backend, check_choice, check_cpu_output
 from .cuda._drivers import DeviceHyperObjective
 from .cuda._drivers import minimize_multilevel as _minimize_multilevel_cuda
 from .cuda._minimize import minimize_bilevel as _minimize_cuda
@@ -409,22 +408,11 @@ class HyperObjective(HyperObjectiveBase):
     def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
                  lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
         _check_problem(problem)
-        check_choice("method", method, ("cg", "direct", "neumann"))
-        if problem.upper.value is None:
-            raise ValueError("HyperObjective needs the upper objective's value callback")
-        self.problem = problem
-        self.method = method
+        self._set_options(problem, method, tol, lower_method, lower_tol, lower_maxiter,
+                          maxiter)
         self.y = as_vector("y0", y0, problem.dy)
         self.v = np.zeros(problem.dy)
-        self.tol = check_positive("tol", tol, allow_zero=True)
-        self.lower = LowerOptions(lower_method,
-                                  min(self.tol, 1e-10) if lower_tol is None else lower_tol,
-                                  lower_maxiter, None)
-        self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
-            check_int("maxiter", maxiter, 0)
         self._counts = new_counts()
-        self.ncalls = 0
-        self.last = None
         self._comp = None
 
     def __call__(self, x):

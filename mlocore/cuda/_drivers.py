@@ -15,12 +15,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from .._options import LowerOptions, default_linear_maxiter
 from .._kernels.oracles import UPPER_GRAD, UPPER_HVP, UPPER_VALUE
 from .._descent import HyperObjectiveBase, multilevel_descent, multilevel_descent_options
 from .._multilevel import MULTILEVEL_MODES
 from .._results import status_message
-from .._validation import as_vector, check_choice, check_int, check_positive
+from .._validation import as_vector, check_choice, check_positive
 from . import _linalg as dl
 from ._device import to_device, to_host
 from ._implicit import _Session, _implicit, check_problem_backend
@@ -28,9 +27,6 @@ from ._multilevel import (DeviceMultilevelEngine, DeviceUnrolledEngine, _as_join
                           check_multilevel_backend, unrolled_core, unrolled_options)
 
 __all__ = ["DeviceHyperObjective", "minimize_multilevel"]
-
-HYPEROBJECTIVE_METHODS = ("cg", "direct", "neumann")
-
 
 class DeviceHyperObjective(HyperObjectiveBase):
     """:class:`mlocore.HyperObjective` for a :class:`~mlocore.cuda.DeviceBilevelProblem`:
@@ -74,24 +70,12 @@ class DeviceHyperObjective(HyperObjectiveBase):
     def __init__(self, problem, y0, method="cg", *, tol=1e-10, lower_method="newton-cg",
                  lower_tol=None, lower_maxiter=1000, maxiter=None, backend=None):
         check_problem_backend(problem, backend, "HyperObjective")
-        check_choice("method", method, HYPEROBJECTIVE_METHODS)
-        if problem.upper.value is None:
-            raise ValueError("HyperObjective needs the upper objective's value callback")
-        self.problem = problem
-        self.method = method
+        self._set_options(problem, method, tol, lower_method, lower_tol, lower_maxiter,
+                          maxiter)
         self._sess = _Session(problem)
         self.y_device = to_device("y0", y0, self._sess.counter, problem.dy)
         self.v_device = None
-        self.tol = check_positive("tol", tol, allow_zero=True)
-        self.lower = LowerOptions(lower_method,
-                                    min(self.tol, 1e-10) if lower_tol is None else lower_tol,
-                                    lower_maxiter, None)
-        self.maxiter = default_linear_maxiter(method, problem.dy) if maxiter is None else \
-            check_int("maxiter", maxiter, 0)
         self._counts = self._sess.counts
-        self.ncalls = 0
-        self.last = None
-        self._comp = None
 
     @property
     def y(self):
