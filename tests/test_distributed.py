@@ -88,6 +88,11 @@ def client():
     cluster.close()
 
 
+def _client(request, mode):
+    """The module's cluster client for mode "dask" (skipped without dask), else "serial"."""
+    return request.getfixturevalue("client") if mode == "dask" else "serial"
+
+
 def _serial(fn, build, params, **options):
     return fn(build, params, client="serial", **options)
 
@@ -168,8 +173,8 @@ def test_worker_killed_mid_run(client, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["serial", "dask"])
-def test_store_resume(client, tmp_path, mode):
-    cl = client if mode == "dask" else "serial"
+def test_store_resume(request, tmp_path, mode):
+    cl = _client(request, mode)
     calls, store = tmp_path / "calls", tmp_path / "store"
     calls.mkdir()
     first = mld.minimize_many(build_counted, SEEDS[1::2], client=cl, store=store,
@@ -191,8 +196,8 @@ def test_store_resume(client, tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["serial", "dask"])
-def test_failing_problem_isolated(client, mode):
-    cl = client if mode == "dask" else "serial"
+def test_failing_problem_isolated(request, mode):
+    cl = _client(request, mode)
     res = mld.minimize_many(build_failing, [0, 1, 2, 3, 4], client=cl, **OPTS)
     assert [r.success for r in res] == [True, True, False, False, True]
     assert "param 2" in res[2].message and "build raised RuntimeError" in res[2].message
@@ -210,8 +215,8 @@ def test_failing_problem_isolated(client, mode):
     ("arity", "BilevelProblem with 1 more item; expected (problem, x0, y0)"),
     ("not-a-problem", "first item is a str"),
 ])
-def test_malformed_build_raises(client, mode, kind, expect):
-    cl = client if mode == "dask" else "serial"
+def test_malformed_build_raises(request, mode, kind, expect):
+    cl = _client(request, mode)
     with pytest.raises(ValueError, match=r"build\('" + kind + r"'\) returned") as info:
         mld.minimize_many(build_malformed, ["ok", kind, "ok"], client=cl, **OPTS)
     assert expect in str(info.value)
@@ -264,3 +269,17 @@ def test_import_does_not_import_dask():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(mlocore.__file__)))
     assert out.stdout.strip() == "False"
+
+
+def test_default_client_starts_and_closes_a_local_cluster(monkeypatch):
+    pytest.importorskip("dask.distributed")
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one worker: a fast start
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. the dashboard port is taken
+        res = mld.hypergrad_many(build_quad, [0, 1, 2], **HG_OPTS)
+    _same(res, _serial(mld.hypergrad_many, build_quad, [0, 1, 2], **HG_OPTS), "grad")
+    left = {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE} - children
+    assert not left
