@@ -18,7 +18,8 @@ On a cluster:
 - Results stream back as chunks finish (``as_completed``); with ``store=`` each one is
   written to disk at once, and a rerun with the same store loads what is done.
 - A worker that dies costs only its unfinished chunks: Dask reschedules them on the other
-  workers (up to the scheduler's ``allowed-failures``).
+  workers; a chunk whose workers died more often than the scheduler's ``allowed-failures``
+  gives failed results for its params.
 
 Errors:
 
@@ -192,8 +193,13 @@ class _Store:
         path, key = self.file(param)
         if not os.path.exists(path):
             return None
-        with open(path, "rb") as fh:
-            stored_key, res = pickle.load(fh)
+        try:
+            with open(path, "rb") as fh:
+                stored_key, res = pickle.load(fh)
+        except Exception as exc:  # unreadable (another version, truncated by hand): redo
+            warnings.warn(f"store file {path} cannot be read ({type(exc).__name__}: {exc}); "
+                          "solving its param again", stacklevel=4)
+            return None
         return res if stored_key == key else None
 
     def save(self, param, res):
@@ -357,14 +363,23 @@ def _run_dask(kind, build, options, todo, client, chunksize, with_data, data, re
     run_id = uuid.uuid4().hex[:12]
     blob_f = client.scatter(blob, broadcast=True, hash=False)
     data_f = client.scatter(data, broadcast=True) if with_data else None
-    futures = [
-        client.submit(_run_chunk_on_worker, kind, token, blob_f, todo[s:s + size], with_data,
-                      data_f, key=f"mlocore-{kind}-many-{run_id}-{s // size}",
-                      retries=retries, pure=False)
-        for s in range(0, len(todo), size)]
+    chunks = {}
+    for s in range(0, len(todo), size):
+        fut = client.submit(_run_chunk_on_worker, kind, token, blob_f, todo[s:s + size],
+                            with_data, data_f, key=f"mlocore-{kind}-many-{run_id}-{s // size}",
+                            retries=retries, pure=False)
+        chunks[fut.key] = (fut, todo[s:s + size])
+    futures = [fut for fut, _ in chunks.values()]
     try:
         for fut in dd.as_completed(futures):
-            finish(fut.result())
+            if fut.status == "error":
+                # the task itself failed (e.g. its worker died more often than the scheduler
+                # allows): each param of the chunk gets a failed result
+                exc = fut.exception()
+                finish([(index, "ok", _failed(param, "its Dask task", exc))
+                        for index, param in chunks[fut.key][1]])
+            else:
+                finish(fut.result())
             fut.release()
     finally:
         client.cancel(futures)

@@ -49,6 +49,11 @@ def build_killer(seed, marker):
     return build_quad(seed)
 
 
+def build_always_killer(seed):
+    """Kills its worker process at every attempt."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def build_failing(seed):
     if seed == 2:
         raise RuntimeError("no data for this fold")
@@ -170,6 +175,19 @@ def test_worker_killed_mid_run(client, tmp_path):
     ser = mld.minimize_many(build_killer, list(range(8)), client="serial", data=marker, **OPTS)
     _same(par, ser, "x")
     assert all(r.success for r in par)
+
+
+def test_task_that_always_kills_its_worker_fails_alone(client):
+    scheduler = client.cluster.scheduler
+    allowed = scheduler.allowed_failures
+    scheduler.allowed_failures = 0  # the first death fails the task (default: 3 retries)
+    try:
+        res = mld.minimize_many(build_always_killer, [7], client=client, **OPTS)
+    finally:
+        scheduler.allowed_failures = allowed
+        client.wait_for_workers(2, timeout=60)
+    assert not res[0].success and res[0].param == 7
+    assert "param 7: its Dask task raised KilledWorker" in res[0].message
 
 
 @pytest.mark.parametrize("mode", ["serial", "dask"])
