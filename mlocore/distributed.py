@@ -361,8 +361,11 @@ def _run_dask(kind, build, options, todo, client, chunksize, with_data, data, re
     n_workers = max(1, sum(client.nthreads().values()))
     size = chunksize or default_chunksize(len(todo), n_workers)
     run_id = uuid.uuid4().hex[:12]
-    blob_f = client.scatter(blob, broadcast=True, hash=False)
-    data_f = client.scatter(data, broadcast=True) if with_data else None
+    # scattered in a list so that a dict or a list is sent as one object (scatter splits
+    # containers), under a fresh key (hash=False) so that runs never share or release
+    # each other's data
+    blob_f = client.scatter([blob], broadcast=True, hash=False)[0]
+    data_f = client.scatter([data], broadcast=True, hash=False)[0] if with_data else None
     chunks = {}
     for s in range(0, len(todo), size):
         fut = client.submit(_run_chunk_on_worker, kind, token, blob_f, todo[s:s + size],

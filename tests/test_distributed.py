@@ -155,12 +155,19 @@ def test_multilevel_equals_serial(client):
 
 
 def test_shared_data_scattered(client):
-    data = {"offset": 10, "scale": 2.0}
+    data = {"offset": 10, "scale": 2.0, "X": np.ones((300, 30)),
+            "folds": [np.arange(50)] * 3}
     ser = mld.minimize_many(build_quad_data, SEEDS[:4], client="serial", data=data, **OPTS)
     par = mld.minimize_many(build_quad_data, SEEDS[:4], client=client, data=data, **OPTS)
     _same(par, ser, "x")
     ref = mlocore.minimize_bilevel(*build_quad_data(1, data), **OPTS)
     assert np.array_equal(par[1].x, ref.x)
+    # a dict is sent as one object under a key of its own: later runs with the same data do
+    # not lose it when an earlier run's copy is released (they would hang)
+    for chunksize in (4, None, 1, 4):
+        again = mld.minimize_many(build_quad_data, SEEDS[:4], client=client, data=data,
+                                  chunksize=chunksize, **OPTS)
+        _same(again, ser, "x")
 
 
 def test_worker_killed_mid_run(client, tmp_path):
