@@ -16,7 +16,8 @@ On a cluster:
   (``build(param, data)``).
 - Params are grouped into chunks (one Dask task each) to amortize the per-task overhead.
 - Results stream back as chunks finish (``as_completed``); with ``store=`` each one is
-  written to disk at once, and a rerun with the same store loads what is done.
+  written to disk at once (by the calling process), and a rerun with the same store loads
+  what is done.
 - A worker that dies costs only its unfinished chunks: Dask reschedules them on the other
   workers; a chunk whose workers died more often than the scheduler's ``allowed-failures``
   gives failed results for its params.
@@ -108,6 +109,11 @@ def _failed(param, stage, exc):
         message=f"param {_describe_param(param)}: {stage} raised {type(exc).__name__}: {exc}",
         param=param, traceback="".join(traceback.format_exception(type(exc), exc,
                                                                   exc.__traceback__)))
+
+
+def _raised(res):
+    """Whether ``res`` is the failed result of a build or solver that raised."""
+    return res.get("status") == -1 and "traceback" in res
 
 
 def _solve_one(kind, build, options, param, with_data, data):
@@ -325,7 +331,7 @@ def _many(kind, build, params, client, store, progress, chunksize, data, retries
             if tag == "malformed":
                 raise ValueError(value)
             results[index] = value
-            if st is not None and value.success:
+            if st is not None and not _raised(value):
                 st.save(value.param, value)
             bar.update(value)
 
@@ -409,10 +415,10 @@ def minimize_many(build, params, *, client=None, store=None, progress=False, chu
         serially with a warning. "serial": in the calling process. A Client: on its cluster.
         Results are the same bit for bit in every mode.
     store : str or path, optional
-        A directory: each successful result is written at once to its own pickle file
-        (named by a hash of the param; temp file + ``os.replace``); params found there are
-        loaded, not solved again. Failed results are not stored (a rerun retries them). A
-        store belongs to one ``build`` and one set of options.
+        A directory: each result is written at once to its own pickle file (named by a hash
+        of the param; temp file + ``os.replace``); params found there are loaded, not solved
+        again. Results of problems whose build or solver raised are not stored (a rerun
+        retries them). A store belongs to one ``build`` and one set of options.
     progress : bool
         Show progress (tqdm when installed, else one line per result on stderr).
     chunksize : int, optional

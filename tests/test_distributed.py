@@ -220,6 +220,19 @@ def test_store_resume(request, tmp_path, mode):
     _same(again, full, "x")
 
 
+def test_store_keeps_unconverged_results_but_not_raised_ones(tmp_path):
+    res = mld.minimize_many(build_failing, [1, 2], client="serial", store=tmp_path,
+                            method="aid", maxiter=2)
+    assert not res[0].success and res[0].status != -1  # maxiter: a finished result
+    assert not res[1].success and res[1].status == -1  # build raised
+    (name,) = os.listdir(tmp_path)
+    stamp = os.stat(tmp_path / name).st_mtime_ns
+    again = mld.minimize_many(build_failing, [1], client="serial", store=tmp_path,
+                              method="aid", maxiter=2)
+    assert np.array_equal(again[0].x, res[0].x) and again[0].nit == res[0].nit == 2
+    assert os.stat(tmp_path / name).st_mtime_ns == stamp  # loaded, not solved and rewritten
+
+
 @pytest.mark.parametrize("mode", ["serial", "dask"])
 def test_failing_problem_isolated(request, mode):
     cl = _client(request, mode)
