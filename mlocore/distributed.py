@@ -49,6 +49,10 @@ from collections import OrderedDict
 import numpy as np
 from scipy.optimize import OptimizeResult
 
+from ._hypergrad import hypergrad
+from ._minimize import minimize_bilevel, minimize_multilevel
+from ._problem import BilevelProblem, MultilevelProblem
+
 __all__ = ["minimize_many", "hypergrad_many"]
 
 _DASK_HINT = 'pip install "mlocore[dask]"'
@@ -75,7 +79,6 @@ def _describe_param(param):
 
 def _unpack(built, param, kind):
     """Check ``build``'s return value; returns ``(problem, args, multilevel)``."""
-    from ._problem import BilevelProblem, MultilevelProblem
     p = _describe_param(param)
     bilevel_form = "(problem, x, y)" if kind == "hypergrad" else "(problem, x0, y0)"
     multi_form = "(problem, xs)" if kind == "hypergrad" else "(problem, x0s)"
@@ -118,7 +121,6 @@ def _raised(res):
 
 def _solve_one(kind, build, options, param, with_data, data):
     """``("ok", result)`` or ``("malformed", message)`` for one param."""
-    import mlocore as mlo
     try:
         built = build(param, data) if with_data else build(param)
     except Exception as exc:  # a failing problem is its own failed result
@@ -129,11 +131,11 @@ def _solve_one(kind, build, options, param, with_data, data):
         return "malformed", str(exc)
     try:
         if kind == "hypergrad":
-            res = mlo.hypergrad(problem, *args, **options)
+            res = hypergrad(problem, *args, **options)
         elif multilevel:
-            res = mlo.minimize_multilevel(problem, *args, **options)
+            res = minimize_multilevel(problem, *args, **options)
         else:
-            res = mlo.minimize_bilevel(problem, *args, **options)
+            res = minimize_bilevel(problem, *args, **options)
     except Exception as exc:
         name = "hypergrad" if kind == "hypergrad" else \
             "minimize_multilevel" if multilevel else "minimize_bilevel"
