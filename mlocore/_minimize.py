@@ -166,7 +166,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         ``steps`` (the final schedules), ``step_reductions`` (halvings after divergence),
         ``time`` (seconds in the compiled loops, wasted ones included).
     """
-    from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
+    from .stochastic import STOCHASTIC_METHODS, minimize_stochastic
     stochastic = method not in BILEVEL_METHODS or (
         method in ("aid", "alternating") and options.get("batch_size") is not None)
     if stochastic:

@@ -23,7 +23,8 @@ from ._implicit import hypergrad, solve_lower
 from ._unrolled import unrolled_hypergrad
 from ._minimize import minimize_bilevel
 from ._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
-from ._stochastic import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
+from ..stochastic import DEVICE_STOCHASTIC_METHODS
+from ..stochastic import minimize_device as minimize_stochastic
 from ._direct import direct_device, solve_direct
 from ._drivers import DeviceHyperObjective, minimize_multilevel
 from ._linalg import cg_device, neumann_device, power_iteration_device
