@@ -1,13 +1,20 @@
 """Stochastic bilevel core: samplers, Neumann estimators, the driver, and the implicit-gradient
 family (alternating, BSA, StocBiO, AID, TTSA, SOBA) on the closed-form stochastic quadratic.
 """
+import importlib.util
+import os
+import shutil
+import sys
+
 import numpy as np
 import pytest
 from numba import njit
 from scipy.optimize import minimize
 
 import mlocore as mlo
+import mlocore.stochastic
 from mlocore._callbacks import CallbackError, call_kernel
+from mlocore._kernels import guard_cache, kernel_sources
 from mlocore.stochastic import _sampling as sk
 from mlocore.stochastic._driver import _level_sampling
 from mlocore.problems import make_quadratic
@@ -399,9 +406,9 @@ def test_inputs_are_not_modified(q):
 
 
 def test_rewind_resumes_from_last_checkpoint_then_from_the_start():
-    from mlocore.stochastic._spec import _Rewind
+    from mlocore.stochastic._spec import Rewind
     state = np.zeros(3)
-    rw = _Rewind((state,))
+    rw = Rewind((state,))
     rw.checkpoint(0, 0.0)
     state[:] = 1.0
     rw.checkpoint(10, 1.7)
@@ -421,9 +428,6 @@ def test_rewind_resumes_from_last_checkpoint_then_from_the_start():
 
 def _numpy_loops():
     """``benchmarks/numpy_loops_implicit.py``: plain NumPy loops of these six methods."""
-    import importlib.util
-    import os
-    import sys
     name = "numpy_loops_implicit"
     if name not in sys.modules:
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -448,11 +452,7 @@ def test_kernel_matches_numpy_loop(method):
 def test_cache_guard_clears_the_package_cache_when_a_building_block_changes(tmp_path):
     """The method kernels inline ``_sampling.py`` (numba does not track that): editing it,
     or a kernel source of ``mlocore._kernels``, changes the stamp and clears the cache."""
-    import os
-    import shutil
-    import mlocore.stochastic as pkg
-    from mlocore._kernels import guard_cache, kernel_sources
-    src = os.path.dirname(pkg.__file__)
+    src = os.path.dirname(mlocore.stochastic.__file__)
     pkg_dir = tmp_path / "stochastic"
     pkg_dir.mkdir()
     for name in os.listdir(src):

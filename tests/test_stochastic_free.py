@@ -113,7 +113,7 @@ def _saba_kernel_inputs(q, batch_size, memory_init, x0, y0, v0, seed=3):
     from mlocore._hypergrad import _compiled
     from mlocore._kernels.oracles import N_COUNTERS
     from mlocore.stochastic import METHODS
-    from mlocore.stochastic._spec import _Context
+    from mlocore.stochastic._spec import Context
     from mlocore.stochastic._driver import (_kernel_args, _level_sampling,
                                      _projection)
     prob = q.stochastic_problem
@@ -122,7 +122,7 @@ def _saba_kernel_inputs(q, batch_size, memory_init, x0, y0, v0, seed=3):
     np_rng = np.random.default_rng(seed)
     samp_u, n_u, bs_u = _level_sampling(prob.upper, "upper", batch_size, "batches", np_rng)
     samp_l, n_l, bs_l = _level_sampling(prob.lower, "lower", batch_size, "batches", np_rng)
-    ctx = _Context(prob, x0, y0, n_u, n_l, bs_u, bs_l, None)
+    ctx = Context(prob, x0, y0, n_u, n_l, bs_u, bs_l, None)
     ctx.sampler = "batches"
     work, fx, ix = spec.setup(ctx, {"memory_init": memory_init})
     work[:DY] = v0

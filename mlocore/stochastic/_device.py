@@ -51,10 +51,10 @@ from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
                                 N_COUNTERS, UPPER_GRAD, UPPER_HVP, UPPER_VALUE)
 from .._problem import Ball
 from . import _sampling as _sk
-from ._sampling import (_INV_2_53, _U64_GOLDEN, _U64_M1, _U64_M2, _U64_S11, _U64_S27,
-                        _U64_S30, _U64_S31)
+from ._sampling import (INV_2_53, U64_GOLDEN, U64_M1, U64_M2, U64_S11, U64_S27,
+                        U64_S30, U64_S31)
 from ._cudajit import LazyModule, device_function, kernel
-from ._spec import _Context, _Rewind, power_on_differences, step_at
+from ._spec import Context, Rewind, power_on_differences, step_at
 
 __all__ = ["DeviceRun", "DeviceMethod", "launch", "cuda", "dl"]
 
@@ -113,14 +113,14 @@ def _copy_states_kernel(src, dst):
 
 
 @kernel
-def _lower_sgd_kernel(z, g, dx, beta):
+def lower_sgd_kernel(z, g, dx, beta):
     """``y <- y - beta grad_y g`` (the y block of z and of the joint gradient g)."""
     for i in range(dx + cuda.grid(1), z.shape[0], cuda.gridsize(1)):
         z[i] -= beta * g[i]
 
 
 @kernel
-def _neumann_factor_kernel(p, acc, h, dx, eta):
+def neumann_factor_kernel(p, acc, h, dx, eta):
     """One factor of StocBiO's Neumann sum: ``p <- p - eta H_yy p``; ``acc <- acc + p``."""
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         p[i] -= eta * h[dx + i]
@@ -128,7 +128,7 @@ def _neumann_factor_kernel(p, acc, h, dx, eta):
 
 
 @kernel
-def _upper_step_kernel(z, gf, h, alpha, dx):
+def upper_step_kernel(z, gf, h, alpha, dx):
     """``x <- x - alpha (grad_x f - H_xy v)`` (the x block of z)."""
     for i in range(cuda.grid(1), dx, cuda.gridsize(1)):
         z[i] -= alpha * (gf[i] - h[i])
@@ -154,7 +154,7 @@ def _combine_kernel(out, a, wa, b, wb, c):
 
 
 @kernel
-def _neumann_step_kernel(p, h, dx, eta):
+def neumann_step_kernel(p, h, dx, eta):
     """One factor of the randomized Neumann estimator: ``p <- p - eta H_yy p``."""
     for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
         p[i] -= eta * h[dx + i]
@@ -164,22 +164,22 @@ def _neumann_step_kernel(p, h, dx, eta):
 # device counterpart of the CPU's SplitMix64 normals ---------------------------------
 @device_function
 def _splitmix_mix(z):
-    z = (z ^ (z >> _U64_S30)) * _U64_M1
-    z = (z ^ (z >> _U64_S27)) * _U64_M2
-    return z ^ (z >> _U64_S31)
+    z = (z ^ (z >> U64_S30)) * U64_M1
+    z = (z ^ (z >> U64_S27)) * U64_M2
+    return z ^ (z >> U64_S31)
 
 
 @kernel
-def _normals_kernel(out, s0):
+def normals_kernel(out, s0):
     """``out[m]``: the m-th standard normal of the CPU's ``rand_normal`` stream from the
     SplitMix64 state s0 (Box-Muller on draws 2m + 1 and 2m + 2: ``u = 1 - U``, ``v = U``,
     ``sqrt(-2 log u) cos(2 pi v)``)."""
     for m in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
         k = np.uint64(2 * m + 1)
-        a = _splitmix_mix(s0 + k * _U64_GOLDEN)
-        b = _splitmix_mix(s0 + (k + _ONE) * _U64_GOLDEN)
-        u = 1.0 - float(a >> _U64_S11) * _INV_2_53
-        v = float(b >> _U64_S11) * _INV_2_53
+        a = _splitmix_mix(s0 + k * U64_GOLDEN)
+        b = _splitmix_mix(s0 + (k + _ONE) * U64_GOLDEN)
+        u = 1.0 - float(a >> U64_S11) * INV_2_53
+        v = float(b >> U64_S11) * INV_2_53
         out[m] = math.sqrt(-2.0 * math.log(u)) * math.cos(_TWO_PI * v)
 
 
@@ -559,7 +559,7 @@ def _create_states(n, seed, counter):
 
 
 # ---------------------------------------------------------------------------------------
-# Rewind after divergence (the CPU's _Rewind on device arrays: device-to-device copies)
+# Rewind after divergence (the CPU's Rewind on device arrays: device-to-device copies)
 # ---------------------------------------------------------------------------------------
 def _dcopy(a):
     if isinstance(a, np.ndarray):  # host state (the batches' order, SplitMix64 state)
@@ -582,8 +582,8 @@ def _dput(dst, src):
         dl.copy(src, dst)
 
 
-class DeviceRewind(_Rewind):
-    """:class:`~mlocore.stochastic._spec._Rewind` on device arrays (device-to-device copies)
+class DeviceRewind(Rewind):
+    """:class:`~mlocore.stochastic._spec.Rewind` on device arrays (device-to-device copies)
     and host arrays; the host copy of x read back at each kept checkpoint is its ``extra``
     (so a rewind needs no transfer)."""
 
@@ -635,7 +635,7 @@ def upper_lipschitz(problem, x, y, counter, iters=15):
     return power_on_differences(grad, x, iters)
 
 
-def _batch_len(idx):
+def batch_len(idx):
     return 1 if idx is None else idx.shape[0]
 
 
@@ -699,7 +699,7 @@ class DeviceMethod:
         b = r.beta_at(k)
         for _ in range(r.T):
             r.lower.grad(r.z, r.samp_l.draw(), r.gg)
-            launch(_lower_sgd_kernel, r.dy, r.z, r.gg, r.dx, b)
+            launch(lower_sgd_kernel, r.dy, r.z, r.gg, r.dx, b)
 
 
 class DeviceRun:
@@ -811,7 +811,7 @@ class DeviceRun:
         return lips[which]
 
     def context(self):
-        return _Context(self.problem, None, np.zeros(self.dy), self.samp_u.n, self.samp_l.n,
+        return Context(self.problem, None, np.zeros(self.dy), self.samp_u.n, self.samp_l.n,
                         self.samp_u.bs, self.samp_l.bs, self.lipschitz)
 
     def build(self, alpha, beta, eta, T, Q, work, fextra, iextra):
@@ -940,10 +940,10 @@ class DeviceEstimates(DeviceMethod):
         for _ in range(nq):
             idx = r.samp_l.full_idx() if full else r.samp_l.draw()
             r.lower.hvp(zc, self.w1, idx, self.h)
-            launch(_neumann_factor_kernel, dy, p1, self.s1, self.h, dx, eta)
+            launch(neumann_factor_kernel, dy, p1, self.s1, self.h, dx, eta)
             if two:
                 r.lower.hvp(zp, self.w0, idx, self.h)
-                launch(_neumann_factor_kernel, dy, p0, self.s0, self.h, dx, eta)
+                launch(neumann_factor_kernel, dy, p0, self.s0, self.h, dx, eta)
         v1, v0 = self.u1[dx:], self.u0[dx:]
         if self.randomized:
             dl.scale_into(v1, eta * Q, p1)

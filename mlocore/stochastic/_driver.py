@@ -5,7 +5,7 @@ divergence) and returns the result.
 
 A backend's run supplies only what differs: its Lipschitz estimates for the default steps,
 ``advance(k, n)`` (n iterations of the method's loop from iteration k, then the divergence
-test's norm), the saved state (a :class:`~mlocore.stochastic._spec._Rewind`) and the final
+test's norm), the saved state (a :class:`~mlocore.stochastic._spec.Rewind`) and the final
 iterates. On the CPU the method's compiled loop (``spec.kernel``) runs ``eval_every``
 iterations at a time; between calls (outside the timed region) the driver records the
 history and calls the user's callback. The random state lives in arrays that persist
@@ -29,8 +29,8 @@ from .._results import status_message
 from .._validation import as_vector, check_backend, check_choice, check_cpu_output
 from . import _device
 from . import _sampling as _sk
-from ._spec import (DEFAULT_BATCH, SAMPLERS, _Context, _divergence_detail, _norm,
-                    _record_checkpoint, _Rewind, _run_summary, _stop_at_checkpoint,
+from ._spec import (DEFAULT_BATCH, SAMPLERS, Context, _divergence_detail, _norm,
+                    _record_checkpoint, Rewind, _run_summary, _stop_at_checkpoint,
                     default_steps, parse_run_options, power_on_differences)
 
 __all__ = ["minimize", "estimate_lipschitz", "check_sampled_callbacks"]
@@ -234,7 +234,7 @@ class _CpuRun:
         return lips[which]
 
     def context(self):
-        return _Context(self.problem, self.x, self.y, *self.sizes, self.lipschitz)
+        return Context(self.problem, self.x, self.y, *self.sizes, self.lipschitz)
 
     def build(self, alpha, beta, eta, T, Q, work, fextra, iextra):
         self.work = work
@@ -246,7 +246,7 @@ class _CpuRun:
         self.largs = _kernel_args(self.problem.lower, self.comp.lower)
         # everything a kernel call changes is saved, except the oracle counters (the wasted
         # work stays counted, as does its time)
-        self.rewind = _Rewind((self.x, self.y, work, self.rng) + tuple(self.samp_u)
+        self.rewind = Rewind((self.x, self.y, work, self.rng) + tuple(self.samp_u)
                               + tuple(self.samp_l))
 
     def _run(self, k0, n):

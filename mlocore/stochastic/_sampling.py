@@ -47,14 +47,14 @@ N_IPAR = 2
 UNIFORM = 0   # with replacement
 BATCHES = 1   # fixed contiguous minibatches of one shuffled order, visited in random order
 
-_U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_U64_M2 = np.uint64(0x94D049BB133111EB)
-_U64_S30 = np.uint64(30)
-_U64_S27 = np.uint64(27)
-_U64_S31 = np.uint64(31)
-_U64_S11 = np.uint64(11)
-_INV_2_53 = 1.0 / 9007199254740992.0
+U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
+U64_M2 = np.uint64(0x94D049BB133111EB)
+U64_S30 = np.uint64(30)
+U64_S27 = np.uint64(27)
+U64_S31 = np.uint64(31)
+U64_S11 = np.uint64(11)
+INV_2_53 = 1.0 / 9007199254740992.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,17 +62,17 @@ _INV_2_53 = 1.0 / 9007199254740992.0
 # ---------------------------------------------------------------------------------------
 @njit(cache=True)
 def rand_u64(rng):
-    z = rng[0] + _U64_GOLDEN
+    z = rng[0] + U64_GOLDEN
     rng[0] = z
-    z = (z ^ (z >> _U64_S30)) * _U64_M1
-    z = (z ^ (z >> _U64_S27)) * _U64_M2
-    return z ^ (z >> _U64_S31)
+    z = (z ^ (z >> U64_S30)) * U64_M1
+    z = (z ^ (z >> U64_S27)) * U64_M2
+    return z ^ (z >> U64_S31)
 
 
 @njit(cache=True)
 def rand_uniform(rng):
     """Uniform on [0, 1) with 53 random bits."""
-    return float(rand_u64(rng) >> _U64_S11) * _INV_2_53
+    return float(rand_u64(rng) >> U64_S11) * INV_2_53
 
 
 @njit(cache=True)

@@ -84,7 +84,7 @@ def work_v(ctx, opts):
     return np.zeros(ctx.dy), [], []
 
 
-class _Context:
+class Context:
     """What a method's setup sees: sizes, sampler sizes, Lipschitz estimates (lazy)."""
 
     def __init__(self, problem, x0, y0, n_u, n_l, bs_u, bs_l, lipschitz):
@@ -161,7 +161,7 @@ def _norm(x, y):
         return float(np.sqrt(x @ x + y @ y))
 
 
-class _Rewind:
+class Rewind:
     """Saved kernel states for resuming after a divergence (``backtrack``).
 
     The state at the last checkpoint and at the start are kept. A divergence resumes from

@@ -21,7 +21,7 @@ from numba import njit
 
 from .._kernels.oracles import UPPER_GRAD
 from ._cudajit import kernel
-from ._device import DeviceMethod, _upper_step_kernel, cuda, dl, launch
+from ._device import DeviceMethod, upper_step_kernel, cuda, dl, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, Q_TERMS, T_INNER, draw, finite,
                         inner_sgd, joint_into, lower_cross, sgrad, step_at, upper_step)
 from ._spec import MethodSpec, work_v
@@ -164,7 +164,7 @@ class DeviceAid(DeviceMethod):
             launch(_cg_direction_kernel, dy, p, self.r_cg, cg.device)
             launch(_cg_commit_kernel, 1, cg.device)
         r.lower.hvp(z, r.wv, idx_l, h)
-        launch(_upper_step_kernel, dx, z, r.gf, h, r.alpha_at(k), dx)
+        launch(upper_step_kernel, dx, z, r.gf, h, r.alpha_at(k), dx)
         self.project()
 
     def state_work(self):

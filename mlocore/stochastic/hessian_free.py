@@ -23,7 +23,7 @@ from numba import njit
 from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from .._validation import check_int, check_positive
 from ._cudajit import kernel
-from ._device import (GOLDEN_INT, DeviceMethod, _lower_sgd_kernel, _normals_kernel, cuda,
+from ._device import (GOLDEN_INT, DeviceMethod, lower_sgd_kernel, normals_kernel, cuda,
                       dl, launch)
 from ._sampling import (ALPHA0, BETA0, DIVERGED, N_FPAR, N_IPAR, OK, T_INNER, draw, finite,
                         joint_into, project, rand_normal, sgrad, step_at)
@@ -210,7 +210,7 @@ class DeviceHessianFree(DeviceMethod):
         r = self.r
         for idx in batches:
             r.lower.grad(zz, idx, r.gg)
-            launch(_lower_sgd_kernel, r.dy, zz, r.gg, r.dx, beta)
+            launch(lower_sgd_kernel, r.dy, zz, r.gg, r.dx, beta)
 
     def iteration(self, k):
         r = self.r
@@ -227,7 +227,7 @@ class DeviceHessianFree(DeviceMethod):
         self._replay(z, batches, beta)                      # y = y_T(x)
         m = self.nq * dx
         s0 = np.uint64(r.hrng[0])
-        launch(_normals_kernel, m, self.dirs, s0)
+        launch(normals_kernel, m, self.dirs, s0)
         r.hrng[0] = np.uint64((int(s0) + 2 * m * GOLDEN_INT) % (1 << 64))
         for q in range(self.nq):
             launch(_hf_perturb_kernel, n, self.zq, z, self.y0, self.dirs, q * dx, dx,

@@ -111,7 +111,8 @@ def run_penalty(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, 
                                 samp_l, rng, proj, k0, n_iter, counts, False)
 
 
-def _vf_common(ctx, opts):
+def value_function_options(ctx, opts):
+    """The value function's smoothing ``a1`` and offset ``a2`` (both >= 0)."""
     a1 = check_positive("a1", opts["a1"], allow_zero=True)
     a2 = check_positive("a2", opts["a2"], allow_zero=True)
     return a1, a2
@@ -164,7 +165,7 @@ def _setup_penalty(ctx, opts):
     (a biased estimate of the constraint's activity). Per iteration: T + 2 lower gradients
     (T when the penalty is inactive), 2 lower values, 1 upper gradient.
     """
-    a1, a2 = _vf_common(ctx, opts)
+    a1, a2 = value_function_options(ctx, opts)
     rho = check_positive("rho", opts["rho"], allow_zero=True)
     return ctx.y0.copy(), [a1, a2, rho, 0.0, 0.0], []
 

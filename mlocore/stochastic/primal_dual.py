@@ -18,7 +18,7 @@ from numba import njit
 
 from .._validation import check_positive
 from ._spec import MethodSpec
-from .penalty import DeviceValueFunction, _vf_common, value_function_loop
+from .penalty import DeviceValueFunction, value_function_options, value_function_loop
 
 __all__ = ["SPEC", "MULTIPLIER_INDEX"]
 
@@ -70,7 +70,7 @@ def _setup_primal_dual(ctx, opts):
     Assumptions as for the penalty method. Per iteration: T + 2 lower gradients, 2 lower
     values, 1 upper gradient.
     """
-    a1, a2 = _vf_common(ctx, opts)
+    a1, a2 = value_function_options(ctx, opts)
     ds = check_positive("dual_step", opts["dual_step"])
     eps = check_positive("constraint_tol", opts["constraint_tol"], allow_zero=True)
     rho0 = check_positive("rho0", opts["rho0"], allow_zero=True)

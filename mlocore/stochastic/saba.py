@@ -24,7 +24,7 @@ from numba import njit
 from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from .._validation import check_choice
 from ._cudajit import device_function, kernel
-from ._device import DeviceMethod, _batch_len, cuda, dl, launch
+from ._device import DeviceMethod, batch_len, cuda, dl, launch
 from ._sampling import (ALPHA0, BATCHES, BETA0, DIVERGED, N_IPAR, OK, batch_of, draw,
                         finite, joint_into, lower_cross, project, sgrad, step_at)
 from ._spec import MethodSpec
@@ -342,12 +342,12 @@ class DeviceSaba(DeviceMethod):
                 r.lower.grad(r.z, idx, r.gg)
                 r.lower.hvp(r.z, r.wv, idx, r.h)
                 launch(_saba_fill_kernel, rl, work, r.gg, r.h, r.gf, dx, dy, 0,
-                       self.o_tl + b * rl, self.o_ml, _batch_len(idx) / r.samp_l.n)
+                       self.o_tl + b * rl, self.o_ml, batch_len(idx) / r.samp_l.n)
             for b in range(r.samp_u.nb):
                 idx = r.samp_u.batch(b)
                 r.upper.grad(r.z, idx, r.gf)
                 launch(_saba_fill_kernel, ru, work, r.gg, r.h, r.gf, dx, dy, 1,
-                       self.o_tu + b * ru, self.o_mu, _batch_len(idx) / r.samp_u.n)
+                       self.o_tu + b * ru, self.o_mu, batch_len(idx) / r.samp_u.n)
         dl.fill(work[self.o_flag:self.o_flag + 1], 1.0)
         self.filled[0] = 1
 
@@ -361,8 +361,8 @@ class DeviceSaba(DeviceMethod):
         r.lower.grad(r.z, idx_l, r.gg)
         r.lower.hvp(r.z, r.wv, idx_l, r.h)
         r.upper.grad(r.z, idx_u, r.gf)
-        fl = _batch_len(idx_l) / r.samp_l.n
-        fu = _batch_len(idx_u) / r.samp_u.n
+        fl = batch_len(idx_l) / r.samp_l.n
+        fu = batch_len(idx_u) / r.samp_u.n
         launch(_saga_kernel, rl + ru, self.work, r.gg, r.h, r.gf, dx, dy, self.o_ml,
                self.o_tl + j * rl, self.o_tu + i * ru, r.samp_l.nb * fl, fl,
                r.samp_u.nb * fu, fu, self.d_saga)

@@ -13,8 +13,8 @@ truncation of :mod:`mlocore.stochastic.bsa` runs BSA and TTSA (:func:`neumann_lo
 import numpy as np
 from numba import njit
 
-from ._device import (DeviceMethod, _neumann_factor_kernel, _neumann_step_kernel,
-                      _upper_step_kernel, dl, launch)
+from ._device import (DeviceMethod, neumann_factor_kernel, neumann_step_kernel,
+                      upper_step_kernel, dl, launch)
 from ._sampling import (ALPHA0, BETA0, DIVERGED, ETA, OK, Q_TERMS, T_INNER, finite,
                         hypergrad_estimate, inner_sgd, joint_into, rand_int, step_at,
                         upper_step)
@@ -70,15 +70,15 @@ class DeviceNeumann(DeviceMethod):
             dl.copy(r.gf[dx:], r.acc)
             for _ in range(1, Q):
                 r.lower.hvp(z, r.wp, r.samp_l.draw(), r.h)
-                launch(_neumann_factor_kernel, dy, p, r.acc, r.h, dx, eta)
+                launch(neumann_factor_kernel, dy, p, r.acc, r.h, dx, eta)
             dl.scale_into(r.v, eta, r.acc)
         else:
             for _ in range(rand_int(r.hrng, Q)):
                 r.lower.hvp(z, r.wp, r.samp_l.draw(), r.h)
-                launch(_neumann_step_kernel, dy, p, r.h, dx, eta)
+                launch(neumann_step_kernel, dy, p, r.h, dx, eta)
             dl.scale_into(r.v, eta * Q, p)
         r.lower.hvp(z, r.wv, r.samp_l.draw(), r.h)
-        launch(_upper_step_kernel, dx, z, r.gf, r.h, r.alpha_at(k), dx)
+        launch(upper_step_kernel, dx, z, r.gf, r.h, r.alpha_at(k), dx)
         self.project()
 
 
