@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: modules whose module-level kernels must all be launched by some workload below
 KERNEL_MODULES = ("mlocore.cuda._linalg", "mlocore.cuda._unrolled", "mlocore.cuda._direct",
                   "mlocore.stochastic._device", "mlocore.stochastic.alternating",
-                  "mlocore.stochastic.stocbio", "mlocore.stochastic.aid",
+                  "mlocore.stochastic.aid",
                   "mlocore.stochastic.soba", "mlocore.stochastic.saba",
                   "mlocore.stochastic.stable", "mlocore.stochastic.hessian_free",
                   "mlocore.stochastic.penalty",
