@@ -2,7 +2,7 @@
 quadratic's per-sample data (``q.lower_samples``, ``q.upper_samples``, ``q.ridge`` of
 :func:`mlocore.problems.make_quadratic`), vectorized over the minibatch with ``einsum``.
 
-They follow the recursions of :mod:`mlocore._kernels.stoch_free` with constant steps
+They follow the recursions of ``mlocore/stochastic/{saba,hessian_free,penalty,primal_dual}.py`` with constant steps
 ``alpha`` (upper) and ``beta`` (lower) and minibatches from ``numpy.random.default_rng(seed)``
 (not the compiled kernels' random stream: the iterates agree in distribution, not bit for
 bit). Used to compare the compiled loops' per-iteration cost with what a competent NumPy

@@ -1,7 +1,7 @@
 """Plain NumPy versions of mlocore's implicit-gradient stochastic loops, on the quadratic.
 
 The baseline of ``benchmarks/stochastic_ratios.py`` (part 3): the same algorithms as
-``mlocore/_kernels/stoch_implicit.py`` (alternating, BSA, StocBiO, stochastic AID-BiO, TTSA,
+``mlocore/stochastic/`` (alternating, BSA, StocBiO, stochastic AID-BiO, TTSA,
 SOBA) written as a competent NumPy user would write them for the per-sample data of
 :func:`mlocore.problems.make_quadratic` (``q.lower_samples``, ``q.upper_samples`` =
 ``(U, W, C, a, b)`` and ``q.ridge``): one Python iteration per step, every oracle vectorized
@@ -236,7 +236,7 @@ def validate(q, method, n_iter=5, alpha=None, beta=None, **loop_kw):
     """Max relative difference between mlocore and the NumPy loop over ``n_iter`` full-batch
     iterations (same steps; ``neumann_terms=1`` for the randomized methods)."""
     import mlocore as mlo
-    from mlocore._stochastic import METHODS
+    from mlocore.stochastic import METHODS
 
     spec = METHODS[method]
     x0 = np.linspace(-1.0, 1.0, q.dx)

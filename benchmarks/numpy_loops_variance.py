@@ -2,7 +2,7 @@
 per-sample data (``make_quadratic(...).lower_samples``, ``.upper_samples``, ``.ridge``).
 
 They are the "competent NumPy user" baseline for the per-iteration cost of mlocore's compiled
-loops (``mlocore/_kernels/stoch_variance.py``): the same recursions, minibatches drawn with
+loops (``mlocore/stochastic/{stable,sustain,mrbo,vrbo}.py``): the same recursions, minibatches drawn with
 ``numpy.random.Generator`` (so the iterates are not bit-identical to mlocore's), minibatch
 oracles vectorized over the batch. Every function returns the final x.
 

@@ -3,7 +3,7 @@
     python benchmarks/stochastic_ratios.py            # full run (about 5 minutes, 2 cores)
     python benchmarks/stochastic_ratios.py --quick    # smoke run (under a minute)
 
-Methods are discovered at run time from ``mlocore._stochastic.METHODS`` (a family that is not
+Methods are discovered at run time from ``mlocore.stochastic.METHODS`` (a family that is not
 registered yet is reported and skipped). Every run uses the default steps (what users get):
 ``step = 0.5 / L_F``, ``inner_step = neumann_step = 1 / L_g`` with each method's default
 schedule; the Lipschitz estimates are those of the driver, memoized per problem and start
@@ -52,7 +52,8 @@ from benchmarks import common  # noqa: E402  (benchmarks/benchmarks/common.py)
 from benchmarks.common import Report, fmt_t  # noqa: E402
 
 import mlocore as mlo  # noqa: E402
-import mlocore._stochastic as _stoch  # noqa: E402
+import mlocore.stochastic as _stoch  # noqa: E402
+import mlocore.stochastic._driver as _stoch_driver  # noqa: E402
 from mlocore.problems import make_quadratic  # noqa: E402
 
 EXPECTED = ("alternating", "bsa", "stocbio", "aid", "ttsa", "soba", "stable", "sustain",
@@ -76,7 +77,7 @@ CLAIMS = {
 # Default steps: the driver's own Lipschitz estimates, memoized per (problem, start)
 # ---------------------------------------------------------------------------------------
 _LIPS = {}
-_estimate = _stoch.estimate_lipschitz
+_estimate = _stoch_driver.estimate_lipschitz
 
 
 def _memo_lipschitz(problem, x, y, which, **kw):
@@ -86,13 +87,13 @@ def _memo_lipschitz(problem, x, y, which, **kw):
     return _LIPS[key]
 
 
-_stoch.estimate_lipschitz = _memo_lipschitz
+_stoch_driver.estimate_lipschitz = _memo_lipschitz
 
 
 def available_methods(out):
     methods = list(_stoch.METHODS)
     missing = [m for m in EXPECTED if m not in methods]
-    out(f"methods registered in mlocore._stochastic.METHODS ({len(methods)}): "
+    out(f"methods registered in mlocore.stochastic.METHODS ({len(methods)}): "
         + ", ".join(methods))
     if missing:
         out("  not registered yet (skipped): " + ", ".join(missing))
@@ -389,7 +390,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 t0 = time.perf_counter()
 import mlocore as mlo
-from mlocore._stochastic import METHODS
+from mlocore.stochastic import METHODS
 from mlocore.problems import make_quadratic
 t_import = time.perf_counter() - t0
 q = make_quadratic(dx=5, dy=10, n_outer=200, n_inner=200, seed=0)

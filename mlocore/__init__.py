@@ -20,7 +20,7 @@ from ._backend import backend, get_backend, set_backend
 from ._hypergrad import hypergrad, solve_lower
 from ._minimize import HyperObjective, minimize_bilevel, minimize_multilevel
 from ._problem import Ball, BilevelProblem, MultilevelProblem, Objective
-from ._stochastic import Schedule
+from .stochastic import Schedule
 from ._results import HypergradResult
 from . import linalg
 

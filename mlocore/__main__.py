@@ -156,7 +156,7 @@ def main(argv=None):
 
 
 def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
-    from mlocore._stochastic import METHODS
+    from mlocore.stochastic import METHODS
     sp = data.stochastic_problem
     boxed = mlo.BilevelProblem(sp.upper, sp.lower, dims=sp.dims, bounds=(-8.0, 8.0))
     ref = getattr(data, "reference", None)

@@ -17,7 +17,7 @@ from ._multilevel import (MULTILEVEL_MODES, MultilevelEngine, as_joint,
 from ._options import LowerOptions
 from ._problem import MultilevelProblem
 from ._results import counts_dict, new_counts, status_message
-from ._stochastic import STOCHASTIC_METHODS, minimize_stochastic
+from .stochastic import STOCHASTIC_METHODS, minimize_stochastic
 from ._validation import as_vector, check_backend, check_choice, check_cpu_output
 from .cuda._drivers import DeviceHyperObjective
 from .cuda._drivers import minimize_multilevel as _minimize_multilevel_cuda

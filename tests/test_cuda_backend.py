@@ -83,7 +83,7 @@ def test_switch_function_and_context_manager():
 
 
 def test_every_stochastic_method_has_a_device_loop():
-    from mlocore._stochastic import STOCHASTIC_METHODS
+    from mlocore.stochastic import STOCHASTIC_METHODS
     from mlocore.cuda import DEVICE_STOCHASTIC_METHODS
     assert set(STOCHASTIC_METHODS) == set(DEVICE_STOCHASTIC_METHODS)
 

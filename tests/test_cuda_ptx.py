@@ -39,9 +39,14 @@ pytestmark = pytest.mark.cuda
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: modules whose module-level kernels must all be launched by some workload below
-KERNEL_MODULES = ("mlocore.cuda._linalg", "mlocore.cuda._unrolled", "mlocore.cuda._stochastic",
-                  "mlocore.cuda._direct", "mlocore.cuda._stochastic_variance",
-                  "mlocore.problems.cuda_callbacks", "mlocore.problems.cuda_multilevel",
+KERNEL_MODULES = ("mlocore.cuda._linalg", "mlocore.cuda._unrolled", "mlocore.cuda._direct",
+                  "mlocore.stochastic._device", "mlocore.stochastic.alternating",
+                  "mlocore.stochastic.aid",
+                  "mlocore.stochastic.soba", "mlocore.stochastic.saba",
+                  "mlocore.stochastic.stable", "mlocore.stochastic.hessian_free",
+                  "mlocore.stochastic.penalty",
+                  "mlocore.problems.cuda_callbacks", "mlocore.problems.nlevel_quadratic",
+                  "mlocore.problems.nonquadratic_trilevel",
                   "mlocore.problems.cuda_stochastic")
 BENCHMARK_FILE = os.path.join(ROOT, "benchmarks", "cuda_ratios.py")
 
@@ -170,7 +175,7 @@ def _stochastic():
     """Every device stochastic method, two iterations of minibatch 2 (fewest inner steps and
     Neumann terms), the value callback, and the projections (box bounds, Ball)."""
     from numba import cuda
-    from mlocore._stochastic import METHODS
+    from mlocore.stochastic import METHODS
     from mlocore.cuda import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
     from mlocore.problems import make_quadratic
     from mlocore.problems.cuda_stochastic import stochastic_quadratic_device_problem

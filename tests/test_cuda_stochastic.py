@@ -20,7 +20,7 @@ import mlocore as mlo
 from mlocore._callbacks import CallbackError
 from mlocore.cuda._device import is_device_array
 from mlocore.cuda._problem import DeviceBilevelProblem, DeviceObjective
-from mlocore.cuda._stochastic import minimize_stochastic
+from mlocore.stochastic import minimize_device as minimize_stochastic
 from mlocore.problems import make_quadratic
 from mlocore.problems.cuda_callbacks import quad_grad_device, quad_hvp_device
 from mlocore.problems.cuda_stochastic import (quad_sample_grad_device, quad_sample_hvp_device,
@@ -301,10 +301,10 @@ def test_backtracking_halves_default_steps_like_cpu(quad, dev, monkeypatch):
     """A far too large default upper step (L_F estimate patched to 1e-3 on both backends):
     each divergence halves it and resumes from a saved state (device-to-device copies),
     exactly as on the CPU: same halvings, same iterates."""
-    import mlocore._stochastic as cpu_driver
-    from mlocore.cuda import _stochastic as dev_driver
+    from mlocore.stochastic import _device as dev_driver
+    from mlocore.stochastic import _driver as cpu_driver
     monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
-    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "upper_lipschitz", lambda *a, **k: 1e-3)
     kw = dict(batch_size=8, inner_step=0.3, maxiter=10, eval_every=5, seed=0,
               backtrack=20)
     r = _dev(dev, quad, "soba", **kw)
@@ -319,22 +319,22 @@ def test_backtracking_halves_default_steps_like_cpu(quad, dev, monkeypatch):
 
 def test_rewind_restores_generator_states(dev):
     """Saved and restored generator states replay the same minibatches."""
-    from mlocore.cuda import _stochastic as dd
+    from mlocore.stochastic import _device as dd
     from mlocore.cuda._device import Transfers
     samp = dd._DeviceSampler(dev.lower, "lower", 3, 64)
     states = dd._create_states(samp.n_states, 7, Transfers())
     samp.bind(states, 0)
     z = cuda.to_device(np.arange(5.0))
-    rewind = dd._rewind_class()((z, states))
+    rewind = dd.DeviceRewind((z, states))
     rewind.checkpoint(0, 1.0, np.zeros(2))
     first = samp.draw().copy_to_host()
     z[:] = -1.0
     second = samp.draw().copy_to_host()
     rewind.checkpoint(5, 1.0, np.ones(2))
     third = samp.draw().copy_to_host()
-    assert rewind.restore() == 5 and rewind.x_last[0] == 1.0
+    assert rewind.restore() == 5 and rewind.extra_last[0] == 1.0
     np.testing.assert_array_equal(samp.draw().copy_to_host(), third)
-    assert rewind.restore() == 0 and rewind.x_last[0] == 0.0  # twice: back to the start
+    assert rewind.restore() == 0 and rewind.extra_last[0] == 0.0  # twice: back to the start
     np.testing.assert_array_equal(z.copy_to_host(), np.arange(5.0))
     np.testing.assert_array_equal(samp.draw().copy_to_host(), first)
     assert not np.array_equal(first, second) and first.min() >= 0 and first.max() < 8
@@ -373,7 +373,7 @@ def _assert_same_run(r, c, atol):
 
 
 def _saba_views(res, nb):
-    from mlocore._stochastic_free import saba_tables
+    from mlocore.stochastic import saba_tables
     work = res.state["work"]
     work = work.copy_to_host() if is_device_array(work) else work
     return saba_tables(work, 2, 3, nb, nb)
@@ -507,10 +507,10 @@ def test_saba_backtracking_rewinds_tables_like_cpu(quad, dev, monkeypatch):
     """Default steps with a far too large upper step (L_F patched): each divergence halves
     it and resumes from a saved state, the tables, the flag and the host batch orders
     included; the device run stays the CPU run."""
-    import mlocore._stochastic as cpu_driver
-    from mlocore.cuda import _stochastic as dev_driver
+    from mlocore.stochastic import _device as dev_driver
+    from mlocore.stochastic import _driver as cpu_driver
     monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
-    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "upper_lipschitz", lambda *a, **k: 1e-3)
     kw = dict(batch_size=4, inner_step=0.1, maxiter=10, eval_every=5, seed=0, backtrack=20)
     r = _dev(dev, quad, "saba", **kw)
     c = _cpu(quad, "saba", **kw)
@@ -522,7 +522,7 @@ def test_saba_backtracking_rewinds_tables_like_cpu(quad, dev, monkeypatch):
 
 # ---------------------------------------------------------------------------------------
 # SUSTAIN, MRBO, VRBO, STABLE, Hessian-free, penalty, primal-dual
-# (mlocore/cuda/_stochastic_variance.py)
+# (mlocore/stochastic/)
 # ---------------------------------------------------------------------------------------
 NEUMANN2 = dict(neumann_terms=3, neumann_step=0.3)
 VARIANCE_OPTIONS = {"sustain": NEUMANN2, "mrbo": NEUMANN2, "vrbo": {**NEUMANN2, "period": 2},
@@ -625,10 +625,10 @@ def test_momentum_backtracking_rewinds_state_like_cpu(quad, dev, monkeypatch):
     """Default upper step far too large (L_F patched on both backends): each divergence
     halves it and resumes from a saved state (MRBO's estimates, previous point and started
     flag included); the device run stays the CPU run."""
-    import mlocore._stochastic as cpu_driver
-    from mlocore.cuda import _stochastic as dev_driver
+    from mlocore.stochastic import _device as dev_driver
+    from mlocore.stochastic import _driver as cpu_driver
     monkeypatch.setattr(cpu_driver, "estimate_lipschitz", lambda *a, **k: 1e-3)
-    monkeypatch.setattr(dev_driver, "_upper_lipschitz", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(dev_driver, "upper_lipschitz", lambda *a, **k: 1e-3)
     kw = dict(batch_size=8, inner_step=0.3, maxiter=8, eval_every=4, seed=0, backtrack=20,
               reference=quad)
     r = _vrun(dev, "mrbo", **kw)

@@ -1,15 +1,22 @@
 """Stochastic bilevel core: samplers, Neumann estimators, the driver, and the implicit-gradient
 family (alternating, BSA, StocBiO, AID, TTSA, SOBA) on the closed-form stochastic quadratic.
 """
+import importlib.util
+import os
+import shutil
+import sys
+
 import numpy as np
 import pytest
 from numba import njit
 from scipy.optimize import minimize
 
 import mlocore as mlo
+import mlocore.stochastic
 from mlocore._callbacks import CallbackError, call_kernel
-from mlocore._kernels import stochastic as sk
-from mlocore._stochastic import _level_sampling
+from mlocore._kernels import guard_cache, kernel_sources
+from mlocore.stochastic import _sampling as sk
+from mlocore.stochastic._driver import _level_sampling
 from mlocore.problems import make_quadratic
 from mlocore.problems.quadratic import quad_sample_grad, quad_sample_hvp, quad_sample_value
 
@@ -401,9 +408,9 @@ def test_inputs_are_not_modified(q):
 
 
 def test_rewind_resumes_from_last_checkpoint_then_from_the_start():
-    from mlocore._stochastic import _Rewind
+    from mlocore.stochastic._spec import Rewind
     state = np.zeros(3)
-    rw = _Rewind((state,))
+    rw = Rewind((state,))
     rw.checkpoint(0, 0.0)
     state[:] = 1.0
     rw.checkpoint(10, 1.7)
@@ -419,3 +426,53 @@ def test_rewind_resumes_from_last_checkpoint_then_from_the_start():
     assert rw.blown_up(5000.0, 30)        # > 4 x (1 + 50) at the checkpoint of iteration 10
     assert not rw.blown_up(3000.0, 40)    # < 4 x (1 + 900) at iteration 20: linear drift
     assert rw.blown_up(np.inf, 40)
+
+
+def _numpy_loops():
+    """``benchmarks/numpy_loops_implicit.py``: plain NumPy loops of these six methods."""
+    name = "numpy_loops_implicit"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "benchmarks", name + ".py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("method", ["alternating", "bsa", "stocbio", "aid", "ttsa", "soba"])
+def test_kernel_matches_numpy_loop(method):
+    """Each CPU kernel against its plain NumPy loop: a few full-batch iterations on a tiny
+    quadratic (BSA / TTSA with one Neumann term, whose random truncation is then fixed)."""
+    tiny = make_quadratic(dx=2, dy=3, n_outer=6, n_inner=6, seed=4)
+    err = _numpy_loops().validate(tiny, method, n_iter=4, inner_steps=2, **(
+        {"neumann_terms": 3} if method in ("stocbio", "aid") else {}))
+    assert err < 1e-10, (method, err)
+
+
+def test_cache_guard_clears_the_package_cache_when_a_building_block_changes(tmp_path):
+    """The method kernels inline ``_sampling.py`` (numba does not track that): editing it,
+    or a kernel source of ``mlocore._kernels``, changes the stamp and clears the cache."""
+    src = os.path.dirname(mlocore.stochastic.__file__)
+    pkg_dir = tmp_path / "stochastic"
+    pkg_dir.mkdir()
+    for name in os.listdir(src):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(src, name), pkg_dir / name)
+    extra = tmp_path / "oracles.py"
+    extra.write_text("LOWER_GRAD = 0\n")
+    cache = pkg_dir / "__pycache__"
+    cache.mkdir()
+    stale = cache / "soba.run_soba-1.py313.nbi"
+    assert guard_cache(str(pkg_dir), [str(extra)])           # no stamp yet
+    stale.write_text("")
+    assert not guard_cache(str(pkg_dir), [str(extra)]) and stale.exists()
+    with open(pkg_dir / "_sampling.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert guard_cache(str(pkg_dir), [str(extra)]) and not stale.exists()
+    stale.write_text("")
+    extra.write_text("LOWER_GRAD = 1\n")
+    assert guard_cache(str(pkg_dir), [str(extra)]) and not stale.exists()
+    names = {os.path.basename(p) for p in kernel_sources()}
+    assert {"oracles.py", "_config.py"} <= names

@@ -1,5 +1,5 @@
 """SABA, Hessian-free (PZOBO), value-function penalty and primal-dual
-(``mlocore/_kernels/stoch_free.py``): convergence on the stochastic quadratic with a closed
+(``mlocore/stochastic/{saba,hessian_free,penalty,primal_dual}.py``): convergence on the stochastic quadratic with a closed
 form, full-batch runs against independent NumPy recursions, SABA's memory tables, and
 reproducibility."""
 import numpy as np
@@ -112,7 +112,9 @@ def _saba_kernel_inputs(q, batch_size, memory_init, x0, y0, v0, seed=3):
     """The kernel's arguments as the driver builds them, with zero steps."""
     from mlocore._hypergrad import _compiled
     from mlocore._kernels.oracles import N_COUNTERS
-    from mlocore._stochastic import (METHODS, _Context, _kernel_args, _level_sampling,
+    from mlocore.stochastic import METHODS
+    from mlocore.stochastic._spec import Context
+    from mlocore.stochastic._driver import (_kernel_args, _level_sampling,
                                      _projection)
     prob = q.stochastic_problem
     spec = METHODS["saba"]
@@ -120,7 +122,7 @@ def _saba_kernel_inputs(q, batch_size, memory_init, x0, y0, v0, seed=3):
     np_rng = np.random.default_rng(seed)
     samp_u, n_u, bs_u = _level_sampling(prob.upper, "upper", batch_size, "batches", np_rng)
     samp_l, n_l, bs_l = _level_sampling(prob.lower, "lower", batch_size, "batches", np_rng)
-    ctx = _Context(prob, x0, y0, n_u, n_l, bs_u, bs_l, None)
+    ctx = Context(prob, x0, y0, n_u, n_l, bs_u, bs_l, None)
     ctx.sampler = "batches"
     work, fx, ix = spec.setup(ctx, {"memory_init": memory_init})
     work[:DY] = v0
@@ -148,7 +150,7 @@ def _batch_rows(q, x, y, v, idx_l, idx_u):
 @pytest.mark.parametrize("memory_init", ["zeros", "full"])
 def test_saba_tables_exact_after_an_epoch(q, memory_init):
     from mlocore._callbacks import call_kernel
-    from mlocore._stochastic_free import saba_tables
+    from mlocore.stochastic import saba_tables
     rng = np.random.default_rng(7)
     x0, y0, v0 = rng.standard_normal(DX), rng.standard_normal(DY), rng.standard_normal(DY)
     kernel, args, counts, samp_l, samp_u, ctx = _saba_kernel_inputs(q, 32, memory_init,
@@ -175,7 +177,7 @@ def test_saba_tables_exact_after_an_epoch(q, memory_init):
 
 
 def test_saba_running_mean_does_not_drift(q):
-    from mlocore._stochastic_free import saba_tables
+    from mlocore.stochastic import saba_tables
     res = run(q, "saba", maxiter=3000, step=0.05, inner_step=0.1)
     t = saba_tables(res.state["work"], DX, DY, 7, 7)
     w = np.array([32] * 6 + [8]) / 200.0      # sample-weighted rows (batch 6 is the short one)

@@ -1,4 +1,4 @@
-"""STABLE, SUSTAIN, MRBO and VRBO (``mlocore/_kernels/stoch_variance.py``) on the closed-form
+"""STABLE, SUSTAIN, MRBO and VRBO (``mlocore/stochastic/{stable,sustain,mrbo,vrbo}.py``) on the closed-form
 stochastic quadratic: convergence with fixed seeds, full-batch runs against dense NumPy
 recursions, reproducibility.
 """
@@ -31,7 +31,7 @@ def _dense(means):
 
 
 class _SplitMix64:
-    """The kernels' generator (``_kernels/stochastic.py``), in plain Python integers."""
+    """The kernels' generator (``mlocore/stochastic/_sampling.py``), in plain Python integers."""
 
     M64 = (1 << 64) - 1
 

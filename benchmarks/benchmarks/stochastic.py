@@ -2,7 +2,7 @@
 
 Problem: ``make_quadratic(dx=10, dy=20, n_outer=1000, n_inner=1000, seed=0)`` (closed-form
 F*, x*), minibatches of 64, seed 0, x0 = y0 = 0, a fixed number of iterations per method
-(``ITERATIONS``). Methods are discovered at import time from ``mlocore._stochastic.METHODS``,
+(``ITERATIONS``). Methods are discovered at import time from ``mlocore.stochastic.METHODS``,
 so families registered later are benchmarked without editing this file.
 
 Default steps (what users get), computed once per method by one short default run in
@@ -27,7 +27,7 @@ import functools
 import numpy as np
 
 import mlocore as mlo
-from mlocore._stochastic import METHODS
+from mlocore.stochastic import METHODS
 from mlocore.problems import make_quadratic
 
 ITERATIONS = 200

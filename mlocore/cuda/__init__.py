@@ -23,7 +23,6 @@ from ._implicit import hypergrad, solve_lower
 from ._unrolled import unrolled_hypergrad
 from ._minimize import minimize_bilevel
 from ._multilevel import DeviceMultilevelProblem, multilevel_hypergrad
-from ._stochastic import DEVICE_STOCHASTIC_METHODS, minimize_stochastic
 from ._direct import direct_device, solve_direct
 from ._drivers import DeviceHyperObjective, minimize_multilevel
 from ._linalg import cg_device, neumann_device, power_iteration_device
@@ -39,3 +38,15 @@ __all__ = ["CudaUnavailableError", "Transfers", "cuda_available", "device_info",
            "cg_device", "neumann_device", "power_iteration_device",
            "BatchedBilevelProblem", "batched_hypergrad", "batched_minimize",
            "batched_shared_bytes"]
+
+
+def __getattr__(name):
+    """``minimize_stochastic`` and ``DEVICE_STOCHASTIC_METHODS``: the device entry point of
+    the stochastic methods and their list. They live in :mod:`mlocore.stochastic`, a layer
+    above this backend (it imports the backend), so this namespace resolves them on first
+    access instead of importing them here."""
+    if name in ("minimize_stochastic", "DEVICE_STOCHASTIC_METHODS"):
+        from .. import stochastic
+        return stochastic.minimize_device if name == "minimize_stochastic" \
+            else stochastic.DEVICE_STOCHASTIC_METHODS
+    raise AttributeError(f"module 'mlocore.cuda' has no attribute {name!r}")

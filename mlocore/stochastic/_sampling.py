@@ -1,7 +1,8 @@
-"""Building blocks of the stochastic loops: random numbers, samplers, schedules, minibatch
-oracles, projections and the stochastic Neumann estimators (ALGORITHMS.md section 4).
+"""CPU building blocks of the stochastic loops (numba ``@njit(cache=True)``): random
+numbers, samplers, schedules, projections, minibatch oracles, the stochastic Neumann
+estimators and the two-point estimates of the variance-reduced methods.
 
-Every stochastic algorithm is one kernel (``stoch_*.py``) with the same signature::
+Every stochastic method has one CPU kernel (in its own module) with the same signature::
 
     run(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
         samp_u, samp_l, rng, proj, k0, n_iter, counts) -> (status, iterations_done)
@@ -31,7 +32,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .._config import FD_REL_STEP
-from .oracles import LOWER_GRAD, LOWER_HVP, N_COUNTERS, UPPER_GRAD
+from .._kernels.oracles import LOWER_GRAD, LOWER_HVP, N_COUNTERS, UPPER_GRAD
 
 OK = 0
 DIVERGED = 2
@@ -46,14 +47,14 @@ N_IPAR = 2
 UNIFORM = 0   # with replacement
 BATCHES = 1   # fixed contiguous minibatches of one shuffled order, visited in random order
 
-_U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_U64_M2 = np.uint64(0x94D049BB133111EB)
-_U64_S30 = np.uint64(30)
-_U64_S27 = np.uint64(27)
-_U64_S31 = np.uint64(31)
-_U64_S11 = np.uint64(11)
-_INV_2_53 = 1.0 / 9007199254740992.0
+U64_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+U64_M1 = np.uint64(0xBF58476D1CE4E5B9)
+U64_M2 = np.uint64(0x94D049BB133111EB)
+U64_S30 = np.uint64(30)
+U64_S27 = np.uint64(27)
+U64_S31 = np.uint64(31)
+U64_S11 = np.uint64(11)
+INV_2_53 = 1.0 / 9007199254740992.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,17 +62,17 @@ _INV_2_53 = 1.0 / 9007199254740992.0
 # ---------------------------------------------------------------------------------------
 @njit(cache=True)
 def rand_u64(rng):
-    z = rng[0] + _U64_GOLDEN
+    z = rng[0] + U64_GOLDEN
     rng[0] = z
-    z = (z ^ (z >> _U64_S30)) * _U64_M1
-    z = (z ^ (z >> _U64_S27)) * _U64_M2
-    return z ^ (z >> _U64_S31)
+    z = (z ^ (z >> U64_S30)) * U64_M1
+    z = (z ^ (z >> U64_S27)) * U64_M2
+    return z ^ (z >> U64_S31)
 
 
 @njit(cache=True)
 def rand_uniform(rng):
     """Uniform on [0, 1) with 53 random bits."""
-    return float(rand_u64(rng) >> _U64_S11) * _INV_2_53
+    return float(rand_u64(rng) >> U64_S11) * INV_2_53
 
 
 @njit(cache=True)
@@ -337,3 +338,95 @@ def inner_sgd(lfns, largs, z, x, y, dx, beta, T, samp_l, rng, counts):
         g = sgrad(lfns, largs, z, idx, counts, LOWER_GRAD)
         for i in range(y.shape[0]):
             y[i] -= beta * g[dx + i]
+
+
+# ---------------------------------------------------------------------------------------
+# Two-point estimates (SUSTAIN, MRBO, VRBO): the same minibatches at two points
+# ---------------------------------------------------------------------------------------
+def full_index(args, samp):
+    pass
+
+
+@overload(full_index)
+def full_index_impl(args, samp):
+    """The index array of the full batch: ``args[0]`` for a stochastic objective; for a
+    deterministic one (``args[0] is None``, idx ignored) the sampler's one-sample array."""
+    if isinstance(args.types[0], types.NoneType):
+        return lambda args, samp: samp[1]
+    return lambda args, samp: args[0]
+
+
+@njit(cache=True)
+def steps_from_estimates(x, y, xp, yp, hg, hf, fpar, k, proj):
+    """Remember (x, y) as the previous point, then ``y -= beta_k hg`` and
+    ``x <- P(x - alpha_k hf)``; False when an iterate or estimate is non-finite."""
+    xp[:] = x
+    yp[:] = y
+    beta = step_at(fpar, BETA0, k)
+    for i in range(y.shape[0]):
+        y[i] -= beta * hg[i]
+    upper_step(x, hf, step_at(fpar, ALPHA0, k), proj)
+    return finite(x) and finite(y) and finite(hf) and finite(hg)
+
+
+@njit(cache=True)
+def neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z1, z0, two, dx, eta, Q, randomized,
+                  full, samp_u, samp_l, rng, counts):
+    """Neumann hypergradient estimates ``grad_x f - H_xy v`` at ``z1`` and (if ``two``) at
+    ``z0``, every minibatch drawn once and applied at both points.
+
+    ``v`` approximates ``H_yy^{-1} grad_y f`` by ``eta sum_{q<Q} prod_{j<=q}(I - eta H_j)
+    grad_y f`` (``randomized=False``, Q - 1 HVPs per point) or by ``eta Q prod_{j<=q}(I -
+    eta H_j) grad_y f`` with q uniform on {0..Q-1} (``randomized=True``, the same q at both
+    points). One upper batch for grad f, one lower batch per factor, one for ``H_xy``. With
+    ``full`` every batch is the full sample set (nothing is drawn). Returns ``(h1, h0)``
+    (``h0`` is ``h1`` when ``two`` is False)."""
+    if full:
+        idx_u = full_index(uargs, samp_u)
+    else:
+        idx_u, _ = draw(samp_u, rng)
+    gf1 = sgrad(ufns, uargs, z1, idx_u, counts, UPPER_GRAD)
+    gf0 = sgrad(ufns, uargs, z0, idx_u, counts, UPPER_GRAD) if two else gf1
+    p1 = gf1[dx:].copy()
+    p0 = gf0[dx:].copy()
+    s1 = p1.copy()
+    s0 = p0.copy()
+    nq = rand_int(rng, Q) if randomized else Q - 1
+    for j in range(nq):
+        if full:
+            idx = full_index(largs, samp_l)
+        else:
+            idx, _ = draw(samp_l, rng)
+        _, hp1 = lower_cross(lfns, largs, has_lhvp, z1, p1, dx, idx, counts)
+        p1 -= eta * hp1
+        s1 += p1
+        if two:
+            _, hp0 = lower_cross(lfns, largs, has_lhvp, z0, p0, dx, idx, counts)
+            p0 -= eta * hp0
+            s0 += p0
+    if randomized:
+        v1 = (eta * Q) * p1
+        v0 = (eta * Q) * p0
+    else:
+        v1 = eta * s1
+        v0 = eta * s0
+    if full:
+        idx_l = full_index(largs, samp_l)
+    else:
+        idx_l, _ = draw(samp_l, rng)
+    hx1, _ = lower_cross(lfns, largs, has_lhvp, z1, v1, dx, idx_l, counts)
+    h1 = gf1[:dx] - hx1
+    if not two:
+        return h1, h1
+    hx0, _ = lower_cross(lfns, largs, has_lhvp, z0, v0, dx, idx_l, counts)
+    return h1, gf0[:dx] - hx0
+
+
+@njit(cache=True)
+def lower_grad_pair(lfns, largs, z1, z0, two, dx, idx, counts):
+    """``grad_y g`` on batch idx at ``z1`` and (if ``two``) at ``z0``."""
+    g1 = sgrad(lfns, largs, z1, idx, counts, LOWER_GRAD)[dx:].copy()
+    if not two:
+        return g1, g1
+    g0 = sgrad(lfns, largs, z0, idx, counts, LOWER_GRAD)[dx:].copy()
+    return g1, g0

@@ -1,0 +1,392 @@
+"""The driver of the stochastic methods, one for both backends: it validates the options,
+builds the run on the CPU (here) or on the device (:mod:`mlocore.stochastic._device`),
+runs the checkpoint loop (history, callback, ``tol``, step halvings and rewinds after a
+divergence) and returns the result.
+
+A backend's run supplies only what differs: its Lipschitz estimates for the default steps,
+``advance(k, n)`` (n iterations of the method's loop from iteration k, then the divergence
+test's norm), the saved state (a :class:`~mlocore.stochastic._spec.Rewind`) and the final
+iterates. On the CPU the method's compiled loop (``spec.kernel``) runs ``eval_every``
+iterations at a time; between calls (outside the timed region) the driver records the
+history and calls the user's callback. The random state lives in arrays that persist
+between calls, so the iterates do not depend on ``eval_every``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import numpy as np
+from scipy.optimize import OptimizeResult
+
+from .._callbacks import (VEC, CallbackError, FnTuple, KeyedArgs, call_kernel, compile_callback,
+                         placeholder)
+from .._config import LIPSCHITZ_SAFETY
+from .._hypergrad import _compiled, hypergrad, solve_lower
+from .._kernels.oracles import N_COUNTERS
+from .._problem import Ball, BilevelProblem
+from .._results import status_message
+from .._validation import as_vector, check_backend, check_choice, check_cpu_output
+from ..cuda._session import check_problem_backend
+from . import _device
+from . import _sampling as _sk
+from ._spec import (DEFAULT_BATCH, SAMPLERS, Context, _divergence_detail, _norm,
+                    _record_checkpoint, Rewind, _run_summary, _stop_at_checkpoint,
+                    default_steps, parse_run_options, power_on_differences)
+
+__all__ = ["minimize", "estimate_lipschitz", "check_sampled_callbacks"]
+
+
+def _level_sampling(obj, role, batch_size, sampler, rng):
+    """Sampler arrays ``(state, perm, order, buf)`` for one level."""
+    n = obj.n_samples
+    if n is None:  # deterministic objective: one "sample", callbacks get no idx
+        bs, n = 1, 1
+    else:
+        bs = min(DEFAULT_BATCH, n) if batch_size is None else batch_size
+        if bs > n:
+            raise ValueError(f"{role}_batch_size = {bs} exceeds the {role} objective's "
+                             f"n_samples = {n}; expected 1 <= batch size <= n_samples")
+    kind = SAMPLERS[sampler]
+    if bs == n:  # a full batch is the full batch, in order (reproduces deterministic runs)
+        kind = _sk.BATCHES
+        perm = np.arange(n, dtype=np.int64)
+    elif kind == _sk.BATCHES:
+        perm = rng.permutation(n).astype(np.int64)
+    else:
+        perm = np.arange(n, dtype=np.int64)
+    nb = -(-n // bs)
+    state = np.array([kind, bs, n, nb], dtype=np.int64)  # position nb: shuffle on first draw
+    order = np.arange(nb, dtype=np.int64)
+    buf = np.zeros(bs, dtype=np.int64)
+    return (state, perm, order, buf), n, bs
+
+
+def check_sampled_callbacks(obj, comp, z):
+    """Check idx-taking callbacks once at z: vector shapes for batches of several sizes, and
+    that they return the *mean* over the samples in idx (the estimators assume it).
+
+    Raises CallbackError for wrong shapes or a sum/other aggregate; warns when two disjoint
+    batches give bit-identical gradients (a callback that ignores idx).
+    """
+    n = obj.n_samples
+    if n is None:
+        return
+    raw = comp.args[1:]
+    role = comp.role
+    half = max(1, n // 2)
+    parts = [np.arange(half, dtype=np.int64), np.arange(half, n, dtype=np.int64)]
+    if n == 1:
+        parts = [parts[0]]
+    full = np.arange(n, dtype=np.int64)
+    grads = []
+    for idx in parts + [full, np.zeros(1, dtype=np.int64)]:
+        try:
+            g = comp.grad(z.copy(), idx, *raw)
+        except Exception as exc:
+            raise CallbackError(f"callback {role}.grad raised {type(exc).__name__}: {exc} "
+                                f"when called with a batch of {idx.shape[0]} indices") from exc
+        if not isinstance(g, np.ndarray) or g.shape != z.shape:
+            raise CallbackError(f"callback {role}.grad returned shape "
+                                f"{getattr(g, 'shape', type(g).__name__)} for a batch of "
+                                f"{idx.shape[0]} indices; expected {z.shape}, the shape of z "
+                                "(whatever the number of indices)")
+        if not np.all(np.isfinite(g)):
+            raise CallbackError(f"callback {role}.grad returned non-finite values for a batch "
+                                f"of {idx.shape[0]} indices at the initial point")
+        grads.append(g)
+    if len(parts) == 2:
+        mix = (parts[0].size * grads[0] + parts[1].size * grads[1]) / n
+        scale = max(np.abs(grads[2]).max(), np.abs(grads[0]).max(), np.abs(grads[1]).max())
+        if not np.allclose(mix, grads[2], rtol=1e-8, atol=1e-10 * (1.0 + scale)):
+            raise CallbackError(
+                f"callback {role}.grad is not the mean over the samples in idx: the weighted "
+                f"average of its values on the two halves of the samples differs from its value "
+                f"on all {n} samples by {np.abs(mix - grads[2]).max():.3g}. Stochastic "
+                "callbacks must return mean_{i in idx} grad phi_i(z) (plus sample-independent "
+                "terms)")
+        if n >= 2 and np.array_equal(grads[0], grads[1]) and np.any(grads[0] != 0):
+            warnings.warn(f"callback {role}.grad returns identical values for two disjoint "
+                          "halves of the samples: does it use idx? A callback that ignores "
+                          "idx makes every stochastic method a full-batch one.",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _kernel_args(obj, comp):
+    if obj.n_samples is None:
+        return KeyedArgs((None,) + tuple(obj.args))
+    return comp.kargs
+
+
+_IDENTITY = None
+
+
+def _projection(problem):
+    """``(mode, lb, ub, fn)`` for the kernels (see ``_kernels/stochastic.py``)."""
+    global _IDENTITY
+    if _IDENTITY is None:
+        disp, t = compile_callback(placeholder("vector", 1, 0), "placeholder", (VEC,),
+                                   "vector")
+        _IDENTITY = FnTuple(disp, t, single=True)
+    dx = problem.dx
+    user = problem._project
+    if isinstance(user, Ball):
+        return (2, user.center_for(dx), np.array([user.radius]), _IDENTITY)
+    if user is not None:
+        disp, t = compile_callback(user, "project", (VEC,), "vector")
+        return (3, np.zeros(dx), np.zeros(dx), FnTuple(disp, t, single=True))
+    if problem.lb is not None:
+        return (1, problem.lb, problem.ub, _IDENTITY)
+    return (0, np.zeros(dx), np.zeros(dx), _IDENTITY)
+
+
+def estimate_lipschitz(problem, x, y, which, *, iters=15):
+    """Full-batch estimates at (x, y) of ``L_g = lambda_max(H_yy)`` (``which="lower"``) or of
+    ``L_F``, the largest |eigenvalue| of the Hessian of F (``which="upper"``; power iteration
+    on central differences of exact hypergradients, each with its own lower solve)."""
+    if which == "lower":
+        res = solve_lower(problem, x, y, method="gd", maxiter=0)
+        return 1.0 / res.step
+    ys = solve_lower(problem, x, y, tol=1e-10).y
+    return power_on_differences(
+        lambda xx: hypergrad(problem, xx, ys, method="cg", tol=1e-10).grad, x, iters)
+
+
+def _batch_lipschitz(comp, x, y, batch_size, n, seed, n_batches=8, iters=20):
+    """``max_b lambda_max(H_yy(x, y; b))`` over a few uniform minibatches (power iteration,
+    times the usual 1.05 safety): what a minibatch step of ``1/L`` must stay stable for."""
+    rng = np.random.default_rng([seed, 7919])
+    dx = x.shape[0]
+    z = np.concatenate([x, y])
+    raw = comp.args[1:]
+    best = 0.0
+    for _ in range(n_batches):
+        idx = np.ascontiguousarray(rng.integers(0, n, batch_size), dtype=np.int64)
+        v = np.linspace(1.0, 2.0, y.shape[0])
+        v /= np.linalg.norm(v)
+        lam = 0.0
+        for _ in range(iters):
+            w = np.zeros_like(z)
+            w[dx:] = v
+            if comp.has_hvp:
+                hv = comp.hvp(z, w, idx, *raw)[dx:]
+            else:
+                eps = 1e-6 * (1.0 + np.linalg.norm(z))
+                hv = (comp.grad(z + eps * w, idx, *raw)
+                      - comp.grad(z - eps * w, idx, *raw))[dx:] / (2 * eps)
+            lam = float(np.linalg.norm(hv))
+            if not np.isfinite(lam) or lam == 0.0:
+                break
+            v = hv / lam
+        if np.isfinite(lam):
+            best = max(best, lam)
+    return LIPSCHITZ_SAFETY * best
+
+
+class _CpuRun:
+    """A run of a method's compiled loop on a :class:`~mlocore.BilevelProblem`."""
+
+    def __init__(self, spec, method, problem, x0, y0, batch_size, upper_batch_size, sampler,
+                 seed):
+        self.spec, self.problem = spec, problem
+        x = as_vector("x0", x0, problem.dx)
+        y = as_vector("y0", y0, problem.dy)
+        comp = _compiled(problem, x, y)
+        if not getattr(problem, "_sample_checked", False):
+            z = np.concatenate([x, y])
+            check_sampled_callbacks(problem.upper, comp.upper, z)
+            check_sampled_callbacks(problem.lower, comp.lower, z)
+            problem._sample_checked = True
+        if spec.needs_value and not problem.lower.value:
+            raise ValueError(f"method {method!r} needs the lower objective's value callback")
+        seq = np.random.SeedSequence(seed)
+        np_rng = np.random.default_rng(seq.spawn(1)[0])
+        self.samp_u, n_u, bs_u = _level_sampling(problem.upper, "upper", upper_batch_size,
+                                                 sampler, np_rng)
+        self.samp_l, n_l, bs_l = _level_sampling(problem.lower, "lower", batch_size, sampler,
+                                                 np_rng)
+        self.rng = seq.generate_state(1, np.uint64)
+        self.x = problem.project(x)
+        self.y = y
+        self.comp, self.seed = comp, seed
+        self.sizes = (n_u, n_l, bs_u, bs_l)
+        self.batch_size = (bs_u, bs_l)
+        self.counts = np.zeros(2 * N_COUNTERS, dtype=np.int64)
+        self._lips = {}
+
+    def lipschitz(self, which):
+        """"upper": L_F; "lower_full": lambda_max of the full-batch H_yy (the Neumann step,
+        whose truncation bias grows as it shrinks); "lower": also over a few minibatch
+        H_yy, which can be much stiffer than their mean: an SGD step of 1/L_g must be stable
+        for the batches the method will actually draw."""
+        lips = self._lips
+        if which not in lips:
+            problem, x, y = self.problem, self.x, self.y
+            n_u, n_l, bs_u, bs_l = self.sizes
+            if which == "lower":
+                lips[which] = self.lipschitz("lower_full")
+                if problem.lower.n_samples is not None and bs_l < n_l:
+                    lips[which] = max(lips[which], _batch_lipschitz(
+                        self.comp.lower, x, y, bs_l, n_l, self.seed))
+            else:
+                lips[which] = estimate_lipschitz(problem, x, y, which.replace("_full", ""))
+        return lips[which]
+
+    def context(self):
+        return Context(self.problem, self.x, self.y, *self.sizes, self.lipschitz)
+
+    def build(self, alpha, beta, eta, T, Q, work, fextra, iextra):
+        self.work = work
+        self.fpar = np.array(alpha.as_array() + beta.as_array() + [eta] + list(fextra),
+                             dtype=np.float64)
+        self.ipar = np.array([T, Q] + list(iextra), dtype=np.int64)
+        self.proj = _projection(self.problem)
+        self.uargs = _kernel_args(self.problem.upper, self.comp.upper)
+        self.largs = _kernel_args(self.problem.lower, self.comp.lower)
+        # everything a kernel call changes is saved, except the oracle counters (the wasted
+        # work stays counted, as does its time)
+        self.rewind = Rewind((self.x, self.y, work, self.rng) + tuple(self.samp_u)
+                              + tuple(self.samp_l))
+
+    def _run(self, k0, n):
+        comp = self.comp
+        return call_kernel(self.spec.kernel, comp.upper.fns, self.uargs, comp.lower.fns,
+                           self.largs, comp.upper.has_hvp, comp.lower.has_hvp, self.x, self.y,
+                           self.work, self.fpar, self.ipar, self.samp_u, self.samp_l, self.rng,
+                           self.proj, k0, n, self.counts)
+
+    def start(self):
+        self._run(0, 0)  # compile (or load from the disk cache) outside the timed region
+        return self.x, _norm(self.x, self.y)
+
+    def advance(self, k, n):
+        t0 = time.perf_counter()
+        st, done = self._run(k, n)
+        dt = time.perf_counter() - t0
+        failed = f"non-finite iterate at iteration {k + int(done) + 1}" if st != _sk.OK \
+            else None
+        return dt, failed, _norm(self.x, self.y), self.x
+
+    _SLOTS = (_sk.ALPHA0, _sk.BETA0, _sk.ETA)
+
+    def halve(self, which):
+        self.fpar[[self._SLOTS[i] for i in which]] *= 0.5
+
+    def steps(self):
+        return tuple(float(self.fpar[i]) for i in self._SLOTS)
+
+    def xy_copies(self, x):
+        return x.copy(), self.y.copy()
+
+    def finish(self, x_host):
+        extras = {} if self.spec.result is None else self.spec.result(self.work)
+        return self.x, self.y, extras, self.work, {}
+
+
+def _run_loop(run, counts, maxiter, eval_every, backtrack, halvable, tol, callback,
+              reference, problem):
+    """Checkpoints every ``eval_every`` iterations (history, ``tol``, ``callback``). Steps
+    that came from the Lipschitz defaults (``halvable``: 0 alpha, 1 beta, 2 eta) are halved
+    on divergence (up to ``backtrack`` times) and the run resumes from a saved state; steps
+    the user set are never changed."""
+    history = {"iteration": [], "time": [], "oracle_calls": [], "samples": []}
+    elapsed = 0.0
+    status, k, detail = 20, 0, ""
+    rewind = run.rewind
+    x_host, norm0 = run.start()
+    current_ref = _record_checkpoint(history, k, elapsed, counts, reference, x_host, problem)
+    rewind.checkpoint(0, norm0, x_host)
+    while k < maxiter:
+        n = min(eval_every, maxiter - k)
+        dt, failed, nz, x_new = run.advance(k, n)
+        elapsed += dt
+        if failed is None and rewind.blown_up(nz, k + n):
+            failed = f"|(x, y)| grew to {nz:.3g} by iteration {k + n}"
+        if failed is not None:
+            if rewind.reductions < backtrack and halvable:
+                run.halve(halvable)
+                k = rewind.restore()
+                for val in history.values():
+                    del val[rewind.n_checkpoints:]
+                continue
+            rewind.restore_last()
+            status = 13
+            alpha0, beta0, _ = run.steps()
+            detail = _divergence_detail(failed, rewind.reductions, halvable, k, alpha0, beta0)
+            break
+        k += n
+        rewind.checkpoint(k, nz, x_new)
+        current_ref = _record_checkpoint(history, k, elapsed, counts, reference, x_new,
+                                         problem)
+        stop = _stop_at_checkpoint(current_ref, tol, callback, k, elapsed,
+                                   lambda: run.xy_copies(x_new))
+        if stop is not None:
+            status = stop
+            break
+    return status, k, detail, elapsed, current_ref, history
+
+
+def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, batch_size=None,
+             upper_batch_size=None, sampler=None, step=None, inner_step=None,
+             inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
+             eval_every=None, tol=None, callback=None, reference=None, backtrack=None,
+             backend=None, output="numpy", **method_options):
+    """Run ``methods[method]`` (a :class:`~mlocore.stochastic._spec.MethodSpec`) on the CPU,
+    or on the device for a device problem, ``backend="cuda"`` or ``device_only`` (the
+    device entry point, which refuses CPU problems)."""
+    where = "minimize_bilevel (stochastic methods)"
+    device = device_only or getattr(problem, "on_device", False) or \
+        check_backend(backend, where) == "cuda"
+    if device:
+        check_problem_backend(problem, backend, where)
+        check_choice("method", method, tuple(methods))
+        _device.check_output(output)
+    else:
+        check_cpu_output(output)
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(f"problem must be an mlocore.BilevelProblem, got "
+                            f"{type(problem).__name__}")
+        check_choice("method", method, tuple(methods))
+    spec = methods[method]
+    maxiter, T, Q, extra, batch_size, upper_batch_size, sampler, seed, eval_every, \
+        backtrack, tol = parse_run_options(
+            spec, method, maxiter=maxiter, batch_size=batch_size,
+            upper_batch_size=upper_batch_size, sampler=sampler, inner_steps=inner_steps,
+            neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
+            eval_every=eval_every, tol=tol, callback=callback, reference=reference,
+            backtrack=backtrack, method_options=method_options)
+    if device:
+        run = _device.DeviceRun(spec, method, problem, x0, y0, batch_size, upper_batch_size,
+                                sampler, seed, step, inner_step, DEFAULT_BATCH, output)
+    else:
+        run = _CpuRun(spec, method, problem, x0, y0, batch_size, upper_batch_size, sampler,
+                      seed)
+    alpha, beta, eta = default_steps(spec, step, inner_step, neumann_step, run.lipschitz)
+    ctx = run.context()
+    ctx.T, ctx.Q, ctx.eta, ctx.sampler = T, Q, eta, sampler
+    work, fextra, iextra = (np.zeros(0), [], []) if spec.setup is None else \
+        spec.setup(ctx, extra)
+    run.build(alpha, beta, eta, T, Q, work, fextra, iextra)
+    halvable = [i for i, (given, s) in enumerate(((step, alpha.initial),
+                                                  (inner_step, beta.initial),
+                                                  (neumann_step, eta)))
+                if given is None and s > 0]
+    counts = run.counts
+    status, k, detail, elapsed, current_ref, history = _run_loop(
+        run, counts, maxiter, eval_every, backtrack, halvable, tol, callback, reference,
+        problem)
+    reductions = run.rewind.reductions
+    status, detail, calls, samples, hist = _run_summary(status, detail, tol, reductions,
+                                                        counts, history)
+    x, y, extras, state_work, tail = run.finish(run.rewind.extra_last)
+    alpha0, beta0, eta0 = run.steps()
+    return OptimizeResult(
+        x=x, y=y, fun=current_ref.get("F", np.nan), jac=current_ref.get("_grad"), nit=k,
+        success=status in (0, 20), status=status, message=status_message(status, detail),
+        method=method, seed=seed, oracle_calls=calls, oracle_samples=samples, history=hist,
+        steps={"alpha": dataclasses.replace(alpha, initial=alpha0),
+               "beta": dataclasses.replace(beta, initial=beta0),
+               "neumann_step": eta0},
+        step_reductions=reductions, **extras, batch_size=run.batch_size, time=elapsed,
+        state={"work": state_work}, **tail)

@@ -1,0 +1,98 @@
+"""SOBA (Dagreou, Ablin, Vaiter & Moreau 2022, "A framework for bilevel optimization that
+enables stochastic and global variance reduction algorithms", NeurIPS): joint single-loop
+steps on y, v and x.
+
+Iteration k (lower batch xi, upper batch zeta)::
+
+    y <- y - rho_k grad_y g(x, y; xi)
+    v <- v - rho_k (H_yy(xi) v - grad_y f(x, y; zeta))
+    x <- P(x - gamma_k (grad_x f(x, y; zeta) - H_xy(xi) v))
+
+with ``rho = beta`` and ``gamma = alpha`` schedules (mlocore's sign convention: v tends to
+``H_yy^{-1} grad_y f``). ``work = v`` (``res.state["work"]``).
+"""
+import numpy as np
+from numba import njit
+
+from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
+from ._device import DeviceMethod, cuda, launch
+from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, draw, finite, joint_into, lower_cross,
+                        sgrad, step_at, upper_step)
+from ._spec import MethodSpec, work_v
+
+
+@njit(cache=True)
+def run_soba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+             samp_l, rng, proj, k0, n_iter, counts):
+    """SOBA (Dagreou et al. 2022): joint single-loop steps on y, v and x::
+
+        y <- y - rho_k grad_y g(xi)
+        v <- v - rho_k (H_yy(xi) v - grad_y f(zeta))
+        x <- P(x - gamma_k (grad_x f(zeta) - H_xy(xi) v))
+
+    with ``rho = beta`` and ``gamma = alpha`` schedules and ``v = work[:dy]``
+    (mlocore's sign convention: v tends to ``H_yy^{-1} grad_y f``)."""
+    dx = x.shape[0]
+    dy = y.shape[0]
+    z = np.empty(dx + dy)
+    v = work[:dy]
+    for it in range(n_iter):
+        k = k0 + it
+        rho = step_at(fpar, BETA0, k)
+        gamma = step_at(fpar, ALPHA0, k)
+        joint_into(z, x, y)
+        idx_l, _ = draw(samp_l, rng)
+        idx_u, _ = draw(samp_u, rng)
+        gg = sgrad(lfns, largs, z, idx_l, counts, LOWER_GRAD)
+        hx, hy = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx_l, counts)
+        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        for i in range(dy):
+            y[i] -= rho * gg[dx + i]
+            v[i] -= rho * (hy[i] - gf[dx + i])
+        upper_step(x, gf[:dx] - hx, gamma, proj)
+        if not (finite(x) and finite(y) and finite(v)):
+            return DIVERGED, it
+    return OK, n_iter
+
+
+@cuda.jit
+def _soba_update_kernel(z, v, gg, h, gf, dx, rho, gamma):
+    """SOBA's joint step, with gg = grad g(xi), h = H_g(xi) (0, v), gf = grad f(zeta), all
+    over z = (x, y)::
+
+        y <- y - rho grad_y g;  v <- v - rho (H_yy v - grad_y f);
+        x <- x - gamma (grad_x f - H_xy v)
+    """
+    for i in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        if i < dx:
+            z[i] -= gamma * (gf[i] - h[i])
+        else:
+            z[i] -= rho * gg[i]
+            v[i - dx] -= rho * (h[i] - gf[i])
+
+
+class DeviceSoba(DeviceMethod):
+    """:func:`run_soba` on the device (one fused kernel per step)."""
+
+    def __init__(self, r):
+        super().__init__(r)
+        self.check = r.v
+
+    def iteration(self, k):
+        r = self.r
+        rho = r.beta_at(k)
+        gamma = r.alpha_at(k)
+        idx_l = r.samp_l.draw()
+        idx_u = r.samp_u.draw()
+        r.lower.grad(r.z, idx_l, r.gg)
+        r.lower.hvp(r.z, r.wv, idx_l, r.h)
+        r.upper.grad(r.z, idx_u, r.gf)
+        launch(_soba_update_kernel, r.n, r.z, r.v, r.gg, r.h, r.gf, r.dx, rho, gamma)
+        self.project()
+
+    def state_work(self):
+        return self.r.v
+
+
+SPEC = MethodSpec(run_soba, alpha_power=0.6, beta_power=0.4, uses=(), setup=work_v,
+                  doc="Dagreou et al. 2022: joint steps on y, v, x", device=DeviceSoba)

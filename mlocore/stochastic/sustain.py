@@ -1,0 +1,22 @@
+"""SUSTAIN (Khanduri, Zeng, Hong, Wai, Wang & Yang 2021, "A near-optimal algorithm for
+stochastic bilevel optimization via double-momentum", NeurIPS): STORM momentum on both
+levels with the randomized Neumann estimator.
+
+Iteration k: MRBO's recursion (:mod:`mlocore.stochastic.mrbo`, same loop
+``run_double_momentum``) with ``Fhat`` built from ``eta Q prod_{j<=q} (I - eta H_j)
+grad_y f``, q uniform on {0..Q-1} (the same q at both points)::
+
+    h_g^k = grad_y g(z_k; xi_k) + (1 - eta_g^k) (h_g^{k-1} - grad_y g(z_{k-1}; xi_k))
+    h_f^k = Fhat(z_k; B_k) + (1 - eta_f^k) (h_f^{k-1} - Fhat(z_{k-1}; B_k))
+    y_{k+1} = y_k - beta_k h_g^k,    x_{k+1} = P(x_k - alpha_k h_f^k)
+
+Defaults as MRBO's: steps ``~ (100 + k)^(-1/3)``, momentum weights ``0.02 (s_k / s_0)^2``.
+"""
+from .mrbo import double_momentum_spec
+
+#: default initial momentum weights (upper, lower)
+SUSTAIN_MOMENTUM = (0.02, 0.02)
+
+SPEC = double_momentum_spec(
+    SUSTAIN_MOMENTUM, True,
+    "Khanduri et al. 2021: STORM momentum on both levels, randomized Neumann")
