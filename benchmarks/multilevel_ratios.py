@@ -240,7 +240,7 @@ def nonquad_table(out, args):
     out("(c) Non-quadratic trilevel (make_nonquadratic_trilevel: log-cosh + quadratic levels, "
         "nonlinear innermost best response)")
     out("  reference 'CD': central differences of F (reference nested solver, h = 1e-5); "
-        "'dense': ALGORITHMS.md section 3 evaluated densely with the tvp callback "
+        "'dense': docs/mathematics.md section 3 evaluated densely with the tvp callback "
         "(curvature terms on); 'dense-trunc': the same without them")
     out("  one hypergradient per mode, lower levels started at 0 (itd: T steps per level); "
         "errors relative to |dense|")

@@ -5,8 +5,10 @@ The embedded default: l2-regularized logistic regression on scikit-learn's breas
 feature. It prints (1) each hypergradient method at the starting lambda with its error against
 the dense direct solve, its steady-state time, and its oracle calls, then (2) learns lambda by
 L-BFGS-B on (F, grad F) with warm-started inner solves and reports validation and test loss,
-then (3) runs mlocore's AID driver, (4) every stochastic method on minibatches and (5), where
-a CUDA GPU is present, the same hypergradients on the GPU against the CPU.
+then (3) runs mlocore's AID driver, (4) every stochastic method on minibatches, (5) where
+a CUDA GPU is present, the same hypergradients on the GPU against the CPU, and (6) K-fold
+cross-validation of the penalties, many bilevel problems at once on a local Dask cluster
+(``examples/cross_validation.py``), against the serial loop.
 Without scikit-learn it says so and runs on synthetic data of the same shape.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", action="store_true", help="use synthetic data")
     parser.add_argument("--stochastic-iters", type=int, default=2000,
                         help="upper iterations of each stochastic method (default 2000)")
+    parser.add_argument("--no-cluster", action="store_true",
+                        help="skip the cross-validation on a local Dask cluster")
     args = parser.parse_args(argv)
 
     t_import = time.perf_counter()
@@ -152,7 +156,31 @@ def main(argv=None):
 
     # (5) the CUDA backend on the same problem, where there is a GPU
     _cuda_section(mlo, data, x0, y0)
+
+    # (6) many problems at once: K-fold cross-validation on a local Dask cluster
+    if not args.no_cluster:
+        _cluster_section(args.seed)
     return 0
+
+
+def _cluster_section(seed):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "cross_validation.py")
+    print("\nMany problems at once (mlocore.distributed.minimize_many):")
+    if importlib.util.find_spec("dask") is None or \
+            importlib.util.find_spec("distributed") is None:
+        print('  skipped: needs Dask (pip install "mlocore[dask]")')
+        return
+    if not os.path.exists(path):
+        print(f"  skipped: {path} not found (run from a source checkout)")
+        return
+    spec = importlib.util.spec_from_file_location("mlocore_cross_validation_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    report = example.run_cv_demo(n_folds=5, n_workers=min(2, os.cpu_count() or 1), seed=seed)
+    print("  " + report.replace("\n", "\n  "))
 
 
 def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):

@@ -113,8 +113,8 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         Bilevel (default "cg"): implicit differentiation with ``H_yy v = grad_y f`` solved by
         conjugate gradient ("cg"), a dense Cholesky solve ("direct") or a Neumann series
         ("neumann"); or unrolled differentiation through T gradient steps ("itd-reverse",
-        "itd-forward"); ALGORITHMS.md sections 1-2. Multilevel (default "exact"): "exact",
-        "fd" or "truncated" (ALGORITHMS.md section 3 and :mod:`mlocore._multilevel`), or
+        "itd-forward"); docs/mathematics.md sections 1-2. Multilevel (default "exact"): "exact",
+        "fd" or "truncated" (docs/mathematics.md section 3 and :mod:`mlocore._multilevel`), or
         "itd", the unrolled baseline of Sato et al. (T steps per lower level from the given
         starts; T and step may be per-level sequences).
     tol, atol : float

@@ -105,8 +105,8 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         Starting points.
     method : str
         Deterministic (full-batch, options of :func:`mlocore._minimize.minimize_deterministic`):
-        "aid", "itd", "alternating". Stochastic (ALGORITHMS.md section 4; options of
-        :func:`mlocore._stochastic.minimize_stochastic`): "alternating", "bsa", "stocbio",
+        "aid", "itd", "alternating". Stochastic (docs/mathematics.md section 4; options of
+        :func:`mlocore.stochastic.minimize_stochastic`): "alternating", "bsa", "stocbio",
         "ttsa", "stable", "sustain", "mrbo", "vrbo", "soba", "saba", "hessian-free",
         "penalty", "primal-dual"; "aid" and "alternating" run their stochastic forms when
         ``batch_size`` is given.

@@ -231,7 +231,7 @@ class BilevelProblem:
     Notes
     -----
     ``g(x, .)`` must be strongly convex: ``H_yy`` is inverted at the solution
-    (ALGORITHMS.md section 1), and the lower solvers need positive curvature wherever they
+    (docs/mathematics.md section 1), and the lower solvers need positive curvature wherever they
     go, from y0 on (Newton-CG stops with status 3, "not positive definite", otherwise).
     """
 
@@ -323,7 +323,7 @@ def _parse_bounds(bounds, dx):
 
 class MultilevelProblem:
     """An n-level problem: level 1 (outermost) minimizes ``F = phi_1``, each lower level k
-    minimizes its reduced objective given the levels above (ALGORITHMS.md section 3).
+    minimizes its reduced objective given the levels above (docs/mathematics.md section 3).
 
     Parameters
     ----------

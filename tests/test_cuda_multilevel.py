@@ -1,4 +1,4 @@
-"""CUDA backend: n-level implicit hypergradients on the device (ALGORITHMS.md section 3).
+"""CUDA backend: n-level implicit hypergradients on the device (docs/mathematics.md section 3).
 
 The device recursion (:mod:`mlocore.cuda._multilevel`) against the CPU engine
 (``mlocore.hypergrad(cpu_problem, xs, method=...)``) to 1e-10 and against closed forms. Runs

@@ -95,7 +95,7 @@ def test_itd_logistic_matches_cpu_both_modes_agree():
         res = mlo.hypergrad(problem, x, y, method=method, T=6)
         _assert_same_itd(res, mlo.hypergrad(lh.problem, x, y, method=method, T=6))
         results[method] = res
-    # forward and reverse differentiate the same loop (ALGORITHMS.md section 2)
+    # forward and reverse differentiate the same loop (docs/mathematics.md section 2)
     np.testing.assert_allclose(results["itd-reverse"].grad, results["itd-forward"].grad,
                                rtol=0, atol=1e-12)
 

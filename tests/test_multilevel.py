@@ -1,4 +1,4 @@
-"""n-level hypergradients and the multilevel gradient method (ALGORITHMS.md section 3)."""
+"""n-level hypergradients and the multilevel gradient method (docs/mathematics.md section 3)."""
 import numpy as np
 import pytest
 

@@ -342,7 +342,7 @@ def test_nonquadratic_curvature_terms_matter(nq, x):
     exact = nq.implicit_derivatives(x, curvature=True)
     trunc = nq.implicit_derivatives(x, curvature=False)
     # with the curvature terms (third derivatives from tvp), the implicit formulas of
-    # ALGORITHMS.md section 3 reproduce finite differences of the nested solutions ...
+    # docs/mathematics.md section 3 reproduce finite differences of the nested solutions ...
     assert_allclose(exact["dy_dx"], fd, rtol=1e-6, atol=1e-8)
     # ... without them they do not, by far more than the finite-difference error
     err_trunc = np.abs(trunc["dy_dx"] - fd).max()

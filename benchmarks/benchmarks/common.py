@@ -10,7 +10,7 @@ Built here (not taken from ``mlocore.problems``) so that the benchmarks depend o
 public API: ``Objective``, ``BilevelProblem``, ``hypergrad``, ``solve_lower``, ``linalg.cg``.
 
 Callbacks are module-level ``@njit(cache=True)`` functions with the data passed through
-``args`` (never closures), as DESIGN.md asks of users. Their ``.py_func`` is the plain NumPy
+``args`` (never closures), as the README asks of users. Their ``.py_func`` is the plain NumPy
 version that the scipy baseline uses, so both sides compute exactly the same products.
 
 "Equal accuracy" (see :func:`get_case`): every method is tuned to the loosest setting whose

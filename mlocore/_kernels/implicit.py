@@ -1,4 +1,4 @@
-"""Implicit hypergradient kernel (ALGORITHMS.md section 1).
+"""Implicit hypergradient kernel (docs/mathematics.md section 1).
 
     grad F = grad_x f - H_xy v,   H_yy v = grad_y f,   at (x, y*(x))
 

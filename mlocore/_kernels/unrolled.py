@@ -1,4 +1,4 @@
-"""Unrolled (iterative) differentiation kernels, ITD (ALGORITHMS.md section 2).
+"""Unrolled (iterative) differentiation kernels, ITD (docs/mathematics.md section 2).
 
 Inner loop ``y_t = y_{t-1} - beta grad_y g(x, y_{t-1})``, ``t = 1..T``, ``dy_0/dx = 0``;
 the returned gradient is the exact gradient of ``f(x, y_T(x))``. Truncation to the last K

@@ -3,7 +3,7 @@
 A *batch* is ``n_problems`` independent bilevel problems of the same shape (dx, dy) and the
 same objective functions, differing only in their data (a grid of hyperparameters, many
 tasks, ...). :func:`batched_hypergrad` computes every problem's implicit hypergradient
-(ALGORITHMS.md section 1)
+(docs/mathematics.md section 1)
 
     grad F = grad_x f - H_xy v,      H_yy v = grad_y f,      at (x, y*(x))
 
@@ -592,7 +592,7 @@ class BatchedBilevelProblem:
     Notes
     -----
     Assumes every problem's lower objective g(x, .) is strongly convex near the iterates
-    (ALGORITHMS.md section 1): negative curvature is detected and reported (status 3 or
+    (docs/mathematics.md section 1): negative curvature is detected and reported (status 3 or
     info -2), never divided by.
     """
 
@@ -768,7 +768,7 @@ def batched_hypergrad(problem, x, y0, upper_data, lower_data, *, tol=1e-10, atol
     """Hypergradients of ``n_problems`` bilevel problems in one kernel launch.
 
     Block b: Newton-CG on ``g_b(x_b, .)`` from ``y0_b``, then CG on ``H_yy v = grad_y f_b``,
-    then ``grad_b = grad_x f_b - H_xy v`` (ALGORITHMS.md section 1; the algorithms and
+    then ``grad_b = grad_x f_b - H_xy v`` (docs/mathematics.md section 1; the algorithms and
     stopping rules of the CPU ``mlocore.hypergrad(method="cg")``, see the module docstring).
 
     Parameters
@@ -862,7 +862,7 @@ def batched_minimize(problem, x0, y0, upper_data, lower_data, *, step, maxiter=1
     :func:`batched_hypergrad` (Newton-CG lower solve warm-started from the previous y, CG
     adjoint warm-started from the previous v), until ``|grad F(x_k)| <= gtol`` or maxiter
     steps. No projection (unconstrained x). With ``0 < step < 2 / L_F`` (L_F the Lipschitz
-    constant of grad F) F decreases monotonically (ALGORITHMS.md section 3, Theorem 4.1 with
+    constant of grad F) F decreases monotonically (docs/mathematics.md section 3, Theorem 4.1 with
     n = 2); the step is the caller's: nothing here estimates L_F.
 
     Parameters

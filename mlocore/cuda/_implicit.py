@@ -7,7 +7,7 @@ The same algorithms, options, status codes and results as the CPU entry points
 host only reads back the scalars each stopping test needs (counted in ``res.transfers``)
 and, with ``output="numpy"`` (the default), the results at the end.
 
-Hypergradient (ALGORITHMS.md section 1): ``grad F = grad_x f - H_xy v`` with
+Hypergradient (docs/mathematics.md section 1): ``grad F = grad_x f - H_xy v`` with
 ``H_yy v = grad_y f`` at ``(x, y*(x))``; ``H_yy p`` and ``H_xy v`` both come from the lower
 objective's joint Hessian-vector product with direction ``(0, p)``.
 """
@@ -200,7 +200,7 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         Host arrays are validated and copied once each (counted); device arrays are used in
         place and never modified.
     method : {"cg", "neumann", "itd-reverse", "itd-forward"}
-        ALGORITHMS.md sections 1-2 (the unrolled methods, with options T, K and step, run
+        docs/mathematics.md sections 1-2 (the unrolled methods, with options T, K and step, run
         :func:`mlocore.cuda._unrolled.unrolled_hypergrad`); "direct" assembles H_yy from dy
         device HVPs and runs a one-block Cholesky (:mod:`mlocore.cuda._direct`).
     output : {"numpy", "device"}

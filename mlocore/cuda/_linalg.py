@@ -16,8 +16,8 @@ What runs where
 The solvers reproduce the CPU kernels of :mod:`mlocore._kernels.linalg` step for step: the same
 stopping rule ``|b - A x| <= max(rtol |b|, atol)``, the same info codes (0 converged, ``> 0``
 maxiter reached, -1 breakdown, -2 negative curvature, -3 Neumann divergence), the same iterate
-sequence (ALGORITHMS.md section 1: CG, slides Algorithm 7, returning x_{i+1}; the Neumann series
-as Richardson iteration). Only the order of summation inside dot products differs (a tree
+sequence (docs/mathematics.md section 1: CG returning x_{i+1}; the Neumann series as
+Richardson iteration). Only the order of summation inside dot products differs (a tree
 instead of BLAS), so iterates agree to rounding, not bit for bit.
 
 Kernels take float64 arrays only and never allocate, raise or call CPU code: they are valid
@@ -413,7 +413,7 @@ def cg_device(matvec, b, x0, rtol, atol, maxiter, args=(), counter=None):
     ----------
     matvec : callable or DeviceOperator
         ``matvec(p, out, *args)`` writing ``A p`` into the device array ``out``; A symmetric
-        positive definite (ALGORITHMS.md section 1; curvature ``p^T A p <= 0`` is reported,
+        positive definite (docs/mathematics.md section 1; curvature ``p^T A p <= 0`` is reported,
         never divided by).
     b, x0 : device arrays, shape (n,)
         Right-hand side and warm start (``x0=None``: zeros). Neither is modified.
@@ -482,7 +482,7 @@ def neumann_device(matvec, b, x0, eta, rtol, atol, maxiter, args=(), counter=Non
     """Truncated Neumann series ``eta sum_q (I - eta A)^q b`` as Richardson iteration
     ``x <- x + eta (b - A x)`` on the device, the CPU ``neumann_core`` step for step.
 
-    Assumes ``0 < eta < 2 / lambda_max(A)`` (ALGORITHMS.md section 1; ``eta <= 1/L`` is the
+    Assumes ``0 < eta < 2 / lambda_max(A)`` (docs/mathematics.md section 1; ``eta <= 1/L`` is the
     usual choice); a residual that grows beyond ``1e4 max(|r_0|, |b|)`` or turns non-finite
     stops with info -3. From ``x0 = 0`` (or None), k iterations give exactly the series
     truncated after k terms. Parameters, returns and read-backs as :func:`cg_device` (one

@@ -10,7 +10,7 @@ itself is the CPU's :func:`mlocore._minimize.descent_loop`) for a
 * the lower iterate y and the adjoint v stay on the device and are warm-started from one
   iteration (and one line-search trial) to the next, as on the CPU;
 * hypergradients are the device kernels of :mod:`mlocore.cuda._implicit` ("aid": lower solve
-  then CG, ALGORITHMS.md section 1) and :mod:`mlocore.cuda._unrolled` ("itd": reverse-mode
+  then CG, docs/mathematics.md section 1) and :mod:`mlocore.cuda._unrolled` ("itd": reverse-mode
   unrolled differentiation, section 2);
 * bounds or a projection on x (``DeviceBilevelProblem(..., bounds=..., project=...)``) are
   applied on the host, to x0 and after every step, exactly as on the CPU (projected steps;
@@ -120,7 +120,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     Parameters
     ----------
     problem : DeviceBilevelProblem
-        ``g(x, .)`` strongly convex (ALGORITHMS.md section 1). Its bounds,
+        ``g(x, .)`` strongly convex (docs/mathematics.md section 1). Its bounds,
         :class:`mlocore.Ball` or projection on x are honoured by projected steps
         ``x <- P(x - step grad)``, computed on the host (a user ``project`` is a host
         function of x), as on the CPU.
@@ -131,7 +131,7 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
         and never modified.
     method : {"aid", "itd", "alternating"}
         As the CPU: "aid" (lower solve warm-started to ``lower_tol``, adjoint by CG
-        warm-started from the previous v; ALGORITHMS.md section 1), "itd" (reverse-mode
+        warm-started from the previous v; docs/mathematics.md section 1), "itd" (reverse-mode
         unrolled differentiation through T steps, truncated to the last K, warm-started from
         the previous y_T; section 2), "alternating" (T inner gradient steps, then a step along
         ``grad_x f`` only).

@@ -53,7 +53,7 @@ OUTPUTS = ("numpy", "device")
 
 class DeviceMultilevelProblem:
     """An n-level problem with device callbacks: level 1 minimizes ``F = phi_1``, each lower
-    level k minimizes its reduced objective given the levels above (ALGORITHMS.md section 3).
+    level k minimizes its reduced objective given the levels above (docs/mathematics.md section 3).
 
     Parameters
     ----------
@@ -521,7 +521,7 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
     """The hypergradient of ``F = phi_1`` for a :class:`DeviceMultilevelProblem`, on the device.
 
     Reached through ``mlocore.hypergrad(problem, xs, method=...)``. The CPU's
-    :func:`mlocore._multilevel.multilevel_hypergrad` on device vectors (ALGORITHMS.md
+    :func:`mlocore._multilevel.multilevel_hypergrad` on device vectors (docs/mathematics.md
     section 3): the lower levels n..2 are solved from the given warm starts (Newton-CG with
     backtracking on the reduced gradient's norm, level n by the device bilevel Newton-CG), then
     ``grad F = d_1 f_1 + M_1^T d_>1 f_1`` by the matrix-free recursion, every reduced-Hessian

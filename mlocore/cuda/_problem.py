@@ -1,7 +1,7 @@
 """Problems of the CUDA backend's "one large problem" mode: objectives with device callbacks.
 
-A :class:`DeviceObjective` mirrors :class:`mlocore.Objective` (DESIGN.md, "What a user
-writes"), with callbacks that work on device arrays and write their results in place:
+A :class:`DeviceObjective` mirrors :class:`mlocore.Objective` (README, "Quickstart"), with
+callbacks that work on device arrays and write their results in place:
 
     grad(z, out, *args)       out <- gradient over the joint vector z = concat(x, y)
     hvp(z, v, out, *args)     out <- Hessian over z times v
@@ -53,7 +53,7 @@ class DeviceObjective:
         :attr:`transfers`) or scalars, passed after the vectors.
     n_samples : int, optional
         Number of samples of a finite-sum objective (the stochastic methods of
-        :func:`mlocore.cuda._stochastic.minimize_stochastic`, ALGORITHMS.md section 4). The
+        :func:`mlocore.stochastic.minimize_device`, docs/mathematics.md section 4). The
         callbacks then take a device int64 index array right after the vectors,
         ``grad(z, idx, out, *args)``, ``hvp(z, v, idx, out, *args)``, ``value(z, idx,
         *args)``, and return the *mean* over the samples in idx (the convention of
@@ -149,7 +149,7 @@ class DeviceBilevelProblem:
 
     Notes
     -----
-    As :class:`mlocore.BilevelProblem`: ``g(x, .)`` must be strongly convex (ALGORITHMS.md
+    As :class:`mlocore.BilevelProblem`: ``g(x, .)`` must be strongly convex (docs/mathematics.md
     section 1). The callbacks are checked once, at the first point a solver sees (errors name
     the callback). Constraints are honoured by ``minimize_bilevel`` (projected steps, as on the
     CPU: on the host in the deterministic drivers, by a kernel in the stochastic loops for

@@ -2,7 +2,7 @@
 
 The CPU kernels :func:`mlocore._kernels.unrolled.itd_reverse` and
 :func:`~mlocore._kernels.unrolled.itd_forward` step for step, on a
-:class:`~mlocore.cuda._problem.DeviceBilevelProblem` (ALGORITHMS.md section 2): T gradient
+:class:`~mlocore.cuda._problem.DeviceBilevelProblem` (docs/mathematics.md section 2): T gradient
 steps ``y_{t+1} = y_t - beta grad_y g(x, y_t)`` from ``y_0``, and the exact gradient of
 ``f(x, y_T(x))`` through the last K of them (``dy_{T-K}/dx := 0``; K = T by default). The
 inner step beta defaults to ``1/L``, L the power-iteration estimate of ``lambda_max(H_yy)`` at
@@ -174,7 +174,7 @@ def unrolled_core(sess, method, z0, T, K, beta):
 def unrolled_hypergrad(problem, x, y, method="itd-reverse", *, T=100, K=None, step=None,
                        backend=None, output="numpy"):
     """:func:`mlocore.hypergrad` with ``method="itd-reverse"`` or ``"itd-forward"`` for a
-    :class:`~mlocore.cuda.DeviceBilevelProblem`, on the device (ALGORITHMS.md section 2).
+    :class:`~mlocore.cuda.DeviceBilevelProblem`, on the device (docs/mathematics.md section 2).
 
     Parameters
     ----------

@@ -7,7 +7,7 @@ Problems
 --------
 make_quadratic(dx=5, dy=10, n_outer=50, n_inner=100, seed=0, ridge=0.1)
     -> QuadraticBilevel. Stochastic quadratic bilevel problem (benchopt's ``simulated``,
-    ALGORITHMS.md section 4): rank-one per-sample curvatures plus a ridge. Deterministic
+    docs/mathematics.md section 4): rank-one per-sample curvatures plus a ridge. Deterministic
     (``.problem``) and stochastic (``.stochastic_problem``, callbacks take sample indices)
     forms, closed forms ``y_star(x)``, ``jacobian``, ``F(x)``, ``hypergrad(x)``, ``Q``,
     ``x_star``, ``F_star``.
@@ -40,7 +40,7 @@ Multilevel problems (``mlocore.problems.multilevel``; ``.problem`` is a ``Multil
 over ``z = concat(x_1, .., x_n)``, every level with grad, hvp, value and tvp callbacks):
 
 make_trilevel_quadratic(dim=1, seed=42)
-    -> TrilevelQuadratic. Giovannelli, Kent & Vicente's trilevel quadratic (ALGORITHMS.md
+    -> TrilevelQuadratic. Giovannelli, Kent & Vicente's trilevel quadratic (docs/mathematics.md
     section 3): ``y* = x``, ``z* = x + y``, ``grad F = c + 7x``, ``x* = -c/7``,
     ``F* = -|c|^2/14``.
 make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0)

@@ -248,7 +248,7 @@ class _TrilevelReference:
         return out
 
     def implicit_derivatives(self, x1, curvature=True, tol=1e-12):
-        """Trilevel implicit differentiation of ALGORITHMS.md section 3, dense, at z*(x_1).
+        """Trilevel implicit differentiation of docs/mathematics.md section 3, dense, at z*(x_1).
 
         Returns a dict with ``Jz_x``, ``Jz_y`` (level-3 Jacobians), ``phi_yy``, ``phi_yx``,
         ``dy_dx``, ``dz_dx`` (total) and ``grad_F``. With ``curvature=True`` the best-response

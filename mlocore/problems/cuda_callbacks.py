@@ -417,7 +417,7 @@ def cleaning_upper_value_device(z, A, t, n_classes, upper_reg, C, work):
 
 def cleaning_device_problem(dc):
     """The full-batch :class:`~mlocore.problems.cleaning.DataCleaning` ``dc.problem`` as a
-    :class:`~mlocore.cuda.DeviceBilevelProblem` (ALGORITHMS.md section 1 applies: the ridge
+    :class:`~mlocore.cuda.DeviceBilevelProblem` (docs/mathematics.md section 1 applies: the ridge
     ``reg > 0`` makes the lower level strongly convex in W).
 
     Training and validation features and labels are copied to the device once (four host ->

@@ -1,6 +1,6 @@
 """Device minibatch callbacks of the stochastic quadratic (CUDA backend, large-problem mode).
 
-The per-sample quadratic of :mod:`mlocore.problems.quadratic` (ALGORITHMS.md section 4,
+The per-sample quadratic of :mod:`mlocore.problems.quadratic` (docs/mathematics.md section 4,
 benchopt's ``simulated``),
 
     phi_i(x, y) = y.A_i y / 2 + x.B_i x / 2 + x.C_i y + a_i.y + b_i.x,

@@ -80,8 +80,8 @@ _LOGCOSH_D3_MAX = 4.0 / (3.0 * np.sqrt(3.0))
 class NonquadraticTrilevel(_TrilevelReference):
     """A trilevel problem with a nonlinear innermost best response.
 
-    Over ``z = concat(x, y, w)`` (sizes ``dims = (dx, dy, dw)``; the third block is ALGORITHMS.md's
-    z), every level is ``f_k(z) = sum_i c_i log cosh(G_i.z + b_i) + z.P_k z / 2 + q_k.z``
+    Over ``z = concat(x, y, w)`` (sizes ``dims = (dx, dy, dw)``; the third block is the
+    z of docs/mathematics.md), every level is ``f_k(z) = sum_i c_i log cosh(G_i.z + b_i) + z.P_k z / 2 + q_k.z``
     (shared callbacks ``logcosh_quad_*`` with ``args = (G_k, b_k, c_k, P_k, q_k)``):
 
     - level 3: ``G_3 = [-A, -B, I]``, ``P_3 = blockdiag(0, 0, S_3)`` (S_3 SPD), so
@@ -89,7 +89,7 @@ class NonquadraticTrilevel(_TrilevelReference):
       in w is ``S_3 + diag(c3 sech^2) >= lambda_min(S_3) I``: strongly convex, and the best
       response solves ``S_3 w + q + c3 * tanh(w - A x - B y - b) = 0``, which is
       NONLINEAR in (x, y). Its second derivatives (third derivatives of f_3) enter the
-      level-2 reduced Hessian, so the curvature terms of ALGORITHMS.md section 3 matter.
+      level-2 reduced Hessian, so the curvature terms of docs/mathematics.md section 3 matter.
     - level 2: log-cosh terms over all of z (bounded slopes) plus ``y.(S_2 + mu I) y / 2 +
       x.K y``. ``mu`` is set from a bound on ``|g_w| |d2 w*/dy2|`` (with
       ``|l'''| <= 4/(3 sqrt 3)``) so that ``phi_2(x, .)`` is strongly convex (modulus
@@ -99,7 +99,7 @@ class NonquadraticTrilevel(_TrilevelReference):
     Nothing is known in closed form: :meth:`solve_all` (nested Newton to 1e-12),
     :meth:`F`, :meth:`hypergrad_fd` (central differences of F) and :meth:`dy_dx_fd` are the
     reference oracles, and :meth:`implicit_derivatives` evaluates the formulas of
-    ALGORITHMS.md section 3 densely (with or without curvature terms).
+    docs/mathematics.md section 3 densely (with or without curvature terms).
 
     Attributes
     ----------
@@ -280,7 +280,7 @@ def nonquadratic_trilevel_device_problem(nt):
     ----------
     nt : NonquadraticTrilevel
         From :func:`mlocore.problems.make_nonquadratic_trilevel`; its innermost best response
-        is nonlinear, so the curvature terms of ALGORITHMS.md section 3 matter.
+        is nonlinear, so the curvature terms of docs/mathematics.md section 3 matter.
 
     Returns
     -------

@@ -1,8 +1,9 @@
 """Stochastic quadratic bilevel problem with a closed-form solution.
 
-This is the ``simulated`` problem of benchopt's bilevel benchmark (ALGORITHMS.md section 4),
+This is the ``simulated`` problem of benchopt's bilevel benchmark (docs/mathematics.md section 4),
 written over the joint vector ``z = concat(x, y)`` (x: upper variable, size dx; y: lower
-variable, size dy; ALGORITHMS.md calls the lower variable z). Each sample ``i`` is the quadratic
+variable, size dy; docs/mathematics.md calls the lower variable z). Each sample ``i`` is the
+quadratic
 
     phi_i(x, y) = y.A_i y / 2 + x.B_i x / 2 + x.C_i y + a_i.y + b_i.x,
 
@@ -12,7 +13,7 @@ variable, size dy; ALGORITHMS.md calls the lower variable z). Each sample ``i`` 
 there are fewer samples than dimensions). The lower objective g is the mean of phi_i over the
 ``n_inner`` inner samples, the upper objective f the mean over the ``n_outer`` outer samples
 (independent draws of the same family). Writing ``A, B, C, a, b`` for the means of g and
-``F, G, K, f_y, h_x`` for the means of f (ALGORITHMS.md's notation, with F on y and G on x):
+``F, G, K, f_y, h_x`` for the means of f (docs/mathematics.md's notation, with F on y and G on x):
 
     y*(x) = y0 + J x,        J = -A^{-1} C^T,   y0 = -A^{-1} a,
     F(x)  = f(x, y*(x)) = x.Q x / 2 + r.x + const,
@@ -279,7 +280,7 @@ class QuadraticBilevel:
         Per-sample arrays ``(U, W, C, a, b)`` of g and f: shapes (n, dy), (n, dx),
         (n, dx, dy), (n, dy), (n, dx).
     lower_means, upper_means : tuple of ndarray
-        Mean matrices ``(A, B, C, a, b)`` (ridge included in A and B): for g, ALGORITHMS.md's
+        Mean matrices ``(A, B, C, a, b)`` (ridge included in A and B): for g, docs/mathematics.md's
         ``(A, -, C, a, -)``; for f, its ``(F, G, K, f_z, h_x)``.
     jacobian : ndarray, shape (dy, dx)
         ``J = dy*/dx = -A^{-1} C^T``.

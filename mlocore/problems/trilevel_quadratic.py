@@ -125,7 +125,7 @@ def tq_upper_tvp(z, u, w, hx, hy, hz):
 class TrilevelQuadratic(_TrilevelReference):
     """The trilevel quadratic of Giovannelli, Kent & Vicente (their ``Quadratic``).
 
-    Over ``z = concat(x, y, w)`` (ALGORITHMS.md calls the third block z), each of size dim::
+    Over ``z = concat(x, y, w)`` (docs/mathematics.md calls the third block z), each of size dim::
 
         f1 = hx.x + hy.y + hz.w + x.x/2 + x.y + x.w,
         f2 = 2 y.y - y.x - y.w,
@@ -215,7 +215,8 @@ class TrilevelQuadratic(_TrilevelReference):
 
 
 def make_trilevel_quadratic(dim=1, seed=42):
-    """The worked trilevel quadratic of ALGORITHMS.md section 3 (Giovannelli, Kent & Vicente).
+    """The worked trilevel quadratic of Giovannelli, Kent & Vicente (docs/mathematics.md,
+    section 3).
 
     ``hx, hy, hz`` are drawn by ``np.random.seed(seed)`` followed by
     ``np.random.uniform(0, 10, dim)`` three times, in that order (the paper's generator; it
@@ -235,7 +236,7 @@ def make_trilevel_quadratic(dim=1, seed=42):
 # ---------------------------------------------------------------------------------------
 def trilevel_quadratic_device_problem(tq):
     """The device version of ``tq.problem`` for the trilevel quadratic of Giovannelli, Kent &
-    Vicente (ALGORITHMS.md section 3).
+    Vicente (docs/mathematics.md section 3).
 
     Parameters
     ----------

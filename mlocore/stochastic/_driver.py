@@ -123,7 +123,7 @@ _IDENTITY = None
 
 
 def _projection(problem):
-    """``(mode, lb, ub, fn)`` for the kernels (see ``_kernels/stochastic.py``)."""
+    """``(mode, lb, ub, fn)`` for the kernels (see ``stochastic/_sampling.py``)."""
     global _IDENTITY
     if _IDENTITY is None:
         disp, t = compile_callback(placeholder("vector", 1, 0), "placeholder", (VEC,),
