@@ -166,6 +166,7 @@ def main(argv=None):
 def _cluster_section(seed):
     import importlib.util
     import os
+    import sys
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "examples", "cross_validation.py")
     print("\nMany problems at once (mlocore.distributed.minimize_many):")
@@ -178,6 +179,7 @@ def _cluster_section(seed):
         return
     spec = importlib.util.spec_from_file_location("mlocore_cross_validation_example", path)
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its functions are pickled by value for the workers
     spec.loader.exec_module(example)
     report = example.run_cv_demo(n_folds=5, n_workers=min(2, os.cpu_count() or 1), seed=seed)
     print("  " + report.replace("\n", "\n  "))
