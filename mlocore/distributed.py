@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
 import pickle
 import sys
@@ -52,6 +51,7 @@ from scipy.optimize import OptimizeResult
 from ._hypergrad import hypergrad
 from ._minimize import minimize_bilevel, minimize_multilevel
 from ._problem import BilevelProblem, MultilevelProblem
+from ._validation import check_int
 
 __all__ = ["minimize_many", "hypergrad_many"]
 
@@ -257,14 +257,6 @@ class _Progress:
 # ---------------------------------------------------------------------------------------
 # Drivers
 # ---------------------------------------------------------------------------------------
-def _check_positive_int(name, value, allow_none=True):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return int(value)
-
-
 def default_chunksize(n_params, n_workers):
     """Chunks of about ``n_params / (4 n_workers)`` params: four chunks per worker balance
     the load while keeping the per-task overhead small."""
@@ -307,10 +299,8 @@ def _many(kind, build, params, client, store, progress, chunksize, data, retries
     except TypeError:
         raise TypeError(f"params must be an iterable of params, got "
                         f"{type(params).__name__}") from None
-    chunksize = _check_positive_int("chunksize", chunksize)
-    retries = 0 if retries is None else retries
-    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or retries < 0:
-        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+    chunksize = check_int("chunksize", chunksize, 1, allow_none=True)
+    retries = 0 if retries is None else check_int("retries", retries, 0)
     with_data = data is not None
     name = f"{kind}_many"
     results = [None] * len(params)

@@ -268,8 +268,10 @@ def test_malformed_hypergrad_names_its_form():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="build must be callable, got int"):
         mld.minimize_many(3, [1], client="serial")
-    with pytest.raises(ValueError, match="chunksize must be a positive integer"):
+    with pytest.raises(ValueError, match="chunksize must be >= 1, got 0"):
         mld.minimize_many(build_quad, [1], client="serial", chunksize=0)
+    with pytest.raises(TypeError, match="retries must be an integer, got 'two'"):
+        mld.minimize_many(build_quad, [1], client="serial", retries="two")
     with pytest.raises(ValueError, match="client must be None, \"serial\""):
         mld.minimize_many(build_quad, [1], client="threads")
     with pytest.raises(TypeError, match="params must be an iterable"):

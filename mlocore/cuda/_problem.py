@@ -187,8 +187,21 @@ class DeviceBilevelProblem:
                 f"lower={self.lower!r})")
 
 
-_SLOTS = {"upper": (UPPER_GRAD, UPPER_HVP, UPPER_VALUE),
-          "lower": (LOWER_GRAD, LOWER_HVP, LOWER_VALUE)}
+#: the counter slots (grad, hvp, value) of each role
+SLOTS = {"upper": (UPPER_GRAD, UPPER_HVP, UPPER_VALUE),
+         "lower": (LOWER_GRAD, LOWER_HVP, LOWER_VALUE)}
+
+
+def call_device_callback(role, name, fn, args):
+    """``fn(*args)``; an exception it raises becomes a CallbackError naming the callback
+    (``role.name``) and the exception."""
+    try:
+        return fn(*args)
+    except CallbackError:
+        raise
+    except Exception as exc:
+        raise CallbackError(f"callback {role}.{name} raised {type(exc).__name__}: "
+                            f"{exc}") from exc
 
 
 class DeviceOracle:
@@ -209,19 +222,13 @@ class DeviceOracle:
     def __init__(self, objective, role, counts, counter, n):
         self.obj, self.role, self.counts, self.counter, self.n = \
             objective, role, counts, counter, int(n)
-        self.slot_grad, self.slot_hvp, self.slot_value = _SLOTS[role]
+        self.slot_grad, self.slot_hvp, self.slot_value = SLOTS[role]
         self.has_hvp = objective.hvp is not None
         self.has_value = objective.value is not None
         self._fd = None  # work vectors of difference HVPs, allocated on first use
 
     def _call(self, name, fn, *vecs):
-        try:
-            return fn(*vecs, *self.obj.args)
-        except CallbackError:
-            raise
-        except Exception as exc:
-            raise CallbackError(f"callback {self.role}.{name} raised {type(exc).__name__}: "
-                                f"{exc}") from exc
+        return call_device_callback(self.role, name, fn, vecs + tuple(self.obj.args))
 
     def grad(self, z, out):
         """``out <- grad(z)``."""

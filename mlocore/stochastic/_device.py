@@ -52,8 +52,7 @@ with warnings.catch_warnings():  # under the simulator numba.cuda.random's host-
 
 from .._callbacks import CallbackError
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
-from .._kernels.oracles import (LOWER_GRAD, LOWER_HVP, LOWER_VALUE,
-                                N_COUNTERS, UPPER_GRAD, UPPER_HVP, UPPER_VALUE)
+from .._kernels.oracles import N_COUNTERS
 from .._problem import Ball
 from ..cuda import _device as _cdevice
 from ..cuda import _linalg as dl
@@ -444,20 +443,12 @@ class _SampledOracle:
 
     def __init__(self, obj, role, counts, bs):
         self.obj, self.role, self.counts, self.bs = obj, role, counts, bs
-        self.slot_grad, self.slot_hvp, self.slot_value = \
-            (UPPER_GRAD, UPPER_HVP, UPPER_VALUE) if role == "upper" else \
-            (LOWER_GRAD, LOWER_HVP, LOWER_VALUE)
+        self.slot_grad, self.slot_hvp, self.slot_value = _cproblem.SLOTS[role]
         self.sampled = obj.n_samples is not None
 
     def _call(self, name, fn, vecs, idx, out):
         args = vecs + ((idx,) if self.sampled else ()) + (out,) + tuple(self.obj.args)
-        try:
-            fn(*args)
-        except CallbackError:
-            raise
-        except Exception as exc:
-            raise CallbackError(f"callback {self.role}.{name} raised {type(exc).__name__}: "
-                                f"{exc}") from exc
+        _cproblem.call_device_callback(self.role, name, fn, args)
 
     def _count(self, slot, idx):
         self.counts[slot] += 1
@@ -475,13 +466,8 @@ class _SampledOracle:
         """The mean value over idx, a host float (the callback reads it back)."""
         self._count(self.slot_value, idx)
         args = (z,) + ((idx,) if self.sampled else ()) + tuple(self.obj.args)
-        try:
-            return float(self.obj.value(*args))
-        except CallbackError:
-            raise
-        except Exception as exc:
-            raise CallbackError(f"callback {self.role}.value raised {type(exc).__name__}: "
-                                f"{exc}") from exc
+        return _cproblem.call_device_callback(
+            self.role, "value", lambda *a: float(self.obj.value(*a)), args)
 
 
 def _check_sampled(obj, role, z, counter):
