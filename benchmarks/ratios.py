@@ -14,7 +14,7 @@ Measures, in one process (compile and warm-up excluded, best of k interleaved sa
 3. first-call (compile) time of a NEW problem in fresh subprocesses;
 4. peak memory of reverse ITD against CG as T grows (dy = 1000).
 
-Targets: CG hypergradient >= 10x faster than scipy for dy <= 100; <= 1.5x the raw BLAS
+Targets: CG hypergradient >= 10x faster than scipy for dy <= 100; <= 1.2x the raw BLAS
 matvec cost at dy = 1000. The table is also written to ``benchmarks/results/``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from benchmarks.common import ALL_METHODS, TARGET_RELERR, get_case, warm_up  # n
 import mlocore as mlo  # noqa: E402,F401  (imported first: compiles nothing, warms numba)
 
 SCIPY_SPEEDUP_TARGET = 10.0
-BLAS_RATIO_TARGET = 1.5
+BLAS_RATIO_TARGET = 1.2
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def method_table(out, dy, args):
         else:
             res = case.run(m)
             info[m] = dict(err=case.data.relerr(res.grad), calls=int(sum(res.oracle_calls.values())),
-                           hvp=res.oracle_calls["lower_hvp"], success=res.success)
+                           hvp=res.nhvp, success=res.success)
     t_setup = time.perf_counter() - t0
     fns = {m: (lambda m=m: case.run(m)) for m in methods}
     fns.update(decomposition_fns(case, info["cg"]["hvp"]))
@@ -186,16 +186,20 @@ def blas_table(out, case, nhvp, args):
     w = np.concatenate([np.zeros(d.dx), v])
     hvp_py = common.lower_hvp.py_func
 
-    def raw():
-        for _ in range(nhvp):
+    CT = np.ascontiguousarray(C.T)
+
+    def raw():  # what the block oracles compute: nhvp - 1 products A v and one C^T v
+        for _ in range(nhvp - 1):
             A @ v
+        CT @ v
 
     def raw_joint():
         for _ in range(nhvp):
             hvp_py(z, w, A, C)
 
     common.matvec_loop(A, v, 1)
-    fns = {"cg": lambda: case.run("cg"), "raw": raw,
+    fns = {"cg": lambda: case.run("cg"), "cg_joint": lambda: case.run("cg", joint=True),
+           "raw": raw,
            "raw_nb": lambda: common.matvec_loop(A, v, nhvp), "joint": raw_joint}
     try:
         from threadpoolctl import threadpool_limits
@@ -219,16 +223,19 @@ def blas_table(out, case, nhvp, args):
 
     out(f"dy = {d.dy}: CG hypergradient vs the same number of products done directly with BLAS")
     out(f"  {'':<34}" + "".join(f"{label:>28}" for label, _ in cols))
-    out(row(f"mlocore cg ({nhvp} lower_hvp calls)", per("cg")))
+    out(row(f"mlocore cg, block oracles ({nhvp} calls)", per("cg")))
+    out(row(f"mlocore cg, joint hvp ({nhvp} calls)", per("cg_joint")))
     out(row(f"{nhvp} x (A @ v), NumPy loop", per("raw")))
     out(row(f"{nhvp} x (A @ v), compiled loop", per("raw_nb")))
     out(row(f"{nhvp} x joint HVP in NumPy", per("joint")))
     ratios = [t["cg"] / min(t["raw"], t["raw_nb"]) for _, t in cols]
     out(f"  {'ratio cg / raw A @ v':<34}" + "".join(f"{r:>28.2f}" for r in ratios))
+    out(f"  {'ratio cg joint-hvp / raw A @ v':<34}"
+        + "".join(f"{t['cg_joint'] / min(t['raw'], t['raw_nb']):>28.2f}" for _, t in cols))
     out(f"  {'ratio cg / joint HVPs in NumPy':<34}"
         + "".join(f"{t['cg'] / t['joint']:>28.2f}" for _, t in cols))
     out(f"  (raw = the faster of the NumPy and the compiled loop, both the same OpenBLAS gemv; "
-        f"lower_hvp = CG iterations + the final H_xy v; target <= {BLAS_RATIO_TARGET:g})")
+        f"calls = CG's hvp_yy products + the final hvp_xy; target <= {BLAS_RATIO_TARGET:g})")
     out()
     return ratios
 

@@ -27,6 +27,8 @@ import numpy as np
 from numba import types
 from numba.core.errors import NumbaExperimentalFeatureWarning, NumbaError
 
+from ._kernels.oracles import OracleBundle, make_bundle
+
 __all__ = ["CallbackError", "compile_callback", "missing_callback", "placeholder", "call_kernel",
            "FnTuple"]
 
@@ -114,6 +116,7 @@ def _register(disp):
             disp._mlocore_addresses.clear()
             original()
             disp._mlocore_addresses.clear()
+            _GENERATION[0] += 1  # bundles holding the old addresses are rebuilt
 
         disp.recompile = recompile
 
@@ -255,11 +258,36 @@ warnings.filterwarnings("ignore", message="First-class function type feature is 
 def _nbtype(value):
     if isinstance(value, FnTuple):
         return value.nbtype
+    if isinstance(value, OracleBundle):
+        return value._type
     if isinstance(value, KeyedArgs):
         return numba.typeof(value.value)
     if isinstance(value, tuple) and any(type(v) in _CONTAINERS for v in value):
         return types.Tuple(tuple(_nbtype(v) for v in value))
     return numba.typeof(value)
+
+
+#: bumped whenever a callback mlocore compiled is recompiled (``disp.recompile()``)
+_GENERATION = [0]
+
+
+class BundleCache:
+    """The :class:`~mlocore._kernels.oracles.OracleBundle` of an :class:`FnTuple`, built once
+    (kernels then unbox one pointer instead of every function) and rebuilt after a callback
+    was recompiled, whose new machine code lives at a new address."""
+
+    __slots__ = ("fntuple", "_bundle", "_generation")
+
+    def __init__(self, fntuple: "FnTuple"):
+        self.fntuple = fntuple
+        self._generation = -1
+        self._bundle = None
+
+    def get(self) -> OracleBundle:
+        if self._generation != _GENERATION[0]:
+            self._generation = _GENERATION[0]
+            self._bundle = call_kernel(make_bundle, self.fntuple)
+        return self._bundle
 
 
 class KeyedArgs:
@@ -273,7 +301,7 @@ class KeyedArgs:
 
 
 _SCALARS = (float, int, bool, type(None), np.float64, np.int64, np.bool_)
-_CONTAINERS = (FnTuple, KeyedArgs, tuple)
+_CONTAINERS = (FnTuple, KeyedArgs, tuple, OracleBundle)
 
 
 def _fast_key(value):
@@ -287,6 +315,8 @@ def _fast_key(value):
         return t
     if t is FnTuple:
         return id(value.nbtype)  # numba types are interned; kept alive by _ENTRY_POINTS
+    if t is OracleBundle:
+        return id(value._type)
     if t is KeyedArgs:
         return value.key
     if t is tuple:
@@ -313,7 +343,7 @@ def call_kernel(kernel, *args):
     The overload for the exact argument types is compiled (or loaded from numba's disk cache)
     on first use and its entry point memoized by a cheap type key.
     """
-    key = (kernel, tuple(_fast_key(a) for a in args))
+    key = (kernel, tuple(map(_fast_key, args)))
     entry = _ENTRY_POINTS.get(key)
     if entry is None:
         with warnings.catch_warnings():
@@ -324,4 +354,4 @@ def call_kernel(kernel, *args):
         _ENTRY_POINTS[key] = (entry, sig)
     else:
         entry = entry[0]
-    return entry(*[_unwrap(a) for a in args])
+    return entry(*map(_unwrap, args))

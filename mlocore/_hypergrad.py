@@ -29,16 +29,18 @@ def _check_problem(problem):
 
 
 class _Compiled:
-    """Both objectives compiled, and checked once at a first point."""
+    """Both objectives compiled, and checked once at a first point (the compiled forms
+    remember it; a changed callback gives a new compiled form, checked again)."""
 
     def __init__(self, problem, x, y):
-        self.upper = problem.upper.compiled("upper")
-        self.lower = problem.lower.compiled("lower")
-        if not getattr(problem, "_checked", False):
+        self.upper = up = problem.upper.compiled("upper")
+        self.lower = lo = problem.lower.compiled("lower")
+        dx = problem.dx
+        if up.checked_dx != dx or lo.checked_dx != dx:
             z = np.concatenate([x, y])
-            self.upper.check_at(z)
-            self.lower.check_at(z)
-            problem._checked = True
+            up.check_at(z, dx)
+            lo.check_at(z, dx)
+            up.checked_dx = lo.checked_dx = dx
 
 
 def _compiled(problem, x, y):
@@ -85,7 +87,7 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     counts = new_counts()
     lo = comp.lower
     y, status, nit, gnorm, used_step = call_kernel(
-        _low.solve_lower_kernel, lo.fns, lo.kargs, lo.has_hvp, x, y0, opts.code, opts.tol,
+        _low.solve_lower_kernel, lo.fns, lo.kargs, lo.flags, x, y0, opts.code, opts.tol,
         opts.maxiter, opts.step, counts)
     detail = f"|grad_y g| = {gnorm:.3e} after {nit} iterations (lower_tol = {opts.tol:.1e})."
     return OptimizeResult(y=y, x=x, success=status == 0, status=int(status),
@@ -208,7 +210,7 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
     up, lo = comp.upper, comp.lower
     (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
      eta_used) = call_kernel(
-        _imp.implicit_hypergrad, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.has_hvp,
+        _imp.implicit_hypergrad, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags,
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
         _SOLVERS[method], tol, atol, maxiter, eta, counts)
     out = implicit_result(method, grad=grad, x=x, y=ysol, v=v, fun=fun, status=status,
@@ -222,15 +224,17 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
 def _add_counts(out, counts):
     calls = counts_dict(counts)
     out.oracle_calls = calls
-    out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-    out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
+    out.ngrad = (calls["upper_grad"] + calls["lower_grad"] + calls["upper_grad_x"]
+                 + calls["upper_grad_y"] + calls["lower_grad_y"])
+    out.nhvp = (calls["upper_hvp"] + calls["lower_hvp"] + calls["lower_hvp_yy"]
+                + calls["lower_hvp_xy"])
 
 
 def _unrolled(comp, method, x, y, T, K, beta, counts):
     up, lo = comp.upper, comp.lower
     kernel = _itd.itd_reverse if method == "itd-reverse" else _itd.itd_forward
     grad, yT, aux, fun, status, beta_used = call_kernel(
-        kernel, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.has_hvp, x, y, T, K, beta,
+        kernel, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags, x, y, T, K, beta,
         counts)
     out = HypergradResult(
         grad=grad, x=x, y=yT, v=aux if method == "itd-reverse" else None,

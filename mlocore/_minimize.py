@@ -47,7 +47,7 @@ class _Driver:
         lo = self.comp.lower
         m = self.lower.code if method is None else method
         y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, lo.fns, lo.kargs, lo.has_hvp, x, y0, m,
+            _low.solve_lower_kernel, lo.fns, lo.kargs, lo.flags, x, y0, m,
             self.lower.tol if tol is None else tol,
             self.lower.maxiter if maxiter is None else maxiter,
             self.lower.step if step is None else step, self.counts)

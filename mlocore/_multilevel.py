@@ -366,7 +366,7 @@ class MultilevelEngine(LevelRecursion):
         o = self.off[-2]
         counts6 = new_counts()
         y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, c.fns, c.kargs, c.has_hvp, z[:o].copy(), z[o:].copy(),
+            _low.solve_lower_kernel, c.fns, c.kargs, c.flags, z[:o].copy(), z[o:].copy(),
             method, tol, maxiter, step, counts6)
         self._fold(counts6)
         out = z.copy()
@@ -381,7 +381,7 @@ class MultilevelEngine(LevelRecursion):
         if j == self.n:
             c = self.comp[-1]
             counts6 = new_counts()
-            op = (c.fns, c.kargs, c.has_hvp, z, self.off[-2], counts6)
+            op = (c.fns, c.kargs, c.flags, z, self.off[-2], counts6)
             v, info, nit, res, _ = call_kernel(_kl.cg_core, op, b, np.zeros(d), rtol, 0.0,
                                                maxiter, (), None)
             self._fold(counts6)
@@ -686,7 +686,7 @@ class UnrolledEngine(UnrolledRecursion):
         lo = self.off[-2]
         c = self.eng.comp[-1]
         counts6 = new_counts()
-        _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.has_hvp,
+        _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.flags,
                                z[:lo].copy(), z[lo:].copy(), T, beta,
                                np.ascontiguousarray(w), counts6)
         self.eng._fold(counts6)

@@ -80,12 +80,37 @@ class HypergradOptions(SimpleNamespace):
     default ``1/L``) (implicit)."""
 
 
-def hypergrad_options(method, dy, *, tol, atol, maxiter, v0_given, eta, lower_solved,
-                      lower_method, lower_tol, lower_maxiter, lower_step, T, K, step,
-                      fd_step):
+_MEMO: dict = {}
+_MEMO_SIZE = 256
+
+
+def hypergrad_options(method, dy, **options):
     """Validate the options of a bilevel hypergradient once, for either backend: an option
     that the method would ignore is a TypeError (:func:`reject_unused`), a bad value a
-    ValueError or TypeError naming it. Returns :class:`HypergradOptions`."""
+    ValueError or TypeError naming it. Returns :class:`HypergradOptions` (shared between
+    calls with the same options: callers must not modify it).
+
+    Keyword options: ``tol, atol, maxiter, v0_given, eta, lower_solved, lower_method,
+    lower_tol, lower_maxiter, lower_step, T, K, step, fd_step``. Validated options are
+    memoized by value *and type* (``tol=True`` is not ``tol=1``), so that repeated calls
+    on small problems do not pay for validation again.
+    """
+    try:
+        key = (type(method), method, dy) + tuple((type(v), v) for v in options.values())
+        hit = _MEMO.get(key)
+    except TypeError:  # an unhashable option: validate (and fail) without the memo
+        return _hypergrad_options(method, dy, **options)
+    if hit is None:
+        hit = _hypergrad_options(method, dy, **options)
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        _MEMO[key] = hit
+    return hit
+
+
+def _hypergrad_options(method, dy, *, tol, atol, maxiter, v0_given, eta, lower_solved,
+                       lower_method, lower_tol, lower_maxiter, lower_step, T, K, step,
+                       fd_step):
     method = "cg" if method is None else method
     check_choice("method", method, HYPERGRAD_METHODS)
     unrolled = method in UNROLLED_METHODS

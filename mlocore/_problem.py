@@ -6,8 +6,11 @@ import numbers
 import numba
 import numpy as np
 
-from ._callbacks import (VEC, CallbackError, FnTuple, KeyedArgs, compile_callback,
+from ._callbacks import (VEC, BundleCache, CallbackError, FnTuple, KeyedArgs, compile_callback,
                          missing_callback)
+from ._config import FD_REL_STEP
+from ._kernels.oracles import (FN_NAMES, HAS_GRAD_X, HAS_GRAD_Y, HAS_HVP, HAS_HVP_XY,
+                               HAS_HVP_YY, HAS_VALUE)
 
 __all__ = ["Objective", "BilevelProblem", "MultilevelProblem", "Ball"]
 
@@ -33,6 +36,18 @@ class Objective:
     n_samples : int, optional
         For stochastic objectives: callbacks take an int64 index array right after the
         vectors (``grad(z, idx, *args)``). Deterministic methods use the full batch.
+    grad_x, grad_y : callable, optional
+        Block oracles of a bilevel problem, ``z = (x, y)``: ``grad_x(z, *args)`` (length dx)
+        and ``grad_y(z, *args)`` (length dy), the blocks of ``grad``. The lower solvers call
+        ``grad_y`` of the lower objective instead of the joint gradient.
+    hvp_yy : callable, optional
+        ``hvp_yy(z, v_y, *args) -> H_yy v_y`` (length dy), ``v_y`` of length dy. The linear
+        solvers (CG, Neumann, direct), Newton-CG and the unrolled loops call it for every
+        product with the lower Hessian instead of ``hvp`` on the direction ``(0, v_y)``,
+        which computes two blocks more.
+    hvp_xy : callable, optional
+        ``hvp_xy(z, v_y, *args) -> H_xy v_y = d/dx <grad_y g, v_y>`` (length dx): the cross
+        product, needed once per implicit hypergradient and once per unrolled step.
 
     Notes
     -----
@@ -40,10 +55,20 @@ class Objective:
     by mlocore, and a function Numba cannot compile gives a :class:`CallbackError` that names it
     and quotes Numba's reason. Vectors passed to callbacks are C-contiguous float64 arrays that
     callbacks must not modify.
+
+    Block oracles are optional: where one is absent, mlocore slices the joint callback. Each
+    given block is checked once, at the first point a problem is used at, against the joint
+    callback (or central differences of ``grad`` when there is no ``hvp``): a wrong shape or
+    a disagreement is a :class:`CallbackError` that names the callback. Block oracles are
+    used by :class:`BilevelProblem`; the levels of a :class:`MultilevelProblem` use the joint
+    callbacks.
     """
 
-    def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None):
-        for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("tvp", tvp)):
+    def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None, *,
+                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None):
+        for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("tvp", tvp),
+                         ("grad_x", grad_x), ("grad_y", grad_y), ("hvp_yy", hvp_yy),
+                         ("hvp_xy", hvp_xy)):
             if fn is None and name != "grad":
                 continue
             if not callable(fn):
@@ -58,6 +83,7 @@ class Objective:
                 raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
             n_samples = int(n_samples)
         self.grad, self.hvp, self.value, self.tvp = grad, hvp, value, tvp
+        self.grad_x, self.grad_y, self.hvp_yy, self.hvp_xy = grad_x, grad_y, hvp_yy, hvp_xy
         self._args = args
         self.n_samples = n_samples
         self._compiled = None
@@ -73,9 +99,20 @@ class Objective:
         raise AttributeError("Objective.args cannot be changed: the callbacks are compiled for "
                              "them; build a new Objective with the new args")
 
+    def __setattr__(self, name, value):
+        # a changed callback invalidates the compiled form and the one-time checks
+        if name in _CALLBACK_NAMES and getattr(self, "_compiled", None) is not None:
+            object.__setattr__(self, "_compiled", None)
+        object.__setattr__(self, name, value)
+
+    @property
+    def blocks(self) -> tuple:
+        """Names of the block oracles given (``grad_x``, ``grad_y``, ``hvp_yy``, ``hvp_xy``)."""
+        return tuple(n for n in _BLOCK_NAMES if getattr(self, n) is not None)
+
     def __repr__(self):
         parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
-        for name in ("hvp", "value", "tvp"):
+        for name in _CALLBACK_NAMES[1:]:
             fn = getattr(self, name)
             if fn is not None:
                 parts.append(f"{name}={getattr(fn, '__name__', fn)!s}")
@@ -91,8 +128,17 @@ class Objective:
         return self._compiled
 
 
+_BLOCK_NAMES = ("grad_x", "grad_y", "hvp_yy", "hvp_xy")
+_CALLBACK_NAMES = ("grad", "hvp", "value", "tvp") + _BLOCK_NAMES
+#: name -> (number of vector arguments, flag bit) of the optional callbacks in ``fns``
+_OPTIONAL = {"hvp": (2, HAS_HVP), "value": (1, HAS_VALUE), "grad_x": (1, HAS_GRAD_X),
+             "grad_y": (1, HAS_GRAD_Y), "hvp_yy": (2, HAS_HVP_YY), "hvp_xy": (2, HAS_HVP_XY)}
+
+
 class CompiledObjective:
-    """Kernel-facing form: ``fns = (grad, hvp, value)`` as a :class:`FnTuple`, flags, args.
+    """Kernel-facing form: ``fns`` (every slot of :data:`FN_NAMES`, an
+    :class:`~mlocore._kernels.oracles.OracleBundle`),
+    ``flags`` (which optional callbacks are real, bits of :mod:`._kernels.oracles`), args.
 
     For stochastic objectives the full-batch index array is prepended to ``args``, so that
     deterministic kernels call ``grad(z, idx, *args)`` as ``grad(z, *args_full)``.
@@ -111,24 +157,36 @@ class CompiledObjective:
         self.args = args
         self.kargs = KeyedArgs(args)  # what kernels receive (type key computed once)
         self.grad, gt = compile_callback(objective.grad, f"{role}.grad", (VEC,) + argt, "vector")
-        if objective.hvp is not None:
-            self.hvp, ht = compile_callback(objective.hvp, f"{role}.hvp", (VEC, VEC) + argt,
-                                            "vector")
-        else:
-            self.hvp, ht = missing_callback(2, (VEC, VEC) + argt)
-        if objective.value is not None:
-            self.value, vt = compile_callback(objective.value, f"{role}.value", (VEC,) + argt,
-                                              "scalar")
-        else:
-            self.value, vt = missing_callback(1, (VEC,) + argt, "scalar")
+        funcs, fntypes = [self.grad], [gt]
+        flags = 0
+        for name in FN_NAMES[1:]:
+            nvec, bit = _OPTIONAL[name]
+            kind = "scalar" if name == "value" else "vector"
+            user = getattr(objective, name)
+            if user is not None:
+                fn, ft = compile_callback(user, f"{role}.{name}", (VEC,) * nvec + argt, kind)
+                flags |= bit
+            else:
+                fn, ft = missing_callback(nvec, (VEC,) * nvec + argt, kind)
+            setattr(self, name, fn)
+            funcs.append(fn)
+            fntypes.append(ft)
         self.tvp = None
         if objective.tvp is not None:
             self.tvp, _ = compile_callback(objective.tvp, f"{role}.tvp", (VEC, VEC, VEC) + argt,
                                            "vector")
-        self.has_hvp = objective.hvp is not None
-        self.has_value = objective.value is not None
+        self.flags = flags
+        self.has_hvp = bool(flags & HAS_HVP)
+        self.has_value = bool(flags & HAS_VALUE)
         self.has_tvp = objective.tvp is not None
-        self.fns = FnTuple((self.grad, self.hvp, self.value), (gt, ht, vt))
+        self.blocks = objective.blocks
+        self._bundle = BundleCache(FnTuple(funcs, fntypes))
+        self.checked_dx = None  #: the dx of the bilevel problem it was checked for
+
+    @property
+    def fns(self):
+        """What kernels receive: the :class:`~mlocore._kernels.oracles.OracleBundle`."""
+        return self._bundle.get()
 
     def _call(self, name, fn, *vecs):
         try:
@@ -137,8 +195,9 @@ class CompiledObjective:
             raise CallbackError(f"callback {self.role}.{name} raised "
                                 f"{type(exc).__name__}: {exc}") from exc
 
-    def check_at(self, z: np.ndarray):
-        """Call each callback once at z and check shapes and finiteness (clear errors early)."""
+    def check_at(self, z: np.ndarray, dx: int = None):
+        """Call each callback once at z and check shapes and finiteness (clear errors early);
+        with ``dx`` (bilevel problems) also each block oracle against the joint callback."""
         n = z.shape[0]
         g = self._call("grad", self.grad, z.copy())
         _check_vector(f"{self.role}.grad", g, n)
@@ -154,7 +213,68 @@ class CompiledObjective:
             if not np.isfinite(f):
                 raise CallbackError(f"callback {self.role}.value returned {f} at the initial "
                                     "point; expected a finite number")
+        if self.blocks:
+            if dx is None:
+                raise ValueError(f"{self.role} has block oracles ({', '.join(self.blocks)}), "
+                                 "which only a BilevelProblem uses; give the levels of a "
+                                 "multilevel problem the joint callbacks only")
+            self._check_blocks(z, dx, g)
         return g
+
+    def _check_blocks(self, z, dx, g):
+        """Each block oracle against the joint callback at z: same shape, same values (to
+        1e-8 relative with an ``hvp``; to 1e-5 against central differences of ``grad``)."""
+        n = z.shape[0]
+        dy = n - dx
+        v = np.linspace(1.0, 2.0, dy)
+        joint_h = None
+        if self.has_hvp_block():
+            w = np.zeros(n)
+            w[dx:] = v
+            if self.has_hvp:
+                joint_h, rtol = self._call("hvp", self.hvp, z.copy(), w), 1e-8
+            else:
+                eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / np.linalg.norm(w)
+                joint_h = (self._call("grad", self.grad, z + eps * w)
+                           - self._call("grad", self.grad, z - eps * w)) / (2.0 * eps)
+                rtol = 1e-5
+        checks = {"grad_x": (lambda: self._call("grad_x", self.grad_x, z.copy()),
+                             lambda: g[:dx], 1e-8, "grad[:dx]"),
+                  "grad_y": (lambda: self._call("grad_y", self.grad_y, z.copy()),
+                             lambda: g[dx:], 1e-8, "grad[dx:]"),
+                  "hvp_yy": (lambda: self._call("hvp_yy", self.hvp_yy, z.copy(), v.copy()),
+                             lambda: joint_h[dx:], None, "the y-block of hvp(z, (0, v))"),
+                  "hvp_xy": (lambda: self._call("hvp_xy", self.hvp_xy, z.copy(), v.copy()),
+                             lambda: joint_h[:dx], None, "the x-block of hvp(z, (0, v))")}
+        for name in self.blocks:
+            got_fn, want_fn, tol, what = checks[name]
+            if tol is None:
+                tol = rtol
+                if not self.has_hvp:
+                    what += ", by central differences of grad"
+            size = dx if name in ("grad_x", "hvp_xy") else dy
+            got = got_fn()
+            role = f"{self.role}.{name}"
+            if not isinstance(got, np.ndarray) or got.shape != (size,):
+                shape = getattr(got, "shape", type(got).__name__)
+                block = "x" if size == dx else "y"
+                raise CallbackError(f"callback {role} returned shape {shape}; expected "
+                                    f"({size},), the size of {block}")
+            if not np.all(np.isfinite(got)):
+                raise CallbackError(f"callback {role} returned non-finite values at the "
+                                    "initial point")
+            want = want_fn()
+            err = float(np.linalg.norm(got - want))
+            scale = float(np.linalg.norm(want))
+            if not err <= tol * (1.0 + scale):
+                raise CallbackError(
+                    f"callback {role} disagrees with the joint callback at the initial point: "
+                    f"|{name} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, allowed "
+                    f"{tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
+                    "and hvp")
+
+    def has_hvp_block(self):
+        return bool(self.flags & (HAS_HVP_YY | HAS_HVP_XY))
 
 
 def _check_vector(role, out, n):

@@ -70,6 +70,25 @@ def lower_hvp(z, v, A, C):
 
 
 @numba.njit(cache=True)
+def lower_grad_y(z, A, C):
+    """Block oracle ``grad_y g = A y + C x``."""
+    dx = C.shape[1]
+    return A @ z[dx:] + C @ z[:dx]
+
+
+@numba.njit(cache=True)
+def lower_hvp_yy(z, v, A, C):
+    """Block oracle ``H_yy v = A v``: the one product CG needs per iteration."""
+    return A @ v
+
+
+@numba.njit(cache=True)
+def lower_hvp_xy(z, v, A, C):
+    """Block oracle ``H_xy v = C^T v``: the cross product, once per hypergradient."""
+    return C.T @ v
+
+
+@numba.njit(cache=True)
 def lower_value(z, A, C):
     dx = C.shape[1]
     x = z[:dx]
@@ -180,11 +199,14 @@ class QuadData:
         return float(np.sqrt(r_prev * r_T))
 
 
-def make_problem(data):
-    """A fresh :class:`mlocore.BilevelProblem` on ``data`` (callbacks from numba's cache)."""
+def make_problem(data, blocks=True):
+    """A fresh :class:`mlocore.BilevelProblem` on ``data`` (callbacks from numba's cache);
+    with ``blocks`` the lower objective also gives the block oracles (the fast form)."""
     upper = mlo.Objective(grad=upper_grad, value=upper_value, args=(data.y_t, data.mu))
+    extra = dict(grad_y=lower_grad_y, hvp_yy=lower_hvp_yy, hvp_xy=lower_hvp_xy) if blocks \
+        else {}
     lower = mlo.Objective(grad=lower_grad, hvp=lower_hvp, value=lower_value,
-                          args=(data.A, data.C))
+                          args=(data.A, data.C), **extra)
     return mlo.BilevelProblem(upper, lower, dims=(data.dx, data.dy))
 
 
@@ -229,6 +251,7 @@ class Case:
     def __init__(self, dy):
         self.data = d = QuadData(dy)
         self.problem = make_problem(d)
+        self.problem_joint = make_problem(d, blocks=False)
         self.T = d.itd_T_for()
         self.neumann_tol = d.neumann_tol_for(self.T)
         self.cg_tol = self._loosest(lambda tol: self.run("cg", tol=tol).grad)
@@ -255,13 +278,15 @@ class Case:
             return dict(method=method, T=self.T if T is None else T, step=d.beta)
         raise ValueError(method)
 
-    def run(self, method, T=None, tol=None, counter=None):
-        """One hypergradient at (x, y*); returns the mlocore result (or the array, scipy)."""
+    def run(self, method, T=None, tol=None, counter=None, joint=False):
+        """One hypergradient at (x, y*); returns the mlocore result (or the array, scipy).
+        ``joint``: on the problem without block oracles (every product a joint HVP)."""
         d = self.data
         if method == "scipy-cg":
             return scipy_cg_hypergrad(d, d.x, d.y_star, self.scipy_tol if tol is None else tol,
                                       counter)
-        return mlo.hypergrad(self.problem, d.x, d.y_star, **self.kwargs(method, T, tol))
+        problem = self.problem_joint if joint else self.problem
+        return mlo.hypergrad(problem, d.x, d.y_star, **self.kwargs(method, T, tol))
 
     def grad(self, method, **kw):
         out = self.run(method, **kw)

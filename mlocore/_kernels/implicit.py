@@ -3,7 +3,9 @@
     grad F = grad_x f - H_xy v,   H_yy v = grad_y f,   at (x, y*(x))
 
 One lower solve (optional, warm-started), one linear solve (direct / CG / Neumann, warm-started
-from v0), and one joint Hessian-vector product with direction (0, v), whose x-block is H_xy v.
+from v0) with products ``H_yy p``, and one cross product ``H_xy v``: the block callbacks
+``hvp_yy`` / ``hvp_xy`` when given, else blocks of joint Hessian-vector products with
+direction (0, p).
 """
 import numpy as np
 from numba import njit
@@ -11,8 +13,8 @@ from numba import njit
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .linalg import cg_core, direct_core, neumann_core, power_iteration
 from .lower import INDEFINITE, OK, solve_lower_kernel
-from .oracles import (LOWER_GRAD, LOWER_HVP, UPPER_GRAD, UPPER_VALUE, all_finite, grad_of,
-                      hvp_of, joint, value_of)
+from .oracles import (UPPER_GRAD, UPPER_VALUE, all_finite, grad_of, joint, lower_xy_matvec,
+                      value_of)
 
 DIRECT = 0
 CG = 1
@@ -23,7 +25,7 @@ NONFINITE_RESULT = 6
 
 
 @njit(cache=True)
-def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, v0,
+def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, lflags, x, y0, v0,
                        solve_lower, lower_method, lower_tol, lower_maxiter, lower_step,
                        solver, rtol, atol, maxiter, eta, counts):
     """Returns ``(grad, y, v, fun, status, lower_status, lower_nit, lower_gnorm,
@@ -38,7 +40,7 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, 
     lower_status = OK
     if solve_lower:
         y, lower_status, lower_nit, lower_gnorm, _ = solve_lower_kernel(
-            lfns, largs, l_has_hvp, x, y0, lower_method, lower_tol, lower_maxiter, lower_step,
+            lfns, largs, lflags, x, y0, lower_method, lower_tol, lower_maxiter, lower_step,
             counts)
     else:
         y = y0.copy()
@@ -51,7 +53,7 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, 
     gf = grad_of(ufns, uargs, z, counts, UPPER_GRAD)
     fun = value_of(ufns, uargs, z, counts, UPPER_VALUE) if u_has_value else np.nan
     b = gf[dx:].copy()
-    op = (lfns, largs, l_has_hvp, z, dx, counts)
+    op = (lfns, largs, lflags, z, dx, counts)
     if solver == DIRECT:
         v, info, nit, res, _ = direct_core(op, b)
     elif solver == CG:
@@ -64,10 +66,7 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, 
                     0, np.nan, eta
             eta = 1.0 / (LIPSCHITZ_SAFETY * lam)
         v, info, nit, res, _ = neumann_core(op, b, v0, eta, rtol, atol, maxiter, None)
-    w = np.zeros(dx + dy)
-    w[dx:] = v
-    hv = hvp_of(lfns, largs, l_has_hvp, z, w, counts, LOWER_HVP, LOWER_GRAD)
-    grad = gf[:dx] - hv[:dx]
+    grad = gf[:dx] - lower_xy_matvec(v, lfns, largs, lflags, z, dx, counts)
     status = lower_status
     if info != 0:
         status = LINEAR_FAILED

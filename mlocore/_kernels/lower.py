@@ -10,7 +10,7 @@ from numba import njit
 
 from .._config import LIPSCHITZ_SAFETY, POWER_ITERS
 from .linalg import INFO_BREAKDOWN, INFO_NEGATIVE_CURVATURE, cg_core, power_iteration
-from .oracles import LOWER_GRAD, grad_of, joint
+from .oracles import joint, lower_grad_y_at
 
 GD = 0
 AGD = 1
@@ -26,29 +26,28 @@ LINESEARCH = 4
 
 
 @njit(cache=True)
-def lower_grad_y(lfns, largs, x, y, counts):
-    z = joint(x, y)
-    g = grad_of(lfns, largs, z, counts, LOWER_GRAD)
-    return g[x.shape[0]:].copy()
+def lower_grad_y(lfns, largs, flags, x, y, counts):
+    """``grad_y g(x, y)`` (the ``grad_y`` callback when given, see :mod:`.oracles`)."""
+    return lower_grad_y_at(lfns, largs, flags, joint(x, y), x.shape[0], counts)
 
 
 @njit(cache=True)
-def lower_lipschitz(lfns, largs, has_hvp, x, y, counts):
+def lower_lipschitz(lfns, largs, flags, x, y, counts):
     """Estimate of lambda_max(H_yy) at (x, y), with the safety factor applied."""
     z = joint(x, y)
-    lam, _ = power_iteration((lfns, largs, has_hvp, z, x.shape[0], counts), y.shape[0],
+    lam, _ = power_iteration((lfns, largs, flags, z, x.shape[0], counts), y.shape[0],
                              POWER_ITERS)
     return LIPSCHITZ_SAFETY * lam
 
 
 @njit(cache=True)
-def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, counts):
+def solve_lower_kernel(lfns, largs, flags, x, y0, method, tol, maxiter, step, counts):
     """Minimize g(x, .) from y0. Returns ``(y, status, nit, grad_norm, step)``.
 
     ``step <= 0`` means 1/L with L from power iteration on H_yy at (x, y0) (GD and AGD).
     """
     y = y0.copy()
-    g = lower_grad_y(lfns, largs, x, y, counts)
+    g = lower_grad_y(lfns, largs, flags, x, y, counts)
     gnorm = np.sqrt(g @ g)
     if not np.isfinite(gnorm):
         return y, NONFINITE, 0, gnorm, step
@@ -56,14 +55,14 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
     if gnorm <= tol:
         return y, OK, 0, gnorm, step
     if method != NEWTON_CG and step <= 0.0:
-        L = lower_lipschitz(lfns, largs, has_hvp, x, y, counts)
+        L = lower_lipschitz(lfns, largs, flags, x, y, counts)
         if not (L > 0.0) or not np.isfinite(L):
             return y, INDEFINITE, 0, gnorm, step
         step = 1.0 / L
     if method == GD:
         for k in range(maxiter):
             y -= step * g
-            g = lower_grad_y(lfns, largs, x, y, counts)
+            g = lower_grad_y(lfns, largs, flags, x, y, counts)
             gnorm = np.sqrt(g @ g)
             if not np.isfinite(gnorm):
                 return y, NONFINITE, k + 1, gnorm, step
@@ -83,7 +82,7 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
                 mom = 0
             w = y_new + (mom / (mom + 3.0)) * direction
             y = y_new
-            gw = lower_grad_y(lfns, largs, x, w, counts)
+            gw = lower_grad_y(lfns, largs, flags, x, w, counts)
             gnorm = np.sqrt(gw @ gw)
             if not np.isfinite(gnorm):
                 return w, NONFINITE, k + 1, gnorm, step
@@ -96,7 +95,7 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
     dy = y.shape[0]
     for k in range(maxiter):
         z = joint(x, y)
-        op = (lfns, largs, has_hvp, z, dx, counts)
+        op = (lfns, largs, flags, z, dx, counts)
         forcing = min(0.5, np.sqrt(gnorm))
         d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, 2 * dy + 20, (), None)
         if info == INFO_NEGATIVE_CURVATURE:
@@ -107,7 +106,7 @@ def solve_lower_kernel(lfns, largs, has_hvp, x, y0, method, tol, maxiter, step, 
         accepted = False
         for _ in range(40):
             y_try = y + t * d
-            g_try = lower_grad_y(lfns, largs, x, y_try, counts)
+            g_try = lower_grad_y(lfns, largs, flags, x, y_try, counts)
             gn_try = np.sqrt(g_try @ g_try)
             if np.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
                 accepted = True

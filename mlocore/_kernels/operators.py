@@ -4,8 +4,9 @@ Solvers call ``apply_op(op, p)``; ``op`` is one of
 
 - ``(A,)`` with A a 2-D float64 array: ``A @ p``;
 - ``(fn, args)`` with fn a first-class function: ``fn(p, *args)`` (a user's matvec);
-- ``(lfns, largs, has_hvp, z, dx, counts)``: the y-block ``H_yy p`` of the lower Hessian at
-  z, from one joint Hessian-vector product (see :func:`oracles.lower_yy_matvec`).
+- ``(lfns, largs, flags, z, dx, counts)``: the y-block ``H_yy p`` of the lower Hessian at
+  z: the ``hvp_yy`` callback, or one joint Hessian-vector product (see
+  :func:`oracles.lower_yy_matvec`).
 
 Passing njit functions as *values* inside compiled code would make the kernels uncacheable
 (numba stores them as dynamic globals), hence this compile-time dispatch with ``@overload``.

@@ -10,21 +10,21 @@ from numba import njit
 
 from .lower import INDEFINITE, NONFINITE, OK, lower_grad_y, lower_lipschitz
 from .oracles import (LOWER_GRAD, LOWER_HVP, UPPER_GRAD, UPPER_VALUE, all_finite, grad_of,
-                      hvp_of, joint, value_of)
+                      hvp_of, joint, lower_cross_pair, value_of)
 
 
 @njit(cache=True)
-def _step_size(lfns, largs, l_has_hvp, x, y0, beta, counts):
+def _step_size(lfns, largs, lflags, x, y0, beta, counts):
     if beta > 0.0:
         return beta
-    L = lower_lipschitz(lfns, largs, l_has_hvp, x, y0, counts)
+    L = lower_lipschitz(lfns, largs, lflags, x, y0, counts)
     if not (L > 0.0) or not np.isfinite(L):
         return -1.0
     return 1.0 / L
 
 
 @njit(cache=True)
-def _unroll_store(lfns, largs, x, y0, T, K, beta, counts):
+def _unroll_store(lfns, largs, lflags, x, y0, T, K, beta, counts):
     """T gradient steps from y0, keeping the last K iterates y_{T-K}..y_{T-1}.
 
     Returns ``(Y, y_T, ok)``; ok is False when an iterate became non-finite.
@@ -36,7 +36,7 @@ def _unroll_store(lfns, largs, x, y0, T, K, beta, counts):
     for t in range(T):
         if t >= first:
             Y[t - first] = y
-        g = lower_grad_y(lfns, largs, x, y, counts)
+        g = lower_grad_y(lfns, largs, lflags, x, y, counts)
         y = y - beta * g
         if not all_finite(y):
             return Y, y, False
@@ -44,7 +44,7 @@ def _unroll_store(lfns, largs, x, y0, T, K, beta, counts):
 
 
 @njit(cache=True)
-def _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, a, h, counts):
+def _unroll_reverse(lfns, largs, lflags, x, Y, beta, a, h, counts):
     """Reverse pass: adds ``a_T^T d y_T / d x`` to h through the stored steps.
 
     Returns ``(h, v)`` with ``v = beta * sum_t a_t``.
@@ -53,19 +53,17 @@ def _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, a, h, counts):
     dy = a.shape[0]
     a = a.copy()
     v = np.zeros(dy)
-    w = np.zeros(dx + dy)
     for s in range(Y.shape[0] - 1, -1, -1):
         zt = joint(x, Y[s])
-        w[dx:] = a
-        hv = hvp_of(lfns, largs, l_has_hvp, zt, w, counts, LOWER_HVP, LOWER_GRAD)
-        h -= beta * hv[:dx]
+        hx, hy = lower_cross_pair(a, lfns, largs, lflags, zt, dx, counts)
+        h -= beta * hx
         v += beta * a
-        a = a - beta * hv[dx:]
+        a = a - beta * hy
     return h, v
 
 
 @njit(cache=True)
-def itd_reverse(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, beta, counts):
+def itd_reverse(ufns, uargs, u_has_value, lfns, largs, lflags, x, y0, T, K, beta, counts):
     """Reverse mode: stores the last K iterates (memory O(K dy)), one HVP per step back.
 
     Returns ``(grad, y_T, v, fun, status, beta)``; ``v = beta * sum_t a_t`` is the adjoint
@@ -73,43 +71,44 @@ def itd_reverse(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, b
     """
     dx = x.shape[0]
     dy = y0.shape[0]
-    beta = _step_size(lfns, largs, l_has_hvp, x, y0, beta, counts)
+    beta = _step_size(lfns, largs, lflags, x, y0, beta, counts)
     if beta <= 0.0:
         return np.full(dx, np.nan), y0.copy(), np.zeros(dy), np.nan, INDEFINITE, beta
-    Y, y, ok = _unroll_store(lfns, largs, x, y0, T, K, beta, counts)
+    Y, y, ok = _unroll_store(lfns, largs, lflags, x, y0, T, K, beta, counts)
     if not ok:
         return np.full(dx, np.nan), y, np.zeros(dy), np.nan, NONFINITE, beta
     z = joint(x, y)
     gf = grad_of(ufns, uargs, z, counts, UPPER_GRAD)
     fun = value_of(ufns, uargs, z, counts, UPPER_VALUE) if u_has_value else np.nan
-    h, v = _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, gf[dx:].copy(),
+    h, v = _unroll_reverse(lfns, largs, lflags, x, Y, beta, gf[dx:].copy(),
                            gf[:dx].copy(), counts)
     status = OK if all_finite(h) else NONFINITE
     return h, y, v, fun, status, beta
 
 
 @njit(cache=True)
-def unrolled_vjp(lfns, largs, l_has_hvp, x, y0, T, beta, w, counts):
+def unrolled_vjp(lfns, largs, lflags, x, y0, T, beta, w, counts):
     """``w^T d y_T / d x`` for T gradient steps from a fixed y0 (the innermost level of the
     n-level unrolled baseline). Returns ``(y_T, vjp, ok)``."""
-    Y, y, ok = _unroll_store(lfns, largs, x, y0, T, T, beta, counts)
+    Y, y, ok = _unroll_store(lfns, largs, lflags, x, y0, T, T, beta, counts)
     if not ok:
         return y, np.full(x.shape[0], np.nan), False
-    h, _ = _unroll_reverse(lfns, largs, l_has_hvp, x, Y, beta, w, np.zeros(x.shape[0]),
+    h, _ = _unroll_reverse(lfns, largs, lflags, x, Y, beta, w, np.zeros(x.shape[0]),
                            counts)
     return y, h, True
 
 
 @njit(cache=True)
-def itd_forward(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, beta, counts):
+def itd_forward(ufns, uargs, u_has_value, lfns, largs, lflags, x, y0, T, K, beta, counts):
     """Forward mode: carries Z_t = dy_t/dx (dy x dx), dx HVPs per step, no stored iterates.
 
-    Column j of ``A_t Z + B_t`` is the y-block of one joint HVP with direction (e_j, Z[:, j]).
+    Column j of ``A_t Z + B_t`` is the y-block of one joint HVP with direction (e_j, Z[:, j])
+    (always the joint ``hvp``: the block ``H_yx e_j`` is not one of the block callbacks).
     Returns ``(grad, y_T, Z_T, fun, status, beta)``.
     """
     dx = x.shape[0]
     dy = y0.shape[0]
-    beta = _step_size(lfns, largs, l_has_hvp, x, y0, beta, counts)
+    beta = _step_size(lfns, largs, lflags, x, y0, beta, counts)
     Z = np.zeros((dy, dx))
     if beta <= 0.0:
         return np.full(dx, np.nan), y0.copy(), Z, np.nan, INDEFINITE, beta
@@ -124,10 +123,10 @@ def itd_forward(ufns, uargs, u_has_value, lfns, largs, l_has_hvp, x, y0, T, K, b
                 w[:dx] = 0.0
                 w[j] = 1.0
                 w[dx:] = Z[:, j]
-                hv = hvp_of(lfns, largs, l_has_hvp, z, w, counts, LOWER_HVP, LOWER_GRAD)
+                hv = hvp_of(lfns, largs, lflags, z, w, counts, LOWER_HVP, LOWER_GRAD)
                 Znew[:, j] = Z[:, j] - beta * hv[dx:]
             Z[:, :] = Znew
-        g = lower_grad_y(lfns, largs, x, y, counts)
+        g = lower_grad_y(lfns, largs, lflags, x, y, counts)
         y = y - beta * g
         if not all_finite(y):
             return np.full(dx, np.nan), y, Z, np.nan, NONFINITE, beta

@@ -45,6 +45,7 @@ from .logistic import BilevelReference
 
 __all__ = ["DataCleaning", "load_digits_cleaning", "make_cleaning", "corrupt_labels",
            "cleaning_lower_grad", "cleaning_lower_hvp", "cleaning_lower_value",
+           "cleaning_lower_grad_y", "cleaning_lower_hvp_yy", "cleaning_lower_hvp_xy",
            "cleaning_upper_grad", "cleaning_upper_hvp", "cleaning_upper_value"]
 
 
@@ -196,6 +197,81 @@ def cleaning_lower_hvp(z, v, idx, A, t, n_classes, reg):
         out[j] *= scale
     for j in range(n, z.shape[0]):
         out[j] = out[j] * scale + reg * v[j]
+    return out
+
+
+@numba.njit(cache=True)
+def cleaning_lower_grad_y(z, idx, A, t, n_classes, reg):
+    """Block oracle: the W-block of :func:`cleaning_lower_grad` (length d K)."""
+    n = A.shape[0]
+    K = n_classes
+    p = np.empty(K)
+    out = np.zeros(z.shape[0] - n)
+    m = idx.shape[0]
+    for kk in range(m):
+        i = idx[kk]
+        _probs(z, n, A, i, t[i], K, p)
+        s = _sigmoid(z[i])
+        p[t[i]] -= 1.0
+        for k in range(K):
+            p[k] *= s
+        _add_outer(out, 0, A, i, K, p)
+    scale = 1.0 / m
+    for j in range(out.shape[0]):
+        out[j] = out[j] * scale + reg * z[n + j]
+    return out
+
+
+@numba.njit(cache=True)
+def cleaning_lower_hvp_yy(z, v, idx, A, t, n_classes, reg):
+    """Block oracle: ``H_WW v = sum_i s_i (a_i a_i^T kron S_i) v / m + reg v`` (v of
+    length d K)."""
+    n = A.shape[0]
+    K = n_classes
+    p = np.empty(K)
+    u = np.empty(K)
+    c = np.empty(K)
+    out = np.zeros(v.shape[0])
+    m = idx.shape[0]
+    for kk in range(m):
+        i = idx[kk]
+        _probs(z, n, A, i, t[i], K, p)
+        s = _sigmoid(z[i])
+        _project_row(v, 0, A, i, K, u)  # u = V^T a_i
+        pu = 0.0
+        for k in range(K):
+            pu += p[k] * u[k]
+        for k in range(K):
+            c[k] = s * p[k] * (u[k] - pu)
+        _add_outer(out, 0, A, i, K, c)
+    scale = 1.0 / m
+    for j in range(out.shape[0]):
+        out[j] = out[j] * scale + reg * v[j]
+    return out
+
+
+@numba.njit(cache=True)
+def cleaning_lower_hvp_xy(z, v, idx, A, t, n_classes, reg):
+    """Block oracle: ``(H_xW v)_i = s'_i <g_i, V^T a_i> / m`` (length n_train)."""
+    n = A.shape[0]
+    K = n_classes
+    p = np.empty(K)
+    u = np.empty(K)
+    out = np.zeros(n)
+    m = idx.shape[0]
+    for kk in range(m):
+        i = idx[kk]
+        ti = t[i]
+        _probs(z, n, A, i, ti, K, p)
+        s = _sigmoid(z[i])
+        _project_row(v, 0, A, i, K, u)
+        pu = 0.0
+        for k in range(K):
+            pu += p[k] * u[k]
+        out[i] += s * (1.0 - s) * (pu - u[ti])
+    scale = 1.0 / m
+    for j in range(n):
+        out[j] *= scale
     return out
 
 
@@ -367,7 +443,8 @@ class DataCleaning:
             lower=Objective(cleaning_lower_grad, hvp=cleaning_lower_hvp,
                             value=cleaning_lower_value,
                             args=(self.A_train, self.t_train, self.n_classes, self.reg),
-                            n_samples=self.n_train),
+                            n_samples=self.n_train, grad_y=cleaning_lower_grad_y,
+                            hvp_yy=cleaning_lower_hvp_yy, hvp_xy=cleaning_lower_hvp_xy),
             dims=(self.dx, self.dy))
 
     def __repr__(self):

@@ -41,6 +41,8 @@ __all__ = ["LogisticHyperparameter", "BilevelReference", "make_logistic",
            "make_logistic_ijcnn1_like", "load_breast_cancer_logistic",
            "logistic_lower_grad", "logistic_lower_hvp", "logistic_lower_value",
            "logistic_upper_grad", "logistic_upper_hvp", "logistic_upper_value",
+           "logistic_lower_grad_y", "logistic_lower_hvp_yy", "logistic_lower_hvp_xy",
+           "logistic_upper_grad_x", "logistic_upper_grad_y",
            "logistic_sample_lower_grad", "logistic_sample_lower_hvp",
            "logistic_sample_lower_value", "logistic_sample_upper_grad",
            "logistic_sample_upper_hvp", "logistic_sample_upper_value"]
@@ -152,6 +154,62 @@ def logistic_lower_hvp(z, v, X, t):
         out[j] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
         out[d + j] += e * w * v[j] + e * v[d + j]
     return out
+
+
+@numba.njit(cache=True)
+def logistic_lower_grad_y(z, X, t):
+    """Block oracle: gradient of the lower objective over w."""
+    d = X.shape[1]
+    n = X.shape[0]
+    out = np.zeros(d)
+    for i in range(n):
+        r = (_sigmoid(_logit(X, z, i, d)) - t[i]) / n
+        for j in range(d):
+            out[j] += r * X[i, j]
+    for j in range(d):
+        out[j] += np.exp(z[j]) * z[d + j]
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_lower_hvp_yy(z, v, X, t):
+    """Block oracle: ``H_ww v = X^T D X v / n + exp(lam) * v`` (v of length d)."""
+    n, d = X.shape
+    out = np.zeros(d)
+    for i in range(n):
+        s = _sigmoid(_logit(X, z, i, d))
+        xv = 0.0
+        for j in range(d):
+            xv += X[i, j] * v[j]
+        c = s * (1.0 - s) * xv / n
+        for j in range(d):
+            out[j] += c * X[i, j]
+    for j in range(d):
+        out[j] += np.exp(z[j]) * v[j]
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_lower_hvp_xy(z, v, X, t):
+    """Block oracle: ``H_lam,w v = exp(lam) * w * v`` (diagonal; no pass over the data)."""
+    d = X.shape[1]
+    out = np.empty(d)
+    for j in range(d):
+        out[j] = np.exp(z[j]) * z[d + j] * v[j]
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_upper_grad_x(z, X, t):
+    """Block oracle: the validation loss does not depend on lam (zeros)."""
+    return np.zeros(X.shape[1])
+
+
+@numba.njit(cache=True)
+def logistic_upper_grad_y(z, X, t):
+    """Block oracle: gradient of the validation log-loss over w."""
+    d = X.shape[1]
+    return _loss_grad(z, X, t)[d:].copy()
 
 
 @numba.njit(cache=True)
@@ -593,9 +651,12 @@ class LogisticHyperparameter:
         d = self.n_features
         self.problem = BilevelProblem(
             upper=Objective(logistic_upper_grad, hvp=logistic_upper_hvp,
-                            value=logistic_upper_value, args=(self.X_val, self.t_val)),
+                            value=logistic_upper_value, args=(self.X_val, self.t_val),
+                            grad_x=logistic_upper_grad_x, grad_y=logistic_upper_grad_y),
             lower=Objective(logistic_lower_grad, hvp=logistic_lower_hvp,
-                            value=logistic_lower_value, args=(self.X_train, self.t_train)),
+                            value=logistic_lower_value, args=(self.X_train, self.t_train),
+                            grad_y=logistic_lower_grad_y, hvp_yy=logistic_lower_hvp_yy,
+                            hvp_xy=logistic_lower_hvp_xy),
             dims=(d, d))
         self.stochastic_problem = BilevelProblem(
             upper=Objective(logistic_sample_upper_grad, hvp=logistic_sample_upper_hvp,

@@ -39,6 +39,7 @@ from .._problem import BilevelProblem, Objective
 
 __all__ = ["QuadraticBilevel", "make_quadratic",
            "quad_grad", "quad_hvp", "quad_value", "quad_tvp",
+           "quad_grad_x", "quad_grad_y", "quad_hvp_yy", "quad_hvp_xy",
            "quad_sample_grad", "quad_sample_hvp", "quad_sample_value"]
 
 #: Q (the Hessian of F) is accepted when lambda_min(Q) >= Q_MIN_RATIO * lambda_max(Q).
@@ -110,6 +111,32 @@ def quad_value(z, A, B, C, a, b):
             t += A[q, r] * z[dx + r]
         s += yq * t
     return s
+
+
+@numba.njit(cache=True)
+def quad_grad_x(z, A, B, C, a, b):
+    """Block oracle ``grad_x = B x + C y + b``."""
+    dx = B.shape[0]
+    return B @ z[:dx] + C @ z[dx:] + b
+
+
+@numba.njit(cache=True)
+def quad_grad_y(z, A, B, C, a, b):
+    """Block oracle ``grad_y = A y + C^T x + a``."""
+    dx = B.shape[0]
+    return A @ z[dx:] + z[:dx] @ C + a
+
+
+@numba.njit(cache=True)
+def quad_hvp_yy(z, v, A, B, C, a, b):
+    """Block oracle ``H_yy v = A v`` (one BLAS matrix-vector product)."""
+    return A @ v
+
+
+@numba.njit(cache=True)
+def quad_hvp_xy(z, v, A, B, C, a, b):
+    """Block oracle ``H_xy v = C v`` (one BLAS matrix-vector product)."""
+    return C @ v
 
 
 @numba.njit(cache=True)
@@ -316,9 +343,10 @@ class QuadraticBilevel:
         dims = (self.dx, self.dy)
         self.problem = BilevelProblem(
             upper=Objective(quad_grad, hvp=quad_hvp, value=quad_value, tvp=quad_tvp,
-                            args=self.upper_means),
+                            args=self.upper_means, grad_x=quad_grad_x, grad_y=quad_grad_y),
             lower=Objective(quad_grad, hvp=quad_hvp, value=quad_value, tvp=quad_tvp,
-                            args=self.lower_means),
+                            args=self.lower_means, grad_y=quad_grad_y, hvp_yy=quad_hvp_yy,
+                            hvp_xy=quad_hvp_xy),
             dims=dims)
         self.stochastic_problem = BilevelProblem(
             upper=Objective(quad_sample_grad, hvp=quad_sample_hvp, value=quad_sample_value,
