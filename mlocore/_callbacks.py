@@ -301,16 +301,17 @@ class KeyedArgs:
 
 
 _SCALARS = (float, int, bool, type(None), np.float64, np.int64, np.bool_)
+#: NPY_ARRAY_C_CONTIGUOUS | F_CONTIGUOUS | ALIGNED | WRITEABLE: what numba's array type
+#: depends on (``flags.num`` also holds OWNDATA and others, which it does not)
+_LAYOUT_FLAGS = 0x1 | 0x2 | 0x100 | 0x400
 _CONTAINERS = (FnTuple, KeyedArgs, tuple, OracleBundle)
 
 
 def _fast_key(value):
     """A cheap hashable stand-in for ``numba.typeof(value)`` (numba's typeof costs ~10 us)."""
     t = type(value)
-    if t is np.ndarray:
-        f = value.flags
-        return (value.dtype.num, value.ndim, f.c_contiguous, f.f_contiguous, f.writeable,
-                f.aligned)
+    if t is np.ndarray:  # dtype, ndim and the flag bits (layout, writeable, aligned)
+        return (value.dtype.num, value.ndim, value.flags.num & _LAYOUT_FLAGS)
     if t in _SCALARS:
         return t
     if t is FnTuple:

@@ -55,7 +55,7 @@ def new_counts() -> np.ndarray:
 
 
 def counts_dict(counts: np.ndarray) -> dict:
-    return {name: int(c) for name, c in zip(COUNTER_NAMES, counts)}
+    return dict(zip(COUNTER_NAMES, counts.tolist()))
 
 
 class HypergradResult(OptimizeResult):
