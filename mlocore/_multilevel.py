@@ -142,6 +142,26 @@ class LevelRecursion:
                                      f"{linear_info_message(info)}, residual {res:.3e}")
         return v
 
+    def _newton_direction(self, j, z, g, rtol):
+        """The nested Newton system of level j, ``H v = g``, with H the reduced Hessian of
+        phi_j *without* its best-response curvature terms (the truncated recursion: no
+        third-order products, no re-solved levels). Only the solution x_j* matters here,
+        not the path to it, so an inexact Hessian is enough: the search on |grad phi_j|
+        keeps the iteration safe, and the step is exact when the best responses below are
+        affine (quadratic levels: one step). The exact reduced Hessian is the fallback when
+        the truncated one is not positive definite."""
+        if self.mode == "truncated":
+            return self.solve_block(j, z, g, rtol=rtol)
+        newton = getattr(self, "_newton", None)
+        if newton is None:
+            newton = self._newton = type(self)(
+                self.p, "truncated", self.tol, self.lower_tol, self.lower_maxiter,
+                self.fd_step, shared=self._shared_state())
+        try:
+            return newton.solve_block(j, z, g, rtol=rtol)
+        except LevelFailure:
+            return self.solve_block(j, z, g, rtol=rtol)
+
     def block_product(self, j, z, p):
         """``(Hess phi_j)[x_j, x_j] p``: the reduced product with direction (0, .., 0, p)."""
         lo, hi = self.off[j - 1], self.off[j]
@@ -171,7 +191,7 @@ class LevelRecursion:
                 self.lower_nit[j - 1] += it
                 return z
             # inexact Newton on phi_j with a backtracking search on |grad phi_j|
-            d = self._neg(self.solve_block(j, z, g, rtol=min(0.5, math.sqrt(gnorm))))
+            d = self._neg(self._newton_direction(j, z, g, min(1e-2, gnorm)))
             t = 1.0
             for _ in range(40):
                 z_try = self.solve_from(self._shift(z, lo, hi, t, d), j)
