@@ -9,14 +9,7 @@ import mlocore as mlo
 from mlocore import CallbackError
 from mlocore.problems import make_cleaning, make_logistic, make_quadratic
 from mlocore.problems.quadratic import quad_grad, quad_hvp, quad_hvp_xy, quad_hvp_yy, quad_value
-
-
-def joint_only(problem):
-    """The same problem with the block oracles removed (the joint callbacks only)."""
-    def strip(o):
-        return mlo.Objective(o.grad, hvp=o.hvp, value=o.value, tvp=o.tvp, args=o.args,
-                             n_samples=o.n_samples)
-    return mlo.BilevelProblem(strip(problem.upper), strip(problem.lower), problem.dims)
+from oracle_helpers import joint_only
 
 
 def _library():

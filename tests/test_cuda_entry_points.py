@@ -32,6 +32,7 @@ from mlocore.problems.cuda_callbacks import (quad_grad_device, quad_hvp_device,
 from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
 from mlocore.problems.multilevel import make_trilevel_quadratic
 from mlocore.problems.quadratic import quad_grad, quad_hvp, quad_value
+from oracle_helpers import joint_twin
 
 pytestmark = pytest.mark.cuda
 
@@ -116,7 +117,7 @@ def test_solve_direct_nonfinite_operator_and_errors():
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quadratic():
-    q = make_quadratic(dx=2, dy=4, seed=0)
+    q = joint_twin(make_quadratic(dx=2, dy=4, seed=0))
     return q, quadratic_device_problem(q)
 
 

@@ -20,6 +20,7 @@ from mlocore.problems import make_cleaning, make_logistic, make_quadratic
 from mlocore.problems.cuda_callbacks import (cleaning_device_problem, logistic_device_problem,
                                              quad_grad_device, quad_hvp_device,
                                              quadratic_device_problem)
+from oracle_helpers import joint_twin
 
 pytestmark = pytest.mark.cuda
 
@@ -36,7 +37,7 @@ def _checked(problem, dx, dy):
 
 @pytest.fixture(scope="module")
 def quadratic():
-    q = make_quadratic(dx=DX, dy=DY, seed=0)
+    q = joint_twin(make_quadratic(dx=DX, dy=DY, seed=0))
     return q, _checked(quadratic_device_problem(q), DX, DY)
 
 
@@ -87,7 +88,7 @@ def test_itd_quadratic_matches_cpu_and_counts_transfers(quadratic, method):
 
 
 def test_itd_logistic_matches_cpu_both_modes_agree():
-    lh = make_logistic(n_train=10, n_val=8, n_features=3, seed=0)
+    lh = joint_twin(make_logistic(n_train=10, n_val=8, n_features=3, seed=0))
     problem = logistic_device_problem(lh)
     x, y = np.full(3, -1.0), np.zeros(3)
     results = {}
@@ -251,7 +252,8 @@ def test_minimize_routing_and_errors(quadratic):
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cleaning():
-    dc = make_cleaning(n_train=8, n_val=6, n_features=2, n_classes=3, seed=0, upper_reg=0.1)
+    dc = joint_twin(make_cleaning(n_train=8, n_val=6, n_features=2, n_classes=3, seed=0,
+                                  upper_reg=0.1))
     return dc, cleaning_device_problem(dc)
 
 
