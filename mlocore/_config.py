@@ -7,3 +7,6 @@ FD_REL_STEP = 6.0e-6
 POWER_ITERS = 30
 #: safety factor applied to power-iteration estimates (they approach lambda_max from below)
 LIPSCHITZ_SAFETY = 1.05
+#: joint size up to which the CPU n-level engine forms the truncated reduced Hessians densely
+#: (one Hessian-vector product per variable of the levels below, then Cholesky solves)
+DENSE_LEVELS_MAX_SIZE = 256

@@ -32,7 +32,12 @@ and "itd" is the unrolled baseline of Sato, Tanaka & Takeda (2021), see
 :class:`UnrolledRecursion`. The lower levels n..2 are solved innermost first: level n by
 Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Newton on
 phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
-whose operator for j < n is the recursive reduced product.
+whose operator for j < n is the recursive reduced product. Newton directions come from
+the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems of joint
+size up to ``DENSE_LEVELS_MAX_SIZE`` take the truncated recursion in dense form: the blocks
+of the reduced Hessians are formed by ``d_k`` Hessian-vector products per level and
+factorised once per point, so a nested solve costs a few dense products instead of CG
+iterations multiplied over the levels.
 
 :class:`LevelRecursion` holds this algorithm (what is solved, in which order, how adjoints
 and curvature terms compose, iteration counts, the result) over a small backend interface:
@@ -50,7 +55,7 @@ import math
 import numpy as np
 
 from ._callbacks import call_kernel
-from ._config import FD_REL_STEP
+from ._config import DENSE_LEVELS_MAX_SIZE, FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low
 from ._kernels import unrolled as _kl_unrolled
@@ -326,6 +331,8 @@ class MultilevelEngine(LevelRecursion):
         else:
             self.comp, self.counts, self.lower_nit = shared.comp, shared.counts, \
                 shared.lower_nit
+        self.dense = mode == "truncated" and self.N <= DENSE_LEVELS_MAX_SIZE
+        self._dense_points = {}
         self._init_solver()
 
     def _shared_state(self):
@@ -373,6 +380,67 @@ class MultilevelEngine(LevelRecursion):
         return {f"level{k}": {"grad": int(c[_GRAD]), "hvp": int(c[_HVP]), "tvp": int(c[_TVP]),
                               "value": int(c[_VALUE])}
                 for k, c in enumerate(self.counts, 1)}
+
+    # -- the truncated recursion in dense form (small problems) -------------------------------
+    def _dense_at(self, z, j):
+        """Dense truncated quantities at z for the levels j..n, built innermost first:
+        ``M[k] = d x_>k / d x_<=k`` (a matrix, k = j-1..n-1) and the Cholesky factor of
+        the block x_k of the truncated reduced Hessian ``R_k = A_k^T Hess(f_k) A_k``,
+        ``A_k = [I; M_k]`` (k = j..n). Level k costs d_k Hessian-vector products of f_k
+        (the columns x_k of ``Hess(f_k) A_k``), then dense algebra: ``R_k[:, x_k] =
+        A_k^T Hess(f_k) A_k[:, x_k]``, ``t = -R_k[x_k, x_k]^{-1} R_k[x_k, x_<k]`` and
+        ``M_{k-1} = [t; M_k [I; t]]`` (Gu & Chen 2024, the recursion of the best-response
+        Jacobians). The last few points are kept: the recursion returns to them."""
+        key = z.tobytes()
+        entry = self._dense_points.get(key)
+        if entry is None:
+            if len(self._dense_points) >= 8:
+                self._dense_points.pop(next(iter(self._dense_points)))
+            entry = self._dense_points[key] = {"M": {}, "chol": {}, "low": self.n + 1}
+        M, chol, off = entry["M"], entry["chol"], self.off
+        for k in range(entry["low"] - 1, j - 1, -1):
+            lo, hi = off[k - 1], off[k]
+            if k == self.n:
+                cols = np.eye(self.N)[:, lo:hi]
+                A = None
+            else:
+                A = np.vstack([np.eye(hi), M[k]])
+                cols = A[:, lo:hi]
+            HA = np.column_stack([self.hvp(k, z, np.ascontiguousarray(cols[:, i]))
+                                  for i in range(hi - lo)])
+            R = HA if A is None else A.T @ HA          # R_k[:, x_k], rows over x_<=k
+            Rbb = 0.5 * (R[lo:hi] + R[lo:hi].T)
+            try:
+                L = np.linalg.cholesky(Rbb)
+            except np.linalg.LinAlgError:
+                raise LevelFailure(3, k, f"level {k}: reduced Hessian is not positive "
+                                         f"definite") from None
+            if not np.all(np.isfinite(L)):
+                raise LevelFailure(6, k, f"level {k}: non-finite reduced Hessian")
+            chol[k] = L
+            t = -_cho_solve(L, R[:lo].T)               # d x_k / d x_<k
+            M[k - 1] = t if k == self.n else np.vstack(
+                [t, M[k][:, :lo] + M[k][:, lo:hi] @ t])
+            entry["low"] = k
+        return M, chol
+
+    def solve_block(self, j, z, b, rtol=None):
+        if not self.dense:
+            return super().solve_block(j, z, b, rtol)
+        _, chol = self._dense_at(z, j)
+        return _cho_solve(chol[j], b)
+
+    def adjoint(self, k, z, w):
+        if not self.dense:
+            return super().adjoint(k, z, w)
+        M, _ = self._dense_at(z, k + 1)
+        return M[k].T @ w
+
+    def tangent(self, k, z, s):
+        if not self.dense:
+            return super().tangent(k, z, s)
+        M, _ = self._dense_at(z, k + 1)
+        return M[k] @ s
 
     # -- solves in the compiled kernels -------------------------------------------------------
     def _fold(self, counts6):
@@ -487,6 +555,11 @@ class MultilevelEngine(LevelRecursion):
 
     def _annotate(self, result):
         pass
+
+def _cho_solve(L, b):
+    """Solve ``L L^T x = b`` (b a vector or a matrix of right-hand sides)."""
+    return np.linalg.solve(L.T, np.linalg.solve(L, b))
+
 
 def as_joint(problem, xs, name="xs"):
     """Validate a list of per-level arrays and return the joint vector z."""

@@ -259,3 +259,35 @@ def test_nested_newton_solves_quadratic_levels_in_few_steps():
     assert res.lower_nit[1] <= 3
     g = q.hypergrad(xs[0])
     assert np.linalg.norm(res.grad - g) <= 1e-8 * np.linalg.norm(g)
+
+
+@pytest.mark.parametrize("family", ["nonquadratic-3", "logcosh-4", "quadratic-5"])
+def test_dense_truncated_recursion_equals_the_matrix_free_one(family, nonquad, monkeypatch):
+    """Small problems take the truncated recursion in dense form (reduced Hessians formed
+    by Hessian-vector products, Cholesky solves); the matrix-free recursion (forced by a
+    zero size limit) gives the same hypergradient and the same solved levels."""
+    if family == "nonquadratic-3":
+        p, xs = nonquad.problem, [np.array([0.4, -0.2]), np.zeros(2), np.zeros(2)]
+    elif family == "logcosh-4":
+        p, xs = four_level_logcosh(), [np.array([0.3]), np.zeros(1), np.zeros(1), np.zeros(1)]
+    else:
+        q = make_nlevel_quadratic(n=5, dims=(2, 2, 2, 2, 2), seed=4)
+        p, xs = q.problem, [np.random.default_rng(2).normal(size=2) for _ in range(5)]
+    kw = dict(method="truncated", tol=1e-12, lower_tol=1e-11)
+    dense = mlo.hypergrad(p, xs, **kw)
+    monkeypatch.setattr("mlocore._multilevel.DENSE_LEVELS_MAX_SIZE", 0)
+    free = mlo.hypergrad(p, xs, **kw)
+    assert dense.success and free.success, (dense.message, free.message)
+    np.testing.assert_allclose(dense.grad, free.grad, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dense.z, free.z, atol=1e-9)
+    if family == "quadratic-5":
+        g = q.hypergrad(xs[0])
+        assert np.linalg.norm(dense.grad - g) <= 1e-9 * np.linalg.norm(g)
+
+
+def test_dense_truncated_recursion_reports_an_indefinite_level():
+    q = DenseQuadratic(eigs=[1.0, 2.0, -1.0, 3.0, 4.0, 5.0])
+    p = q.problem()
+    ml = mlo.MultilevelProblem([p.upper, p.lower], dims=p.dims)
+    res = mlo.hypergrad(ml, [np.zeros(3), np.zeros(6)], method="truncated")
+    assert not res.success and "positive definite" in res.message
