@@ -33,11 +33,12 @@ and "itd" is the unrolled baseline of Sato, Tanaka & Takeda (2021), see
 Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Newton on
 phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
 whose operator for j < n is the recursive reduced product. Newton directions come from
-the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems of joint
-size up to ``DENSE_LEVELS_MAX_SIZE`` take the truncated recursion in dense form: the blocks
-of the reduced Hessians are formed by ``d_k`` Hessian-vector products per level and
-factorised once per point, so a nested solve costs a few dense products instead of CG
-iterations multiplied over the levels.
+the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems with
+n >= 3 and joint size up to ``DENSE_LEVELS_MAX_SIZE`` take the recursion in dense form
+(:meth:`LevelRecursion._dense_at`): the blocks x_k of the reduced Hessians are formed by
+``d_k`` reduced products per level and factorised once per point, so that solves, adjoints
+and tangents are dense products instead of CG iterations multiplied over the levels. The
+CUDA engine takes the matrix-free form.
 
 :class:`LevelRecursion` holds this algorithm (what is solved, in which order, how adjoints
 and curvature terms compose, iteration counts, the result) over a small backend interface:
@@ -107,6 +108,9 @@ class LevelRecursion:
 
     #: exceptions of the backend's arithmetic that end a hypergradient with status 6
     _float_errors = ()
+    #: whether the backend's vectors are NumPy arrays, so that small problems can take the
+    #: recursion in dense form (:meth:`_dense_at`)
+    dense_levels = False
 
     def __init__(self, problem, mode="exact", tol=1e-10, lower_tol=None, lower_maxiter=100,
                  fd_step=None):
@@ -123,6 +127,8 @@ class LevelRecursion:
         # differences; 1e-3 relative balances noise against the O(h^2) truncation error
         self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
         self._solver = None
+        self.dense = self.dense_levels and self.n >= 3 and self.N <= DENSE_LEVELS_MAX_SIZE
+        self._dense_points = {}
 
     def _init_solver(self):
         """The lower levels must be solved for the problem itself whatever the mode: for
@@ -135,7 +141,10 @@ class LevelRecursion:
 
     # -- the solves ---------------------------------------------------------------------------
     def solve_block(self, j, z, b, rtol=None):
-        """Solve (reduced Hessian of phi_j, block x_j) v = b by CG from zero."""
+        """Solve (reduced Hessian of phi_j, block x_j) v = b by CG from zero (dense form:
+        by the Cholesky factor at z)."""
+        if self.dense:
+            return _cho_solve(self._dense_at(z, j)[1][j], b)
         rtol = self.tol if rtol is None else rtol
         maxiter = 10 * self.p.dims[j - 1] + 20
         v, info, nit, res = self._cg(j, z, b, rtol, maxiter)
@@ -215,6 +224,48 @@ class LevelRecursion:
         raise LevelFailure(1, j, f"level {j}: |grad| = {gnorm:.3e} after "
                                  f"{self.lower_maxiter} iterations")
 
+    # -- the recursion in dense form (small problems, NumPy backends) -----------------------
+    def _dense_at(self, z, j):
+        """Dense quantities at z for the levels j..n, built innermost first:
+        ``M[k] = d x_>k / d x_<=k`` (a matrix, k = j-1..n-1) and the Cholesky factor of
+        the block x_k of the reduced Hessian ``R_k`` of phi_k (k = j..n), in this engine's
+        mode. Level k costs d_k reduced products ``R_k[:, x_k] = hvp_reduced(k, z, e_i)``
+        (their own curvature terms included; the levels below answer from their dense
+        factors), then dense algebra: ``t = -R_k[x_k, x_k]^{-1} R_k[x_k, x_<k]`` and
+        ``M_{k-1} = [t; M_k [I; t]]`` (Gu & Chen 2024, the recursion of the best-response
+        Jacobians). Every later solve, adjoint and tangent at z is then a dense product,
+        where the matrix-free recursion would multiply CG iterations over the levels.
+        Recently used points are kept: the recursion returns to them."""
+        key = z.tobytes()
+        entry = self._dense_points.pop(key, None)
+        if entry is None:
+            if len(self._dense_points) >= 32:
+                self._dense_points.pop(next(iter(self._dense_points)))
+            entry = {"M": {}, "chol": {}, "low": self.n + 1}
+        self._dense_points[key] = entry                   # most recently used last
+        M, chol, off = entry["M"], entry["chol"], self.off
+        for k in range(entry["low"] - 1, j - 1, -1):
+            lo, hi = off[k - 1], off[k]
+            R = np.empty((hi, hi - lo))                    # R_k[:, x_k], rows over x_<=k
+            for i in range(hi - lo):
+                e = np.zeros(hi)
+                e[lo + i] = 1.0
+                R[:, i] = self.hvp_reduced(k, z, e)[:hi]
+            Rbb = 0.5 * (R[lo:hi] + R[lo:hi].T)
+            try:
+                L = np.linalg.cholesky(Rbb)
+            except np.linalg.LinAlgError:
+                raise LevelFailure(3, k, f"level {k}: reduced Hessian is not positive "
+                                         f"definite") from None
+            if not np.all(np.isfinite(L)):
+                raise LevelFailure(6, k, f"level {k}: non-finite reduced Hessian")
+            chol[k] = L
+            t = -_cho_solve(L, R[:lo].T)                   # d x_k / d x_<k
+            M[k - 1] = t if k == self.n else np.vstack(
+                [t, M[k][:, :lo] + M[k][:, lo:hi] @ t])
+            entry["low"] = k
+        return M, chol
+
     # -- the recursion ------------------------------------------------------------------------
     def grad_reduced(self, k, z):
         """Total gradient of phi_k over x_<=k at a solved point (length ``off[k]``)."""
@@ -226,6 +277,8 @@ class LevelRecursion:
 
     def adjoint(self, k, z, w):
         """``M_k^T w`` with ``M_k = d x_>k / d x_<=k`` (w over the blocks of levels > k)."""
+        if self.dense:
+            return self._dense_at(z, k + 1)[0][k].T @ w
         o, o1 = self.off[k], self.off[k + 1]
         if k + 1 == self.n:
             u, a = None, w[:o1 - o]
@@ -238,6 +291,8 @@ class LevelRecursion:
 
     def tangent(self, k, z, s):
         """``M_k s``: the change of x_>k along a direction s of x_<=k (length ``N - off[k]``)."""
+        if self.dense:
+            return self._dense_at(z, k + 1)[0][k] @ s
         o, o1 = self.off[k], self.off[k + 1]
         r = self.hvp_reduced(k + 1, z, self._embed(o1, 0, s))[o:o1]
         t = self._neg(self.solve_block(k + 1, z, r))
@@ -320,6 +375,7 @@ class MultilevelEngine(LevelRecursion):
     """
 
     _float_errors = (FloatingPointError,)
+    dense_levels = True
 
     def __init__(self, problem: MultilevelProblem, mode="exact", tol=1e-10, lower_tol=None,
                  lower_maxiter=100, fd_step=None, shared=None):
@@ -331,8 +387,6 @@ class MultilevelEngine(LevelRecursion):
         else:
             self.comp, self.counts, self.lower_nit = shared.comp, shared.counts, \
                 shared.lower_nit
-        self.dense = mode == "truncated" and self.N <= DENSE_LEVELS_MAX_SIZE
-        self._dense_points = {}
         self._init_solver()
 
     def _shared_state(self):
@@ -380,67 +434,6 @@ class MultilevelEngine(LevelRecursion):
         return {f"level{k}": {"grad": int(c[_GRAD]), "hvp": int(c[_HVP]), "tvp": int(c[_TVP]),
                               "value": int(c[_VALUE])}
                 for k, c in enumerate(self.counts, 1)}
-
-    # -- the truncated recursion in dense form (small problems) -------------------------------
-    def _dense_at(self, z, j):
-        """Dense truncated quantities at z for the levels j..n, built innermost first:
-        ``M[k] = d x_>k / d x_<=k`` (a matrix, k = j-1..n-1) and the Cholesky factor of
-        the block x_k of the truncated reduced Hessian ``R_k = A_k^T Hess(f_k) A_k``,
-        ``A_k = [I; M_k]`` (k = j..n). Level k costs d_k Hessian-vector products of f_k
-        (the columns x_k of ``Hess(f_k) A_k``), then dense algebra: ``R_k[:, x_k] =
-        A_k^T Hess(f_k) A_k[:, x_k]``, ``t = -R_k[x_k, x_k]^{-1} R_k[x_k, x_<k]`` and
-        ``M_{k-1} = [t; M_k [I; t]]`` (Gu & Chen 2024, the recursion of the best-response
-        Jacobians). The last few points are kept: the recursion returns to them."""
-        key = z.tobytes()
-        entry = self._dense_points.get(key)
-        if entry is None:
-            if len(self._dense_points) >= 8:
-                self._dense_points.pop(next(iter(self._dense_points)))
-            entry = self._dense_points[key] = {"M": {}, "chol": {}, "low": self.n + 1}
-        M, chol, off = entry["M"], entry["chol"], self.off
-        for k in range(entry["low"] - 1, j - 1, -1):
-            lo, hi = off[k - 1], off[k]
-            if k == self.n:
-                cols = np.eye(self.N)[:, lo:hi]
-                A = None
-            else:
-                A = np.vstack([np.eye(hi), M[k]])
-                cols = A[:, lo:hi]
-            HA = np.column_stack([self.hvp(k, z, np.ascontiguousarray(cols[:, i]))
-                                  for i in range(hi - lo)])
-            R = HA if A is None else A.T @ HA          # R_k[:, x_k], rows over x_<=k
-            Rbb = 0.5 * (R[lo:hi] + R[lo:hi].T)
-            try:
-                L = np.linalg.cholesky(Rbb)
-            except np.linalg.LinAlgError:
-                raise LevelFailure(3, k, f"level {k}: reduced Hessian is not positive "
-                                         f"definite") from None
-            if not np.all(np.isfinite(L)):
-                raise LevelFailure(6, k, f"level {k}: non-finite reduced Hessian")
-            chol[k] = L
-            t = -_cho_solve(L, R[:lo].T)               # d x_k / d x_<k
-            M[k - 1] = t if k == self.n else np.vstack(
-                [t, M[k][:, :lo] + M[k][:, lo:hi] @ t])
-            entry["low"] = k
-        return M, chol
-
-    def solve_block(self, j, z, b, rtol=None):
-        if not self.dense:
-            return super().solve_block(j, z, b, rtol)
-        _, chol = self._dense_at(z, j)
-        return _cho_solve(chol[j], b)
-
-    def adjoint(self, k, z, w):
-        if not self.dense:
-            return super().adjoint(k, z, w)
-        M, _ = self._dense_at(z, k + 1)
-        return M[k].T @ w
-
-    def tangent(self, k, z, s):
-        if not self.dense:
-            return super().tangent(k, z, s)
-        M, _ = self._dense_at(z, k + 1)
-        return M[k] @ s
 
     # -- solves in the compiled kernels -------------------------------------------------------
     def _fold(self, counts6):

@@ -159,6 +159,13 @@ def _check_stochastic_convergence(res, q, bound):
     assert np.mean(gap[-5:]) < 0.5 * gap[0], gap
 
 
+@pytest.fixture
+def matrix_free_levels(monkeypatch):
+    """CPU n-level engines take the matrix-free recursion, as the device engine does, so
+    that CPU references compare with device runs call for call (the same oracle counts)."""
+    monkeypatch.setattr("mlocore._multilevel.DENSE_LEVELS_MAX_SIZE", 0)
+
+
 @pytest.fixture(scope="session")
 def check_stochastic_convergence():
     return _check_stochastic_convergence

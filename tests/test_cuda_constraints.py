@@ -23,7 +23,8 @@ from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
 from mlocore.problems.multilevel import make_trilevel_quadratic
 from oracle_helpers import joint_twin
 
-pytestmark = pytest.mark.cuda
+# CPU references of n-level runs take the matrix-free recursion, as the device does
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("matrix_free_levels")]
 
 DX, DY = 2, 3
 

@@ -34,7 +34,8 @@ from mlocore.problems.multilevel import make_trilevel_quadratic
 from mlocore.problems.quadratic import quad_grad, quad_hvp, quad_value
 from oracle_helpers import joint_twin
 
-pytestmark = pytest.mark.cuda
+# CPU references of n-level runs take the matrix-free recursion, as the device does
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("matrix_free_levels")]
 
 READ_BYTES = 8 * dl.N_SCALARS
 

@@ -28,7 +28,8 @@ from mlocore.problems.nonquadratic_trilevel import (logcosh_quad_grad, logcosh_q
 from mlocore.problems.trilevel_quadratic import (make_trilevel_quadratic,
                                                  trilevel_quadratic_device_problem)
 
-pytestmark = pytest.mark.cuda
+# CPU references of n-level runs take the matrix-free recursion, as the device does
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("matrix_free_levels")]
 
 READ_BYTES = 8 * dl.N_SCALARS  # one scalar read-back: the whole scalars array
 
