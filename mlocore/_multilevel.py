@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 from ._callbacks import call_kernel
 from ._config import DENSE_LEVELS_MAX_SIZE, FD_REL_STEP
@@ -90,7 +91,8 @@ class LevelRecursion:
 
     Notes
     -----
-    The backend interface. Oracles: ``check_at(z)``, ``grad(k, z)``, ``value(k, z)``, ``hvp(k, z, v)``,
+    The backend interface. Oracles: ``check_at(z)``, ``grad(k, z)``, ``value(k, z)``,
+    ``hvp(k, z, v)``,
     ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``.
     Solves: ``_innermost(z) -> (z_out, status, nit, gnorm)`` (level n for x_<n, warm-started
     from z), ``_cg(j, z, b, rtol, maxiter) -> (v, info, nit, residual)`` (block system of
@@ -144,7 +146,8 @@ class LevelRecursion:
         """Solve (reduced Hessian of phi_j, block x_j) v = b by CG from zero (dense form:
         by the Cholesky factor at z)."""
         if self.dense:
-            return _cho_solve(self._dense_at(z, j)[1][j], b)
+            Li = self._dense_at(z, j)[1][j]
+            return Li.T @ (Li @ b)
         rtol = self.tol if rtol is None else rtol
         maxiter = 10 * self.p.dims[j - 1] + 20
         v, info, nit, res = self._cg(j, z, b, rtol, maxiter)
@@ -227,11 +230,11 @@ class LevelRecursion:
     # -- the recursion in dense form (small problems, NumPy backends) -----------------------
     def _dense_at(self, z, j):
         """Dense quantities at z for the levels j..n, built innermost first:
-        ``M[k] = d x_>k / d x_<=k`` (a matrix, k = j-1..n-1) and the Cholesky factor of
-        the block x_k of the reduced Hessian ``R_k`` of phi_k (k = j..n), in this engine's
-        mode. Level k costs d_k reduced products ``R_k[:, x_k] = hvp_reduced(k, z, e_i)``
-        (their own curvature terms included; the levels below answer from their dense
-        factors), then dense algebra: ``t = -R_k[x_k, x_k]^{-1} R_k[x_k, x_<k]`` and
+        ``M[k] = d x_>k / d x_<=k`` (a matrix, k = j-1..n-1) and the inverse Cholesky
+        factor ``L^{-1}`` of the block x_k of the reduced Hessian ``R_k`` of phi_k
+        (k = j..n), in this engine's mode. Level k costs d_k reduced products
+        ``R_k[:, x_k] = hvp_reduced(k, z, e_i)`` (their own curvature terms included; the
+        levels below answer from their dense factors), then dense algebra: ``t = -R_k[x_k, x_k]^{-1} R_k[x_k, x_<k]`` and
         ``M_{k-1} = [t; M_k [I; t]]`` (Gu & Chen 2024, the recursion of the best-response
         Jacobians). Every later solve, adjoint and tangent at z is then a dense product,
         where the matrix-free recursion would multiply CG iterations over the levels.
@@ -259,8 +262,8 @@ class LevelRecursion:
                                          f"definite") from None
             if not np.all(np.isfinite(L)):
                 raise LevelFailure(6, k, f"level {k}: non-finite reduced Hessian")
-            chol[k] = L
-            t = -_cho_solve(L, R[:lo].T)                   # d x_k / d x_<k
+            Li = chol[k] = solve_triangular(L, np.eye(hi - lo), lower=True)   # L^{-1}
+            t = -Li.T @ (Li @ R[:lo].T)                     # d x_k / d x_<k
             M[k - 1] = t if k == self.n else np.vstack(
                 [t, M[k][:, :lo] + M[k][:, lo:hi] @ t])
             entry["low"] = k
@@ -330,12 +333,16 @@ class LevelRecursion:
         return self._quotient(self.adjoint(k, zp, w), self.adjoint(k, zm, w), 2.0 * eps)
 
     def _shifted(self, k, z, s):
-        """``(z+, z-, eps)``: z with x_<=k moved by ``+-eps s``, levels > k re-solved."""
+        """``(z+, z-, eps)``: z with x_<=k moved by ``+-eps s``, levels > k re-solved. In
+        dense form the re-solves start from the first-order prediction ``x_>k + eps M_k s``
+        (the tangent is a cached product there), an O(eps^2) start for the Newton steps."""
         o = self.off[k]
         sn, zn = self._norms(s, z[:o])
         eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
-        zp = self._shift(z, 0, o, eps, s)
-        zm = self._shift(z, 0, o, -eps, s)
+        d = self._join(s, self.tangent(k, z, s)) if self.dense else s
+        hi = self.N if self.dense else o
+        zp = self._shift(z, 0, hi, eps, d)
+        zm = self._shift(z, 0, hi, -eps, d)
         return self.solve_from(zp, k), self.solve_from(zm, k), eps
 
     # -- the result ---------------------------------------------------------------------------
@@ -548,11 +555,6 @@ class MultilevelEngine(LevelRecursion):
 
     def _annotate(self, result):
         pass
-
-def _cho_solve(L, b):
-    """Solve ``L L^T x = b`` (b a vector or a matrix of right-hand sides)."""
-    return np.linalg.solve(L.T, np.linalg.solve(L, b))
-
 
 def as_joint(problem, xs, name="xs"):
     """Validate a list of per-level arrays and return the joint vector z."""
