@@ -25,9 +25,12 @@ import numpy as np
 
 import mlocore as mlo
 from mlocore.distributed import minimize_many
-from mlocore.problems.logistic import (logistic_lower_grad, logistic_lower_hvp,
-                                       logistic_lower_value, logistic_upper_grad,
-                                       logistic_upper_hvp, logistic_upper_value)
+from mlocore.problems.logistic import (logistic_lower_grad, logistic_lower_grad_y,
+                                       logistic_lower_hvp, logistic_lower_hvp_xy,
+                                       logistic_lower_hvp_yy, logistic_lower_value,
+                                       logistic_upper_grad, logistic_upper_grad_x,
+                                       logistic_upper_grad_y, logistic_upper_hvp,
+                                       logistic_upper_value)
 
 BOUNDS = (-8.0, 8.0)
 OPTIONS = dict(method="aid", maxiter=40, tol=1e-4, lower_tol=1e-8)
@@ -62,13 +65,18 @@ def _standardized(X, train, *others):
 
 
 def logistic_problem(X_train, t_train, X_val, t_val):
-    """The bilevel problem over ``z = concat(lambda, w)`` with the library's callbacks."""
+    """The bilevel problem over ``z = concat(lambda, w)`` with the library's callbacks: the
+    joint ones and the blocks that the solvers call (``grad_y`` in the lower solve,
+    ``hvp_yy`` in every CG iteration, ``hvp_xy`` once per hypergradient)."""
     d = X_train.shape[1]
     return mlo.BilevelProblem(
         upper=mlo.Objective(logistic_upper_grad, hvp=logistic_upper_hvp,
-                            value=logistic_upper_value, args=(X_val, t_val)),
+                            value=logistic_upper_value, args=(X_val, t_val),
+                            grad_x=logistic_upper_grad_x, grad_y=logistic_upper_grad_y),
         lower=mlo.Objective(logistic_lower_grad, hvp=logistic_lower_hvp,
-                            value=logistic_lower_value, args=(X_train, t_train)),
+                            value=logistic_lower_value, args=(X_train, t_train),
+                            grad_y=logistic_lower_grad_y, hvp_yy=logistic_lower_hvp_yy,
+                            hvp_xy=logistic_lower_hvp_xy),
         dims=(d, d), bounds=BOUNDS)
 
 
