@@ -7,6 +7,9 @@ FD_REL_STEP = 6.0e-6
 POWER_ITERS = 30
 #: safety factor applied to power-iteration estimates (they approach lambda_max from below)
 LIPSCHITZ_SAFETY = 1.05
-#: joint size up to which the CPU n-level engine forms the truncated reduced Hessians densely
-#: (one Hessian-vector product per variable of the levels below, then Cholesky solves)
+#: joint size up to which the CPU n-level engine (n >= 4) takes the recursion in dense form
+#: (one reduced product per variable of the levels below, then Cholesky solves); for n = 3
+#: only up to DENSE_LEVELS_SMALL_SIZE, since two nested CG solves of well-conditioned levels
+#: take fewer products than forming the blocks
 DENSE_LEVELS_MAX_SIZE = 256
+DENSE_LEVELS_SMALL_SIZE = 32

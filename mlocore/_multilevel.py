@@ -34,7 +34,8 @@ Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Ne
 phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
 whose operator for j < n is the recursive reduced product. Newton directions come from
 the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems with
-n >= 3 and joint size up to ``DENSE_LEVELS_MAX_SIZE`` take the recursion in dense form
+n >= 4 and joint size up to ``DENSE_LEVELS_MAX_SIZE`` (n = 3: ``DENSE_LEVELS_SMALL_SIZE``)
+take the recursion in dense form
 (:meth:`LevelRecursion._dense_at`): the blocks x_k of the reduced Hessians are formed by
 ``d_k`` reduced products per level and factorised once per point, so that solves, adjoints
 and tangents are dense products instead of CG iterations multiplied over the levels. The
@@ -57,7 +58,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from ._callbacks import call_kernel
-from ._config import DENSE_LEVELS_MAX_SIZE, FD_REL_STEP
+from ._config import DENSE_LEVELS_MAX_SIZE, DENSE_LEVELS_SMALL_SIZE, FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low
 from ._kernels import unrolled as _kl_unrolled
@@ -129,7 +130,9 @@ class LevelRecursion:
         # differences; 1e-3 relative balances noise against the O(h^2) truncation error
         self.fd_step = FD_SHIFT_STEP if fd_step is None else fd_step
         self._solver = None
-        self.dense = self.dense_levels and self.n >= 3 and self.N <= DENSE_LEVELS_MAX_SIZE
+        limit = DENSE_LEVELS_MAX_SIZE if self.n >= 4 else min(DENSE_LEVELS_SMALL_SIZE,
+                                                               DENSE_LEVELS_MAX_SIZE)
+        self.dense = self.dense_levels and self.n >= 3 and self.N <= limit
         self._dense_points = {}
 
     def _init_solver(self):
