@@ -15,6 +15,7 @@ import mlocore as mlo
 import mlocore.stochastic
 from mlocore._callbacks import CallbackError, call_kernel
 from mlocore._kernels import guard_cache, kernel_sources
+from mlocore._kernels.oracles import N_COUNTERS
 from mlocore.stochastic import _sampling as sk
 from mlocore.stochastic._driver import _level_sampling
 from mlocore.problems import make_quadratic
@@ -131,7 +132,7 @@ def test_stochastic_neumann_is_unbiased(q, randomized):
     exact *= eta
     samp, rng = _sampler(N, 8, "uniform", seed=3)
     draws = 20000
-    counts = np.zeros(2 * 6, dtype=np.int64)
+    counts = np.zeros(2 * N_COUNTERS, dtype=np.int64)  # calls, then samples, per kind
     z = np.zeros(DX + DY)
     mean, second = call_kernel(_neumann_mean, comp.fns, comp.kargs, z, b, DX, eta, Q, samp, rng,
                                counts, draws, randomized)
