@@ -81,38 +81,58 @@ def _logit(X, z, i, d):
 @numba.njit(cache=True)
 def _loss_value(z, X, t):
     n, d = X.shape
+    m = X @ np.ascontiguousarray(z[d:])
     s = 0.0
     for i in range(n):
-        m = _logit(X, z, i, d)
-        s += _softplus(m) - t[i] * m
+        s += _softplus(m[i]) - t[i] * m[i]
     return s / n
+
+
+@numba.njit(cache=True)
+def _weights(X, w):
+    """``sigmoid(X w)`` row by row (one BLAS mat-vec, then the stable scalar sigmoid)."""
+    m = X @ w
+    for i in range(m.shape[0]):
+        m[i] = _sigmoid(m[i])
+    return m
+
+
+@numba.njit(cache=True)
+def _loss_grad_w(z, X, t):
+    """Gradient over w of the mean log-loss: ``X^T (sigmoid(X w) - t) / n``."""
+    n, d = X.shape
+    r = _weights(X, np.ascontiguousarray(z[d:]))
+    r -= t
+    r /= n
+    return X.T @ r
+
+
+@numba.njit(cache=True)
+def _loss_hvp_w(z, vw, X):
+    """Hessian over w of the mean log-loss times vw: ``X^T D X vw / n``, D = s(1 - s)."""
+    n, d = X.shape
+    s = _weights(X, np.ascontiguousarray(z[d:]))
+    q = X @ vw
+    for i in range(n):
+        q[i] *= s[i] * (1.0 - s[i]) / n
+    return X.T @ q
 
 
 @numba.njit(cache=True)
 def _loss_grad(z, X, t):
     """Gradient over z of the mean log-loss (zero on the lam block)."""
-    n, d = X.shape
+    d = X.shape[1]
     out = np.zeros(2 * d)
-    for i in range(n):
-        r = (_sigmoid(_logit(X, z, i, d)) - t[i]) / n
-        for j in range(d):
-            out[d + j] += r * X[i, j]
+    out[d:] = _loss_grad_w(z, X, t)
     return out
 
 
 @numba.njit(cache=True)
 def _loss_hvp(z, v, X, t):
     """Hessian over z of the mean log-loss times v: (0, X^T D X v_w / n)."""
-    n, d = X.shape
+    d = X.shape[1]
     out = np.zeros(2 * d)
-    for i in range(n):
-        s = _sigmoid(_logit(X, z, i, d))
-        xv = 0.0
-        for j in range(d):
-            xv += X[i, j] * v[d + j]
-        c = s * (1.0 - s) * xv / n
-        for j in range(d):
-            out[d + j] += c * X[i, j]
+    out[d:] = _loss_hvp_w(z, np.ascontiguousarray(v[d:]), X)
     return out
 
 
@@ -160,12 +180,7 @@ def logistic_lower_hvp(z, v, X, t):
 def logistic_lower_grad_y(z, X, t):
     """Block oracle: gradient of the lower objective over w."""
     d = X.shape[1]
-    n = X.shape[0]
-    out = np.zeros(d)
-    for i in range(n):
-        r = (_sigmoid(_logit(X, z, i, d)) - t[i]) / n
-        for j in range(d):
-            out[j] += r * X[i, j]
+    out = _loss_grad_w(z, X, t)
     for j in range(d):
         out[j] += np.exp(z[j]) * z[d + j]
     return out
@@ -174,16 +189,8 @@ def logistic_lower_grad_y(z, X, t):
 @numba.njit(cache=True)
 def logistic_lower_hvp_yy(z, v, X, t):
     """Block oracle: ``H_ww v = X^T D X v / n + exp(lam) * v`` (v of length d)."""
-    n, d = X.shape
-    out = np.zeros(d)
-    for i in range(n):
-        s = _sigmoid(_logit(X, z, i, d))
-        xv = 0.0
-        for j in range(d):
-            xv += X[i, j] * v[j]
-        c = s * (1.0 - s) * xv / n
-        for j in range(d):
-            out[j] += c * X[i, j]
+    d = X.shape[1]
+    out = _loss_hvp_w(z, v, X)
     for j in range(d):
         out[j] += np.exp(z[j]) * v[j]
     return out
@@ -208,8 +215,7 @@ def logistic_upper_grad_x(z, X, t):
 @numba.njit(cache=True)
 def logistic_upper_grad_y(z, X, t):
     """Block oracle: gradient of the validation log-loss over w."""
-    d = X.shape[1]
-    return _loss_grad(z, X, t)[d:].copy()
+    return _loss_grad_w(z, X, t)
 
 
 @numba.njit(cache=True)
