@@ -211,3 +211,27 @@ def test_multilevel_rejects_block_oracles():
                           hvp_yy=quad_hvp_yy_device)
     with pytest.raises(ValueError, match=r"level 2 has block oracles \(hvp_yy\)"):
         DeviceMultilevelProblem([top, low], (q.dx, q.dy))
+
+
+def _ignoring_idx(fn, nvec):
+    """``fn`` with the index array of a finite-sum objective (after the vectors) dropped."""
+    def wrapped(*a):
+        return fn(*a[:nvec], *a[nvec + 1:])
+    return wrapped
+
+
+def test_finite_sum_blocks_run_on_the_full_batch():
+    """With ``n_samples`` the blocks take idx after the vectors, as the joint callbacks;
+    the deterministic solvers call them on the full batch."""
+    q, build, x, y = LIBRARY["quadratic"]
+    dev = build(q)
+    lo = dev.lower
+    lower = DeviceObjective(_ignoring_idx(lo.grad, 1), hvp=_ignoring_idx(lo.hvp, 2),
+                            args=lo.args, n_samples=3, grad_y=_ignoring_idx(lo.grad_y, 1),
+                            hvp_yy=_ignoring_idx(lo.hvp_yy, 2),
+                            hvp_xy=_ignoring_idx(lo.hvp_xy, 2))
+    assert lower.full_batch().blocks == ("grad_y", "hvp_yy", "hvp_xy")
+    res = mlo.hypergrad(DeviceBilevelProblem(dev.upper, lower, dev.dims), x, y)
+    ref = mlo.hypergrad(dev, x, y)
+    assert res.oracle_calls == ref.oracle_calls
+    np.testing.assert_array_equal(res.grad, ref.grad)

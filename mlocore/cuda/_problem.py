@@ -128,10 +128,10 @@ class DeviceObjective:
 
     def full_batch(self):
         """A deterministic DeviceObjective computing this one's full-batch mean (its
-        callbacks get ``idx = 0..n-1``); ``self`` when it is deterministic. Memoized; no
-        transfer (the args are already on the device). The deterministic solvers
-        (hypergrad, solve_lower, minimize_bilevel's "aid"/"itd") use it, as the CPU backend
-        runs them on the full batch."""
+        callbacks, block oracles included, get ``idx = 0..n-1``); ``self`` when it is
+        deterministic. Memoized; no transfer (the args are already on the device). The
+        deterministic solvers (hypergrad, solve_lower, minimize_bilevel's "aid"/"itd") use
+        it, as the CPU backend runs them on the full batch."""
         if self.n_samples is None:
             return self
         if getattr(self, "_full", None) is None:
