@@ -12,7 +12,8 @@ from ._options import (HYPERGRAD_METHODS, LOWER_METHODS, LowerOptions, hypergrad
                        reject_unused)
 from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
-from ._results import HypergradResult, counts_dict, implicit_result, new_counts, status_message
+from ._results import (HypergradResult, add_counts, counts_dict, implicit_result, new_counts,
+                       status_message)
 from ._validation import as_vector, check_backend, check_cpu_output
 from .cuda._implicit import hypergrad as _hypergrad_cuda
 from .cuda._implicit import solve_lower as _solve_lower_cuda
@@ -217,17 +218,8 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
                           lower_status=lstatus, lower_nit=lnit, lower_grad_norm=lgnorm,
                           info=info, nit=nit, residual=res, eta=eta_used,
                           solved_lower=solve_lower_flag)
-    _add_counts(out, counts)
+    add_counts(out, counts)
     return out
-
-
-def _add_counts(out, counts):
-    calls = counts_dict(counts)
-    out.oracle_calls = calls
-    out.ngrad = (calls["upper_grad"] + calls["lower_grad"] + calls["upper_grad_x"]
-                 + calls["upper_grad_y"] + calls["lower_grad_y"])
-    out.nhvp = (calls["upper_hvp"] + calls["lower_hvp"] + calls["lower_hvp_yy"]
-                + calls["lower_hvp_xy"])
 
 
 def _unrolled(comp, method, x, y, T, K, beta, counts):
@@ -242,7 +234,7 @@ def _unrolled(comp, method, x, y, T, K, beta, counts):
         success=status == 0, status=int(status),
         message=status_message(status, f"Unrolled T={T} steps (K={K}) with step {beta_used:.3e}."),
         nit=T, K=K, step=beta_used, lower_nit=T, lower_grad_norm=np.nan)
-    _add_counts(out, counts)
+    add_counts(out, counts)
     return out
 
 

@@ -222,59 +222,92 @@ class CompiledObjective:
         return g
 
     def _check_blocks(self, z, dx, g):
-        """Each block oracle against the joint callback at z: same shape, same values (to
-        1e-8 relative with an ``hvp``; to 1e-5 against central differences of ``grad``)."""
-        n = z.shape[0]
-        dy = n - dx
-        v = np.linspace(1.0, 2.0, dy)
-        joint_h = None
-        if self.has_hvp_block():
-            w = np.zeros(n)
-            w[dx:] = v
-            if self.has_hvp:
-                joint_h, rtol = self._call("hvp", self.hvp, z.copy(), w), 1e-8
-            else:
-                eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / np.linalg.norm(w)
-                joint_h = (self._call("grad", self.grad, z + eps * w)
-                           - self._call("grad", self.grad, z - eps * w)) / (2.0 * eps)
-                rtol = 1e-5
-        checks = {"grad_x": (lambda: self._call("grad_x", self.grad_x, z.copy()),
-                             lambda: g[:dx], 1e-8, "grad[:dx]"),
-                  "grad_y": (lambda: self._call("grad_y", self.grad_y, z.copy()),
-                             lambda: g[dx:], 1e-8, "grad[dx:]"),
-                  "hvp_yy": (lambda: self._call("hvp_yy", self.hvp_yy, z.copy(), v.copy()),
-                             lambda: joint_h[dx:], None, "the y-block of hvp(z, (0, v))"),
-                  "hvp_xy": (lambda: self._call("hvp_xy", self.hvp_xy, z.copy(), v.copy()),
-                             lambda: joint_h[:dx], None, "the x-block of hvp(z, (0, v))")}
-        for name in self.blocks:
-            got_fn, want_fn, tol, what = checks[name]
-            if tol is None:
-                tol = rtol
-                if not self.has_hvp:
-                    what += ", by central differences of grad"
-            size = dx if name in ("grad_x", "hvp_xy") else dy
-            got = got_fn()
-            role = f"{self.role}.{name}"
-            if not isinstance(got, np.ndarray) or got.shape != (size,):
-                shape = getattr(got, "shape", type(got).__name__)
-                block = "x" if size == dx else "y"
-                raise CallbackError(f"callback {role} returned shape {shape}; expected "
-                                    f"({size},), the size of {block}")
-            if not np.all(np.isfinite(got)):
-                raise CallbackError(f"callback {role} returned non-finite values at the "
-                                    "initial point")
-            want = want_fn()
-            err = float(np.linalg.norm(got - want))
-            scale = float(np.linalg.norm(want))
-            if not err <= tol * (1.0 + scale):
-                raise CallbackError(
-                    f"callback {role} disagrees with the joint callback at the initial point: "
-                    f"|{name} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, allowed "
-                    f"{tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
-                    "and hvp")
+        """Each block oracle against the joint callback at z (:func:`check_block_oracles`)."""
+        def call(name, *vecs):
+            return self._call(name, getattr(self, name), *(v.copy() for v in vecs))
+        check_block_oracles(self.role, self.blocks, z, dx, call, self.has_hvp, g)
 
     def has_hvp_block(self):
         return bool(self.flags & (HAS_HVP_YY | HAS_HVP_XY))
+
+
+def check_block_oracles(role, blocks, z, dx, call, has_hvp, g=None, v=None):
+    """Check each block oracle of one objective against its joint callback at z (host
+    arrays): same shape, same values (to 1e-8 relative with an ``hvp``; to 1e-5 against
+    central differences of ``grad`` without one). Shared by the CPU and device backends.
+
+    Parameters
+    ----------
+    role : str
+        ``"upper"`` or ``"lower"`` (errors name ``role.callback``).
+    blocks : tuple of str
+        The block oracles given (names of :attr:`Objective.blocks`).
+    z : ndarray
+        The point, on the host.
+    dx : int
+        Size of x (z = (x, y)).
+    call : callable
+        ``call(name, *vecs) -> ndarray``: the callback ``name`` ("grad", "hvp" or a block)
+        at the host vectors ``vecs`` (z first), its result on the host.
+    has_hvp : bool
+        Whether the objective has a joint ``hvp``.
+    g : ndarray, optional
+        The joint gradient at z, when already computed.
+    v : ndarray, optional
+        The direction of the product checks, size dy (default ``linspace(1, 2, dy)``); the
+        joint products take ``(0, v)``.
+
+    Raises
+    ------
+    CallbackError
+        A block of the wrong shape, non-finite, or disagreeing with the joint callback.
+    """
+    n = z.shape[0]
+    dy = n - dx
+    if v is None:
+        v = np.linspace(1.0, 2.0, dy)
+    joint_h, rtol = None, 1e-8
+    if "hvp_yy" in blocks or "hvp_xy" in blocks:
+        w = np.zeros(n)
+        w[dx:] = v
+        if has_hvp:
+            joint_h = call("hvp", z, w)
+        else:
+            eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / np.linalg.norm(w)
+            joint_h = (call("grad", z + eps * w) - call("grad", z - eps * w)) / (2.0 * eps)
+            rtol = 1e-5
+    if g is None and ("grad_x" in blocks or "grad_y" in blocks):
+        g = call("grad", z)
+    checks = {"grad_x": ((), lambda: g[:dx], 1e-8, "grad[:dx]"),
+              "grad_y": ((), lambda: g[dx:], 1e-8, "grad[dx:]"),
+              "hvp_yy": ((v,), lambda: joint_h[dx:], None, "the y-block of hvp(z, (0, v))"),
+              "hvp_xy": ((v,), lambda: joint_h[:dx], None, "the x-block of hvp(z, (0, v))")}
+    for name in blocks:
+        vecs, want_fn, tol, what = checks[name]
+        if tol is None:
+            tol = rtol
+            if not has_hvp:
+                what += ", by central differences of grad"
+        size = dx if name in ("grad_x", "hvp_xy") else dy
+        got = call(name, z, *vecs)
+        full = f"{role}.{name}"
+        if not isinstance(got, np.ndarray) or got.shape != (size,):
+            shape = getattr(got, "shape", type(got).__name__)
+            block = "x" if size == dx else "y"
+            raise CallbackError(f"callback {full} returned shape {shape}; expected "
+                                f"({size},), the size of {block}")
+        if not np.all(np.isfinite(got)):
+            raise CallbackError(f"callback {full} returned non-finite values at the "
+                                "initial point")
+        want = want_fn()
+        err = float(np.linalg.norm(got - want))
+        scale = float(np.linalg.norm(want))
+        if not err <= tol * (1.0 + scale):
+            raise CallbackError(
+                f"callback {full} disagrees with the joint callback at the initial point: "
+                f"|{name} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, allowed "
+                f"{tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
+                "and hvp")
 
 
 def _check_vector(role, out, n):

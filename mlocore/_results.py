@@ -100,3 +100,16 @@ def implicit_result(method, *, grad, x, y, v, fun, status, lower_status, lower_n
         lin_info=int(info), lin_residual=float(residual), lower_nit=int(lower_nit),
         lower_grad_norm=float(lower_grad_norm), lower_status=int(lower_status),
         eta=float(eta) if method == "neumann" else None)
+
+
+def add_counts(out, counts):
+    """Set a hypergradient result's ``oracle_calls``, ``ngrad`` (gradient calls, blocks
+    included) and ``nhvp`` (Hessian-vector products, blocks included) from ``counts``
+    (shared by the CPU and device backends); returns out."""
+    calls = counts_dict(counts)
+    out.oracle_calls = calls
+    out.ngrad = (calls["upper_grad"] + calls["lower_grad"] + calls["upper_grad_x"]
+                 + calls["upper_grad_y"] + calls["lower_grad_y"])
+    out.nhvp = (calls["upper_hvp"] + calls["lower_hvp"] + calls["lower_hvp_yy"]
+                + calls["lower_hvp_xy"])
+    return out

@@ -1,6 +1,4 @@
 """Shared by the test files: library problems with their block oracles removed."""
-import copy
-
 import mlocore as mlo
 
 
@@ -12,10 +10,12 @@ def joint_only(problem):
     return mlo.BilevelProblem(strip(problem.upper), strip(problem.lower), problem.dims)
 
 
-def joint_twin(library_problem):
-    """A shallow copy of a library problem (``make_quadratic(...)`` and the like) whose CPU
-    ``problem`` gives the joint callbacks only, as its device problem does, so that CPU and
-    device runs can be compared call for call (the same oracle counts)."""
-    twin = copy.copy(library_problem)
-    twin.problem = joint_only(library_problem.problem)
-    return twin
+def device_joint_only(problem):
+    """The same :class:`mlocore.cuda.DeviceBilevelProblem` with the block oracles removed
+    (the same device args, so no new transfer)."""
+    from mlocore.cuda import DeviceBilevelProblem, DeviceObjective
+
+    def strip(o):
+        return DeviceObjective(o.grad, hvp=o.hvp, value=o.value, args=o.args,
+                               n_samples=o.n_samples)
+    return DeviceBilevelProblem(strip(problem.upper), strip(problem.lower), problem.dims)

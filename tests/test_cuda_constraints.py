@@ -21,7 +21,6 @@ from mlocore.problems import make_quadratic
 from mlocore.problems.cuda_callbacks import quadratic_device_problem
 from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
 from mlocore.problems.multilevel import make_trilevel_quadratic
-from oracle_helpers import joint_twin
 
 # CPU references of n-level runs take the matrix-free recursion, as the device does
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("matrix_free_levels")]
@@ -32,7 +31,7 @@ DX, DY = 2, 3
 @pytest.fixture(scope="module")
 def quadratic():
     """(q, device problem): x* = q.x_star is about (1.0, -0.5)."""
-    q = joint_twin(make_quadratic(dx=DX, dy=DY, seed=0))
+    q = make_quadratic(dx=DX, dy=DY, seed=0)
     return q, quadratic_device_problem(q)
 
 

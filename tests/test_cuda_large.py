@@ -20,7 +20,6 @@ from mlocore.cuda._problem import DeviceBilevelProblem, DeviceObjective
 from mlocore.problems import make_logistic, make_quadratic
 from mlocore.problems.cuda_callbacks import (logistic_device_problem, quad_grad_device,
                                              quad_hvp_device, quadratic_device_problem)
-from oracle_helpers import joint_twin
 
 pytestmark = pytest.mark.cuda
 
@@ -138,13 +137,13 @@ def test_linear_solver_input_errors():
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quadratic():
-    q = joint_twin(make_quadratic(dx=3, dy=8, seed=0))
+    q = make_quadratic(dx=3, dy=8, seed=0)
     return q, quadratic_device_problem(q)
 
 
 @pytest.fixture(scope="module")
 def logistic():
-    lh = joint_twin(make_logistic(n_train=20, n_val=15, n_features=4, seed=0))
+    lh = make_logistic(n_train=20, n_val=15, n_features=4, seed=0)
     return lh, logistic_device_problem(lh)
 
 

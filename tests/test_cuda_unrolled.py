@@ -20,7 +20,6 @@ from mlocore.problems import make_cleaning, make_logistic, make_quadratic
 from mlocore.problems.cuda_callbacks import (cleaning_device_problem, logistic_device_problem,
                                              quad_grad_device, quad_hvp_device,
                                              quadratic_device_problem)
-from oracle_helpers import joint_twin
 
 pytestmark = pytest.mark.cuda
 
@@ -37,7 +36,7 @@ def _checked(problem, dx, dy):
 
 @pytest.fixture(scope="module")
 def quadratic():
-    q = joint_twin(make_quadratic(dx=DX, dy=DY, seed=0))
+    q = make_quadratic(dx=DX, dy=DY, seed=0)
     return q, _checked(quadratic_device_problem(q), DX, DY)
 
 
@@ -46,8 +45,7 @@ def _unchecked_quadratic(q, with_value=True):
     if with_value:
         return quadratic_device_problem(q)
     upper = DeviceObjective(quad_grad_device, hvp=quad_hvp_device, args=q.upper_means)
-    lower = DeviceObjective(quad_grad_device, hvp=quad_hvp_device, args=q.lower_means)
-    return DeviceBilevelProblem(upper, lower, dims=(q.dx, q.dy))
+    return DeviceBilevelProblem(upper, quadratic_device_problem(q).lower, dims=(q.dx, q.dy))
 
 
 def _assert_same_itd(res, ref):
@@ -88,7 +86,7 @@ def test_itd_quadratic_matches_cpu_and_counts_transfers(quadratic, method):
 
 
 def test_itd_logistic_matches_cpu_both_modes_agree():
-    lh = joint_twin(make_logistic(n_train=10, n_val=8, n_features=3, seed=0))
+    lh = make_logistic(n_train=10, n_val=8, n_features=3, seed=0)
     problem = logistic_device_problem(lh)
     x, y = np.full(3, -1.0), np.zeros(3)
     results = {}
@@ -197,7 +195,9 @@ def test_minimize_itd_fixed_steps_matches_cpu_exact_transfers(quadratic):
                                maxiter=3, tol=0.0, T=6, K=4, inner_step=0.3)
     assert res.status == ref.status == 10 and res.nit == ref.nit == 3
     assert res.oracle_calls == ref.oracle_calls and res.v is None is ref.v
-    assert res.oracle_calls["lower_hvp"] == 4 * (res.nit + 1)  # K per hypergradient
+    # K cross pairs (H_xy a, H_yy a) per hypergradient, from the lower blocks
+    assert res.oracle_calls["lower_hvp_xy"] == 4 * (res.nit + 1)
+    assert res.oracle_calls["lower_hvp"] == 0
     np.testing.assert_allclose(res.x, ref.x, rtol=0, atol=1e-10)
     np.testing.assert_allclose(res.jac, ref.jac, rtol=0, atol=1e-10)
     np.testing.assert_allclose(res.history["grad_norm"], ref.history["grad_norm"], rtol=0,
@@ -205,11 +205,12 @@ def test_minimize_itd_fixed_steps_matches_cpu_exact_transfers(quadratic):
     assert is_device_array(res.y)
     np.testing.assert_allclose(res.y.copy_to_host(), ref.y, rtol=0, atol=1e-10)
     assert len(seen) == 3 and isinstance(seen[0], np.ndarray)
-    # in: one x per iteration (y0 is on the device); out: 4 callback checks, then per
-    # hypergradient two finiteness tests and the gradient, and y for each callback call
+    # in: one x per iteration (y0 is on the device); out: 4 callback checks, the lower
+    # block check (z, its direction, the joint grad and hvp, the 3 blocks: 7 vectors), then
+    # per hypergradient two finiteness tests and the gradient, and y for each callback call
     n_dir = res.nit + 1
     assert res.transfers["h2d"] == n_dir
-    assert res.transfers["d2h"] == 4 + 3 * n_dir + len(seen)
+    assert res.transfers["d2h"] == 4 + 7 + 3 * n_dir + len(seen)
     np.testing.assert_array_equal(y0.copy_to_host(), np.zeros(DY))
 
 
@@ -252,8 +253,7 @@ def test_minimize_routing_and_errors(quadratic):
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cleaning():
-    dc = joint_twin(make_cleaning(n_train=8, n_val=6, n_features=2, n_classes=3, seed=0,
-                                  upper_reg=0.1))
+    dc = make_cleaning(n_train=8, n_val=6, n_features=2, n_classes=3, seed=0, upper_reg=0.1)
     return dc, cleaning_device_problem(dc)
 
 

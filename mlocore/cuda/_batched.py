@@ -8,7 +8,8 @@ tasks, ...). :func:`batched_hypergrad` computes every problem's implicit hypergr
     grad F = grad_x f - H_xy v,      H_yy v = grad_y f,      at (x, y*(x))
 
 in ONE kernel launch; :func:`batched_minimize` runs whole gradient-descent loops on x, one per
-problem, in one launch. Block ``b`` handles problem ``b``; its threads split the components of
+problem, in one launch (both with the joint callbacks only: the batched kernels take no block
+oracles). Block ``b`` handles problem ``b``; its threads split the components of
 every vector among themselves (thread ``t`` owns the components ``t, t + T, t + 2T, ...`` of
 every vector, T = threads per block), dot products are shared-memory tree reductions across
 the block, and all vectors of a problem live in the block's (dynamic) shared memory.

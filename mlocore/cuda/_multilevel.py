@@ -70,6 +70,8 @@ class DeviceMultilevelProblem:
 
     Notes
     -----
+    The levels take the joint callbacks only: a DeviceObjective with block oracles
+    (``grad_y``, ``hvp_yy``, ...) is rejected (ValueError).
     As :class:`mlocore.MultilevelProblem`: every lower level k >= 2 must be strongly convex in
     x_k near the solution (the Hessian of its reduced objective in x_k is inverted, Gu & Chen
     2024, Lemmas 3.1-3.2). The callbacks are checked once, at the first point a hypergradient
@@ -108,6 +110,11 @@ class DeviceMultilevelProblem:
             if not isinstance(obj, DeviceObjective):
                 raise TypeError(f"level {k} must be an mlocore.cuda.DeviceObjective (device "
                                 f"callbacks), got {type(obj).__name__}")
+            if obj.blocks:
+                raise ValueError(f"level {k} has block oracles ({', '.join(obj.blocks)}), "
+                                 "which the n-level device path does not use; give the "
+                                 "levels of a DeviceMultilevelProblem the joint callbacks "
+                                 "only")
         MultilevelProblem._set_layout(self, levels, dims, bounds, project)
         self._checked = False
 
@@ -152,6 +159,7 @@ class _Shared:
         # the innermost level as a bilevel session: x = x_<n, y = x_n
         self.dx, self.dy, self.n = problem.offsets[-2], problem.dims[-1], problem.size
         self.lower = self.oracles[-1]
+        self.lower.dx = self.dx  # its block methods slice the joint callbacks (no blocks)
 
     def norm(self, a) -> float:
         """``|a|`` on the host (one counted read-back)."""

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from .._problem import BilevelProblem, MultilevelProblem
-from .._results import counts_dict, new_counts
+from .._results import add_counts, new_counts
 from .._validation import check_backend
 from . import _linalg as dl
 from ._device import Transfers, to_device, to_host
@@ -56,9 +56,9 @@ class _Session:
         self.counts = new_counts()
         # finite-sum objectives (n_samples) are solved on the full batch, as on the CPU
         self.upper = DeviceOracle(problem.upper.full_batch(), "upper", self.counts,
-                                  self.counter, self.n)
+                                  self.counter, self.n, self.dx)
         self.lower = DeviceOracle(problem.lower.full_batch(), "lower", self.counts,
-                                  self.counter, self.n)
+                                  self.counter, self.n, self.dx)
         self.scalars = dl.Scalars(self.counter)
 
     def joint(self, x, y):
@@ -70,8 +70,8 @@ class _Session:
 
     def check_once(self, z):
         if not self.problem._checked:
-            self.upper.check_at(z)
-            self.lower.check_at(z)
+            self.upper.check_at(z, self.dx)
+            self.lower.check_at(z, self.dx)
             self.problem._checked = True
 
     def norm(self, a) -> float:
@@ -85,29 +85,23 @@ class _Session:
     def finish(self, out):
         """Fill a hypergradient result's oracle counts (``oracle_calls``, ``ngrad``,
         ``nhvp``) and ``transfers`` from this session; returns it."""
-        calls = counts_dict(self.counts)
-        out.oracle_calls = calls
-        out.ngrad = calls["upper_grad"] + calls["lower_grad"]
-        out.nhvp = calls["upper_hvp"] + calls["lower_hvp"]
+        add_counts(out, self.counts)
         out.transfers = self.counter.as_dict()
         return out
 
 
 class _HyyOperator(dl.DeviceOperator):
-    """``p -> H_yy(z) p``: the lower joint hvp with direction ``(0, p)``, block y."""
+    """``p -> H_yy(z) p``: the lower ``hvp_yy`` block when given, else the lower joint hvp
+    with direction ``(0, p)``, block y (:meth:`DeviceOracle.hvp_yy`)."""
 
     def __init__(self, sess, z):
-        super().__init__(None, sess.dy, name="lower.hvp")
+        super().__init__(None, sess.dy, name="lower.hvp_yy" if "hvp_yy" in sess.lower.blocks
+                         else "lower.hvp")
         self.sess, self.z = sess, z
-        self.w = dl.zeros(sess.n)
-        self.h = dl.empty(sess.n)
 
     def apply(self, p, out):
         self.n_matvec += 1
-        dx = self.sess.dx
-        dl.copy(p, self.w[dx:])
-        self.sess.lower.hvp(self.z, self.w, self.h)
-        dl.copy(self.h[dx:], out)
+        self.sess.lower.hvp_yy(self.z, p, out)
 
 
 def _inputs(sess, x, y, yname):

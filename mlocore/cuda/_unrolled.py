@@ -12,10 +12,13 @@ Every vector stays on the device:
 
 * reverse mode keeps the K differentiated iterates in one ``(K, dy)`` device array and runs
   the adjoint recursion ``h -= beta H_xy a``, ``v += beta a``, ``a -= beta H_yy a`` backwards,
-  both products from one lower joint Hessian-vector product with direction ``(0, a)``;
+  both products from the lower block oracles ``hvp_xy`` and ``hvp_yy`` when both are given,
+  else from one lower joint Hessian-vector product with direction ``(0, a)``;
 * forward mode carries ``Z_t = dy_t/dx`` as its transpose, a ``(dx, dy)`` device array (one
   contiguous row per column of Z), with dx joint products per step (directions
-  ``(e_j, Z[:, j])``).
+  ``(e_j, Z[:, j])``; always the joint ``hvp``, as on the CPU).
+
+The inner steps call the lower ``grad_y`` block when given (the CPU kernels' choices).
 
 Read-backs (counted in ``res.transfers``): the power iteration's estimate (one, unless the
 step is given), one finiteness test of ``y_T`` and one of the gradient (each a dot product
@@ -143,8 +146,7 @@ def unrolled_core(sess, method, z0, T, K, beta):
                     dl.fill(w[j:j + 1], 0.0)
                     dl.axpy_into(Znew[j], Zt[j], -beta, hv[dx:])
                 Zt, Znew = Znew, Zt
-        sess.lower.grad(z, g)
-        dl.axpy_into(y, y, -beta, g[dx:])
+        dl.axpy_into(y, y, -beta, sess.lower.grad_y(z, g))
     if not _finite(sess, y, zeros):
         return grad, z, dl.zeros(dy) if reverse else Zt, math.nan, _low.NONFINITE, beta
     gf = dl.empty(n)
@@ -152,16 +154,17 @@ def unrolled_core(sess, method, z0, T, K, beta):
     fun = sess.upper.value(z) if sess.upper.has_value else math.nan
     if reverse:
         dl.copy(gf[:dx], grad)   # h
-        a = w[dx:]               # the adjoint a_t lives in the direction (0, a_t)
+        a = dl.empty(dy)         # the adjoint a_t
         dl.copy(gf[dx:], a)
         zs = dl.empty(n)
         dl.copy(z0[:dx], zs[:dx])
+        hx, hy = hv[:dx], hv[dx:]
         for s in range(K - 1, -1, -1):
             dl.copy(Y[s], zs[dx:])
-            sess.lower.hvp(zs, w, hv)
-            dl.axpy_into(grad, grad, -beta, hv[:dx])
+            sess.lower.cross_pair(zs, a, hx, hy)     # (H_xy a, H_yy a)
+            dl.axpy_into(grad, grad, -beta, hx)
             dl.axpy_into(aux, aux, beta, a)
-            dl.axpy_into(a, a, -beta, hv[dx:])
+            dl.axpy_into(a, a, -beta, hy)
     else:
         aux = Zt
         zg = dl.empty(dx)
@@ -186,9 +189,10 @@ def unrolled_hypergrad(problem, x, y, method="itd-reverse", *, T=100, K=None, st
         The upper point and the start ``y_0`` of the unrolled loop. Host arrays are validated
         and copied once each (counted); device arrays are used in place and never modified.
     method : {"itd-reverse", "itd-forward"}
-        Reverse mode stores the last K iterates (device memory ``K dy``) and makes one joint
-        HVP per step back; forward mode carries ``dy_t/dx`` (memory ``2 dx dy``) and makes dx
-        joint HVPs per differentiated step.
+        Reverse mode stores the last K iterates (device memory ``K dy``) and makes one lower
+        cross product (``hvp_xy`` and ``hvp_yy``, or one joint HVP) per step back; forward
+        mode carries ``dy_t/dx`` (memory ``2 dx dy``) and makes dx joint HVPs per
+        differentiated step.
     T, K : int
         Inner gradient steps, and how many of the last ones are differentiated (default T).
     step : float, optional

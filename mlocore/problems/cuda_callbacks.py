@@ -27,9 +27,14 @@ from ..cuda._problem import DeviceBilevelProblem, DeviceObjective
 from .cleaning import probs_source, project_row_source
 
 __all__ = ["quad_grad_device", "quad_hvp_device", "quad_value_device",
+           "quad_grad_x_device", "quad_grad_y_device", "quad_hvp_yy_device",
+           "quad_hvp_xy_device",
            "logistic_lower_grad_device", "logistic_lower_hvp_device",
            "logistic_lower_value_device", "logistic_upper_grad_device",
            "logistic_upper_hvp_device", "logistic_upper_value_device",
+           "logistic_lower_grad_y_device", "logistic_lower_hvp_yy_device",
+           "logistic_lower_hvp_xy_device", "logistic_upper_grad_x_device",
+           "logistic_upper_grad_y_device",
            "quadratic_device_problem", "logistic_device_problem"]
 
 _TPB = dl.THREADS_PER_BLOCK
@@ -49,16 +54,19 @@ def _reduce_to_host(terms) -> float:
 # Quadratic: phi(x, y) = y.A y/2 + x.B x/2 + x.C y + a.y + b.x, z = (x, y); args (A,B,C,a,b)
 # ---------------------------------------------------------------------------------------
 @cuda.jit
-def _quad_affine_kernel(z, A, B, C, a, b, lin, out):
-    """out = (B x + C y + lin b, A y + C^T x + lin a) for z = (x, y): the CPU
-    ``_quad_affine`` with its summation order, one thread per entry.
+def _quad_affine_kernel(z, A, B, C, a, b, lin, first, out):
+    """Entries ``first .. first + len(out)`` of ``(B x + C y + lin b, A y + C^T x + lin a)``
+    for z = (x, y) (all of them with first = 0 and out of size dx + dy; the x block or the
+    y block for the block oracles): the CPU ``_quad_affine`` with its summation order, one
+    thread per entry.
 
     A and B are Hessian blocks, symmetric (the quadratic family builds them so): thread q
     reads column q of A (``A[r, q]`` = ``A[q, r]``), so that the threads of a warp read
     consecutive addresses (coalesced) instead of rows dy apart."""
     dx = B.shape[0]
     dy = A.shape[0]
-    for i in range(cuda.grid(1), dx + dy, cuda.gridsize(1)):
+    for e in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        i = first + e
         if i < dx:
             s = lin * b[i]
             for q in range(dx):
@@ -72,7 +80,22 @@ def _quad_affine_kernel(z, A, B, C, a, b, lin, out):
                 s += A[r, q] * z[dx + r]
             for p in range(dx):
                 s += C[p, q] * z[p]
-        out[i] = s
+        out[e] = s
+
+
+@cuda.jit
+def _quad_block_kernel(M, v, by_column, out):
+    """``out = M^T v`` (by_column; ``= A v`` for the symmetric A, thread q reading column q,
+    coalesced) or ``out = M v``: one mat-vec, the y-block (``A v``) or the x-block
+    (``C v``) of the joint product with direction (0, v) in its summation order."""
+    for p in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        s = 0.0
+        for q in range(v.shape[0]):
+            if by_column:
+                s += M[q, p] * v[q]
+            else:
+                s += M[p, q] * v[q]
+        out[p] = s
 
 
 @cuda.jit
@@ -100,12 +123,33 @@ def _quad_value_terms_kernel(z, A, B, C, a, b, terms):
 
 def quad_grad_device(z, out, A, B, C, a, b):
     """Gradient over z = (x, y) of y.A y/2 + x.B x/2 + x.C y + a.y + b.x, into out."""
-    _launch(_quad_affine_kernel, out.shape[0], z, A, B, C, a, b, 1.0, out)
+    _launch(_quad_affine_kernel, out.shape[0], z, A, B, C, a, b, 1.0, 0, out)
 
 
 def quad_hvp_device(z, v, out, A, B, C, a, b):
     """Hessian [[B, C], [C^T, A]] times v, into out (independent of z)."""
-    _launch(_quad_affine_kernel, out.shape[0], v, A, B, C, a, b, 0.0, out)
+    _launch(_quad_affine_kernel, out.shape[0], v, A, B, C, a, b, 0.0, 0, out)
+
+
+def quad_grad_x_device(z, out, A, B, C, a, b):
+    """Block oracle ``grad_x = B x + C y + b`` (dx threads), into out."""
+    _launch(_quad_affine_kernel, out.shape[0], z, A, B, C, a, b, 1.0, 0, out)
+
+
+def quad_grad_y_device(z, out, A, B, C, a, b):
+    """Block oracle ``grad_y = A y + C^T x + a`` (dy threads), into out."""
+    _launch(_quad_affine_kernel, out.shape[0], z, A, B, C, a, b, 1.0, B.shape[0], out)
+
+
+def quad_hvp_yy_device(z, v, out, A, B, C, a, b):
+    """Block oracle ``H_yy v = A v``: one mat-vec (the joint product makes all of
+    ``[[B, C], [C^T, A]] (0, v)``)."""
+    _launch(_quad_block_kernel, out.shape[0], A, v, True, out)
+
+
+def quad_hvp_xy_device(z, v, out, A, B, C, a, b):
+    """Block oracle ``H_xy v = C v``: one mat-vec."""
+    _launch(_quad_block_kernel, out.shape[0], C, v, False, out)
 
 
 def quad_value_device(z, A, B, C, a, b):
@@ -118,19 +162,24 @@ def quad_value_device(z, A, B, C, a, b):
 def quadratic_device_problem(q):
     """The deterministic :class:`~mlocore.problems.quadratic.QuadraticBilevel` ``q.problem``
     as a :class:`~mlocore.cuda.DeviceBilevelProblem` (its mean matrices copied to the device
-    once: ten host -> device copies, in ``problem.transfers``)."""
-    def objective(means):
+    once: ten host -> device copies, in ``problem.transfers``), with the block oracles of
+    the CPU problem: upper ``grad_x``, ``grad_y``; lower ``grad_y``, ``hvp_yy``, ``hvp_xy``."""
+    def objective(means, **blocks):
         return DeviceObjective(quad_grad_device, hvp=quad_hvp_device, value=quad_value_device,
-                               args=tuple(means))
-    return DeviceBilevelProblem(objective(q.upper_means), objective(q.lower_means),
-                                dims=(q.dx, q.dy))
+                               args=tuple(means), **blocks)
+    return DeviceBilevelProblem(
+        objective(q.upper_means, grad_x=quad_grad_x_device, grad_y=quad_grad_y_device),
+        objective(q.lower_means, grad_y=quad_grad_y_device, hvp_yy=quad_hvp_yy_device,
+                  hvp_xy=quad_hvp_xy_device),
+        dims=(q.dx, q.dy))
 
 
 # ---------------------------------------------------------------------------------------
 # Logistic: z = (lam, w); args (X, t, work) with work a device vector of length n_samples
 # ---------------------------------------------------------------------------------------
 _GRAD, _HVP, _VALUE = 0, 1, 2          # per-sample quantity
-_NO_PENALTY, _PENALTY_GRAD, _PENALTY_HVP = 0, 1, 2
+_HVP_YY, _HVP_XY = 3, 4               # block products (direction v_y of size dy)
+_NO_PENALTY, _PENALTY_GRAD, _PENALTY_HVP, _PENALTY_HVP_YY = 0, 1, 2, 3
 
 
 @cuda.jit(device=True)
@@ -149,9 +198,10 @@ def _softplus(m):
 
 
 @cuda.jit
-def _logistic_samples_kernel(X, t, z, v, quantity, work):
+def _logistic_samples_kernel(X, t, z, v, voff, quantity, work):
     """Per sample i, with m_i = X_i . w: ``(s_i - t_i) / n`` (gradient), ``s_i (1 - s_i)
-    (X_i . v_w) / n`` (Hessian product) or ``softplus(m_i) - t_i m_i`` (value)."""
+    (X_i . v_w) / n`` (Hessian product; ``v_w = v[voff:voff + d]``) or ``softplus(m_i) -
+    t_i m_i`` (value)."""
     n, d = X.shape
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         m = 0.0
@@ -163,28 +213,30 @@ def _logistic_samples_kernel(X, t, z, v, quantity, work):
             s = _sigmoid(m)
             xv = 0.0
             for j in range(d):
-                xv += X[i, j] * v[d + j]
+                xv += X[i, j] * v[voff + j]
             work[i] = s * (1.0 - s) * xv / n
         else:
             work[i] = _softplus(m) - t[i] * m
 
 
 @cuda.jit
-def _logistic_features_kernel(X, z, v, work, penalty, out):
-    """Per entry of z = (lam, w): ``X^T work`` on the w block, plus the penalty
-    ``1/2 sum_j exp(lam_j) w_j^2``'s gradient or Hessian product (or nothing)."""
+def _logistic_features_kernel(X, z, v, work, penalty, first, out):
+    """Entries ``first .. first + len(out)`` of z = (lam, w) (all, or the w block with
+    first = d): ``X^T work`` on the w block, plus the penalty ``1/2 sum_j exp(lam_j)
+    w_j^2``'s gradient, Hessian product, H_ww product (v = v_w of size d) or nothing."""
     n, d = X.shape
-    for k in range(cuda.grid(1), 2 * d, cuda.gridsize(1)):
+    for o in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        k = first + o
         j = k % d
         e = math.exp(z[j]) if penalty != _NO_PENALTY else 0.0
         w = z[d + j]
         if k < d:
             if penalty == _PENALTY_GRAD:
-                out[k] = 0.5 * e * w * w
+                out[o] = 0.5 * e * w * w
             elif penalty == _PENALTY_HVP:
-                out[k] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
+                out[o] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
             else:
-                out[k] = 0.0
+                out[o] = 0.0
         else:
             s = 0.0
             for i in range(n):
@@ -193,12 +245,25 @@ def _logistic_features_kernel(X, z, v, work, penalty, out):
                 s += e * w
             elif penalty == _PENALTY_HVP:
                 s += e * w * v[j] + e * v[d + j]
-            out[k] = s
+            elif penalty == _PENALTY_HVP_YY:
+                s += e * v[j]
+            out[o] = s
 
 
-def _logistic_apply(z, v, out, X, t, work, quantity, penalty):
-    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, v, quantity, work)
-    _launch(_logistic_features_kernel, out.shape[0], X, z, v, work, penalty, out)
+@cuda.jit
+def _logistic_xy_kernel(z, v, d, out):
+    """``out = exp(lam) * w * v`` (H_lam,w v: diagonal, no pass over the data)."""
+    for j in range(cuda.grid(1), d, cuda.gridsize(1)):
+        out[j] = math.exp(z[j]) * z[d + j] * v[j]
+
+
+def _logistic_apply(z, v, out, X, t, work, quantity, penalty, first=0):
+    """Per-sample pass, then the entries of out (from entry ``first`` of z on); a direction
+    v of size dy (block products, ``first = d``) is read from 0, a joint one from d."""
+    d = X.shape[1]
+    voff = 0 if v.shape[0] == d else d
+    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, v, voff, quantity, work)
+    _launch(_logistic_features_kernel, out.shape[0], X, z, v, work, penalty, first, out)
 
 
 def logistic_lower_grad_device(z, out, X, t, work):
@@ -209,6 +274,32 @@ def logistic_lower_grad_device(z, out, X, t, work):
 def logistic_lower_hvp_device(z, v, out, X, t, work):
     """Hessian of the lower objective over z = (lam, w) times v (cross terms included)."""
     _logistic_apply(z, v, out, X, t, work, _HVP, _PENALTY_HVP)
+
+
+def logistic_lower_grad_y_device(z, out, X, t, work):
+    """Block oracle: the w-block of :func:`logistic_lower_grad_device` (d threads after the
+    per-sample pass)."""
+    _logistic_apply(z, z, out, X, t, work, _GRAD, _PENALTY_GRAD, X.shape[1])
+
+
+def logistic_lower_hvp_yy_device(z, v, out, X, t, work):
+    """Block oracle: ``H_ww v = X^T D X v / n + exp(lam) * v`` (v of size d)."""
+    _logistic_apply(z, v, out, X, t, work, _HVP, _PENALTY_HVP_YY, X.shape[1])
+
+
+def logistic_lower_hvp_xy_device(z, v, out, X, t, work):
+    """Block oracle: ``H_lam,w v = exp(lam) * w * v`` (one pass over d entries, no data)."""
+    _launch(_logistic_xy_kernel, out.shape[0], z, v, X.shape[1], out)
+
+
+def logistic_upper_grad_x_device(z, out, X, t, work):
+    """Block oracle: the validation loss does not depend on lam (zeros)."""
+    dl.fill(out, 0.0)
+
+
+def logistic_upper_grad_y_device(z, out, X, t, work):
+    """Block oracle: gradient of the validation log-loss over w."""
+    _logistic_apply(z, z, out, X, t, work, _GRAD, _NO_PENALTY, X.shape[1])
 
 
 def logistic_upper_grad_device(z, out, X, t, work):
@@ -222,7 +313,7 @@ def logistic_upper_hvp_device(z, v, out, X, t, work):
 
 
 def _mean_log_loss(z, X, t, work):
-    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, z, _VALUE, work)
+    _launch(_logistic_samples_kernel, X.shape[0], X, t, z, z, 0, _VALUE, work)
     return _reduce_to_host(work) / X.shape[0]
 
 
@@ -250,16 +341,22 @@ def logistic_device_problem(lh):
     """The deterministic :class:`~mlocore.problems.logistic.LogisticHyperparameter`
     ``lh.problem`` as a :class:`~mlocore.cuda.DeviceBilevelProblem` (training and validation
     data copied to the device once: four host -> device copies, in ``problem.transfers``;
-    plus one work vector per level, allocated on the device)."""
-    def objective(grad, hvp, value, X, t):
+    plus one work vector per level, allocated on the device), with the block oracles of the
+    CPU problem: upper ``grad_x``, ``grad_y``; lower ``grad_y``, ``hvp_yy``, ``hvp_xy``."""
+    def objective(grad, hvp, value, X, t, **blocks):
         return DeviceObjective(grad, hvp=hvp, value=value,
-                               args=(X, t, dl.empty(X.shape[0])))
+                               args=(X, t, dl.empty(X.shape[0])), **blocks)
     d = lh.n_features
     return DeviceBilevelProblem(
         upper=objective(logistic_upper_grad_device, logistic_upper_hvp_device,
-                        logistic_upper_value_device, lh.X_val, lh.t_val),
+                        logistic_upper_value_device, lh.X_val, lh.t_val,
+                        grad_x=logistic_upper_grad_x_device,
+                        grad_y=logistic_upper_grad_y_device),
         lower=objective(logistic_lower_grad_device, logistic_lower_hvp_device,
-                        logistic_lower_value_device, lh.X_train, lh.t_train),
+                        logistic_lower_value_device, lh.X_train, lh.t_train,
+                        grad_y=logistic_lower_grad_y_device,
+                        hvp_yy=logistic_lower_hvp_yy_device,
+                        hvp_xy=logistic_lower_hvp_xy_device),
         dims=(d, d))
 
 
@@ -269,6 +366,8 @@ def logistic_device_problem(lh):
 # and work a device vector of length m (m samples of the level), both scratch space.
 # ---------------------------------------------------------------------------------------
 __all__ += ["cleaning_lower_grad_device", "cleaning_lower_hvp_device",
+            "cleaning_lower_grad_y_device", "cleaning_lower_hvp_yy_device",
+            "cleaning_lower_hvp_xy_device",
             "cleaning_lower_value_device", "cleaning_upper_grad_device",
             "cleaning_upper_hvp_device", "cleaning_upper_value_device",
             "cleaning_device_problem", "CLEANING_MAX_CLASSES"]
@@ -290,7 +389,9 @@ def _cleaning_samples_kernel(z, v, A, t, K, off, level, quantity, C, work):
     ``C[i, :]`` gets the coefficient vector c_i whose outer product with a_i the CPU adds to
     the W block (gradient: ``s_i (p_i - e_t)``, Hessian product: ``s_i S_i u_i`` plus the
     cross term); ``work[i]`` the sample's x-block term (lower level) or value term. Upper
-    level: ``s_i = 1`` and no x-block term.
+    level: ``s_i = 1`` and no x-block term. The lower block products take a direction
+    ``v = v_W`` of size dy: ``_HVP_YY`` fills C only (``s_i S_i u_i``), ``_HVP_XY`` work
+    only (``s'_i <g_i, u_i>``).
     """
     m = A.shape[0]
     p = cuda.local.array(CLEANING_MAX_CLASSES, _float64)
@@ -310,6 +411,16 @@ def _cleaning_samples_kernel(z, v, A, t, K, off, level, quantity, C, work):
             else:
                 for k in range(K):
                     C[i, k] = p[k]
+        elif quantity == _HVP_YY or quantity == _HVP_XY:
+            _project_row_device(v, 0, A, i, K, u)
+            pu = 0.0
+            for k in range(K):
+                pu += p[k] * u[k]
+            if quantity == _HVP_XY:
+                work[i] = s * (1.0 - s) * (pu - u[ti])
+            else:
+                for k in range(K):
+                    C[i, k] = s * p[k] * (u[k] - pu)
         else:
             _project_row_device(v, off, A, i, K, u)
             pu = 0.0
@@ -330,18 +441,21 @@ def _cleaning_samples_kernel(z, v, A, t, K, off, level, quantity, C, work):
 
 
 @cuda.jit
-def _cleaning_features_kernel(A, K, off, level, vec, C, work, ridge, out):
-    """One thread per entry of z = (x, W): ``W block = (sum_i a_i c_i^T) / m`` (samples in
-    order, as the CPU) plus, on the lower level, ``ridge * vec``; x block = ``work / m``
-    (lower) or ``ridge * vec`` (upper; vec is z for the gradient, v for the product)."""
+def _cleaning_features_kernel(A, K, off, level, vec, vbase, C, work, ridge, first, out):
+    """One thread per entry ``first .. first + len(out)`` of z = (x, W) (all of them, the x
+    block or the W block): ``W block = (sum_i a_i c_i^T) / m`` (samples in order, as the
+    CPU) plus, on the lower level, ``ridge * vec``; x block = ``work / m`` (lower) or
+    ``ridge * vec`` (upper; vec is z for the gradient, v for the product; entry e of z
+    reads ``vec[e - vbase]``: vbase = off for a direction v_W of size dy)."""
     m = A.shape[0]
     scale = 1.0 / m
-    for e in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+    for o in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        e = first + o
         if e < off:
             if level == _LOWER:
-                out[e] = work[e] * scale
+                out[o] = work[e] * scale
             else:
-                out[e] = ridge * vec[e]
+                out[o] = ridge * vec[e - vbase]
         else:
             q = e - off
             j = q // K
@@ -352,21 +466,25 @@ def _cleaning_features_kernel(A, K, off, level, vec, C, work, ridge, out):
                 if a != 0.0:
                     s += a * C[i, k]
             if level == _LOWER:
-                out[e] = s * scale + ridge * vec[e]
+                out[o] = s * scale + ridge * vec[e - vbase]
             else:
-                out[e] = s * scale
+                out[o] = s * scale
 
 
 def _cleaning_offset(z, A, n_classes):
     return z.shape[0] - A.shape[1] * n_classes
 
 
-def _cleaning_apply(z, v, out, A, t, n_classes, ridge, C, work, level, quantity):
+def _cleaning_apply(z, v, out, A, t, n_classes, ridge, C, work, level, quantity, first=0):
+    """Per-sample pass, then the entries of out from entry ``first`` of z on (0: all; off:
+    the W block); block products take a direction of size dy."""
     off = _cleaning_offset(z, A, n_classes)
     _launch(_cleaning_samples_kernel, A.shape[0], z, v, A, t, n_classes, off, level,
             quantity, C, work)
+    block = quantity in (_HVP_YY, _HVP_XY)
     _launch(_cleaning_features_kernel, out.shape[0], A, n_classes, off, level,
-            z if quantity == _GRAD else v, C, work, float(ridge), out)
+            z if quantity == _GRAD else v, off if block else 0, C, work, float(ridge),
+            first, out)
 
 
 def cleaning_lower_grad_device(z, out, A, t, n_classes, reg, C, work):
@@ -378,6 +496,25 @@ def cleaning_lower_grad_device(z, out, A, t, n_classes, reg, C, work):
 def cleaning_lower_hvp_device(z, v, out, A, t, n_classes, reg, C, work):
     """Hessian of the lower data-cleaning objective over z times v (all blocks)."""
     _cleaning_apply(z, v, out, A, t, n_classes, reg, C, work, _LOWER, _HVP)
+
+
+def cleaning_lower_grad_y_device(z, out, A, t, n_classes, reg, C, work):
+    """Block oracle: the W-block of :func:`cleaning_lower_grad_device` (no x-block pass)."""
+    _cleaning_apply(z, z, out, A, t, n_classes, reg, C, work, _LOWER, _GRAD,
+                    _cleaning_offset(z, A, n_classes))
+
+
+def cleaning_lower_hvp_yy_device(z, v, out, A, t, n_classes, reg, C, work):
+    """Block oracle: ``H_WW v = sum_i s_i (a_i a_i^T kron S_i) v / m + reg v`` (v of size
+    d K; no cross terms, no x-block pass)."""
+    _cleaning_apply(z, v, out, A, t, n_classes, reg, C, work, _LOWER, _HVP_YY,
+                    _cleaning_offset(z, A, n_classes))
+
+
+def cleaning_lower_hvp_xy_device(z, v, out, A, t, n_classes, reg, C, work):
+    """Block oracle: ``(H_xW v)_i = s'_i <g_i, V^T a_i> / m`` (one thread per sample, then
+    the x block only: no pass over the W block)."""
+    _cleaning_apply(z, v, out, A, t, n_classes, reg, C, work, _LOWER, _HVP_XY)
 
 
 def cleaning_upper_grad_device(z, out, A, t, n_classes, upper_reg, C, work):
@@ -425,7 +562,8 @@ def cleaning_device_problem(dc):
     integers in the kernels); each level also gets its scratch space (an ``(m, K)`` matrix
     and a length-m vector, m its number of samples), allocated on the device. The callbacks
     reproduce the CPU ones over all samples, in the same order of operations per entry
-    (values: the sample sum is a tree reduction).
+    (values: the sample sum is a tree reduction). The lower objective has the CPU problem's
+    block oracles (``grad_y``, ``hvp_yy``, ``hvp_xy``).
 
     Raises
     ------
@@ -438,14 +576,17 @@ def cleaning_device_problem(dc):
         raise ValueError(f"cleaning_device_problem supports at most {CLEANING_MAX_CLASSES} "
                          f"classes (per-thread arrays of fixed size), got n_classes={K}")
 
-    def objective(grad, hvp, value, A, t, ridge):
+    def objective(grad, hvp, value, A, t, ridge, **blocks):
         m = A.shape[0]
         C = cuda.device_array((m, K), dtype=_np.float64)
         return DeviceObjective(grad, hvp=hvp, value=value,
-                               args=(A, t, K, float(ridge), C, dl.empty(m)))
+                               args=(A, t, K, float(ridge), C, dl.empty(m)), **blocks)
     return DeviceBilevelProblem(
         upper=objective(cleaning_upper_grad_device, cleaning_upper_hvp_device,
                         cleaning_upper_value_device, dc.A_val, dc.t_val, dc.upper_reg),
         lower=objective(cleaning_lower_grad_device, cleaning_lower_hvp_device,
-                        cleaning_lower_value_device, dc.A_train, dc.t_train, dc.reg),
+                        cleaning_lower_value_device, dc.A_train, dc.t_train, dc.reg,
+                        grad_y=cleaning_lower_grad_y_device,
+                        hvp_yy=cleaning_lower_hvp_yy_device,
+                        hvp_xy=cleaning_lower_hvp_xy_device),
         dims=(dc.dx, dc.dy))

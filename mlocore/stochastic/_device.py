@@ -34,6 +34,10 @@ steps, status codes and result fields. What differs is where things live:
   therefore detected at checkpoints, not at the iteration where it happens.
 
 Every host <-> device copy is counted in ``res.transfers``.
+
+The stochastic device methods call the joint callbacks only: block oracles of a
+:class:`~mlocore.cuda.DeviceObjective` (``grad_y``, ``hvp_yy``, ...) are checked once, like
+the joint ones, and otherwise not used here.
 """
 from __future__ import annotations
 
@@ -734,7 +738,7 @@ class DeviceRun:
             for obj, role in ((problem.upper, "upper"), (problem.lower, "lower")):
                 if obj.n_samples is None:
                     _cproblem.DeviceOracle(obj, role, np.zeros(N_COUNTERS, dtype=np.int64),
-                                           counter, n).check_at(z)
+                                           counter, n, dx).check_at(z, dx)
                 else:
                     _check_sampled(obj, role, z, counter)
             problem._sample_checked = True
