@@ -266,11 +266,13 @@ class _Backtracking:
         return None
 
     def _approx_wolfe(self, x, fun, decrease, x_try, f_try):
-        """The approximate Wolfe test of Hager & Zhang (2005) where F changed by less than
-        its accuracy: ``F(x_t) <= F(x) + eps |F(x)|`` and the slope at x_t,
+        """The approximate Wolfe test of Hager & Zhang (2005) where the predicted decrease
+        is below the accuracy of F (``-grad^T (x_t - x) <= eps |F(x)|``, eps = 1e-6):
+        ``F(x_t) <= F(x) + eps |F(x)|`` and the slope at x_t,
         ``grad(x_t)^T (x_t - x)``, at most ``(1 - 2 delta)`` times ``-grad(x)^T (x_t - x)``
         (delta = 0.1): it needs the hypergradient at x_t, which the next iteration reuses."""
-        if not np.isfinite(f_try) or f_try > fun + _HZ_EPS * abs(fun):
+        if not np.isfinite(f_try) or f_try > fun + _HZ_EPS * abs(fun) or \
+                -decrease > _HZ_EPS * abs(fun):  # a decrease F could resolve: Armijo decides
             return False
         g_try, gstatus, _, _ = self.direction(x_try)
         if gstatus not in (0, _low.MAXITER) or not np.all(np.isfinite(g_try)):
