@@ -184,7 +184,8 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
                      T=100, K=None, inner_step=None, outer="lbfgs", backend=None,
                      output="numpy"):
-    """Minimize ``F(x) = f(x, y*(x))`` by projected (hyper)gradient steps.
+    """Minimize ``F(x) = f(x, y*(x))`` by a projected outer loop on the hypergradient
+    (L-BFGS by default, see ``outer``).
 
     Parameters
     ----------
