@@ -2,10 +2,11 @@
 
 :func:`descent_loop` steps on the hypergradient with one of :data:`OUTER_METHODS`: projected
 L-BFGS (the default), projected gradient with Barzilai-Borwein trial steps, or projected
-gradient with Armijo steps, each with a backtracking Armijo search on F; the CPU drivers (:mod:`mlocore._minimize`) and the
-CUDA drivers (:mod:`mlocore.cuda._minimize`, :mod:`mlocore.cuda._drivers`) supply only the
-hypergradient and F of their backend. :class:`HyperObjectiveBase` is the common part of
-:class:`mlocore.HyperObjective` on both backends.
+gradient with Armijo steps, each with a backtracking Armijo search on F; the CPU drivers
+(:mod:`mlocore._minimize`) and the CUDA drivers (:mod:`mlocore.cuda._minimize`,
+:mod:`mlocore.cuda._drivers`) supply only the hypergradient and F of their backend.
+:class:`HyperObjectiveBase` is the common part of :class:`mlocore.HyperObjective` on both
+backends.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from ._results import counts_dict, status_message
 from ._options import LowerOptions, default_linear_maxiter
 from ._validation import check_choice, check_int, check_positive
 
-__all__ = ["BILEVEL_METHODS", "OUTER_METHODS", "descent_loop", "descent_options", "multilevel_descent_options",
-           "driver_closures", "multilevel_descent", "HyperObjectiveBase"]
+__all__ = ["BILEVEL_METHODS", "OUTER_METHODS", "check_outer", "descent_loop",
+           "descent_options", "multilevel_descent_options", "driver_closures",
+           "multilevel_descent", "HyperObjectiveBase"]
 
 #: deterministic bilevel methods of :func:`mlocore.minimize_bilevel`
 BILEVEL_METHODS = ("aid", "itd", "alternating")

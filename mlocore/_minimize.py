@@ -208,9 +208,11 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         hypergradient (two-loop recursion, memory 10; Nocedal & Wright 2006, Algorithm
         7.4), the variables that the projection moves taking scaled gradient steps
         (two-metric projection, Bertsekas 1982); for "aid" the lower and linear tolerances
-        start loose and tighten as the projected gradient shrinks (never below
-        ``lower_tol``, ``lin_tol``). "bb": projected gradient with Barzilai-Borwein trial
-        steps. "gd": projected gradient with Armijo steps.
+        follow the projected-gradient norm pg: loose far from a stationary point, and
+        ``0.01 pg`` near the end, below ``lower_tol`` and ``lin_tol`` where pg is that
+        small (floors 1e-13 and 1e-14), so that the hypergradient stays accurate to the
+        stopping test. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
+        projected gradient with Armijo steps. Both keep the inner tolerances fixed.
     maxiter : int
         Upper iterations.
     tol : float

@@ -118,10 +118,10 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     :class:`~mlocore.cuda._multilevel.DeviceUnrolledEngine`).
 
     The CPU's loop (:func:`mlocore._descent.descent_loop`: fixed steps, or the steps of
-    ``outer``, L-BFGS by default, with an Armijo search on F) with x_1 on the host; the joint vector of all
-    levels stays on the device, the levels n..2 re-solved warm-started from the previous
-    iteration's (or accepted trial's) solution, as on the CPU. Same iterations and iterates
-    as the CPU to rounding.
+    ``outer``, L-BFGS by default, with an Armijo search on F) with x_1 on the host; the
+    joint vector of all levels stays on the device, the levels n..2 re-solved warm-started
+    from the previous iteration's (or accepted trial's) solution, as on the CPU. Same
+    iterations and iterates as the CPU to rounding.
 
     Parameters
     ----------
