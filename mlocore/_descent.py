@@ -1,15 +1,18 @@
 """The outer loop of the deterministic drivers, shared by both backends.
 
-:func:`descent_loop` is projected (hyper)gradient descent with Barzilai-Borwein trial steps
-and an Armijo backtracking search on F; the CPU drivers (:mod:`mlocore._minimize`) and the
-CUDA drivers (:mod:`mlocore.cuda._minimize`, :mod:`mlocore.cuda._drivers`) supply only the
-hypergradient and F of their backend. :class:`HyperObjectiveBase` is the common part of
-:class:`mlocore.HyperObjective` on both backends.
+:func:`descent_loop` steps on the hypergradient with one of :data:`OUTER_METHODS`: projected
+L-BFGS (the default), projected gradient with Barzilai-Borwein trial steps, or projected
+gradient with Armijo steps, each with a backtracking Armijo search on F; the CPU drivers
+(:mod:`mlocore._minimize`) and the CUDA drivers (:mod:`mlocore.cuda._minimize`,
+:mod:`mlocore.cuda._drivers`) supply only the hypergradient and F of their backend.
+:class:`HyperObjectiveBase` is the common part of :class:`mlocore.HyperObjective` on both
+backends.
 """
 from __future__ import annotations
 
 import time
 from abc import ABCMeta
+from collections import deque
 
 import numpy as np
 from scipy.optimize import OptimizeResult
@@ -21,19 +24,64 @@ from ._results import counts_dict, status_message
 from ._options import LowerOptions, default_linear_maxiter
 from ._validation import check_choice, check_int, check_positive
 
-__all__ = ["BILEVEL_METHODS", "descent_loop", "descent_options", "multilevel_descent_options",
-           "driver_closures", "multilevel_descent", "HyperObjectiveBase"]
+__all__ = ["BILEVEL_METHODS", "OUTER_METHODS", "check_outer", "descent_loop",
+           "descent_options", "multilevel_descent_options", "driver_closures",
+           "multilevel_descent", "HyperObjectiveBase"]
 
 #: deterministic bilevel methods of :func:`mlocore.minimize_bilevel`
 BILEVEL_METHODS = ("aid", "itd", "alternating")
+#: outer loops of :func:`descent_loop` (``outer=``), the default first
+OUTER_METHODS = ("lbfgs", "bb", "gd")
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
+_LBFGS_MEMORY = 10
+_HZ_EPS = 1e-6
+_HZ_DELTA = 0.1
+#: inner tolerances of "aid" under L-BFGS, from the projected-gradient norm pg: the lower
+#: solve's ``min(max(lower_tol, min(_FORCING_MAX, _FORCING pg^2)), _FORCING pg)`` (loose far
+#: from a stationary point, where its error in F only has to stay below the decrease the
+#: line search asks for), the linear solve's (relative) ``min(_FORCING_MAX, _FORCING pg)``:
+#: both below ``_FORCING pg`` near the end, so that the hypergradient's error stays below
+#: the projected gradient that the stopping test measures; never below the floors
+_FORCING = 1e-2
+_FORCING_MAX = 1e-4
+_LOWER_FLOOR = 1e-13
+_LIN_FLOOR = 1e-14
+
+
+def check_outer(outer):
+    """Validate ``outer`` (one of :data:`OUTER_METHODS`)."""
+    return check_choice("outer", outer, OUTER_METHODS)
+
+
+class InnerTolerances:
+    """Inner tolerances of a bilevel "aid" driver (CPU or CUDA: ``drv.lower``, a
+    :class:`LowerOptions`, and ``drv.tol_lin``) that follow the projected hypergradient:
+    loose far from a stationary point, then tighter as it shrinks (see ``_FORCING``)."""
+
+    def __init__(self, drv):
+        self.drv = drv
+        self.base = (drv.lower, drv.tol_lin)
+
+    def __call__(self, pg_norm):
+        lower, _ = self.base
+        ltol = min(max(lower.tol, min(_FORCING_MAX, _FORCING * pg_norm ** 2)),
+                   _FORCING * pg_norm)
+        self.drv.lower = lower._replace(tol=max(ltol, _LOWER_FLOOR))
+        self.drv.tol_lin = max(min(_FORCING_MAX, _FORCING * pg_norm), _LIN_FLOOR)
+
+    def tighten(self):
+        """Back to the user's tolerances; True if the current ones were looser."""
+        looser = self.drv.lower.tol > self.base[0].tol or self.drv.tol_lin > self.base[1]
+        self.drv.lower, self.drv.tol_lin = self.base
+        return looser
 
 
 def driver_closures(drv, method):
     """:func:`descent_loop`'s ``F_eval``, ``commit`` and ``direction`` for a bilevel driver
     (CPU or CUDA) with ``F(x, y) -> (f, y_new, lower_status)``, ``direction(method, x)`` and
-    the warm lower iterate ``y``, which an accepted step replaces."""
+    the warm lower iterate ``y``, which an accepted step replaces. ``inner`` (for "aid",
+    else None) is the :class:`InnerTolerances` of the driver."""
     def F_eval(x_new):
         f, y_new, lstatus = drv.F(x_new, drv.y)
         ok = lstatus in (_low.OK, _low.MAXITER)
@@ -45,13 +93,14 @@ def driver_closures(drv, method):
     def direction(x_now):
         return drv.direction(method, x_now)
 
-    return F_eval, commit, direction
+    return F_eval, commit, direction, (InnerTolerances(drv) if method == "aid" else None)
 
 
 def descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lin_maxiter, T, K,
-                    inner_step):
+                    inner_step, outer="lbfgs"):
     """Validate the options of the deterministic bilevel descent (CPU and CUDA drivers);
-    returns ``(maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step)``."""
+    returns ``(maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step, outer)``."""
+    check_outer(outer)
     maxiter = check_int("maxiter", maxiter, 0)
     tol = check_positive("tol", tol, allow_zero=True)
     if step is not None:
@@ -69,13 +118,14 @@ def descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lin_maxit
     if K > T:
         raise ValueError(f"K must be <= T = {T}, got K={K}")
     inner_step = -1.0 if inner_step is None else check_positive("inner_step", inner_step)
-    return maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step
+    return maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step, outer
 
 
 def multilevel_descent_options(problem, *, maxiter, tol, step, callback, lin_tol, lower_tol,
-                               lower_maxiter):
+                               lower_maxiter, outer="lbfgs"):
     """Validate the options of the multilevel descent (CPU and CUDA drivers); returns
-    ``(maxiter, tol, step, lin_tol, lower_tol, lower_maxiter)``."""
+    ``(maxiter, tol, step, lin_tol, lower_tol, lower_maxiter, outer)``."""
+    check_outer(outer)
     maxiter = check_int("maxiter", maxiter, 0)
     tol = check_positive("tol", tol, allow_zero=True)
     if step is not None:
@@ -88,20 +138,24 @@ def multilevel_descent_options(problem, *, maxiter, tol, step, callback, lin_tol
     lin_tol = check_positive("lin_tol", lin_tol, allow_zero=True)
     lower_tol = check_positive("lower_tol", lower_tol, allow_zero=True)
     lower_maxiter = check_int("lower_maxiter", lower_maxiter, 0)
-    return maxiter, tol, step, lin_tol, lower_tol, lower_maxiter
+    return maxiter, tol, step, lin_tol, lower_tol, lower_maxiter, outer
 
 
 def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, callback,
-                 extra, calls=None):
-    """Projected (hyper)gradient descent shared by the bilevel and multilevel drivers.
+                 extra, calls=None, outer="bb", inner=None):
+    """The outer loop shared by the bilevel and multilevel drivers (both backends).
 
     ``direction(x) -> (grad, status, detail, F or nan)`` updates the caller's warm starts;
     ``F_eval(x) -> (F, state, status, detail)`` evaluates F exactly (lower levels solved) and
-    ``commit(state)`` keeps the state of an accepted trial point. ``step=None``: Barzilai-
-    Borwein trial steps with an Armijo backtracking search on F (accepting changes within
-    round-off of F); otherwise fixed steps. Stops when ``|x - P(x - grad)| <= tol``.
-    ``calls()``, if given, returns the cumulative oracle count recorded in the history.
-    Returns ``(x, fun, grad, nit, status, detail, history)``.
+    ``commit(state)`` keeps the state of an accepted trial point. With a fixed ``step``:
+    projected gradient steps. Otherwise ``outer`` picks the steps, all with a backtracking
+    Armijo search on F along the projection arc (accepting changes within round-off of F):
+    "lbfgs" (projected L-BFGS, see :class:`_LBFGS`), "bb" (Barzilai-Borwein trial steps) or
+    "gd" (trial steps from the last accepted one). ``inner(pg_norm)``, if given, sets the
+    caller's inner tolerances from the projected-gradient norm (``inner.tighten()`` restores
+    the tight ones, and a failed line search retries with them). Stops when
+    ``|x - P(x - grad)| <= tol``. ``calls()``, if given, returns the cumulative oracle count
+    recorded in the history. Returns ``(x, fun, grad, nit, status, detail, history)``.
     """
     history = {"fun": [], "grad_norm": [], "time": []}
     if calls is not None:
@@ -113,11 +167,23 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         if fstatus != 0:
             return x, fun, None, 0, fstatus, "At x0: " + detail, _arrays(history)
         commit(state)
-    trial = 1.0 if step is None else step
-    prev = None
+    cache = {}
+
+    def cached_direction(x_now):
+        """direction(x), computed once per point (the line search of "lbfgs" may have)."""
+        key = x_now.tobytes()
+        if key not in cache:
+            cache.clear()
+            cache[key] = direction(x_now)
+        return cache[key]
+
+    stepper = None if step is not None else _STEPPERS[outer](project, F_eval,
+                                                              cached_direction)
+    if outer != "lbfgs":
+        inner = None
     status, detail, grad, nit = 10, "", None, 0
     for it in range(maxiter + 1):
-        grad, gstatus, gmsg, fun_here = direction(x)
+        grad, gstatus, gmsg, fun_here = cached_direction(x)
         if step is not None:
             fun = fun_here
         if gstatus != 0 and (gstatus != _low.MAXITER or not np.all(np.isfinite(grad))):
@@ -142,22 +208,22 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         if step is not None:
             x = project(x - step * grad)
         else:
-            if prev is not None:  # Barzilai-Borwein trial step from the last two iterates
-                s_k, g_k = x - prev[0], grad - prev[1]
-                sy = s_k @ g_k
-                trial = (s_k @ s_k) / sy if sy > 0 else 2.0 * trial
-            prev = (x.copy(), grad.copy())
-            accepted = False
-            slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
-            for _ in range(_MAX_BACKTRACK):
-                x_try = project(x - trial * grad)
-                f_try, state, fstatus, _ = F_eval(x_try)
-                if fstatus == 0 and np.isfinite(f_try) and \
-                        f_try <= fun + _ARMIJO * (grad @ (x_try - x)) + slack:
-                    accepted = True
-                    break
-                trial *= 0.5
-            if not accepted:
+            if inner is not None:
+                inner(pg_norm)
+            x_try, f_try, state = stepper(x, fun, grad)
+            if x_try is None:
+                if inner is not None and inner.tighten():
+                    # retry from x with the tight inner tolerances: F and the
+                    # hypergradient there again, and a fresh quasi-Newton memory
+                    fun, state, fstatus, detail = F_eval(x)
+                    if fstatus != 0:
+                        status = fstatus
+                        break
+                    commit(state)
+                    stepper.reset()
+                    cache.clear()
+                    inner = None
+                    continue
                 status = 11
                 break
             x, fun = x_try, f_try
@@ -166,7 +232,173 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         if not np.all(np.isfinite(x)):
             status = 12
             break
+    if inner is not None:
+        inner.tighten()
     return x, fun, grad, nit, status, detail, _arrays(history)
+
+
+class _Backtracking:
+    """Armijo backtracking on F along ``P(x + t d)``: ``try_arc(x, fun, grad, d, t)`` halves
+    t until ``F(x_t) <= F(x) + c grad^T (x_t - x)`` (up to the round-off of F), and returns
+    ``(x_t, F(x_t), state, t)`` or None. ``descent`` skips trial points with
+    ``grad^T (x_t - x) > 0`` without evaluating F (an arc that is not a descent arc)."""
+
+    descent = False
+
+    def __init__(self, project, F_eval, direction=None):
+        self.project, self.F_eval, self.direction = project, F_eval, direction
+
+    def reset(self):
+        pass
+
+    def try_arc(self, x, fun, grad, d, t):
+        slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
+        for _ in range(_MAX_BACKTRACK):
+            x_try = self.project(x + t * d)
+            decrease = grad @ (x_try - x)
+            if decrease <= 0 or not self.descent:
+                f_try, state, fstatus, _ = self.F_eval(x_try)
+                if fstatus == 0 and np.isfinite(f_try) and \
+                        f_try <= fun + _ARMIJO * decrease + slack:
+                    return x_try, f_try, state, t
+                if self.descent and fstatus == 0 and self._approx_wolfe(
+                        x, fun, decrease, x_try, f_try):
+                    return x_try, f_try, state, t
+            t *= 0.5
+        return None
+
+    def _approx_wolfe(self, x, fun, decrease, x_try, f_try):
+        """The approximate Wolfe test of Hager & Zhang (2005) where the predicted decrease
+        is below the accuracy of F (``-grad^T (x_t - x) <= eps |F(x)|``, eps = 1e-6):
+        ``F(x_t) <= F(x) + eps |F(x)|`` and the slope at x_t,
+        ``grad(x_t)^T (x_t - x)``, at most ``(1 - 2 delta)`` times ``-grad(x)^T (x_t - x)``
+        (delta = 0.1): it needs the hypergradient at x_t, which the next iteration reuses."""
+        if not np.isfinite(f_try) or f_try > fun + _HZ_EPS * abs(fun) or \
+                -decrease > _HZ_EPS * abs(fun):  # a decrease F could resolve: Armijo decides
+            return False
+        g_try, gstatus, _, _ = self.direction(x_try)
+        if gstatus not in (0, _low.MAXITER) or not np.all(np.isfinite(g_try)):
+            return False
+        return g_try @ (x_try - x) <= -(1.0 - 2.0 * _HZ_DELTA) * decrease
+
+
+class _BB(_Backtracking):
+    """Projected gradient with Barzilai-Borwein trial steps ``s^T s / s^T y`` (the first
+    trial 1, doubled after non-positive curvature)."""
+
+    def reset(self):
+        self.trial, self.prev = 1.0, None
+
+    def __init__(self, project, F_eval, direction=None):
+        super().__init__(project, F_eval, direction)
+        self.reset()
+
+    def __call__(self, x, fun, grad):
+        if self.prev is not None:  # Barzilai-Borwein trial step from the last two iterates
+            s_k, g_k = x - self.prev[0], grad - self.prev[1]
+            sy = s_k @ g_k
+            self.trial = (s_k @ s_k) / sy if sy > 0 else 2.0 * self.trial
+        self.prev = (x.copy(), grad.copy())
+        out = self.try_arc(x, fun, grad, -grad, self.trial)
+        if out is None:
+            return None, None, None
+        self.trial = out[3]
+        return out[:3]
+
+
+class _GD(_BB):
+    """Projected gradient with Armijo steps: each search starts from twice the last
+    accepted step (the first trial 1)."""
+
+    def __call__(self, x, fun, grad):
+        out = self.try_arc(x, fun, grad, -grad, self.trial)
+        if out is None:
+            return None, None, None
+        self.trial = 2.0 * out[3]
+        return out[:3]
+
+
+class _LBFGS(_Backtracking):
+    """Projected L-BFGS (Nocedal & Wright 2006, Algorithm 7.4, the two-loop recursion, with
+    memory m = 10) in the two-metric form of Bertsekas (1982): the variables whose gradient
+    step the projection moves (``P(x - g)_i != x_i - g_i``, an epsilon-active set) take
+    scaled gradient steps ``-gamma g_i``, the free ones the L-BFGS direction of the free
+    components; then an Armijo search on F along ``P(x + t d)`` from t = 1, which also
+    accepts the approximate Wolfe points of Hager & Zhang (2005) where the change of F is
+    below its accuracy (the inexact lower solves make F noisy there). Curvature pairs
+    with ``s^T y <= eps |s| |y|`` (on the free components) are skipped; a failed search
+    retries once along ``-gamma g`` with the memory cleared.
+    """
+
+    descent = True
+
+    def __init__(self, project, F_eval, direction, memory=_LBFGS_MEMORY):
+        super().__init__(project, F_eval, direction)
+        self.memory = memory
+        self.reset()
+
+    def reset(self):
+        self.S, self.Y = deque(maxlen=self.memory), deque(maxlen=self.memory)
+        self.prev = None
+
+    def _direction(self, grad, free, gamma):
+        """The two-loop recursion on the free components (None without a usable pair) and
+        its scaling ``s^T y / y^T y`` of the newest usable pair (``gamma`` without one)."""
+        q = np.where(free, grad, 0.0)
+        pairs, scale = [], None
+        for s, y in zip(reversed(self.S), reversed(self.Y)):  # newest first
+            s, y = np.where(free, s, 0.0), np.where(free, y, 0.0)
+            if not _curvature(s, y):
+                continue
+            sy = s @ y
+            if scale is None:
+                scale = sy / (y @ y)
+            rho = 1.0 / sy
+            alpha = rho * (s @ q)
+            q -= alpha * y
+            pairs.append((s, y, rho, alpha))
+        if scale is None:
+            return None, gamma
+        r = scale * q
+        for s, y, rho, alpha in reversed(pairs):  # oldest first
+            r += (alpha - rho * (y @ r)) * s
+        return -r, scale
+
+    def __call__(self, x, fun, grad):
+        if self.prev is not None:
+            self.S.append(x - self.prev[0])
+            self.Y.append(grad - self.prev[1])
+        self.prev = (x.copy(), grad.copy())
+        # scaling of the gradient steps: the newest usable pair on all components (a
+        # Barzilai-Borwein step), else a first step of length at most 1
+        gamma = min(1.0, 1.0 / max(np.linalg.norm(grad), np.finfo(float).tiny))
+        for s, y in zip(reversed(self.S), reversed(self.Y)):
+            if _curvature(s, y):
+                gamma = (s @ y) / (y @ y)
+                break
+        free = self.project(x - grad) == x - grad
+        d, scale = self._direction(grad, free, gamma)
+        if d is not None:
+            d = np.where(free, d, -scale * grad)
+            if grad @ d < 0:
+                out = self.try_arc(x, fun, grad, d, 1.0)
+                if out is not None:
+                    return out[:3]
+            self.reset()  # the quasi-Newton step failed: a gradient step, fresh memory
+            self.prev = (x.copy(), grad.copy())
+        out = self.try_arc(x, fun, grad, -gamma * grad, 1.0)
+        if out is None:
+            return None, None, None
+        return out[:3]
+
+
+def _curvature(s, y):
+    """Whether the pair (s, y) has enough positive curvature for a quasi-Newton update."""
+    sy = s @ y
+    return sy > 0 and sy > np.finfo(float).eps * np.linalg.norm(s) * np.linalg.norm(y)
+
+
+_STEPPERS = {"lbfgs": _LBFGS, "bb": _BB, "gd": _GD}
 
 
 def _arrays(history):
@@ -179,11 +411,13 @@ def _record(history, fun, pg_norm, t0):
     history["time"].append(time.perf_counter() - t0)
 
 
-def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_step):
+def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_step,
+                       outer="lbfgs"):
     """The multilevel gradient method (Gu & Chen 2024, Algorithm 1) on either backend.
 
     Each iteration re-solves levels n..2 for the current x_1, warm-started from the last
-    accepted solution, and steps on x_1 with :func:`descent_loop`; ``method="itd"`` steps on
+    accepted solution, and steps on x_1 with :func:`descent_loop` (``outer``);
+    ``method="itd"`` steps on
     the unrolled approximation of F instead (Sato et al. 2021), its inner steps fixed at the
     first call (power iteration there unless ``inner_step`` is given) so that F~ stays one
     function during the run. ``run`` supplies the backend: ``run.eng`` (the n-level engine:
@@ -243,7 +477,7 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
 
     x1, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, x1, direction, F_eval, commit, step, maxiter, tol, callback, extra,
-        calls=run.calls)
+        calls=run.calls, outer=outer)
     if status != 0 or step is not None:
         fun, zz, _, _ = F_eval(x1)  # F at the returned x_1
         if zz is not None:

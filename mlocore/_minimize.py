@@ -182,8 +182,10 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
 def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
                      callback=None, lower_method="newton-cg", lower_tol=1e-10,
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
-                     T=100, K=None, inner_step=None, backend=None, output="numpy"):
-    """Minimize ``F(x) = f(x, y*(x))`` by projected (hyper)gradient steps.
+                     T=100, K=None, inner_step=None, outer="lbfgs", backend=None,
+                     output="numpy"):
+    """Minimize ``F(x) = f(x, y*(x))`` by a projected outer loop on the hypergradient
+    (L-BFGS by default, see ``outer``).
 
     Parameters
     ----------
@@ -198,9 +200,19 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         from the previous y_T. "alternating": T inner gradient steps, then a step along
         ``grad_x f`` only (ignores the implicit term; the baseline).
     step : float, optional
-        Fixed upper step. Default: Barzilai-Borwein trial steps with a backtracking (Armijo)
-        line search on F, which needs ``upper.value`` (each trial solves the lower level,
-        warm-started).
+        Fixed upper step (projected gradient steps, whatever ``outer``). Default: the steps
+        of ``outer`` with a backtracking (Armijo) line search on F, which needs
+        ``upper.value`` (each trial solves the lower level, warm-started).
+    outer : {"lbfgs", "bb", "gd"}
+        Outer loop when ``step`` is None. "lbfgs" (default): projected L-BFGS on the
+        hypergradient (two-loop recursion, memory 10; Nocedal & Wright 2006, Algorithm
+        7.4), the variables that the projection moves taking scaled gradient steps
+        (two-metric projection, Bertsekas 1982); for "aid" the lower and linear tolerances
+        follow the projected-gradient norm pg: loose far from a stationary point, and
+        ``0.01 pg`` near the end, below ``lower_tol`` and ``lin_tol`` where pg is that
+        small (floors 1e-13 and 1e-14), so that the hypergradient stays accurate to the
+        stopping test. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
+        projected gradient with Armijo steps. Both keep the inner tolerances fixed.
     maxiter : int
         Upper iterations.
     tol : float
@@ -230,24 +242,25 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
                               callback=callback, lower_method=lower_method,
                               lower_tol=lower_tol, lower_maxiter=lower_maxiter,
                               lower_step=lower_step, lin_tol=lin_tol, lin_maxiter=lin_maxiter,
-                              T=T, K=K, inner_step=inner_step, backend=backend,
-                              output=output)
+                              T=T, K=K, inner_step=inner_step, outer=outer,
+                              backend=backend, output=output)
     check_cpu_output(output)
     _check_problem(problem)
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))
     y = as_vector("y0", y0, problem.dy)
-    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step = descent_options(
+    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step, outer = descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
-        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step)
+        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step, outer=outer)
     lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
 
     drv = _Driver(problem, x, y, lower, lin_tol, lin_maxiter, T, K, inner_step)
-    F_eval, commit, direction = driver_closures(drv, method)
+    F_eval, commit, direction, inner = driver_closures(drv, method)
 
     x, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback,
-        lambda: {"y": drv.y.copy()}, calls=lambda: int(drv.counts.sum()))
+        lambda: {"y": drv.y.copy()}, calls=lambda: int(drv.counts.sum()), outer=outer,
+        inner=inner)
     if problem.upper.value is not None and (step is not None or status != 0):
         fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
     return OptimizeResult(
@@ -258,7 +271,8 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
                         callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
-                        T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
+                        T=50, inner_step=None, fd_step=None, outer="lbfgs", backend=None,
+                        output="numpy"):
     """The multilevel gradient method of Gu & Chen (2024), Algorithm 1 and Theorem 4.1.
 
     Repeat: solve levels n..2 for the current x_1 (warm-started from the previous solution),
@@ -275,8 +289,11 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         per-level sequences), warm-started from the previous outer iteration, and steps on
         the unrolled approximation of F.
     step : float, optional
-        Fixed step alpha (Theorem 4.1 needs ``alpha (1 - L alpha / 2) > 0``). Default:
-        Barzilai-Borwein steps with an Armijo search on F (needs level 1's value callback).
+        Fixed step alpha (Theorem 4.1 needs ``alpha (1 - L alpha / 2) > 0``). Default: the
+        steps of ``outer`` with an Armijo search on F (needs level 1's value callback).
+    outer : {"lbfgs", "bb", "gd"}
+        As :func:`minimize_bilevel`: projected L-BFGS on the hypergradient (default;
+        Nocedal & Wright 2006, Algorithm 7.4), Barzilai-Borwein or Armijo gradient steps.
     maxiter, tol, callback
         As :func:`minimize_bilevel`.
     lin_tol, lower_tol, lower_maxiter, fd_step
@@ -295,15 +312,16 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         return _minimize_multilevel_cuda(
             problem, x0s, method, step=step, maxiter=maxiter, tol=tol, callback=callback,
             lin_tol=lin_tol, lower_tol=lower_tol, lower_maxiter=lower_maxiter, T=T,
-            inner_step=inner_step, fd_step=fd_step, backend=backend, output=output)
+            inner_step=inner_step, fd_step=fd_step, outer=outer, backend=backend,
+            output=output)
     check_cpu_output(output)
     if not isinstance(problem, MultilevelProblem):
         raise TypeError(f"problem must be an mlocore.MultilevelProblem, got "
                         f"{type(problem).__name__}")
     check_choice("method", method, MULTILEVEL_MODES + ("itd",))
-    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(
+    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter, outer = multilevel_descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
-        lower_tol=lower_tol, lower_maxiter=lower_maxiter)
+        lower_tol=lower_tol, lower_maxiter=lower_maxiter, outer=outer)
     z = as_joint(problem, x0s, "x0s")
     d1 = problem.dims[0]
     z[:d1] = problem.project(z[:d1])
@@ -314,7 +332,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         problem._checked = True
     run = _CpuMultilevelRun(problem, eng, T, fd_step)
     x1, fun, grad, nit, status, detail, history, zz = multilevel_descent(
-        run, z, z[:d1].copy(), method, step, maxiter, tol, callback, inner_step)
+        run, z, z[:d1].copy(), method, step, maxiter, tol, callback, inner_step, outer)
     calls = eng.counts + run.unrolled_counts
     return OptimizeResult(
         x=x1, xs=[zz[problem.block(k)].copy() for k in range(1, problem.n + 1)], z=zz,

@@ -3,7 +3,7 @@
 :func:`mlocore.minimize_multilevel`.
 
 Both keep the upper iterate on the host (it is small: scipy, or the CPU's
-:func:`mlocore._minimize.descent_loop`, drives it) and everything else on the device: the
+:func:`mlocore._descent.descent_loop`, drives it) and everything else on the device: the
 lower solution and adjoint of a bilevel problem, the joint vector of all levels of a
 multilevel one, warm-started from one call (one iteration, one line-search trial) to the
 next. Per call or iteration only x goes to the device and the (hyper)gradient, of size dx,
@@ -110,17 +110,18 @@ class DeviceHyperObjective(HyperObjectiveBase):
 
 def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100, tol=1e-6,
                         callback=None, lin_tol=1e-10, lower_tol=1e-10, lower_maxiter=100,
-                        T=50, inner_step=None, fd_step=None, backend=None, output="numpy"):
+                        T=50, inner_step=None, fd_step=None, outer="lbfgs", backend=None,
+                        output="numpy"):
     """:func:`mlocore.minimize_multilevel` for a :class:`~mlocore.cuda.DeviceMultilevelProblem`:
     the multilevel gradient method of Gu & Chen (2024, Algorithm 1) with the device
     hypergradient (:class:`~mlocore.cuda._multilevel.DeviceMultilevelEngine`; for "itd",
     :class:`~mlocore.cuda._multilevel.DeviceUnrolledEngine`).
 
-    The CPU's loop (:func:`mlocore._minimize.descent_loop`: fixed steps, or Barzilai-Borwein
-    trial steps with an Armijo search on F) with x_1 on the host; the joint vector of all
-    levels stays on the device, the levels n..2 re-solved warm-started from the previous
-    iteration's (or accepted trial's) solution, as on the CPU. Same iterations and iterates
-    as the CPU to rounding.
+    The CPU's loop (:func:`mlocore._descent.descent_loop`: fixed steps, or the steps of
+    ``outer``, L-BFGS by default, with an Armijo search on F) with x_1 on the host; the
+    joint vector of all levels stays on the device, the levels n..2 re-solved warm-started
+    from the previous iteration's (or accepted trial's) solution, as on the CPU. Same
+    iterations and iterates as the CPU to rounding.
 
     Parameters
     ----------
@@ -137,7 +138,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         per lower level from the previous iteration's unrolled outputs, steps on the unrolled
         approximation of F, its inner steps fixed at the first call (power iteration there
         unless ``inner_step`` is given), as on the CPU.
-    step, maxiter, tol, callback, lin_tol, lower_tol, lower_maxiter, fd_step
+    step, maxiter, tol, callback, lin_tol, lower_tol, lower_maxiter, fd_step, outer
         As :func:`mlocore.minimize_multilevel` (``callback`` gets host copies of every
         level's block in ``xs``, counted).
     T, inner_step
@@ -160,9 +161,9 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     check_multilevel_backend(problem, backend, where)
     check_choice("method", method, MULTILEVEL_MODES + ("itd",))
     dl.check_output(output, "cuda")
-    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter = multilevel_descent_options(
+    maxiter, tol, step, lin_tol, lower_tol, lower_maxiter, outer = multilevel_descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
-        lower_tol=lower_tol, lower_maxiter=lower_maxiter)
+        lower_tol=lower_tol, lower_maxiter=lower_maxiter, outer=outer)
     if fd_step is not None:
         fd_step = check_positive("fd_step", fd_step)
     eng = DeviceMultilevelEngine(problem, "truncated" if method == "itd" else method, lin_tol,
@@ -181,7 +182,7 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
     if method == "itd":  # validated here (the CPU does at its first unrolled call)
         unrolled_options(problem.n, T, inner_step)
     x1, fun, grad, nit, status, detail, history, zz = multilevel_descent(
-        run, z, x1, method, step, maxiter, tol, callback, inner_step)
+        run, z, x1, method, step, maxiter, tol, callback, inner_step, outer)
     if output == "numpy":
         zz = to_host(zz, sh.counter)
         xs = [zz[problem.block(k)].copy() for k in range(1, problem.n + 1)]

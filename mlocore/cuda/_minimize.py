@@ -1,8 +1,8 @@
 """Deterministic bilevel minimization on the device ("one large problem" mode).
 
 :func:`minimize_bilevel` is the CPU :func:`mlocore._minimize.minimize_deterministic` (same
-options, iterations, Barzilai-Borwein / Armijo line search and result fields; the upper loop
-itself is the CPU's :func:`mlocore._minimize.descent_loop`) for a
+options, iterations, outer loop (L-BFGS by default, ``outer=``) and result fields; the upper
+loop itself is the CPU's :func:`mlocore._descent.descent_loop`) for a
 :class:`~mlocore.cuda.DeviceBilevelProblem`:
 
 * the upper iterate x lives on the host (dx is assumed small: it is copied to the device once
@@ -112,7 +112,8 @@ class _DeviceDriver:
 def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, tol=1e-6,
                      callback=None, lower_method="newton-cg", lower_tol=1e-10,
                      lower_maxiter=1000, lower_step=None, lin_tol=1e-10, lin_maxiter=None,
-                     T=100, K=None, inner_step=None, backend=None, output="numpy"):
+                     T=100, K=None, inner_step=None, outer="lbfgs", backend=None,
+                     output="numpy"):
     """Minimize ``F(x) = f(x, y*(x))`` for a :class:`~mlocore.cuda.DeviceBilevelProblem` by
     (hyper)gradient steps: :func:`mlocore.minimize_bilevel`'s deterministic methods on the
     device.
@@ -136,8 +137,11 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
         the previous y_T; section 2), "alternating" (T inner gradient steps, then a step along
         ``grad_x f`` only).
     step : float, optional
-        Fixed upper step; default Barzilai-Borwein trial steps with an Armijo backtracking
-        search on F (needs ``upper.value``; each trial solves the lower level, warm-started).
+        Fixed upper step; default the steps of ``outer`` with an Armijo backtracking search
+        on F (needs ``upper.value``; each trial solves the lower level, warm-started).
+    outer : {"lbfgs", "bb", "gd"}
+        The CPU's outer loop (:func:`mlocore._descent.descent_loop`, run on the host):
+        projected L-BFGS by default, Barzilai-Borwein or Armijo gradient steps.
     maxiter, tol, callback
         Upper iterations; stop when the projected-gradient mapping ``|x - P(x - grad)|``
         (``|grad|`` without constraints) is at most tol; ``callback(intermediate_result)``
@@ -162,22 +166,22 @@ def minimize_bilevel(problem, x0, y0, method="aid", *, step=None, maxiter=100, t
     dl.check_output(output, "cuda")
     check_choice("method", method, BILEVEL_METHODS)
     x = problem.project(as_vector("x0", x0, problem.dx))
-    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step = descent_options(
+    maxiter, tol, step, lin_tol, lin_maxiter, T, K, inner_step, outer = descent_options(
         problem, maxiter=maxiter, tol=tol, step=step, callback=callback, lin_tol=lin_tol,
-        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step)
+        lin_maxiter=lin_maxiter, T=T, K=K, inner_step=inner_step, outer=outer)
     lower = LowerOptions(lower_method, lower_tol, lower_maxiter, lower_step)
 
     drv = _DeviceDriver(problem, y0, lower, lin_tol, lin_maxiter, T, K, inner_step)
     sess = drv.sess
     sess.check_once(drv.joint(x, drv.y))
-    F_eval, commit, direction = driver_closures(drv, method)
+    F_eval, commit, direction, inner = driver_closures(drv, method)
 
     def extra():
         return {"y": to_host(drv.y, sess.counter)}
 
     x, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback, extra,
-        calls=lambda: int(sess.counts.sum()))
+        calls=lambda: int(sess.counts.sum()), outer=outer, inner=inner)
     if problem.upper.value is not None and (step is not None or status != 0):
         fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
     v = None
