@@ -145,7 +145,7 @@ def main(argv=None):
           f"{calls['upper_grad'] + calls['upper_grad_x'] + calls['upper_grad_y']} upper "
           f"gradients (block callbacks included)")
 
-    # (3) the same bounds with mlocore's own AID-BiO driver (projected BB steps + Armijo)
+    # (3) the same bounds with mlocore's own AID-BiO driver (projected L-BFGS by default)
     boxed = mlo.BilevelProblem(p.upper, p.lower, dims=p.dims, bounds=(-8.0, 8.0))
     t0 = time.perf_counter()
     aid = mlo.minimize_bilevel(boxed, x0, y0, method="aid", maxiter=300, tol=1e-4)
