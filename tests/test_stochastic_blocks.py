@@ -139,3 +139,28 @@ def _with_lower_block(q, **block):
 def test_wrong_sample_blocks_are_rejected(q, block, match):
     with pytest.raises(CallbackError, match=match):
         _run(_with_lower_block(q, **block), "soba")
+
+
+def _library_problems():
+    from mlocore.problems import make_cleaning, make_logistic
+    return {"logistic": make_logistic(n_train=40, n_val=30, n_features=4, seed=2),
+            "cleaning": make_cleaning(n_train=24, n_val=15, n_features=3, n_classes=3,
+                                      seed=1)}
+
+
+@pytest.mark.parametrize("name", ["logistic", "cleaning"])
+@pytest.mark.parametrize("method", ["soba", "stocbio"])
+def test_library_sample_blocks_give_the_joint_iterates(name, method):
+    """The logistic and data-cleaning stochastic problems' sample blocks: the same iterates
+    as their joint callbacks, with block calls instead of joint HVPs."""
+    sp = _library_problems()[name].stochastic_problem
+    x0, y0 = np.zeros(sp.dx), np.zeros(sp.dy)
+    kw = dict(method=method, batch_size=5, step=0.05, inner_step=0.1, maxiter=3, seed=2,
+              **OPTIONS.get(method, {}))
+    if method == "stocbio":
+        kw["neumann_step"] = 0.1
+    blk = mlo.minimize_bilevel(sp, x0, y0, **kw)
+    jnt = mlo.minimize_bilevel(joint_only(sp), x0, y0, **kw)
+    np.testing.assert_allclose(blk.x, jnt.x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(blk.y, jnt.y, rtol=1e-10, atol=1e-12)
+    assert blk.oracle_calls["lower_hvp"] == 0 and blk.oracle_calls["lower_hvp_yy"] > 0
