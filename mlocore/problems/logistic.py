@@ -356,37 +356,31 @@ def logistic_sample_upper_hvp(z, v, idx, X, t):
 @numba.njit(cache=True)
 def logistic_sample_lower_grad_y(z, idx, X, t):
     """Block oracle: ``grad_w`` of :func:`logistic_sample_lower_value` (length d)."""
-    d = X.shape[1]
     out = _sample_loss_grad_w(z, idx, X, t)
-    for j in range(d):
-        out[j] += np.exp(z[j]) * z[d + j]
+    d = out.shape[0]
+    out += np.exp(z[:d]) * z[d:]
     return out
 
 
 @numba.njit(cache=True)
 def logistic_sample_lower_hvp_yy(z, v, idx, X, t):
     """Block oracle: ``H_ww v`` of :func:`logistic_sample_lower_value` (length d)."""
-    d = X.shape[1]
     out = _sample_loss_hvp_ww(z, v, idx, X, t)
-    for j in range(d):
-        out[j] += np.exp(z[j]) * v[j]
+    out += np.exp(z[:out.shape[0]]) * v
     return out
 
 
 @numba.njit(cache=True)
 def logistic_sample_lower_hvp_xy(z, v, idx, X, t):
-    """Block oracle: ``H_lam,w v = exp(lam) * w * v`` (the penalty only: no sample is read)."""
-    d = X.shape[1]
-    out = np.empty(d)
-    for j in range(d):
-        out[j] = np.exp(z[j]) * z[d + j] * v[j]
-    return out
+    """Block oracle: ``H_lam,w v = exp(lam) * w * v`` (the penalty only: no sample is read,
+    idx is ignored)."""
+    return logistic_lower_hvp_xy(z, v, X, t)
 
 
 @numba.njit(cache=True)
 def logistic_sample_upper_grad_x(z, idx, X, t):
     """Block oracle: ``grad_lam`` of :func:`logistic_sample_upper_value` (zero)."""
-    return np.zeros(X.shape[1])
+    return logistic_upper_grad_x(z, X, t)
 
 
 @numba.njit(cache=True)

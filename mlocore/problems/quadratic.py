@@ -199,91 +199,72 @@ def quad_sample_hvp(z, v, idx, U, W, C, a, b, ridge):
 
 
 @numba.njit(cache=True)
-def quad_sample_grad_x(z, idx, U, W, C, a, b, ridge):
-    """Block oracle: mean over i in idx of ``B_i x + C_i y + b_i`` (length dx)."""
-    dx = W.shape[1]
-    dy = U.shape[1]
-    out = np.zeros(dx)
-    m = idx.shape[0]
-    for k in range(m):
-        i = idx[k]
-        wx = 0.0
-        for p in range(dx):
-            wx += W[i, p] * z[p]
-        for p in range(dx):
-            s = W[i, p] * wx + b[i, p]
-            for q in range(dy):
-                s += C[i, p, q] * z[dx + q]
-            out[p] += s
+def _batch_mean(out, m, ridge, zb):
+    """``out / m + ridge zb`` in place (the mean over a batch of m samples, plus the ridge
+    term of the block; ``ridge = 0`` for a cross block)."""
     scale = 1.0 / m if m > 0 else 0.0
-    for p in range(dx):
-        out[p] = out[p] * scale + ridge * z[p]
+    for j in range(out.shape[0]):
+        out[j] = out[j] * scale + ridge * zb[j]
     return out
 
 
 @numba.njit(cache=True)
-def quad_sample_grad_y(z, idx, U, W, C, a, b, ridge):
-    """Block oracle: mean over i in idx of ``A_i y + C_i^T x + a_i`` (length dy)."""
+def quad_sample_grad_x(z, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``B_i x + C_i y + b_i`` (length dx)."""
     dx = W.shape[1]
-    dy = U.shape[1]
-    out = np.zeros(dy)
-    m = idx.shape[0]
-    for k in range(m):
-        i = idx[k]
+    out = np.zeros(dx)
+    for i in idx:
+        wx = W[i] @ z[:dx]
+        for p in range(dx):
+            out[p] += W[i, p] * wx + b[i, p] + C[i, p] @ z[dx:]
+    return _batch_mean(out, idx.shape[0], ridge, z[:dx])
+
+
+@numba.njit(cache=True)
+def quad_sample_grad_y(z, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``A_i y + C_i^T x + a_i`` (length dy); skips the
+    cross matrix where x is zero."""
+    dx = W.shape[1]
+    y = z[dx:]
+    out = np.zeros(y.shape[0])
+    for i in idx:
+        u = U[i]
         uy = 0.0
-        for q in range(dy):
-            uy += U[i, q] * z[dx + q]
-        for q in range(dy):
-            out[q] += U[i, q] * uy + a[i, q]
+        for q in range(y.shape[0]):
+            uy += u[q] * y[q]
+        for q in range(y.shape[0]):
+            out[q] += u[q] * uy + a[i, q]
         for p in range(dx):
             xp = z[p]
             if xp != 0.0:
-                for q in range(dy):
-                    out[q] += C[i, p, q] * xp
-    scale = 1.0 / m if m > 0 else 0.0
-    for q in range(dy):
-        out[q] = out[q] * scale + ridge * z[dx + q]
-    return out
+                c = C[i, p]
+                for q in range(y.shape[0]):
+                    out[q] += c[q] * xp
+    return _batch_mean(out, idx.shape[0], ridge, y)
 
 
 @numba.njit(cache=True)
 def quad_sample_hvp_yy(z, v, idx, U, W, C, a, b, ridge):
     """Block oracle: mean over i in idx of ``A_i v = u_i (u_i . v) + ridge v`` (O(dy) per
     sample; the joint product with (0, v) also passes over C_i)."""
-    dy = U.shape[1]
+    dy = v.shape[0]
     out = np.zeros(dy)
-    m = idx.shape[0]
-    for k in range(m):
-        i = idx[k]
-        uv = 0.0
-        for q in range(dy):
+    for i in idx:
+        uv = U[i, 0] * v[0]
+        for q in range(1, dy):
             uv += U[i, q] * v[q]
         for q in range(dy):
             out[q] += U[i, q] * uv
-    scale = 1.0 / m if m > 0 else 0.0
-    for q in range(dy):
-        out[q] = out[q] * scale + ridge * v[q]
-    return out
+    return _batch_mean(out, idx.shape[0], ridge, v)
 
 
 @numba.njit(cache=True)
 def quad_sample_hvp_xy(z, v, idx, U, W, C, a, b, ridge):
     """Block oracle: mean over i in idx of ``C_i v`` (length dx)."""
-    dx = W.shape[1]
-    dy = U.shape[1]
-    out = np.zeros(dx)
-    m = idx.shape[0]
-    for k in range(m):
-        i = idx[k]
-        for p in range(dx):
-            s = 0.0
-            for q in range(dy):
-                s += C[i, p, q] * v[q]
-            out[p] += s
-    scale = 1.0 / m if m > 0 else 0.0
-    for p in range(dx):
-        out[p] *= scale
-    return out
+    out = np.zeros(W.shape[1])
+    for i in idx:
+        out += C[i] @ v
+    return _batch_mean(out, idx.shape[0], 0.0, out)
 
 
 def sample_value_source(z, i, U, W, C, a, b):
