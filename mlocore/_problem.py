@@ -61,7 +61,10 @@ class Objective:
     callback (or central differences of ``grad`` when there is no ``hvp``): a wrong shape or
     a disagreement is a :class:`CallbackError` that names the callback. Block oracles are
     used by :class:`BilevelProblem`; the levels of a :class:`MultilevelProblem` use the joint
-    callbacks.
+    callbacks. Blocks of a stochastic objective take the index array as the joint callbacks
+    do (``hvp_yy(z, v_y, idx, *args)``); the CPU stochastic methods call them where a step
+    needs one block, with the same random draws as with the joint callbacks, and check them
+    once more on a minibatch.
     """
 
     def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None, *,

@@ -327,7 +327,7 @@ def stoch():
     """(q, device problem): the stochastic quadratic (n = 8 samples per level, ridge 1) of
     tests/test_cuda_stochastic.py; x* = q.x_star is about (-0.09, 0.30)."""
     from mlocore.problems.cuda_stochastic import stochastic_quadratic_device_problem
-    q = make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0)
+    q = joint_stochastic_twin(make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0))
     return q, stochastic_quadratic_device_problem(q)
 
 

@@ -28,6 +28,7 @@ from mlocore.problems.cuda_stochastic import (quad_sample_grad_device, quad_samp
                                               stochastic_quadratic_device_problem)
 from mlocore.problems.quadratic import (quad_grad, quad_hvp, quad_sample_grad,
                                         quad_sample_hvp, quad_sample_value)
+from oracle_helpers import joint_stochastic_twin
 
 pytestmark = pytest.mark.cuda
 
@@ -49,8 +50,9 @@ def fast_simulator_barriers():
 
 @pytest.fixture(scope="module")
 def quad():
-    # ridge 1: Q's eigenvalues 1.7 and 2.5, so a few dozen iterations converge
-    return make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0)
+    # ridge 1: Q's eigenvalues 1.7 and 2.5, so a few dozen iterations converge. The CPU
+    # problems give the joint callbacks only, as the device problems do (the same counts)
+    return joint_stochastic_twin(make_quadratic(dx=2, dy=3, n_outer=8, n_inner=8, seed=3, ridge=1.0))
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,10 @@ __all__ = ["LogisticHyperparameter", "BilevelReference", "make_logistic",
            "logistic_upper_grad_x", "logistic_upper_grad_y",
            "logistic_sample_lower_grad", "logistic_sample_lower_hvp",
            "logistic_sample_lower_value", "logistic_sample_upper_grad",
-           "logistic_sample_upper_hvp", "logistic_sample_upper_value"]
+           "logistic_sample_upper_hvp", "logistic_sample_upper_value",
+           "logistic_sample_lower_grad_y", "logistic_sample_lower_hvp_yy",
+           "logistic_sample_lower_hvp_xy", "logistic_sample_upper_grad_x",
+           "logistic_sample_upper_grad_y"]
 
 
 #: Default ``star_bound`` of the x_star search: |lam_j| beyond it means lam_j -> +-infinity.
@@ -252,16 +255,43 @@ def _sample_loss_value(z, idx, X, t):
 
 
 @numba.njit(cache=True)
-def _sample_loss_grad(z, idx, X, t):
-    """Gradient over z of the mean log-loss over idx (zero on the lam block)."""
+def _sample_loss_grad_w(z, idx, X, t):
+    """Gradient over w of the mean log-loss over idx (length d)."""
     d = X.shape[1]
     m = idx.shape[0]
-    out = np.zeros(2 * d)
+    out = np.zeros(d)
     for k in range(m):
         i = idx[k]
         r = (_sigmoid(_logit(X, z, i, d)) - t[i]) / m
         for j in range(d):
-            out[d + j] += r * X[i, j]
+            out[j] += r * X[i, j]
+    return out
+
+
+@numba.njit(cache=True)
+def _sample_loss_grad(z, idx, X, t):
+    """Gradient over z of the mean log-loss over idx (zero on the lam block)."""
+    d = X.shape[1]
+    out = np.zeros(2 * d)
+    out[d:] = _sample_loss_grad_w(z, idx, X, t)
+    return out
+
+
+@numba.njit(cache=True)
+def _sample_loss_hvp_ww(z, v_w, idx, X, t):
+    """Hessian over w of the mean log-loss over idx times v_w (length d)."""
+    d = X.shape[1]
+    m = idx.shape[0]
+    out = np.zeros(d)
+    for k in range(m):
+        i = idx[k]
+        s = _sigmoid(_logit(X, z, i, d))
+        xv = 0.0
+        for j in range(d):
+            xv += X[i, j] * v_w[j]
+        c = s * (1.0 - s) * xv / m
+        for j in range(d):
+            out[j] += c * X[i, j]
     return out
 
 
@@ -269,17 +299,8 @@ def _sample_loss_grad(z, idx, X, t):
 def _sample_loss_hvp(z, v, idx, X, t):
     """Hessian over z of the mean log-loss over idx times v."""
     d = X.shape[1]
-    m = idx.shape[0]
     out = np.zeros(2 * d)
-    for k in range(m):
-        i = idx[k]
-        s = _sigmoid(_logit(X, z, i, d))
-        xv = 0.0
-        for j in range(d):
-            xv += X[i, j] * v[d + j]
-        c = s * (1.0 - s) * xv / m
-        for j in range(d):
-            out[d + j] += c * X[i, j]
+    out[d:] = _sample_loss_hvp_ww(z, v[d:], idx, X, t)
     return out
 
 
@@ -336,6 +357,42 @@ def logistic_sample_upper_grad(z, idx, X, t):
 def logistic_sample_upper_hvp(z, v, idx, X, t):
     """Hessian over z of :func:`logistic_sample_upper_value` times v."""
     return _sample_loss_hvp(z, v, idx, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_sample_lower_grad_y(z, idx, X, t):
+    """Block oracle: ``grad_w`` of :func:`logistic_sample_lower_value` (length d)."""
+    out = _sample_loss_grad_w(z, idx, X, t)
+    d = out.shape[0]
+    out += np.exp(z[:d]) * z[d:]
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_sample_lower_hvp_yy(z, v, idx, X, t):
+    """Block oracle: ``H_ww v`` of :func:`logistic_sample_lower_value` (length d)."""
+    out = _sample_loss_hvp_ww(z, v, idx, X, t)
+    out += np.exp(z[:out.shape[0]]) * v
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_sample_lower_hvp_xy(z, v, idx, X, t):
+    """Block oracle: ``H_lam,w v = exp(lam) * w * v`` (the penalty only: no sample is read,
+    idx is ignored)."""
+    return logistic_lower_hvp_xy(z, v, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_sample_upper_grad_x(z, idx, X, t):
+    """Block oracle: ``grad_lam`` of :func:`logistic_sample_upper_value` (zero)."""
+    return logistic_upper_grad_x(z, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_sample_upper_grad_y(z, idx, X, t):
+    """Block oracle: ``grad_w`` of :func:`logistic_sample_upper_value` (length d)."""
+    return _sample_loss_grad_w(z, idx, X, t)
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,10 +724,14 @@ class LogisticHyperparameter:
         self.stochastic_problem = BilevelProblem(
             upper=Objective(logistic_sample_upper_grad, hvp=logistic_sample_upper_hvp,
                             value=logistic_sample_upper_value, args=(self.X_val, self.t_val),
-                            n_samples=self.n_val),
+                            n_samples=self.n_val, grad_x=logistic_sample_upper_grad_x,
+                            grad_y=logistic_sample_upper_grad_y),
             lower=Objective(logistic_sample_lower_grad, hvp=logistic_sample_lower_hvp,
                             value=logistic_sample_lower_value,
-                            args=(self.X_train, self.t_train), n_samples=self.n_train),
+                            args=(self.X_train, self.t_train), n_samples=self.n_train,
+                            grad_y=logistic_sample_lower_grad_y,
+                            hvp_yy=logistic_sample_lower_hvp_yy,
+                            hvp_xy=logistic_sample_lower_hvp_xy),
             dims=(d, d))
         opts = {"star_bound": LAM_BOUND}
         opts.update(reference_options or {})

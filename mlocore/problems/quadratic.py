@@ -40,7 +40,9 @@ from .._problem import BilevelProblem, Objective
 __all__ = ["QuadraticBilevel", "make_quadratic",
            "quad_grad", "quad_hvp", "quad_value", "quad_tvp",
            "quad_grad_x", "quad_grad_y", "quad_hvp_yy", "quad_hvp_xy",
-           "quad_sample_grad", "quad_sample_hvp", "quad_sample_value"]
+           "quad_sample_grad", "quad_sample_hvp", "quad_sample_value",
+           "quad_sample_grad_x", "quad_sample_grad_y", "quad_sample_hvp_yy",
+           "quad_sample_hvp_xy"]
 
 #: Q (the Hessian of F) is accepted when lambda_min(Q) >= Q_MIN_RATIO * lambda_max(Q).
 Q_MIN_RATIO = 1e-3
@@ -194,6 +196,75 @@ def quad_sample_grad(z, idx, U, W, C, a, b, ridge):
 def quad_sample_hvp(z, v, idx, U, W, C, a, b, ridge):
     """Mean over i in idx of Hessian(phi_i) times v."""
     return _sample_affine(v, idx, U, W, C, a, b, ridge, 0.0)
+
+
+@numba.njit(cache=True)
+def _batch_mean(out, m, ridge, zb):
+    """``out / m + ridge zb`` in place (the mean over a batch of m samples, plus the ridge
+    term of the block; ``ridge = 0`` for a cross block)."""
+    scale = 1.0 / m if m > 0 else 0.0
+    for j in range(out.shape[0]):
+        out[j] = out[j] * scale + ridge * zb[j]
+    return out
+
+
+@numba.njit(cache=True)
+def quad_sample_grad_x(z, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``B_i x + C_i y + b_i`` (length dx)."""
+    dx = W.shape[1]
+    out = np.zeros(dx)
+    for i in idx:
+        wx = W[i] @ z[:dx]
+        for p in range(dx):
+            out[p] += W[i, p] * wx + b[i, p] + C[i, p] @ z[dx:]
+    return _batch_mean(out, idx.shape[0], ridge, z[:dx])
+
+
+@numba.njit(cache=True)
+def quad_sample_grad_y(z, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``A_i y + C_i^T x + a_i`` (length dy); skips the
+    cross matrix where x is zero."""
+    dx = W.shape[1]
+    y = z[dx:]
+    out = np.zeros(y.shape[0])
+    for i in idx:
+        u = U[i]
+        uy = 0.0
+        for q in range(y.shape[0]):
+            uy += u[q] * y[q]
+        for q in range(y.shape[0]):
+            out[q] += u[q] * uy + a[i, q]
+        for p in range(dx):
+            xp = z[p]
+            if xp != 0.0:
+                c = C[i, p]
+                for q in range(y.shape[0]):
+                    out[q] += c[q] * xp
+    return _batch_mean(out, idx.shape[0], ridge, y)
+
+
+@numba.njit(cache=True)
+def quad_sample_hvp_yy(z, v, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``A_i v = u_i (u_i . v) + ridge v`` (O(dy) per
+    sample; the joint product with (0, v) also passes over C_i)."""
+    dy = v.shape[0]
+    out = np.zeros(dy)
+    for i in idx:
+        uv = U[i, 0] * v[0]
+        for q in range(1, dy):
+            uv += U[i, q] * v[q]
+        for q in range(dy):
+            out[q] += U[i, q] * uv
+    return _batch_mean(out, idx.shape[0], ridge, v)
+
+
+@numba.njit(cache=True)
+def quad_sample_hvp_xy(z, v, idx, U, W, C, a, b, ridge):
+    """Block oracle: mean over i in idx of ``C_i v`` (length dx)."""
+    out = np.zeros(W.shape[1])
+    for i in idx:
+        out += C[i] @ v
+    return _batch_mean(out, idx.shape[0], 0.0, out)
 
 
 def sample_value_source(z, i, U, W, C, a, b):
@@ -350,9 +421,12 @@ class QuadraticBilevel:
             dims=dims)
         self.stochastic_problem = BilevelProblem(
             upper=Objective(quad_sample_grad, hvp=quad_sample_hvp, value=quad_sample_value,
-                            args=upper_samples + (self.ridge,), n_samples=self.n_outer),
+                            args=upper_samples + (self.ridge,), n_samples=self.n_outer,
+                            grad_x=quad_sample_grad_x, grad_y=quad_sample_grad_y),
             lower=Objective(quad_sample_grad, hvp=quad_sample_hvp, value=quad_sample_value,
-                            args=lower_samples + (self.ridge,), n_samples=self.n_inner),
+                            args=lower_samples + (self.ridge,), n_samples=self.n_inner,
+                            grad_y=quad_sample_grad_y, hvp_yy=quad_sample_hvp_yy,
+                            hvp_xy=quad_sample_hvp_xy),
             dims=dims)
 
     def __repr__(self):

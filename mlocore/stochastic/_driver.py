@@ -13,6 +13,7 @@ between calls, so the iterates do not depend on ``eval_every``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -63,12 +64,14 @@ def _level_sampling(obj, role, batch_size, sampler, rng):
     return (state, perm, order, buf), n, bs
 
 
-def check_sampled_callbacks(obj, comp, z):
+def check_sampled_callbacks(obj, comp, z, dx=None):
     """Check idx-taking callbacks once at z: vector shapes for batches of several sizes, and
-    that they return the *mean* over the samples in idx (the estimators assume it).
+    that they return the *mean* over the samples in idx (the estimators assume it); with
+    ``dx``, also each block oracle against the joint callback on one minibatch.
 
-    Raises CallbackError for wrong shapes or a sum/other aggregate; warns when two disjoint
-    batches give bit-identical gradients (a callback that ignores idx).
+    Raises CallbackError for wrong shapes, a sum/other aggregate or a block that disagrees
+    with the joint callback; warns when two disjoint batches give bit-identical gradients
+    (a callback that ignores idx).
     """
     n = obj.n_samples
     if n is None:
@@ -111,6 +114,21 @@ def check_sampled_callbacks(obj, comp, z):
                           "halves of the samples: does it use idx? A callback that ignores "
                           "idx makes every stochastic method a full-batch one.",
                           RuntimeWarning, stacklevel=3)
+    if dx is not None and comp.blocks:
+        _check_sampled_blocks(comp, z, dx, parts[0])
+
+
+def _check_sampled_blocks(comp, z, dx, idx):
+    """The block oracles of ``comp`` against its joint callbacks on the batch ``idx`` (the
+    full-batch check of :meth:`~mlocore._problem.CompiledObjective.check_at`, on a
+    minibatch: blocks take the sample indices as the joint callbacks do)."""
+    on_batch = copy.copy(comp)
+    on_batch.args = (idx,) + tuple(comp.args[1:])
+    g = on_batch._call("grad", comp.grad, z.copy())
+    try:
+        on_batch._check_blocks(z, dx, g)
+    except CallbackError as exc:
+        raise CallbackError(f"{exc} (on a minibatch of {idx.shape[0]} samples)") from None
 
 
 def _kernel_args(obj, comp):
@@ -195,8 +213,8 @@ class _CpuRun:
         comp = _compiled(problem, x, y)
         if not getattr(problem, "_sample_checked", False):
             z = np.concatenate([x, y])
-            check_sampled_callbacks(problem.upper, comp.upper, z)
-            check_sampled_callbacks(problem.lower, comp.lower, z)
+            check_sampled_callbacks(problem.upper, comp.upper, z, problem.dx)
+            check_sampled_callbacks(problem.lower, comp.lower, z, problem.dx)
             problem._sample_checked = True
         if spec.needs_value and not problem.lower.value:
             raise ValueError(f"method {method!r} needs the lower objective's value callback")
@@ -252,7 +270,7 @@ class _CpuRun:
     def _run(self, k0, n):
         comp = self.comp
         return call_kernel(self.spec.kernel, comp.upper.fns, self.uargs, comp.lower.fns,
-                           self.largs, comp.upper.has_hvp, comp.lower.has_hvp, self.x, self.y,
+                           self.largs, comp.upper.flags, comp.lower.flags, self.x, self.y,
                            self.work, self.fpar, self.ipar, self.samp_u, self.samp_l, self.rng,
                            self.proj, k0, n, self.counts)
 

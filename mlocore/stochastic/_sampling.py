@@ -4,7 +4,7 @@ estimators and the two-point estimates of the variance-reduced methods.
 
 Every stochastic method has one CPU kernel (in its own module) with the same signature::
 
-    run(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+    run(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
         samp_u, samp_l, rng, proj, k0, n_iter, counts) -> (status, iterations_done)
 
 It advances ``x``, ``y`` and its own state ``work`` in place by ``n_iter`` iterations,
@@ -15,6 +15,11 @@ calls. ``status`` is ``OK`` or ``DIVERGED`` (a non-finite iterate; the loop stop
 
 Conventions shared by the kernels
 ---------------------------------
+- ``uflags``/``lflags``: the objectives' flag bits (:mod:`mlocore._kernels.oracles`): a step
+  that needs one block (``grad_y g``, ``H_yy v``, ``H_xy v``, the upper ``grad_x f`` and
+  ``grad_y f``) calls the block callback when it is given, else the joint one. Blocks take
+  the same sample-index argument as the joint callbacks and draw no random numbers, so the
+  random streams do not depend on which callbacks are given.
 - ``uargs``/``largs``: an objective's args with one leading slot: the full index array of a
   stochastic objective (ignored here, the sampler's batch is passed instead) or ``None`` for
   a deterministic objective (then callbacks are called without ``idx``).
@@ -32,7 +37,14 @@ from numba import njit, types
 from numba.extending import overload
 
 from .._config import FD_REL_STEP
-from .._kernels.oracles import LOWER_GRAD, LOWER_HVP, N_COUNTERS, UPPER_GRAD
+from .._kernels.oracles import (FN_GRAD_X, FN_GRAD_Y, FN_HVP_XY, FN_HVP_YY, HAS_GRAD_X,
+                                HAS_GRAD_Y, HAS_HVP, HAS_HVP_XY, HAS_HVP_YY, HAS_LOWER_BLOCKS,
+                                LOWER_GRAD, LOWER_GRAD_Y, LOWER_HVP, LOWER_HVP_XY,
+                                LOWER_HVP_YY, N_COUNTERS, UPPER_GRAD, UPPER_GRAD_X,
+                                UPPER_GRAD_Y)
+
+#: both upper gradient blocks: an upper gradient is two block calls instead of the joint one
+HAS_UPPER_BLOCKS = HAS_GRAD_X | HAS_GRAD_Y
 
 OK = 0
 DIVERGED = 2
@@ -244,10 +256,10 @@ def svalue(fns, args, z, idx, counts, slot):
 
 
 @njit(cache=True)
-def shvp(fns, args, has_hvp, z, v, idx, counts, slot_hvp, slot_grad):
+def shvp(fns, args, flags, z, v, idx, counts, slot_hvp, slot_grad):
     """Minibatch Hessian (over z) times v; central differences of grad on the same batch
-    when the objective has no hvp callback."""
-    if has_hvp:
+    when the objective has no hvp callback (``flags`` without ``HAS_HVP``)."""
+    if flags & HAS_HVP:
         _count(counts, slot_hvp, idx)
         h = _call2(fns[1], args, z, v, idx)
         if h.shape[0] != z.shape[0]:
@@ -276,16 +288,87 @@ def joint_into(z, x, y):
 
 
 @njit(cache=True)
-def lower_cross(lfns, largs, has_hvp, z, v, dx, idx, counts):
-    """``(H_xy v, H_yy v)`` of the lower objective on batch idx: one HVP with (0, v)."""
+def _joint_cross(lfns, largs, flags, z, v, dx, idx, counts):
+    """The lower HVP with direction (0, v) on batch idx (joint callback or differences)."""
     w = np.zeros(z.shape[0])
     w[dx:] = v
-    h = shvp(lfns, largs, has_hvp, z, w, idx, counts, LOWER_HVP, LOWER_GRAD)
+    return shvp(lfns, largs, flags, z, w, idx, counts, LOWER_HVP, LOWER_GRAD)
+
+
+@njit(cache=True)
+def lower_yy(lfns, largs, flags, z, v, dx, idx, counts):
+    """``H_yy v`` of the lower objective on batch idx: the ``hvp_yy`` block, or the y-block
+    of one joint product with (0, v)."""
+    if flags & HAS_HVP_YY:
+        _count(counts, LOWER_HVP_YY, idx)
+        h = _call2(lfns[FN_HVP_YY], largs, z, v, idx)
+        if h.shape[0] != v.shape[0]:
+            raise ValueError("a stochastic hvp_yy callback returned an array whose size "
+                             "differs from y")
+        return h
+    return _joint_cross(lfns, largs, flags, z, v, dx, idx, counts)[dx:].copy()
+
+
+@njit(cache=True)
+def lower_xy(lfns, largs, flags, z, v, dx, idx, counts):
+    """``H_xy v`` (length dx) of the lower objective on batch idx: the ``hvp_xy`` block, or
+    the x-block of one joint product with (0, v)."""
+    if flags & HAS_HVP_XY:
+        _count(counts, LOWER_HVP_XY, idx)
+        h = _call2(lfns[FN_HVP_XY], largs, z, v, idx)
+        if h.shape[0] != dx:
+            raise ValueError("a stochastic hvp_xy callback returned an array whose size "
+                             "differs from x")
+        return h
+    return _joint_cross(lfns, largs, flags, z, v, dx, idx, counts)[:dx].copy()
+
+
+@njit(cache=True)
+def lower_cross(lfns, largs, flags, z, v, dx, idx, counts):
+    """``(H_xy v, H_yy v)`` of the lower objective on batch idx: the two blocks when both
+    are given, else one joint HVP with (0, v)."""
+    if (flags & HAS_LOWER_BLOCKS) == HAS_LOWER_BLOCKS:
+        return (lower_xy(lfns, largs, flags, z, v, dx, idx, counts),
+                lower_yy(lfns, largs, flags, z, v, dx, idx, counts))
+    h = _joint_cross(lfns, largs, flags, z, v, dx, idx, counts)
     return h[:dx].copy(), h[dx:].copy()
 
 
 @njit(cache=True)
-def neumann_sum(lfns, largs, has_hvp, z, b, dx, eta, Q, samp_l, rng, counts):
+def lower_grad_y(lfns, largs, flags, z, dx, idx, counts):
+    """``grad_y g`` on batch idx: the ``grad_y`` block, or the y-block of the joint
+    gradient."""
+    if flags & HAS_GRAD_Y:
+        _count(counts, LOWER_GRAD_Y, idx)
+        g = _call1(lfns[FN_GRAD_Y], largs, z, idx)
+        if g.shape[0] != z.shape[0] - dx:
+            raise ValueError("a stochastic grad_y callback returned an array whose size "
+                             "differs from y")
+        return g
+    return sgrad(lfns, largs, z, idx, counts, LOWER_GRAD)[dx:].copy()
+
+
+@njit(cache=True)
+def upper_grad(ufns, uargs, flags, z, dx, idx, counts):
+    """The upper gradient over z on batch idx: ``(grad_x f, grad_y f)`` from the two blocks
+    when both are given, else the joint gradient."""
+    if (flags & HAS_UPPER_BLOCKS) == HAS_UPPER_BLOCKS:
+        g = np.empty(z.shape[0])
+        _count(counts, UPPER_GRAD_X, idx)
+        gx = _call1(ufns[FN_GRAD_X], uargs, z, idx)
+        _count(counts, UPPER_GRAD_Y, idx)
+        gy = _call1(ufns[FN_GRAD_Y], uargs, z, idx)
+        if gx.shape[0] != dx or gy.shape[0] != z.shape[0] - dx:
+            raise ValueError("a stochastic upper grad_x or grad_y callback returned an array "
+                             "whose size differs from x or y")
+        g[:dx] = gx
+        g[dx:] = gy
+        return g
+    return sgrad(ufns, uargs, z, idx, counts, UPPER_GRAD)
+
+
+@njit(cache=True)
+def neumann_sum(lfns, largs, lflags, z, b, dx, eta, Q, samp_l, rng, counts):
     """StocBiO's estimator ``eta * sum_{q<Q} prod_{j<=q} (I - eta H_yy(xi_j)) b`` of
     ``H_yy^{-1} b``, a fresh minibatch per factor (unbiased for the truncated series
     ``eta * sum_{q<Q} (I - eta H_yy)^q b``). Q - 1 HVPs."""
@@ -293,51 +376,51 @@ def neumann_sum(lfns, largs, has_hvp, z, b, dx, eta, Q, samp_l, rng, counts):
     v = b.copy()
     for q in range(1, Q):
         idx, _ = draw(samp_l, rng)
-        _, hp = lower_cross(lfns, largs, has_hvp, z, p, dx, idx, counts)
+        hp = lower_yy(lfns, largs, lflags, z, p, dx, idx, counts)
         p -= eta * hp
         v += p
     return eta * v
 
 
 @njit(cache=True)
-def neumann_random(lfns, largs, has_hvp, z, b, dx, eta, Q, samp_l, rng, counts):
+def neumann_random(lfns, largs, lflags, z, b, dx, eta, Q, samp_l, rng, counts):
     """Ghadimi & Wang's estimator ``eta * Q * prod_{j<=q} (I - eta H_yy(xi_j)) b`` with q
     uniform on {0, .., Q-1}: unbiased for the same truncated series, q HVPs."""
     q = rand_int(rng, Q)
     p = b.copy()
     for j in range(q):
         idx, _ = draw(samp_l, rng)
-        _, hp = lower_cross(lfns, largs, has_hvp, z, p, dx, idx, counts)
+        hp = lower_yy(lfns, largs, lflags, z, p, dx, idx, counts)
         p -= eta * hp
     return (eta * Q) * p
 
 
 @njit(cache=True)
-def hypergrad_estimate(ufns, uargs, lfns, largs, has_lhvp, z, dx, eta, Q, samp_u, samp_l,
+def hypergrad_estimate(ufns, uargs, lfns, largs, uflags, lflags, z, dx, eta, Q, samp_u, samp_l,
                        rng, counts, randomized):
     """``grad_x f - H_xy v`` with v a stochastic Neumann estimate of ``H_yy^{-1} grad_y f``
     (upper batch for grad f, fresh lower batches for the Neumann factors and for H_xy)."""
     idx_u, _ = draw(samp_u, rng)
-    gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+    gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
     b = gf[dx:].copy()
     if randomized:
-        v = neumann_random(lfns, largs, has_lhvp, z, b, dx, eta, Q, samp_l, rng, counts)
+        v = neumann_random(lfns, largs, lflags, z, b, dx, eta, Q, samp_l, rng, counts)
     else:
-        v = neumann_sum(lfns, largs, has_lhvp, z, b, dx, eta, Q, samp_l, rng, counts)
+        v = neumann_sum(lfns, largs, lflags, z, b, dx, eta, Q, samp_l, rng, counts)
     idx_l, _ = draw(samp_l, rng)
-    hx, _ = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx_l, counts)
+    hx = lower_xy(lfns, largs, lflags, z, v, dx, idx_l, counts)
     return gf[:dx] - hx
 
 
 @njit(cache=True)
-def inner_sgd(lfns, largs, z, x, y, dx, beta, T, samp_l, rng, counts):
+def inner_sgd(lfns, largs, lflags, z, x, y, dx, beta, T, samp_l, rng, counts):
     """T minibatch gradient steps on y (x fixed): ``y -= beta * grad_y g(x, y; xi)``."""
     for t in range(T):
         joint_into(z, x, y)
         idx, _ = draw(samp_l, rng)
-        g = sgrad(lfns, largs, z, idx, counts, LOWER_GRAD)
+        g = lower_grad_y(lfns, largs, lflags, z, dx, idx, counts)
         for i in range(y.shape[0]):
-            y[i] -= beta * g[dx + i]
+            y[i] -= beta * g[i]
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,7 +453,7 @@ def steps_from_estimates(x, y, xp, yp, hg, hf, fpar, k, proj):
 
 
 @njit(cache=True)
-def neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z1, z0, two, dx, eta, Q, randomized,
+def neumann_pair(ufns, uargs, lfns, largs, uflags, lflags, z1, z0, two, dx, eta, Q, randomized,
                   full, samp_u, samp_l, rng, counts):
     """Neumann hypergradient estimates ``grad_x f - H_xy v`` at ``z1`` and (if ``two``) at
     ``z0``, every minibatch drawn once and applied at both points.
@@ -385,8 +468,8 @@ def neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z1, z0, two, dx, eta, Q, ra
         idx_u = full_index(uargs, samp_u)
     else:
         idx_u, _ = draw(samp_u, rng)
-    gf1 = sgrad(ufns, uargs, z1, idx_u, counts, UPPER_GRAD)
-    gf0 = sgrad(ufns, uargs, z0, idx_u, counts, UPPER_GRAD) if two else gf1
+    gf1 = upper_grad(ufns, uargs, uflags, z1, dx, idx_u, counts)
+    gf0 = upper_grad(ufns, uargs, uflags, z0, dx, idx_u, counts) if two else gf1
     p1 = gf1[dx:].copy()
     p0 = gf0[dx:].copy()
     s1 = p1.copy()
@@ -397,11 +480,11 @@ def neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z1, z0, two, dx, eta, Q, ra
             idx = full_index(largs, samp_l)
         else:
             idx, _ = draw(samp_l, rng)
-        _, hp1 = lower_cross(lfns, largs, has_lhvp, z1, p1, dx, idx, counts)
+        hp1 = lower_yy(lfns, largs, lflags, z1, p1, dx, idx, counts)
         p1 -= eta * hp1
         s1 += p1
         if two:
-            _, hp0 = lower_cross(lfns, largs, has_lhvp, z0, p0, dx, idx, counts)
+            hp0 = lower_yy(lfns, largs, lflags, z0, p0, dx, idx, counts)
             p0 -= eta * hp0
             s0 += p0
     if randomized:
@@ -414,19 +497,19 @@ def neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z1, z0, two, dx, eta, Q, ra
         idx_l = full_index(largs, samp_l)
     else:
         idx_l, _ = draw(samp_l, rng)
-    hx1, _ = lower_cross(lfns, largs, has_lhvp, z1, v1, dx, idx_l, counts)
+    hx1 = lower_xy(lfns, largs, lflags, z1, v1, dx, idx_l, counts)
     h1 = gf1[:dx] - hx1
     if not two:
         return h1, h1
-    hx0, _ = lower_cross(lfns, largs, has_lhvp, z0, v0, dx, idx_l, counts)
+    hx0 = lower_xy(lfns, largs, lflags, z0, v0, dx, idx_l, counts)
     return h1, gf0[:dx] - hx0
 
 
 @njit(cache=True)
-def lower_grad_pair(lfns, largs, z1, z0, two, dx, idx, counts):
+def lower_grad_pair(lfns, largs, lflags, z1, z0, two, dx, idx, counts):
     """``grad_y g`` on batch idx at ``z1`` and (if ``two``) at ``z0``."""
-    g1 = sgrad(lfns, largs, z1, idx, counts, LOWER_GRAD)[dx:].copy()
+    g1 = lower_grad_y(lfns, largs, lflags, z1, dx, idx, counts)
     if not two:
         return g1, g1
-    g0 = sgrad(lfns, largs, z0, idx, counts, LOWER_GRAD)[dx:].copy()
+    g0 = lower_grad_y(lfns, largs, lflags, z0, dx, idx, counts)
     return g1, g0

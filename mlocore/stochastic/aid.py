@@ -19,15 +19,15 @@ v``, so the iterates are the CPU kernel's (and the loop never synchronizes).
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import UPPER_GRAD
 from ._device import DeviceMethod, upper_step_kernel, cuda, dl, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, Q_TERMS, T_INNER, draw, finite,
-                        inner_sgd, joint_into, lower_cross, sgrad, step_at, upper_step)
+                        inner_sgd, joint_into, lower_xy, lower_yy, step_at, upper_grad,
+                        upper_step)
 from ._spec import MethodSpec, work_v
 
 
 @njit(cache=True)
-def run_aid(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_aid(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
             samp_l, rng, proj, k0, n_iter, counts):
     """Stochastic AID-BiO (Ji, Yang & Liang 2021): T lower SGD steps; v by Q conjugate-
     gradient iterations on ``H_yy(xi) v = grad_y f(zeta)`` for one lower minibatch xi (the
@@ -41,20 +41,20 @@ def run_aid(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar
     v = work[:dy]
     for it in range(n_iter):
         k = k0 + it
-        inner_sgd(lfns, largs, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
+        inner_sgd(lfns, largs, lflags, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
         joint_into(z, x, y)
         idx_u, _ = draw(samp_u, rng)
-        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
         idx_l, _ = draw(samp_l, rng)
         # CG on the fixed minibatch Hessian, from the warm start
-        _, hv = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx_l, counts)
+        hv = lower_yy(lfns, largs, lflags, z, v, dx, idx_l, counts)
         r = gf[dx:] - hv
         p = r.copy()
         rr = r @ r
         for q in range(Q):
             if rr == 0.0:
                 break
-            _, hp = lower_cross(lfns, largs, has_lhvp, z, p, dx, idx_l, counts)
+            hp = lower_yy(lfns, largs, lflags, z, p, dx, idx_l, counts)
             php = p @ hp
             if not php > 0.0:
                 break  # non-positive curvature on this batch: keep the current v
@@ -64,7 +64,7 @@ def run_aid(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar
             rr_new = r @ r
             p = r + (rr_new / rr) * p
             rr = rr_new
-        hx, _ = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx_l, counts)
+        hx = lower_xy(lfns, largs, lflags, z, v, dx, idx_l, counts)
         upper_step(x, gf[:dx] - hx, step_at(fpar, ALPHA0, k), proj)
         if not (finite(x) and finite(y) and finite(v)):
             return DIVERGED, it

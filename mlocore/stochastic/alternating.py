@@ -12,15 +12,14 @@ methods for bilevel programming", for the corrected double loop).
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import UPPER_GRAD
 from ._device import DeviceMethod, cuda, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, T_INNER, draw, finite, inner_sgd,
-                        joint_into, sgrad, step_at, upper_step)
+                        joint_into, step_at, upper_grad, upper_step)
 from ._spec import MethodSpec
 
 
 @njit(cache=True)
-def run_alternating(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+def run_alternating(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
                     samp_u, samp_l, rng, proj, k0, n_iter, counts):
     """T lower SGD steps, then ``x <- P(x - alpha grad_x f(x, y; zeta))``: the implicit term
     is ignored (the baseline; biased unless grad_y f = 0 at the solution)."""
@@ -29,10 +28,10 @@ def run_alternating(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fp
     T = ipar[T_INNER]
     for it in range(n_iter):
         k = k0 + it
-        inner_sgd(lfns, largs, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
+        inner_sgd(lfns, largs, lflags, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
         joint_into(z, x, y)
         idx, _ = draw(samp_u, rng)
-        g = sgrad(ufns, uargs, z, idx, counts, UPPER_GRAD)
+        g = upper_grad(ufns, uargs, uflags, z, dx, idx, counts)
         upper_step(x, g[:dx], step_at(fpar, ALPHA0, k), proj)
         if not (finite(x) and finite(y)):
             return DIVERGED, it

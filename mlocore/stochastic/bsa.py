@@ -17,12 +17,12 @@ from .stocbio import DeviceNeumann, neumann_loop
 
 
 @njit(cache=True)
-def run_bsa(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_bsa(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
             samp_l, rng, proj, k0, n_iter, counts):
     """BSA (Ghadimi & Wang 2018): T lower SGD steps, then a projected upper step along
     ``grad_x f - H_xy v`` with v from the randomized Neumann estimator
     (``eta Q prod_{j<=q}(I - eta H_j) grad_y f``, q uniform on {0..Q-1})."""
-    return neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u,
+    return neumann_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, fpar, ipar, samp_u,
                         samp_l, rng, proj, k0, n_iter, counts, True)
 
 

@@ -20,12 +20,12 @@ current state (a kernel argument) and the host only advances its state by ``2 Q 
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from .._validation import check_int, check_positive
 from ._device import (GOLDEN_INT, DeviceMethod, lower_sgd_kernel, normals_kernel, cuda,
                       dl, launch)
 from ._sampling import (ALPHA0, BETA0, DIVERGED, N_FPAR, N_IPAR, OK, T_INNER, draw, finite,
-                        joint_into, project, rand_normal, sgrad, step_at)
+                        joint_into, project, rand_normal, lower_grad_y, step_at,
+                        upper_grad)
 from ._spec import MethodSpec
 
 HF_DIRECTIONS = N_IPAR      # ipar slot: number of Gaussian directions Q
@@ -33,18 +33,18 @@ HF_SMOOTHING = N_FPAR       # fpar slot: smoothing mu
 
 
 @njit(cache=True)
-def _replay_sgd(lfns, largs, z, x, y, dx, beta, T, ibuf, lens, bs, counts):
+def _replay_sgd(lfns, largs, lflags, z, x, y, dx, beta, T, ibuf, lens, bs, counts):
     """T lower SGD steps on y (x fixed) on the recorded batches ``ibuf[t*bs : t*bs+lens[t]]``."""
     for t in range(T):
         joint_into(z, x, y)
         idx = ibuf[t * bs:t * bs + lens[t]]
-        g = sgrad(lfns, largs, z, idx, counts, LOWER_GRAD)
+        g = lower_grad_y(lfns, largs, lflags, z, dx, idx, counts)
         for i in range(y.shape[0]):
-            y[i] -= beta * g[dx + i]
+            y[i] -= beta * g[i]
 
 
 @njit(cache=True)
-def run_hessian_free(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+def run_hessian_free(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
                      samp_u, samp_l, rng, proj, k0, n_iter, counts):
     """PZOBO (Sow, Ji & Liang 2022a): per iteration, T lower SGD steps from the warm start
     y_k on T recorded minibatches give y_T(x); Q perturbed runs from the same y_k on the same
@@ -81,7 +81,7 @@ def run_hessian_free(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, f
             lens[t] = m
             ibuf[t * bs:t * bs + m] = idx
         y0[:] = y
-        _replay_sgd(lfns, largs, z, x, y, dx, beta, T, ibuf, lens, bs, counts)  # y = y_T(x)
+        _replay_sgd(lfns, largs, lflags, z, x, y, dx, beta, T, ibuf, lens, bs, counts)  # y = y_T(x)
         for q in range(Q):
             u = dirs[q]
             for p in range(dx):
@@ -89,12 +89,12 @@ def run_hessian_free(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, f
                 xp[p] = x[p] + mu * u[p]
             d = deltas[q]
             d[:] = y0
-            _replay_sgd(lfns, largs, z, xp, d, dx, beta, T, ibuf, lens, bs, counts)
+            _replay_sgd(lfns, largs, lflags, z, xp, d, dx, beta, T, ibuf, lens, bs, counts)
             for i in range(dy):
                 d[i] = (d[i] - y[i]) / mu
         joint_into(z, x, y)
         idx_u, _ = draw(samp_u, rng)
-        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
         for p in range(dx):
             h[p] = gf[p]
         for q in range(Q):

@@ -49,7 +49,7 @@ def _momentum_weight(fpar, base, slot, k):
 
 
 @njit(cache=True)
-def run_double_momentum(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+def run_double_momentum(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
                         samp_u, samp_l, rng, proj, k0, n_iter, counts):
     """STORM double momentum on both levels: SUSTAIN (Khanduri et al. 2021) and MRBO (Yang,
     Ji & Liang 2021) share this structure and differ in their schedules and constants (and
@@ -90,8 +90,8 @@ def run_double_momentum(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work
         joint_into(z, x, y)
         joint_into(zp, xp, yp)
         idx, _ = draw(samp_l, rng)
-        g1, g0 = lower_grad_pair(lfns, largs, z, zp, two, dx, idx, counts)
-        f1, f0 = neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z, zp, two, dx, eta, Q,
+        g1, g0 = lower_grad_pair(lfns, largs, lflags, z, zp, two, dx, idx, counts)
+        f1, f0 = neumann_pair(ufns, uargs, lfns, largs, uflags, lflags, z, zp, two, dx, eta, Q,
                                randomized, False, samp_u, samp_l, rng, counts)
         if two:
             wg = 1.0 - _momentum_weight(fpar, BETA0, MOM_LOWER, k)

@@ -21,11 +21,12 @@ import math
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import LOWER_GRAD, LOWER_VALUE, UPPER_GRAD
+from .._kernels.oracles import LOWER_GRAD, LOWER_VALUE
 from .._validation import check_positive
 from ._device import DeviceMethod, cuda, dl, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, N_FPAR, OK, T_INNER, draw, finite,
-                        joint_into, project, sgrad, step_at, svalue)
+                        joint_into, lower_grad_y, project, sgrad, step_at, svalue,
+                        upper_grad)
 from ._spec import MethodSpec
 
 VF_A1, VF_A2, VF_RHO, VF_DUAL_STEP, VF_EPS = N_FPAR, N_FPAR + 1, N_FPAR + 2, N_FPAR + 3, \
@@ -33,8 +34,8 @@ VF_A1, VF_A2, VF_RHO, VF_DUAL_STEP, VF_EPS = N_FPAR, N_FPAR + 1, N_FPAR + 2, N_F
 
 
 @njit(cache=True)
-def value_function_loop(ufns, uargs, lfns, largs, x, y, work, fpar, ipar, samp_u, samp_l,
-                         rng, proj, k0, n_iter, counts, dual):
+def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
+                        samp_u, samp_l, rng, proj, k0, n_iter, counts, dual):
     dx = x.shape[0]
     dy = y.shape[0]
     T = ipar[T_INNER]
@@ -59,14 +60,14 @@ def value_function_loop(ufns, uargs, lfns, largs, x, y, work, fpar, ipar, samp_u
         for t in range(T):
             joint_into(zh, x, yhat)
             idx, _ = draw(samp_l, rng)
-            g = sgrad(lfns, largs, zh, idx, counts, LOWER_GRAD)
+            g = lower_grad_y(lfns, largs, lflags, zh, dx, idx, counts)
             for i in range(dy):
-                yhat[i] -= beta * (g[dx + i] + a1 * yhat[i])
+                yhat[i] -= beta * (g[i] + a1 * yhat[i])
         joint_into(z, x, y)
         joint_into(zh, x, yhat)
         idx_l, _ = draw(samp_l, rng)
         idx_u, _ = draw(samp_u, rng)
-        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
         gv = svalue(lfns, largs, z, idx_l, counts, LOWER_VALUE)
         hv = svalue(lfns, largs, zh, idx_l, counts, LOWER_VALUE)
         c = gv - hv - 0.5 * a1 * (yhat @ yhat) - a2
@@ -94,7 +95,7 @@ def value_function_loop(ufns, uargs, lfns, largs, x, y, work, fpar, ipar, samp_u
 
 
 @njit(cache=True)
-def run_penalty(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_penalty(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
                 samp_l, rng, proj, k0, n_iter, counts):
     """Value-function penalty (lecture eqs. 26-28): per iteration, T warm-started SGD steps
     on ``yhat`` for ``g(x, .) + a1/2 |.|^2``; then, with one lower batch xi and one upper
@@ -106,8 +107,8 @@ def run_penalty(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, 
         y <- y - beta_k (grad_y f + rho [c > 0] grad_y g(x, y)) / (1 + rho)
 
     (Danskin: ``grad v_a(x) = grad_x g(x, yhat)``)."""
-    return value_function_loop(ufns, uargs, lfns, largs, x, y, work, fpar, ipar, samp_u,
-                                samp_l, rng, proj, k0, n_iter, counts, False)
+    return value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar,
+                               ipar, samp_u, samp_l, rng, proj, k0, n_iter, counts, False)
 
 
 def value_function_options(ctx, opts):

@@ -27,15 +27,15 @@ MULTIPLIER_INDEX = -1
 
 
 @njit(cache=True)
-def run_primal_dual(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+def run_primal_dual(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
                     samp_u, samp_l, rng, proj, k0, n_iter, counts):
     """Primal-dual value-function method (Sow et al. 2022b; lecture eq. 29): the penalty
     method's primal step on the Lagrangian ``(f + rho (g - v_a)) / (1 + rho)`` with the current
     multiplier ``rho = work[dy]`` (no max), then projected dual ascent
     ``rho <- max(0, rho + dual_step (c - eps))`` with the same minibatch estimate c of
     ``g(x, y) - v_a(x)`` (taken before the primal step)."""
-    return value_function_loop(ufns, uargs, lfns, largs, x, y, work, fpar, ipar, samp_u,
-                                samp_l, rng, proj, k0, n_iter, counts, True)
+    return value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar,
+                               ipar, samp_u, samp_l, rng, proj, k0, n_iter, counts, True)
 
 
 def _setup_primal_dual(ctx, opts):

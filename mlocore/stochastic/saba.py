@@ -21,11 +21,11 @@ row is ``(grad_y g_j, H_yy,j v, H_xy,j v)``, an upper row ``(grad_y f_i, grad_x 
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from .._validation import check_choice
 from ._device import DeviceMethod, batch_len, cuda, dl, launch
 from ._sampling import (ALPHA0, BATCHES, BETA0, DIVERGED, N_IPAR, OK, batch_of, draw,
-                        finite, joint_into, lower_cross, project, sgrad, step_at)
+                        finite, joint_into, lower_cross, lower_grad_y, project, step_at,
+                        upper_grad)
 from ._spec import MethodSpec
 
 __all__ = ["SPEC", "saba_tables", "saba_layout"]
@@ -54,19 +54,19 @@ def saba_layout(dx, dy, nb_l, nb_u):
 
 
 @njit(cache=True)
-def _saba_lower_row(lfns, largs, has_lhvp, z, v, dx, dy, idx, counts, row):
+def _saba_lower_row(lfns, largs, lflags, z, v, dx, dy, idx, counts, row):
     """``row = (grad_y g, H_yy v, H_xy v)`` on batch idx at z."""
-    gg = sgrad(lfns, largs, z, idx, counts, LOWER_GRAD)
-    hx, hy = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx, counts)
-    row[:dy] = gg[dx:]
+    gg = lower_grad_y(lfns, largs, lflags, z, dx, idx, counts)
+    hx, hy = lower_cross(lfns, largs, lflags, z, v, dx, idx, counts)
+    row[:dy] = gg
     row[dy:2 * dy] = hy
     row[2 * dy:] = hx
 
 
 @njit(cache=True)
-def _saba_upper_row(ufns, uargs, z, dx, dy, idx, counts, row):
+def _saba_upper_row(ufns, uargs, uflags, z, dx, dy, idx, counts, row):
     """``row = (grad_y f, grad_x f)`` on batch idx at z."""
-    gf = sgrad(ufns, uargs, z, idx, counts, UPPER_GRAD)
+    gf = upper_grad(ufns, uargs, uflags, z, dx, idx, counts)
     row[:dy] = gf[dx:]
     row[dy:] = gf[:dx]
 
@@ -85,7 +85,7 @@ def _saga_update(new, table_row, mean, weight, frac, out):
 
 
 @njit(cache=True)
-def run_saba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_saba(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
              samp_l, rng, proj, k0, n_iter, counts):
     """SABA (Dagreou et al. 2022): SOBA's joint steps on y, v, x with SAGA estimates of the
     five directions over fixed minibatches (lower batch j, upper batch i)::
@@ -130,11 +130,11 @@ def run_saba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipa
             mean_u[:] = 0.0
             for b in range(nb_l):
                 idx = batch_of(samp_l, b)
-                _saba_lower_row(lfns, largs, has_lhvp, z, v, dx, dy, idx, counts, table_l[b])
+                _saba_lower_row(lfns, largs, lflags, z, v, dx, dy, idx, counts, table_l[b])
                 mean_l += (idx.shape[0] / n_l) * table_l[b]
             for b in range(nb_u):
                 idx = batch_of(samp_u, b)
-                _saba_upper_row(ufns, uargs, z, dx, dy, idx, counts, table_u[b])
+                _saba_upper_row(ufns, uargs, uflags, z, dx, dy, idx, counts, table_u[b])
                 mean_u += (idx.shape[0] / n_u) * table_u[b]
         work[flag] = 1.0
     for it in range(n_iter):
@@ -144,8 +144,8 @@ def run_saba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipa
         joint_into(z, x, y)
         idx_l, j = draw(samp_l, rng)
         idx_u, i = draw(samp_u, rng)
-        _saba_lower_row(lfns, largs, has_lhvp, z, v, dx, dy, idx_l, counts, new_l)
-        _saba_upper_row(ufns, uargs, z, dx, dy, idx_u, counts, new_u)
+        _saba_lower_row(lfns, largs, lflags, z, v, dx, dy, idx_l, counts, new_l)
+        _saba_upper_row(ufns, uargs, uflags, z, dx, dy, idx_u, counts, new_u)
         fl = idx_l.shape[0] / n_l
         fu = idx_u.shape[0] / n_u
         _saga_update(new_l, table_l[j], mean_l, nb_l * fl, fl, d_l)

@@ -14,15 +14,14 @@ with ``rho = beta`` and ``gamma = alpha`` schedules (mlocore's sign convention: 
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from ._device import DeviceMethod, cuda, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, draw, finite, joint_into, lower_cross,
-                        sgrad, step_at, upper_step)
+                        lower_grad_y, step_at, upper_grad, upper_step)
 from ._spec import MethodSpec, work_v
 
 
 @njit(cache=True)
-def run_soba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_soba(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
              samp_l, rng, proj, k0, n_iter, counts):
     """SOBA (Dagreou et al. 2022): joint single-loop steps on y, v and x::
 
@@ -43,11 +42,11 @@ def run_soba(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipa
         joint_into(z, x, y)
         idx_l, _ = draw(samp_l, rng)
         idx_u, _ = draw(samp_u, rng)
-        gg = sgrad(lfns, largs, z, idx_l, counts, LOWER_GRAD)
-        hx, hy = lower_cross(lfns, largs, has_lhvp, z, v, dx, idx_l, counts)
-        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        gg = lower_grad_y(lfns, largs, lflags, z, dx, idx_l, counts)
+        hx, hy = lower_cross(lfns, largs, lflags, z, v, dx, idx_l, counts)
+        gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
         for i in range(dy):
-            y[i] -= rho * gg[dx + i]
+            y[i] -= rho * gg[i]
             v[i] -= rho * (hy[i] - gf[dx + i])
         upper_step(x, gf[:dx] - hx, gamma, proj)
         if not (finite(x) and finite(y) and finite(v)):

@@ -24,11 +24,10 @@ import math
 import numpy as np
 from numba import njit
 
-from .._kernels.oracles import LOWER_GRAD, UPPER_GRAD
 from .._validation import check_positive
 from ._device import DeviceMethod, cuda, dl, launch
 from ._sampling import (ALPHA0, BETA0, DIVERGED, N_FPAR, OK, draw, finite, joint_into,
-                        lower_cross, sgrad, step_at, upper_step)
+                        lower_cross, lower_grad_y, step_at, upper_grad, upper_step)
 from ._spec import MethodSpec
 
 #: STABLE's default Hessian averaging weight (see :func:`_setup_stable`).
@@ -42,7 +41,7 @@ _JACOBI_SWEEPS = 60
 
 
 @njit(cache=True)
-def run_stable(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_stable(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
                samp_l, rng, proj, k0, n_iter, counts):
     """STABLE (Chen, Sun & Yin 2022): single-timescale steps with dense Hessian estimates.
 
@@ -88,7 +87,7 @@ def run_stable(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, i
         idx_h, _ = draw(samp_l, rng)
         for j in range(dy):
             e[j] = 1.0
-            hx, hy = lower_cross(lfns, largs, has_lhvp, z, e, dx, idx_h, counts)
+            hx, hy = lower_cross(lfns, largs, lflags, z, e, dx, idx_h, counts)
             e[j] = 0.0
             hy_col[:, j] = hy
             hx_col[:, j] = hx
@@ -114,18 +113,18 @@ def run_stable(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, i
         Hyy[:, :] = (V * lam) @ V.T
         # upper step
         idx_u, _ = draw(samp_u, rng)
-        gf = sgrad(ufns, uargs, z, idx_u, counts, UPPER_GRAD)
+        gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
         v = V @ ((V.T @ gf[dx:]) / lam)
         h = gf[:dx] - Hxy @ v
         xold[:] = x
         upper_step(x, h, step_at(fpar, ALPHA0, k), proj)
         # lower step with the correction -(H_yy)^{-1} H_yx (x_{k+1} - x_k)
         idx_g, _ = draw(samp_l, rng)
-        gg = sgrad(lfns, largs, z, idx_g, counts, LOWER_GRAD)
+        gg = lower_grad_y(lfns, largs, lflags, z, dx, idx_g, counts)
         c = V @ ((V.T @ (Hxy.T @ (x - xold))) / lam)
         beta = step_at(fpar, BETA0, k)
         for i in range(dy):
-            y[i] -= beta * gg[dx + i] + c[i]
+            y[i] -= beta * gg[i] + c[i]
         if not (finite(x) and finite(y)):
             return DIVERGED, it
     return OK, n_iter

@@ -22,7 +22,7 @@ from ._spec import MethodSpec
 
 
 @njit(cache=True)
-def neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u, samp_l, rng,
+def neumann_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, fpar, ipar, samp_u, samp_l, rng,
                  proj, k0, n_iter, counts, randomized):
     """T lower SGD steps, then the projected upper step along the Neumann hypergradient
     estimate (summed, or randomized with ``randomized``)."""
@@ -33,9 +33,9 @@ def neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u, s
     eta = fpar[ETA]
     for it in range(n_iter):
         k = k0 + it
-        inner_sgd(lfns, largs, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
+        inner_sgd(lfns, largs, lflags, z, x, y, dx, step_at(fpar, BETA0, k), T, samp_l, rng, counts)
         joint_into(z, x, y)
-        h = hypergrad_estimate(ufns, uargs, lfns, largs, has_lhvp, z, dx, eta, Q, samp_u,
+        h = hypergrad_estimate(ufns, uargs, lfns, largs, uflags, lflags, z, dx, eta, Q, samp_u,
                                samp_l, rng, counts, randomized)
         upper_step(x, h, step_at(fpar, ALPHA0, k), proj)
         if not (finite(x) and finite(y)):
@@ -44,11 +44,11 @@ def neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u, s
 
 
 @njit(cache=True)
-def run_stocbio(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar,
+def run_stocbio(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar,
                 samp_u, samp_l, rng, proj, k0, n_iter, counts):
     """StocBiO (Ji, Yang & Liang 2021): T warm-started lower SGD steps, then the upper step
     with ``v = eta sum_{q<Q} prod_{j<=q} (I - eta H_j) grad_y f`` (Q - 1 HVPs)."""
-    return neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u,
+    return neumann_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, fpar, ipar, samp_u,
                         samp_l, rng, proj, k0, n_iter, counts, False)
 
 

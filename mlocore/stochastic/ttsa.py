@@ -19,12 +19,12 @@ from .stocbio import neumann_loop
 
 
 @njit(cache=True)
-def run_ttsa(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_ttsa(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
              samp_l, rng, proj, k0, n_iter, counts):
     """TTSA (Hong et al. 2023): one lower SGD step with ``beta_k``, then one projected upper
     step with ``alpha_k << beta_k`` along the randomized-Neumann hypergradient estimate
     (the default schedules are ``alpha ~ k^-3/5``, ``beta ~ k^-2/5``)."""
-    return neumann_loop(ufns, uargs, lfns, largs, has_lhvp, x, y, fpar, ipar, samp_u,
+    return neumann_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, fpar, ipar, samp_u,
                         samp_l, rng, proj, k0, n_iter, counts, True)
 
 

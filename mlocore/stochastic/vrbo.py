@@ -25,7 +25,7 @@ VRBO_PERIOD = N_IPAR
 
 
 @njit(cache=True)
-def run_vrbo(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipar, samp_u,
+def run_vrbo(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
              samp_l, rng, proj, k0, n_iter, counts):
     """VRBO (Yang, Ji & Liang 2021) with one lower step per upper step::
 
@@ -63,16 +63,16 @@ def run_vrbo(ufns, uargs, lfns, largs, has_uhvp, has_lhvp, x, y, work, fpar, ipa
         joint_into(z, x, y)
         if k % period == 0:
             idx = full_index(largs, samp_l)
-            g1, _ = lower_grad_pair(lfns, largs, z, z, False, dx, idx, counts)
-            f1, _ = neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z, z, False, dx, eta,
+            g1, _ = lower_grad_pair(lfns, largs, lflags, z, z, False, dx, idx, counts)
+            f1, _ = neumann_pair(ufns, uargs, lfns, largs, uflags, lflags, z, z, False, dx, eta,
                                   Q, False, True, samp_u, samp_l, rng, counts)
             hg[:] = g1
             hf[:] = f1
         else:
             joint_into(zp, xp, yp)
             idx, _ = draw(samp_l, rng)
-            g1, g0 = lower_grad_pair(lfns, largs, z, zp, True, dx, idx, counts)
-            f1, f0 = neumann_pair(ufns, uargs, lfns, largs, has_lhvp, z, zp, True, dx, eta,
+            g1, g0 = lower_grad_pair(lfns, largs, lflags, z, zp, True, dx, idx, counts)
+            f1, f0 = neumann_pair(ufns, uargs, lfns, largs, uflags, lflags, z, zp, True, dx, eta,
                                    Q, False, False, samp_u, samp_l, rng, counts)
             for i in range(dy):
                 hg[i] += g1[i] - g0[i]
