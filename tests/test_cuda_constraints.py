@@ -21,6 +21,7 @@ from mlocore.problems import make_quadratic
 from mlocore.problems.cuda_callbacks import quadratic_device_problem
 from mlocore.problems.cuda_multilevel import trilevel_quadratic_device_problem
 from mlocore.problems.multilevel import make_trilevel_quadratic
+from oracle_helpers import joint_stochastic_twin
 
 # CPU references of n-level runs take the matrix-free recursion, as the device does
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("matrix_free_levels")]
