@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import call_kernel
+from ._callbacks import call_bound
 from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
@@ -87,9 +87,9 @@ def solve_lower(problem, x, y0, *, method="newton-cg", tol=1e-10, maxiter=1000, 
     comp = _compiled(problem, x, y0)
     counts = new_counts()
     lo = comp.lower
-    y, status, nit, gnorm, used_step = call_kernel(
-        _low.solve_lower_kernel, lo.fns, lo.kargs, lo.flags, x, y0, opts.code, opts.tol,
-        opts.maxiter, opts.step, counts)
+    y, status, nit, gnorm, used_step = call_bound(
+        lo.bound_kernels, None, _low.solve_lower_kernel, lambda: (lo.fns, lo.kargs, lo.flags),
+        x, y0, opts.code, opts.tol, opts.maxiter, opts.step, counts)
     detail = f"|grad_y g| = {gnorm:.3e} after {nit} iterations (lower_tol = {opts.tol:.1e})."
     return OptimizeResult(y=y, x=x, success=status == 0, status=int(status),
                           message=status_message(status, detail), nit=int(nit),
@@ -210,8 +210,9 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
     the optimization drivers, which keep y and v warm between calls)."""
     up, lo = comp.upper, comp.lower
     (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
-     eta_used) = call_kernel(
-        _imp.implicit_hypergrad, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags,
+     eta_used) = call_bound(
+        lo.bound_kernels, up, _imp.implicit_hypergrad,
+        lambda: (up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags),
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
         _SOLVERS[method], tol, atol, maxiter, eta, counts)
     out = implicit_result(method, grad=grad, x=x, y=ysol, v=v, fun=fun, status=status,
@@ -225,9 +226,10 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
 def _unrolled(comp, method, x, y, T, K, beta, counts):
     up, lo = comp.upper, comp.lower
     kernel = _itd.itd_reverse if method == "itd-reverse" else _itd.itd_forward
-    grad, yT, aux, fun, status, beta_used = call_kernel(
-        kernel, up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags, x, y, T, K, beta,
-        counts)
+    grad, yT, aux, fun, status, beta_used = call_bound(
+        lo.bound_kernels, up, kernel,
+        lambda: (up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags),
+        x, y, T, K, beta, counts)
     out = HypergradResult(
         grad=grad, x=x, y=yT, v=aux if method == "itd-reverse" else None,
         jacobian=aux if method == "itd-forward" else None, fun=fun, method=method,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import call_kernel
+from ._callbacks import call_bound
 from ._descent import (BILEVEL_METHODS, HyperObjectiveBase, descent_loop, descent_options,
                        driver_closures, multilevel_descent, multilevel_descent_options)
 from ._hypergrad import _check_problem, _compiled, implicit_call, unrolled_call
@@ -46,8 +46,9 @@ class _Driver:
     def solve_lower(self, x, y0, method=None, maxiter=None, tol=None, step=None):
         lo = self.comp.lower
         m = self.lower.code if method is None else method
-        y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, lo.fns, lo.kargs, lo.flags, x, y0, m,
+        y, status, nit, gnorm, _ = call_bound(
+            lo.bound_kernels, None, _low.solve_lower_kernel,
+            lambda: (lo.fns, lo.kargs, lo.flags), x, y0, m,
             self.lower.tol if tol is None else tol,
             self.lower.maxiter if maxiter is None else maxiter,
             self.lower.step if step is None else step, self.counts)

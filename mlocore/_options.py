@@ -96,7 +96,8 @@ def hypergrad_options(method, dy, **options):
     on small problems do not pay for validation again.
     """
     try:
-        key = (type(method), method, dy) + tuple((type(v), v) for v in options.values())
+        values = tuple(options.values())
+        key = (type(method), method, dy, values, tuple(map(type, values)))
         hit = _MEMO.get(key)
     except TypeError:  # an unhashable option: validate (and fail) without the memo
         return _hypergrad_options(method, dy, **options)

@@ -185,6 +185,8 @@ class CompiledObjective:
         self.blocks = objective.blocks
         self._bundle = BundleCache(FnTuple(funcs, fntypes))
         self.checked_dx = None  #: the dx of the bilevel problem it was checked for
+        #: kernel entry points bound to these callbacks (:func:`~mlocore._callbacks.call_bound`)
+        self.bound_kernels = {}
 
     @property
     def fns(self):

@@ -63,3 +63,36 @@ def test_njit_callback_with_explicit_signature_gives_the_closed_form(quad):
     x = np.array([0.3, -1.0, 2.0])
     res = mlo.hypergrad(p, x, np.zeros(quad.dy))
     np.testing.assert_allclose(res.grad, quad.hypergrad(x), rtol=1e-6)
+
+
+@njit
+def tripled_lower_grad(z):
+    out = np.empty(2)
+    out[0] = 0.0
+    out[1] = z[1] - 0.3
+    return out
+
+
+def test_replaced_callback_reaches_the_bound_kernel_entry():
+    """Kernel entry points are bound to a problem's callbacks once; replacing a callback
+    (y* = 0.1 -> 0.3) must still reach the kernels, for solve_lower and hypergrad."""
+    lower = mlo.Objective(scaled_lower_grad)
+    p = mlo.BilevelProblem(mlo.Objective(identity_upper_grad), lower, dims=(1, 1))
+    x0, y0 = np.zeros(1), np.zeros(1)
+    assert mlo.solve_lower(p, x0, y0).y[0] == pytest.approx(0.1)
+    assert mlo.hypergrad(p, x0, y0).y[0] == pytest.approx(0.1)
+    lower.grad = tripled_lower_grad
+    assert mlo.solve_lower(p, x0, y0).y[0] == pytest.approx(0.3)
+    assert mlo.hypergrad(p, x0, y0).y[0] == pytest.approx(0.3)
+
+
+def test_option_types_do_not_change_the_bound_kernel_answer(quad):
+    """NumPy scalars for the per-call options (another key of the bound entry) give the
+    same hypergradient as Python scalars."""
+    p = quad.problem()
+    x, y = np.ones(quad.dx), np.zeros(quad.dy)
+    ref = mlo.hypergrad(p, x, y, tol=1e-12, maxiter=200)
+    other = mlo.hypergrad(p, x, y, tol=np.float64(1e-12), maxiter=np.int64(200),
+                          lower_maxiter=np.int32(1000))
+    np.testing.assert_array_equal(ref.grad, other.grad)
+    np.testing.assert_allclose(ref.grad, quad.hypergrad(x), rtol=1e-9, atol=1e-12)
