@@ -310,9 +310,32 @@ print(json.dumps(dict(t_import=t_import, t_numba=t_numba, t_first=t_first,
 """
 
 
+# the same never-compiled callbacks, compiled and called once by plain numba (no mlocore):
+# what a user's first call of these functions costs anyway
+_SCRIPT_PLAIN = """
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import numba
+t_import = time.perf_counter() - t0
+""" + compile_bench._DATA + compile_bench._NEW_CALLBACKS.replace("import mlocore as mlo", "") + """
+t0 = time.perf_counter()
+numba.njit(lambda a: a.sum())(np.ones(3))
+t_numba = time.perf_counter() - t0
+z = np.concatenate([x, y])
+t0 = time.perf_counter()
+g_grad(z, A, C); g_hvp(z, z, A, C); f_grad(z, yt, 0.1)
+t_callbacks = time.perf_counter() - t0
+print(json.dumps(dict(t_import=t_import, t_numba=t_numba, callbacks=t_callbacks)))
+"""
+
+
 def run_fresh(kind, cache_dir=None):
-    body = _SCRIPT_NEW if kind == "new" else _SCRIPT_CACHED.format(here=HERE)
-    script = _SCRIPT_HEAD + body + _SCRIPT_TAIL
+    if kind == "plain":
+        script = _SCRIPT_PLAIN
+    else:
+        body = _SCRIPT_NEW if kind == "new" else _SCRIPT_CACHED.format(here=HERE)
+        script = _SCRIPT_HEAD + body + _SCRIPT_TAIL
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
@@ -344,6 +367,10 @@ def compile_table(out, args):
         "first-point checks + loading the kernel from the cache)")
     for name, r in rows:
         out(f"  {name:<50} {r['callbacks']:>9.2f}s {r['bundles']:>7.3f}s {r['kernel']:>7.3f}s")
+    plain = run_fresh("plain")
+    out(f"  {'4. the same callbacks, plain numba (no mlocore)':<50} {plain['callbacks']:>9.2f}s"
+        f"      (import numpy+numba {plain['t_import']:.2f}s, numba start-up "
+        f"{plain['t_numba']:.2f}s)")
     out("  import: numpy+numba+mlocore; numba: numba's one-off start-up (first compile of a "
         "trivial function);")
     out("  1st cg: Objective/BilevelProblem + first hypergrad (callbacks compiled, kernel "
