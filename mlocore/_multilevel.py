@@ -24,6 +24,8 @@ The mode says how the curvature term is taken:
 - "exact": for k = n - 1 from the third-order product of f_n, ``-[I, M^T] T_n[(s, M s)]
   (0, H_n^{-1} w)`` (the ``tvp`` callback, or central differences of ``hvp``); deeper down
   by central differences of the adjoint with the lower levels re-solved. Exact for n <= 3;
+  skipped at every level k whose levels below are all declared ``Objective(quadratic=True)``
+  (``x_>k*`` is then affine, the term exactly zero);
 - "truncated": dropped (exact when the best responses are affine, e.g. quadratic levels);
 - "fd": the whole product ``Hess(phi_k) s`` by central differences of the reduced gradient,
   the lower levels re-solved (warm-started) at the shifted points;
@@ -33,7 +35,9 @@ and "itd" is the unrolled baseline of Sato, Tanaka & Takeda (2021), see
 Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Newton on
 phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
 whose operator for j < n is the recursive reduced product. Newton directions come from
-the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems with
+the truncated reduced Hessian (exact for quadratic levels); in dense form the levels below
+a trial point start from the first-order prediction ``x_>j + t M_j d`` (exact for affine
+best responses, so that their re-solves only check). On the CPU, problems with
 n >= 4 and joint size up to ``DENSE_LEVELS_MAX_SIZE`` (n = 3: ``DENSE_LEVELS_SMALL_SIZE``)
 take the recursion in dense form
 (:meth:`LevelRecursion._dense_at`): the blocks x_k of the reduced Hessians are formed by

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._multilevel import LevelFailure, MultilevelEngine
 from .._problem import MultilevelProblem, Objective
 from ._multilevel_base import _c64, _check_dims, _check_int
 from .nonquadratic_trilevel import (logcosh_quad_grad, logcosh_quad_hvp, logcosh_quad_tvp,
@@ -45,8 +46,6 @@ class NLevelLogcosh:
     def solve_all(self, x1, lower_tol=1e-11):
         """The joint vector with levels 2..n solved for x_1 (mlocore's nested solves, from
         zeros); a ValueError when a level fails."""
-        from .._multilevel import LevelFailure, MultilevelEngine
-
         x1 = np.asarray(x1, dtype=np.float64).ravel()
         if x1.shape != (self.dims[0],):
             raise ValueError(f"x_1 must have shape ({self.dims[0]},), got shape={x1.shape}")
