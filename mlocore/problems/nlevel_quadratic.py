@@ -343,9 +343,10 @@ def quadform_value_device(z, P, q):
     return _device_sum(terms)
 
 
-def _quadratic_levels(P, q, dims):
+def _quadratic_levels(P, q, dims, declared=False):
     levels = [_device_objective(quadform_grad_device, hvp=quadform_hvp_device,
-                                value=quadform_value_device, args=(Pk, qk))
+                                value=quadform_value_device, args=(Pk, qk),
+                                quadratic=declared)
               for Pk, qk in zip(P, q)]
     return _device_problem(levels, dims)
 
@@ -361,10 +362,11 @@ def nlevel_quadratic_device_problem(q):
     Returns
     -------
     DeviceMultilevelProblem
-        Levels ``f_k = z.P_k z / 2 + q_k.z`` with grad, hvp and value callbacks; the 2n arrays
-        are copied to the device once (``problem.transfers["h2d"] == 2 n``).
+        Levels ``f_k = z.P_k z / 2 + q_k.z`` with grad, hvp and value callbacks (declared
+        quadratic when q's levels are); the 2n arrays are copied to the device once
+        (``problem.transfers["h2d"] == 2 n``).
     """
     if not isinstance(q, NLevelQuadratic):
         raise TypeError("nlevel_quadratic_device_problem expects an NLevelQuadratic (from "
                         f"make_nlevel_quadratic), got {type(q).__name__}")
-    return _quadratic_levels(q.P, q.q, q.dims)
+    return _quadratic_levels(q.P, q.q, q.dims, q.problem.levels[0].quadratic)
