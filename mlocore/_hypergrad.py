@@ -123,7 +123,8 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         - "exact": both terms. The curvature term ``D_s[M_k^T] w`` (derivatives of order >= 2
           of the best responses below level k) from the third-order product of f_n (the
           ``tvp`` callback, else central differences of ``hvp``) for k = n - 1, and by
-          central differences of the adjoint with the lower levels re-solved for k < n - 1
+          central differences of the adjoint (the lower levels re-solved, or moved along
+          the tangent of their solution in the dense form) for k < n - 1
           (n >= 4: derivatives of order up to n, cost growing like the product of the
           ``2 d_k``). Skipped, being exactly zero, for every level k whose levels below are
           all declared ``Objective(quadratic=True)``. Exact for n <= 3 with ``tvp`` and for

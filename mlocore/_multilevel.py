@@ -23,7 +23,8 @@ The mode says how the curvature term is taken:
 
 - "exact": for k = n - 1 from the third-order product of f_n, ``-[I, M^T] T_n[(s, M s)]
   (0, H_n^{-1} w)`` (the ``tvp`` callback, or central differences of ``hvp``); deeper down
-  by central differences of the adjoint with the lower levels re-solved. Exact for n <= 3;
+  by central differences of the adjoint with the lower levels re-solved (dense form: moved
+  along the tangent, not re-solved, see :meth:`LevelRecursion._shifted`). Exact for n <= 3;
   skipped at every level k whose levels below are all declared ``Objective(quadratic=True)``
   (``x_>k*`` is then affine, the term exactly zero);
 - "truncated": dropped (exact when the best responses are affine, e.g. quadratic levels);
@@ -366,8 +367,13 @@ class LevelRecursion:
 
     def _shifted(self, k, z, s):
         """``(z+, z-, eps)``: z with x_<=k moved by ``+-eps s``, levels > k re-solved. In
-        dense form the re-solves start from the first-order prediction ``x_>k + eps M_k s``
-        (the tangent is a cached product there), an O(eps^2) start for the Newton steps."""
+        dense form the lower levels move along the tangent, ``x_>k +- eps M_k s`` (a cached
+        product there), and in "exact" mode they are not re-solved: the solution manifold
+        is ``z +- eps t + eps^2 c / 2 + O(eps^3)`` with the same second-order offset c on
+        both sides, so a central difference along the tangent of any smooth function of z
+        (here the adjoint ``M_k^T w`` as computed at z) has the same O(eps^2) error as at
+        the re-solved points, without the solves or their noise. "fd" re-solves (from the
+        tangent prediction, an O(eps^2) start for the Newton steps)."""
         o = self.off[k]
         sn, zn = self._norms(s, z[:o])
         eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
@@ -375,6 +381,8 @@ class LevelRecursion:
         hi = self.N if self.dense else o
         zp = self._shift(z, 0, hi, eps, d)
         zm = self._shift(z, 0, hi, -eps, d)
+        if self.dense and self.mode == "exact":
+            return zp, zm, eps
         return self.solve_from(zp, k), self.solve_from(zm, k), eps
 
     # -- the result ---------------------------------------------------------------------------
