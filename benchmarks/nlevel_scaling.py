@@ -1,19 +1,30 @@
 """How the n-level hypergradient grows with n (one run, one process, 1 BLAS thread).
 
-    python benchmarks/nlevel_scaling.py            # n = 2..8 (a few minutes)
-    python benchmarks/nlevel_scaling.py --quick    # n = 2..6
+    python benchmarks/nlevel_scaling.py            # cap 10 s per point
+    python benchmarks/nlevel_scaling.py --quick    # cap 3 s per point (under 3 minutes)
 
-For random n-level quadratic chains (``make_nlevel_quadratic``, d variables per level, every
-level started away from its best response) and each implicit mode, one
-``hypergrad(problem, xs, method=mode)``: time (best of 3 after a warm-up), Newton iterations
-and oracle calls summed over the levels, relative error against the closed form, and the
-growth t(n) / t(n - 1). The reference "n x bilevel" is n hypergradients of a bilevel
-quadratic with dx = dy = d (lower level solved from y = 0, CG), the cost of solving the same
-number of levels one at a time. A last table does the same for a non-quadratic chain (levels
-``logcosh + quadratic`` of dimension 1, the family of the n = 4 test), where "exact" and
-"truncated" differ by the curvature terms. A configuration stops growing n once one call
-takes more than ``--cap`` seconds. The table goes to
-``benchmarks/results/nlevel-scaling-<date>[-quick].txt``.
+n = 2..8 levels of d = 2, 5, 10 variables each, every level started away from its best
+response, one ``hypergrad(problem, xs, method=mode)`` per point: time (best of 3 when under
+0.1 s), Newton iterations and level solves summed over the levels, oracle calls (grad, hvp,
+tvp) summed over the levels, and the relative error of the hypergradient.
+
+1. Random quadratic chains (``make_nlevel_quadratic``), error against the closed form, in
+   the modes "exact" and "truncated" with the levels declared quadratic
+   (``Objective(quadratic=True)``: the curvature terms, zero here, are skipped) and
+   "exact", "truncated", "fd" undeclared (the curvature terms evaluated: nested central
+   differences below level n - 1).
+2. The non-quadratic chain ``make_nlevel_logcosh`` (log-cosh plus quadratic levels, no
+   closed form): "exact", "truncated" and "fd"; error of "exact" against central
+   differences of F (where affordable) and the gap |exact - truncated| / |exact|.
+3. The multilevel gradient method's hypergradient ("exact", declared quadratic chain, d = 5)
+   against the unrolled method of Sato, Tanaka & Takeda (2021) (``method="itd"``) at equal
+   accuracy: for each n the smallest T in 2, 4, .., 128 whose hypergradient is within
+   1e-3 (and 1e-6) of the closed form, with its time and oracle calls.
+
+A point is skipped, printed "skipped (> cap)", when the growth of the previous points
+predicts more than ``--cap`` seconds (and so are the larger n of that configuration). The
+tables go to ``benchmarks/results/nlevel-scaling-<date>[-quick].txt``, a plot (when
+matplotlib is installed) to the same name with ``.png``.
 """
 from __future__ import annotations
 
@@ -29,120 +40,245 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import mlocore as mlo  # noqa: E402
-from mlocore.problems import make_nlevel_quadratic, make_quadratic  # noqa: E402
-from mlocore.problems.nonquadratic_trilevel import (  # noqa: E402
-    logcosh_quad_grad, logcosh_quad_hvp, logcosh_quad_tvp, logcosh_quad_value)
+from mlocore.problems import make_nlevel_logcosh, make_nlevel_quadratic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET_N5_MS = 50.0
 TARGET_GROWTH_6_3 = 30.0
+NS = range(2, 9)
+DS = (2, 5, 10)
+SKIPPED = "skipped (> cap)"
 
 
-def best_of(fn, k=3):
-    fn()
-    best = np.inf
-    for _ in range(k):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
+def timed(fn, fast=0.1):
+    """(best time, result): one call, and best of 3 more when it took under ``fast``."""
+    t = time.perf_counter()
+    out = fn()
+    best = time.perf_counter() - t
+    if best < fast:
+        for _ in range(3):
+            t = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t)
     return best, out
 
 
-def logcosh_chain(n, seed=1):
-    """n levels of dimension 1: f_k = sum_i c_i logcosh(G_i . z - b_i) + 1/2 z.P z + q.z,
-    P couples level k with level k - 1 (the n = 4 family of tests/test_multilevel.py)."""
-    rng = np.random.default_rng(seed)
-    levels = []
-    for k in range(n):
-        G = rng.standard_normal((3, n)) * 1.5
-        b = rng.standard_normal(3)
-        c = rng.uniform(0.5, 1.5, 3)
-        P = np.zeros((n, n))
-        P[k, k] = 3.0 if k > 0 else 0.5
-        if k > 0:
-            P[k, k - 1] = P[k - 1, k] = 0.5
-        q = rng.standard_normal(n) * 0.5
-        levels.append(mlo.Objective(logcosh_quad_grad, hvp=logcosh_quad_hvp,
-                                    value=logcosh_quad_value, tvp=logcosh_quad_tvp,
-                                    args=(G, b, c, P, q)))
-    return mlo.MultilevelProblem(levels, (1,) * n)
+def calls(res):
+    oc = res.oracle_calls.values()
+    return (sum(c["grad"] for c in oc), sum(c["hvp"] for c in oc), sum(c["tvp"] for c in oc))
 
 
-def bilevel_reference(d, n):
-    q = make_quadratic(dx=d, dy=d, seed=0)
-    x, y = np.ones(d), np.zeros(d)
-    t, _ = best_of(lambda: mlo.hypergrad(q.problem, x, y, method="cg"))
-    return n * t
+class Capped:
+    """Predicts the next point of a configuration from the growth of the last two."""
+
+    def __init__(self, cap):
+        self.cap, self.times, self.stopped = cap, [], False
+
+    def skip(self):
+        if self.stopped:
+            return True
+        if self.times:
+            growth = self.times[-1] / self.times[-2] if len(self.times) > 1 else 2.0
+            if self.times[-1] * max(growth, 1.0) > self.cap:
+                self.stopped = True
+        return self.stopped
+
+    def add(self, t):
+        self.times.append(t)
+        if t > self.cap:
+            self.stopped = True
+
+
+def quadratic_point(n, d, declared):
+    q = make_nlevel_quadratic(n=n, dims=(d,) * n, seed=0, declare_quadratic=declared)
+    rng = np.random.default_rng(1)
+    return q, [rng.normal(size=d) for _ in range(n)]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cap", type=float, default=5.0)
+    ap.add_argument("--cap", type=float, default=None, help="seconds per point")
     args = ap.parse_args()
-    n_max = 6 if args.quick else 8
-    lines = [f"benchmarks/nlevel_scaling.py, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
-             f"numba {__import__('numba').__version__}, numpy {np.__version__}, "
-             f"{os.cpu_count()} cpus, 1 BLAS thread", ""]
+    cap = args.cap if args.cap is not None else (3.0 if args.quick else 10.0)
+    start = time.perf_counter()
+    lines = [f"benchmarks/nlevel_scaling.py{' --quick' if args.quick else ''}, "
+             f"{datetime.datetime.now():%Y-%m-%d %H:%M}, numba {__import__('numba').__version__}, "
+             f"numpy {np.__version__}, {os.cpu_count()} cpus, 1 BLAS thread, cap {cap:g} s "
+             "per point", ""]
 
     def emit(s=""):
         print(s, flush=True)
         lines.append(s)
 
-    times = {}
-    for d in (2, 5):
-        emit(f"quadratic chain, d = {d} per level")
-        emit(f"{'mode':>10} {'n':>3} {'time':>10} {'growth':>7} {'n x bilevel':>12} "
-             f"{'ratio':>7} {'newton it':>10} {'grad':>8} {'hvp':>9} {'rel err':>9}")
-        for mode in ("exact", "truncated"):
-            prev = None
-            for n in range(2, n_max + 1):
-                q = make_nlevel_quadratic(n=n, dims=(d,) * n, seed=0)
-                rng = np.random.default_rng(1)
-                xs = [rng.normal(size=d) for _ in range(n)]
-                t, res = best_of(lambda: mlo.hypergrad(q.problem, xs, method=mode), k=1 if
-                                 prev is not None and prev > 1.0 else 3)
-                g = q.hypergrad(xs[0])
-                err = np.linalg.norm(res.grad - g) / np.linalg.norm(g)
-                ref = bilevel_reference(d, n)
-                times[(d, mode, n)] = t
+    head = (f"{'mode':>19} {'n':>2} {'time':>10} {'growth':>7} {'newton':>7} {'solves':>7} "
+            f"{'grad':>8} {'hvp':>9} {'tvp':>8} {'rel err':>9}")
+    # warm-up: compile the callbacks and kernels
+    q, xs = quadratic_point(4, 2, False)
+    for mode in ("exact", "truncated", "fd"):
+        mlo.hypergrad(q.problem, xs, method=mode)
+    mlo.hypergrad(q.problem, xs, method="itd", T=2)
+    lc = make_nlevel_logcosh(3)
+    for mode in ("exact", "truncated", "fd"):
+        mlo.hypergrad(lc.problem, [np.zeros(1)] * 3, method=mode)
+
+    times, plot = {}, {}
+    emit("1. quadratic chains (make_nlevel_quadratic, seed 0), error against the closed form")
+    variants = [("exact", True), ("truncated", True), ("exact", False), ("truncated", False),
+                ("fd", False)]
+    for d in DS:
+        emit(f"d = {d} per level")
+        emit(head)
+        for mode, declared in variants:
+            label = f"{mode} ({'declared' if declared else 'undeclared'})"
+            capped = Capped(cap)
+            for n in NS:
+                if capped.skip():
+                    emit(f"{label:>19} {n:>2} {SKIPPED}")
+                    continue
+                q, xs = quadratic_point(n, d, declared)
+                t, res = timed(lambda: mlo.hypergrad(q.problem, xs, method=mode))
+                capped.add(t)
+                prev = times.get((d, label, n - 1))
+                times[(d, label, n)] = t
+                ng, nh, nt = calls(res)
+                plot.setdefault((d, label), []).append((n, t, ng + nh + nt))
                 growth = "-" if prev is None else f"{t / prev:.1f}"
-                emit(f"{mode:>10} {n:>3} {t * 1e3:>8.2f}ms {growth:>7} {ref * 1e3:>10.3f}ms "
-                     f"{t / ref:>7.0f} {int(res.lower_nit.sum()):>10} {res.ngrad:>8} "
-                     f"{res.nhvp:>9} {err:>9.1e}" + ("" if res.success else
-                                                      f"  {res.message}"))
-                prev = t
-                if t > args.cap:
-                    break
+                emit(f"{label:>19} {n:>2} {t * 1e3:>8.2f}ms {growth:>7} "
+                     f"{int(res.lower_nit.sum()):>7} {int(res.lower_solves.sum()):>7} {ng:>8} "
+                     f"{nh:>9} {nt:>8} {rel(res.grad, q.hypergrad(xs[0])):>9.1e}"
+                     + ("" if res.success else f"  {res.message}"))
         emit()
 
-    emit("non-quadratic chain (logcosh + quadratic levels of dimension 1)")
-    emit(f"{'n':>3} {'exact':>10} {'truncated':>10} {'growth ex':>9} {'|ex - tr|/|ex|':>15}")
-    prev = None
-    for n in range(3, n_max + 1):
-        p = logcosh_chain(n)
-        xs = [np.array([0.3])] + [np.zeros(1)] * (n - 1)
-        te, ex = best_of(lambda: mlo.hypergrad(p, xs, method="exact"), k=1)
-        tt, tr = best_of(lambda: mlo.hypergrad(p, xs, method="truncated"), k=1)
-        gap = np.linalg.norm(ex.grad - tr.grad) / np.linalg.norm(ex.grad)
-        growth = "-" if prev is None else f"{te / prev:.1f}"
-        emit(f"{n:>3} {te * 1e3:>8.2f}ms {tt * 1e3:>8.2f}ms {growth:>9} {gap:>15.2e}"
-             + ("" if ex.success and tr.success else f"  {ex.message} / {tr.message}"))
-        prev = te
-        if te > args.cap:
-            break
+    emit("2. non-quadratic chains (make_nlevel_logcosh, seed 1), x_1 = 0.3, lower levels from 0;")
+    emit("   rel err: exact against central differences of F (h = 1e-4, levels solved to "
+         "1e-11), '-' where too slow; gap: |exact - truncated| / |exact|")
+    for d in DS:
+        emit(f"d = {d} per level")
+        emit(head + f" {'gap':>9}")
+        exact_res = {}
+        for mode in ("exact", "truncated", "fd"):
+            capped = Capped(cap)
+            for n in NS:
+                if capped.skip():
+                    emit(f"{mode:>19} {n:>2} {SKIPPED}")
+                    continue
+                lc = make_nlevel_logcosh(n, dims=(d,) * n, seed=1)
+                xs = [np.full(d, 0.3)] + [np.zeros(d)] * (n - 1)
+                kw = dict(method=mode, tol=1e-12, lower_tol=1e-11)
+                t, res = timed(lambda: mlo.hypergrad(lc.problem, xs, **kw))
+                capped.add(t)
+                prev = times.get((d, f"logcosh {mode}", n - 1))
+                times[(d, f"logcosh {mode}", n)] = t
+                ng, nh, nt = calls(res)
+                plot.setdefault((d, f"logcosh {mode}"), []).append((n, t, ng + nh + nt))
+                err, gap = "-", "-"
+                if mode == "exact":
+                    exact_res[n] = res
+                    if 2 * d * t < cap and res.success:
+                        err = f"{rel(res.grad, lc.hypergrad_fd(xs[0])):.1e}"
+                elif n in exact_res:
+                    gap = f"{rel(res.grad, exact_res[n].grad):.1e}"
+                growth = "-" if prev is None else f"{t / prev:.1f}"
+                emit(f"{mode:>19} {n:>2} {t * 1e3:>8.2f}ms {growth:>7} "
+                     f"{int(res.lower_nit.sum()):>7} {int(res.lower_solves.sum()):>7} {ng:>8} "
+                     f"{nh:>9} {nt:>8} {err:>9} {gap:>9}"
+                     + ("" if res.success else f"  {res.message}"))
+        emit()
+
+    d = 5
+    emit(f"3. exact hypergradient (declared quadratic chain, d = {d}) against the unrolled "
+         "method (itd, Sato et al. 2021) at equal accuracy:")
+    emit("   smallest T in 2, 4, .., 128 (all levels) with rel err <= the target; ratio = "
+         "t(itd) / t(exact)")
+    emit(f"{'n':>2} {'exact':>10} {'err':>8} {'calls':>7} | {'target':>6} {'T':>4} "
+         f"{'itd':>10} {'err':>8} {'calls':>9} {'ratio':>8}")
+    itd_cap = {1e-3: Capped(cap), 1e-6: Capped(cap)}
+    for n in NS:
+        q, xs = quadratic_point(n, d, True)
+        g = q.hypergrad(xs[0])
+        te, ex = timed(lambda: mlo.hypergrad(q.problem, xs, method="exact"))
+        ce = sum(calls(ex))
+        for target in (1e-3, 1e-6):
+            c = itd_cap[target]
+            row = f"{n:>2} {te * 1e3:>8.2f}ms {rel(ex.grad, g):>8.1e} {ce:>7} | {target:>6.0e}"
+            if c.skip():
+                emit(f"{row} {SKIPPED}")
+                continue
+            T, found, spent = 2, None, 0.0
+            last = None
+            while T <= 128:
+                if last is not None and last * 2.0 ** (n - 1) > cap:
+                    break                          # the next T is predicted too slow
+                t, res = timed(lambda: mlo.hypergrad(q.problem, xs, method="itd", T=T))
+                spent += t
+                last = t
+                if res.success and rel(res.grad, g) <= target:
+                    found = (T, t, res)
+                    break
+                T *= 2
+            if found is None:
+                c.stopped = True
+                emit(f"{row} {SKIPPED} (T = {T} not reached)")
+                continue
+            T, t, res = found
+            c.add(t)
+            plot.setdefault((d, f"itd, err <= {target:.0e}"), []).append((n, t, sum(calls(res))))
+            emit(f"{row} {T:>4} {t * 1e3:>8.2f}ms {rel(res.grad, g):>8.1e} {sum(calls(res)):>9} "
+                 f"{t / te:>8.0f}")
     emit()
 
-    t5, t3, t6 = (times.get((5, "exact", n)) for n in (5, 3, 6))
+    emit("targets (d = 5, quadratic chain):")
+    t5 = times.get((5, "exact (declared)", 5))
     if t5 is not None:
-        emit(f"target: exact, d = 5, n = 5 within {TARGET_N5_MS:.0f} ms: {t5 * 1e3:.1f} ms "
+        emit(f"  exact (declared), n = 5, within {TARGET_N5_MS:.0f} ms: {t5 * 1e3:.2f} ms "
              f"({'MET' if t5 * 1e3 <= TARGET_N5_MS else 'not met'})")
-    if t3 is not None and t6 is not None:
-        emit(f"target: exact, d = 5, t(6) / t(3) <= {TARGET_GROWTH_6_3:.0f}: {t6 / t3:.0f} "
-             f"({'MET' if t6 / t3 <= TARGET_GROWTH_6_3 else 'not met'})")
-    name = f"nlevel-scaling-{datetime.date.today()}{'-quick' if args.quick else ''}.txt"
-    with open(os.path.join(HERE, "results", name), "w") as fh:
+    t5u = times.get((5, "exact (undeclared)", 5))
+    if t5u is not None:
+        emit(f"  exact (undeclared), n = 5: {t5u * 1e3:.1f} ms")
+    for label in ("exact (declared)", "truncated (declared)", "exact (undeclared)",
+                  "truncated (undeclared)", "fd (undeclared)", "logcosh exact",
+                  "logcosh truncated", "logcosh fd"):
+        t3, t6 = times.get((5, label, 3)), times.get((5, label, 6))
+        if t3 is not None and t6 is not None:
+            r = t6 / t3
+            emit(f"  t(6) / t(3), {label}: {r:.1f}"
+                 + (f" ({'MET' if r <= TARGET_GROWTH_6_3 else 'not met'} <= "
+                    f"{TARGET_GROWTH_6_3:.0f})" if label == "exact (declared)" else ""))
+        elif t3 is not None:
+            emit(f"  t(6) / t(3), {label}: n = 6 {SKIPPED}")
+    emit(f"total {time.perf_counter() - start:.0f} s")
+    name = f"nlevel-scaling-{datetime.date.today()}{'-quick' if args.quick else ''}"
+    with open(os.path.join(HERE, "results", name + ".txt"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (dd, label), pts in sorted(plot.items()):
+        if dd != 5:
+            continue
+        n_, t_, c_ = zip(*pts)
+        style = "--" if label.startswith("itd") else (":" if "logcosh" in label else "-")
+        axes[0].semilogy(n_, t_, style, marker="o", label=label)
+        axes[1].semilogy(n_, c_, style, marker="o", label=label)
+    axes[0].set_ylabel("time per hypergradient (s)")
+    axes[1].set_ylabel("oracle calls (grad + hvp + tvp)")
+    for ax in axes:
+        ax.set_xlabel("levels n (d = 5 per level)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("mlocore n-level hypergradient: exact / truncated / fd vs unrolled (itd)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "results", name + ".png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,26 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         Bilevel (default "cg"): implicit differentiation with ``H_yy v = grad_y f`` solved by
         conjugate gradient ("cg"), a dense Cholesky solve ("direct") or a Neumann series
         ("neumann"); or unrolled differentiation through T gradient steps ("itd-reverse",
-        "itd-forward"); docs/mathematics.md sections 1-2. Multilevel (default "exact"): "exact",
-        "fd" or "truncated" (docs/mathematics.md section 3 and :mod:`mlocore._multilevel`), or
-        "itd", the unrolled baseline of Sato et al. (T steps per lower level from the given
-        starts; T and step may be per-level sequences).
+        "itd-forward"); docs/mathematics.md sections 1-2. Multilevel (default "exact";
+        docs/mathematics.md section 3, Gu & Chen 2024), by the terms of the reduced Hessians
+        ``Hess phi_k s = [I, M_k^T] Hess f_k (s, M_k s) + D_s[M_k^T] grad_>k f_k`` they keep:
+
+        - "exact": both terms. The curvature term ``D_s[M_k^T] w`` (derivatives of order >= 2
+          of the best responses below level k) from the third-order product of f_n (the
+          ``tvp`` callback, else central differences of ``hvp``) for k = n - 1, and by
+          central differences of the adjoint (the lower levels re-solved, or moved along
+          the tangent of their solution in the dense form) for k < n - 1
+          (n >= 4: derivatives of order up to n, cost growing like the product of the
+          ``2 d_k``). Skipped, being exactly zero, for every level k whose levels below are
+          all declared ``Objective(quadratic=True)``. Exact for n <= 3 with ``tvp`` and for
+          declared quadratic levels; otherwise up to the differences' error.
+        - "truncated": the first term only (exact when the best responses are affine). The
+          lower levels are still solved for the problem itself: for n >= 4, unless levels
+          4..n are declared quadratic, with the exact recursion, which costs as "exact".
+        - "fd": the whole product by central differences of the reduced gradient, the lower
+          levels re-solved (any n; cost like "exact" undeclared).
+        - "itd": the unrolled baseline of Sato et al. (T steps per lower level from the
+          given starts; T and step may be per-level sequences).
     tol, atol : float
         Linear solve: ``|grad_y f - H_yy v| <= max(tol |grad_y f|, atol)``. The lower level is
         solved to ``|grad_y g| <= lower_tol``, by default ``min(tol, 1e-10)``.
@@ -150,7 +166,13 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
     -------
     HypergradResult
         ``grad``, ``y`` (the lower point used), ``v``, ``fun``, ``success``, ``message``,
-        ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`).
+        ``nit``, ``oracle_calls``, ... (see :class:`HypergradResult`). Multilevel: ``xs``,
+        ``z``, ``oracle_calls`` per level (``{"level1": {"grad", "hvp", "tvp", "value"},
+        ..}``) and per-level arrays (index k - 1 for level k): ``lower_nit`` (Newton
+        iterations over all solves of the level; "itd": gradient steps run),
+        ``lower_solves`` (how often the level was solved, nested re-solves included;
+        "itd": inner loops run) and ``lower_grad_norm`` (``|grad phi_k|`` where the solve
+        of the given point left it; NaN for level 1, with ``lower_solved`` and for "itd").
     """
     if getattr(problem, "device_multilevel", False):  # DeviceMultilevelProblem
         return _multilevel_cuda(problem, x, method, tol=tol, lower_solved=lower_solved,

@@ -23,7 +23,10 @@ The mode says how the curvature term is taken:
 
 - "exact": for k = n - 1 from the third-order product of f_n, ``-[I, M^T] T_n[(s, M s)]
   (0, H_n^{-1} w)`` (the ``tvp`` callback, or central differences of ``hvp``); deeper down
-  by central differences of the adjoint with the lower levels re-solved. Exact for n <= 3;
+  by central differences of the adjoint with the lower levels re-solved (dense form: moved
+  along the tangent, not re-solved, see :meth:`LevelRecursion._shifted`). Exact for n <= 3;
+  skipped at every level k whose levels below are all declared ``Objective(quadratic=True)``
+  (``x_>k*`` is then affine, the term exactly zero);
 - "truncated": dropped (exact when the best responses are affine, e.g. quadratic levels);
 - "fd": the whole product ``Hess(phi_k) s`` by central differences of the reduced gradient,
   the lower levels re-solved (warm-started) at the shifted points;
@@ -33,7 +36,9 @@ and "itd" is the unrolled baseline of Sato, Tanaka & Takeda (2021), see
 Newton-CG (a bilevel lower problem against x_<n), each level j < n by inexact Newton on
 phi_j with a backtracking search on ``|grad phi_j|``, every block system ``H_j v = b`` by CG
 whose operator for j < n is the recursive reduced product. Newton directions come from
-the truncated reduced Hessian (exact for quadratic levels). On the CPU, problems with
+the truncated reduced Hessian (exact for quadratic levels); in dense form the levels below
+a trial point start from the first-order prediction ``x_>j + t M_j d`` (exact for affine
+best responses, so that their re-solves only check). On the CPU, problems with
 n >= 4 and joint size up to ``DENSE_LEVELS_MAX_SIZE`` (n = 3: ``DENSE_LEVELS_SMALL_SIZE``)
 take the recursion in dense form
 (:meth:`LevelRecursion._dense_at`): the blocks x_k of the reduced Hessians are formed by
@@ -134,15 +139,30 @@ class LevelRecursion:
                                                                DENSE_LEVELS_MAX_SIZE)
         self.dense = self.dense_levels and self.n >= 3 and self.N <= limit
         self._dense_points = {}
+        # affine[k]: every level below k is declared quadratic (Objective(quadratic=True)),
+        # so x_>k* is affine in x_<=k and the curvature term of level k is exactly zero
+        quad = [bool(getattr(obj, "quadratic", False)) for obj in problem.levels]
+        self.affine = [all(quad[k:]) for k in range(self.n + 1)]
+        # per-level statistics of the solves (shared with the solvers this engine builds):
+        # how often each level was solved, and |grad phi_k| where the last solve ended
+        self.stats = {"solves": np.zeros(self.n, dtype=np.int64),
+                      "grad_norm": np.full(self.n, np.nan)}
+
+    def _sub_engine(self, mode):
+        """An engine of the same problem in another mode sharing oracles, counters and
+        statistics with this one."""
+        eng = type(self)(self.p, mode, self.tol, self.lower_tol, self.lower_maxiter,
+                         self.fd_step, shared=self._shared_state())
+        eng.stats = self.stats
+        return eng
 
     def _init_solver(self):
         """The lower levels must be solved for the problem itself whatever the mode: for
         n >= 4 the truncated reduced gradients of the middle levels would move their
-        solutions, so "truncated" solves them with the exact recursion (sharing state)."""
-        if self.mode == "truncated" and self.n >= 4:
-            self._solver = type(self)(self.p, "exact", self.tol, self.lower_tol,
-                                      self.lower_maxiter, self.fd_step,
-                                      shared=self._shared_state())
+        solutions, so "truncated" solves them with the exact recursion (sharing state),
+        unless levels 4..n are declared quadratic (the terms it drops are zero there)."""
+        if self.mode == "truncated" and self.n >= 4 and not self.affine[3]:
+            self._solver = self._sub_engine("exact")
 
     # -- the solves ---------------------------------------------------------------------------
     def solve_block(self, j, z, b, rtol=None):
@@ -174,9 +194,7 @@ class LevelRecursion:
             return self.solve_block(j, z, g, rtol=rtol)
         newton = getattr(self, "_newton", None)
         if newton is None:
-            newton = self._newton = type(self)(
-                self.p, "truncated", self.tol, self.lower_tol, self.lower_maxiter,
-                self.fd_step, shared=self._shared_state())
+            newton = self._newton = self._sub_engine("truncated")
         try:
             return newton.solve_block(j, z, g, rtol=rtol)
         except LevelFailure:
@@ -197,6 +215,8 @@ class LevelRecursion:
         if k == self.n - 1:
             out, status, nit, gnorm = self._innermost(z)
             self.lower_nit[-1] += nit
+            self.stats["solves"][-1] += 1
+            self.stats["grad_norm"][-1] = gnorm
             if status != _low.OK:
                 raise LevelFailure(status, self.n, f"level {self.n}: |grad| = {gnorm:.3e} "
                                                    f"after {nit} iterations")
@@ -206,15 +226,24 @@ class LevelRecursion:
         z = self.solve_from(z, j)
         g = self.grad_reduced(j, z)[lo:hi]
         gnorm = self._norm(g)
+        self.stats["solves"][j - 1] += 1
         for it in range(self.lower_maxiter):
+            self.stats["grad_norm"][j - 1] = gnorm
             if gnorm <= self.lower_tol:
                 self.lower_nit[j - 1] += it
                 return z
             # inexact Newton on phi_j with a backtracking search on |grad phi_j|
             d = self._neg(self._newton_direction(j, z, g, min(1e-2, gnorm)))
+            if self.dense:
+                # the levels below start from the first-order prediction x_>j + t M_j d
+                # (exact for affine best responses, so their re-solves only check)
+                M = self._dense_at(z, j + 1)[0][j]
+                d, lo_d, hi_d = np.concatenate([d, M[:, lo:hi] @ d]), lo, self.N
+            else:
+                lo_d, hi_d = lo, hi
             t = 1.0
             for _ in range(40):
-                z_try = self.solve_from(self._shift(z, lo, hi, t, d), j)
+                z_try = self.solve_from(self._shift(z, lo_d, hi_d, t, d), j)
                 g_try = self.grad_reduced(j, z_try)[lo:hi]
                 gn_try = self._norm(g_try)
                 if math.isfinite(gn_try) and gn_try <= (1.0 - 1e-4 * t) * gnorm:
@@ -224,6 +253,7 @@ class LevelRecursion:
                 raise LevelFailure(4, j, f"level {j}: line search failed at |grad| = "
                                          f"{gnorm:.3e}")
             z, g, gnorm = z_try, g_try, gn_try
+        self.stats["grad_norm"][j - 1] = gnorm
         if gnorm <= self.lower_tol:
             self.lower_nit[j - 1] += self.lower_maxiter
             return z
@@ -318,7 +348,7 @@ class LevelRecursion:
         sh = self._join(s, self.tangent(k, z, s))
         h = self.hvp(k, z, sh)
         out = self._add(h[:o], self.adjoint(k, z, h[o:]))
-        if self.mode == "exact":
+        if self.mode == "exact" and not self.affine[k]:
             out = self._add(out, self.curvature(k, z, s, sh))
         return out
 
@@ -337,8 +367,13 @@ class LevelRecursion:
 
     def _shifted(self, k, z, s):
         """``(z+, z-, eps)``: z with x_<=k moved by ``+-eps s``, levels > k re-solved. In
-        dense form the re-solves start from the first-order prediction ``x_>k + eps M_k s``
-        (the tangent is a cached product there), an O(eps^2) start for the Newton steps."""
+        dense form the lower levels move along the tangent, ``x_>k +- eps M_k s`` (a cached
+        product there), and in "exact" mode they are not re-solved: the solution manifold
+        is ``z +- eps t + eps^2 c / 2 + O(eps^3)`` with the same second-order offset c on
+        both sides, so a central difference along the tangent of any smooth function of z
+        (here the adjoint ``M_k^T w`` as computed at z) has the same O(eps^2) error as at
+        the re-solved points, without the solves or their noise. "fd" re-solves (from the
+        tangent prediction, an O(eps^2) start for the Newton steps)."""
         o = self.off[k]
         sn, zn = self._norms(s, z[:o])
         eps = self.fd_step * (1.0 + zn) / max(sn, np.finfo(float).tiny)
@@ -346,6 +381,8 @@ class LevelRecursion:
         hi = self.N if self.dense else o
         zp = self._shift(z, 0, hi, eps, d)
         zm = self._shift(z, 0, hi, -eps, d)
+        if self.dense and self.mode == "exact":
+            return zp, zm, eps
         return self.solve_from(zp, k), self.solve_from(zm, k), eps
 
     # -- the result ---------------------------------------------------------------------------
@@ -355,9 +392,13 @@ class LevelRecursion:
         d1 = self.p.dims[0]
         status, detail = 0, ""
         grad, fun = self._nan(d1), np.nan
+        gnorms = np.full(self.n, np.nan)
         try:
             if not lower_solved:
-                z = self.solve_from(z, 1)
+                try:
+                    z = self.solve_from(z, 1)
+                finally:  # where the solve of the given point left each level
+                    gnorms = self.stats["grad_norm"].copy()
             grad = self.grad_reduced(1, z)[:d1]
             fun = self.value(1, z)
             if not self._all_finite(grad):
@@ -371,6 +412,7 @@ class LevelRecursion:
             grad=grad, z=z, xs=xs, fun=fun, method=self.mode, success=status == 0,
             status=int(status), message=status_message(status, detail),
             lower_nit=self.lower_nit.copy(), nit=int(self.lower_nit.sum()),
+            lower_grad_norm=gnorms, lower_solves=self.stats["solves"].copy(),
             oracle_calls=self.oracle_calls())
         out.ngrad, out.nhvp = self._totals()
         self._annotate(out)
@@ -620,6 +662,10 @@ class UnrolledRecursion:
         # the single-difference optimum keeps the amplified round-off small (no re-solves)
         self.fd_step = UNROLLED_FD_STEP if fd_step is None else fd_step
         self.eng = eng        # oracles, their counts and the vector operations
+        # per level: gradient steps run (forward passes and their re-runs in the reverse
+        # passes) and inner loops run
+        self.steps_run = np.zeros(self.n, dtype=np.int64)
+        self.loops_run = np.zeros(self.n, dtype=np.int64)
 
     def _start(self, z, k):
         """A new vector: z with the blocks of levels > k reset to the fixed starting points."""
@@ -653,6 +699,8 @@ class UnrolledRecursion:
         j = k + 1
         lo, hi = self.off[j - 1], self.off[j]
         beta = self.step_size(j, z)
+        self.steps_run[j - 1] += self.T[j]
+        self.loops_run[j - 1] += 1
         if j == self.n:
             out, status = self._unroll_innermost(z, self.T[j], beta)
             if status == _low.NONFINITE:
@@ -695,6 +743,8 @@ class UnrolledRecursion:
         lo, hi = self.off[k], self.off[j]
         z = self._start(z, k)
         beta = self.step_size(j, z)
+        self.steps_run[j - 1] += self.T[j]
+        self.loops_run[j - 1] += 1
         if j == self.n:
             return self._innermost_vjp(z, self.T[j], beta, w)
         traj = []
@@ -744,7 +794,9 @@ class UnrolledRecursion:
         out = HypergradResult(
             grad=grad, z=zz, xs=xs, fun=fun, method="itd", success=status == 0,
             status=int(status), message=status_message(status, detail), T=self.T[2:],
-            step=self.beta[2:], nit=int(self.T[2]), oracle_calls=self.oracle_calls())
+            step=self.beta[2:], nit=int(self.T[2]), lower_nit=self.steps_run.copy(),
+            lower_solves=self.loops_run.copy(), lower_grad_norm=np.full(self.n, np.nan),
+            oracle_calls=self.oracle_calls())
         out.ngrad, out.nhvp = self.eng._totals()
         self.eng._annotate(out)
         return out

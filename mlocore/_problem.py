@@ -48,6 +48,13 @@ class Objective:
     hvp_xy : callable, optional
         ``hvp_xy(z, v_y, *args) -> H_xy v_y = d/dx <grad_y g, v_y>`` (length dx): the cross
         product, needed once per implicit hypergradient and once per unrolled step.
+    quadratic : bool
+        A declaration that the objective is quadratic in z (constant Hessian, zero
+        third-order products). The n-level recursion then knows, without evaluating them,
+        that the best-response curvature terms of the levels above it vanish when every
+        level below them is quadratic too (docs/mathematics.md section 3), and skips them:
+        this is exact, not an approximation, as long as the declaration is true. mlocore
+        does not check it. Default False.
 
     Notes
     -----
@@ -68,7 +75,9 @@ class Objective:
     """
 
     def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None, *,
-                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None):
+                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None, quadratic=False):
+        if not isinstance(quadratic, (bool, np.bool_)):
+            raise TypeError(f"Objective quadratic must be True or False, got {quadratic!r}")
         for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("tvp", tvp),
                          ("grad_x", grad_x), ("grad_y", grad_y), ("hvp_yy", hvp_yy),
                          ("hvp_xy", hvp_xy)):
@@ -89,6 +98,7 @@ class Objective:
         self.grad_x, self.grad_y, self.hvp_yy, self.hvp_xy = grad_x, grad_y, hvp_yy, hvp_xy
         self._args = args
         self.n_samples = n_samples
+        self.quadratic = bool(quadratic)
         self._compiled = None
 
     @property
@@ -121,6 +131,8 @@ class Objective:
                 parts.append(f"{name}={getattr(fn, '__name__', fn)!s}")
         if self.n_samples is not None:
             parts.append(f"n_samples={self.n_samples}")
+        if self.quadratic:
+            parts.append("quadratic=True")
         return f"Objective({', '.join(parts)})"
 
     # -- compiled form --------------------------------------------------------------------

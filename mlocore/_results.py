@@ -77,7 +77,8 @@ class HypergradResult(OptimizeResult):
     nit : int
         Iterations of the linear solver (implicit) or unrolled steps T (ITD).
     lower_nit, lower_grad_norm : int, float
-        Lower-level solver iterations and the final ``|grad_y g|``.
+        Lower-level solver iterations and the final ``|grad_y g|``. For n levels, arrays
+        over the levels (see :func:`mlocore.hypergrad`), with ``lower_solves``.
     oracle_calls : dict
         Counts per callback (``upper_grad``, ``lower_grad``, ``lower_hvp``, ...);
         ``ngrad`` and ``nhvp`` are totals.

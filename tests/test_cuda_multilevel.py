@@ -44,6 +44,7 @@ def _check_against_cpu(res, ref, atol=1e-10):
     for a, b in zip(res.xs, ref.xs):
         np.testing.assert_allclose(a, b, rtol=0, atol=atol)
     np.testing.assert_array_equal(res.lower_nit, ref.lower_nit)
+    np.testing.assert_array_equal(res.lower_solves, ref.lower_solves)
     assert res.nit == ref.nit and res.method == ref.method
 
 
@@ -121,6 +122,26 @@ def test_nlevel_quadratic_n4_from_solved_point(method):
         assert list(res.lower_nit[2:]) != [0, 0]  # the shifted points were re-solved
     _check_transfers_numpy(res, 1, 1, 4)
     np.testing.assert_array_equal(z, z0)
+
+
+def test_declared_quadratic_levels_on_the_device():
+    """Levels declared quadratic (DeviceObjective(quadratic=True)): "exact" skips the
+    curvature terms on the device as on the CPU (same levels solved, same per-level
+    counts), with fewer oracle calls than the undeclared problem and the closed form."""
+    q = make_nlevel_quadratic(4, dims=(1, 1, 1, 1), seed=3, declare_quadratic=True)
+    dp = nlevel_quadratic_device_problem(q)
+    assert all(o.quadratic for o in dp.levels)
+    xs = _starts(q.dims, [0.7])
+    res = mlo.hypergrad(dp, xs, method="exact")
+    ref = mlo.hypergrad(q.problem, xs, method="exact")
+    _check_against_cpu(res, ref)
+    assert res.oracle_calls == ref.oracle_calls
+    np.testing.assert_allclose(res.grad, q.hypergrad(xs[0]), rtol=0, atol=1e-10)
+    und = mlo.hypergrad(make_nlevel_quadratic(4, dims=(1, 1, 1, 1), seed=3).problem, xs,
+                        method="exact")       # the CPU's matrix-free count, as the device's
+    assert und.success and und.nhvp > res.nhvp
+    with pytest.raises(TypeError, match="quadratic must be True or False"):
+        DeviceObjective(quadform_grad_device, quadratic=1)
 
 
 def test_nonquadratic_trilevel_curvature_terms():

@@ -1,11 +1,13 @@
 """n-level hypergradients and the multilevel gradient method (docs/mathematics.md section 3)."""
 import numpy as np
 import pytest
+from numba import njit
 
 import mlocore as mlo
 from mlocore import CallbackError
-from mlocore.problems import (make_nlevel_quadratic, make_nonquadratic_trilevel,
-                              make_trilevel_quadratic)
+from mlocore.problems import (make_nlevel_logcosh, make_nlevel_quadratic,
+                              make_nonquadratic_trilevel, make_trilevel_quadratic)
+from mlocore.problems.nlevel_quadratic import quadform_grad, quadform_hvp, quadform_value
 
 from conftest import DenseQuadratic
 
@@ -26,10 +28,15 @@ def test_two_levels_equal_bilevel(quad, quad_problem):
         np.testing.assert_allclose(res.grad, bi.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ["exact-declared", "truncated-declared"])
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 def test_modes_on_nlevel_quadratics(n, mode):
-    q = make_nlevel_quadratic(n=n, dims=tuple(range(2, 2 + n)) if n < 6 else (2,) * n, seed=n)
+    """Closed forms for n = 2..6; "-declared": the levels declared quadratic, so that the
+    curvature terms are skipped (the others evaluate them, by nested differences below
+    level n - 1)."""
+    mode, _, declared = mode.partition("-")
+    q = make_nlevel_quadratic(n=n, dims=tuple(range(2, 2 + n)) if n < 6 else (2,) * n, seed=n,
+                              declare_quadratic=bool(declared))
     x1 = np.linspace(-1.0, 1.0, q.dims[0]) if hasattr(q, "dims") else np.ones(2)
     res = mlo.hypergrad(q.problem, starts(q.problem, x1), method=mode, tol=1e-12,
                         lower_tol=1e-10)
@@ -192,26 +199,10 @@ def test_indefinite_middle_level():
 
 # four logcosh-quadratic levels of dimension 1: "exact" needs differences of adjoints below
 # level n - 1, "truncated" must still solve the middle levels of the problem itself
-from mlocore.problems.multilevel import (logcosh_quad_grad, logcosh_quad_hvp,  # noqa: E402
-                                         logcosh_quad_tvp, logcosh_quad_value)
 
 
 def four_level_logcosh():
-    rng = np.random.default_rng(1)
-    levels = []
-    for k in range(4):
-        G = rng.standard_normal((3, 4)) * 1.5
-        b = rng.standard_normal(3)
-        c = rng.uniform(0.5, 1.5, 3)
-        P = np.zeros((4, 4))
-        P[k, k] = 3.0 if k > 0 else 0.5
-        if k > 0:
-            P[k, k - 1] = P[k - 1, k] = 0.5
-        q = rng.standard_normal(4) * 0.5
-        levels.append(mlo.Objective(logcosh_quad_grad, hvp=logcosh_quad_hvp,
-                                    value=logcosh_quad_value, tvp=logcosh_quad_tvp,
-                                    args=(G, b, c, P, q)))
-    return mlo.MultilevelProblem(levels, (1, 1, 1, 1))
+    return make_nlevel_logcosh(4, seed=1).problem
 
 
 def _four_level_exact(p, x1):
@@ -230,12 +221,18 @@ def test_truncated_mode_solves_the_same_lower_levels_as_exact_for_n4():
 
 
 def test_exact_mode_matches_central_differences_of_F_for_n4():
+    """... and "truncated", which drops the curvature terms (here of order 2 to 4 of the
+    lower best responses), misses them by more than 1e-3 relative."""
     p = four_level_logcosh()
     exact = _four_level_exact(p, 0.3)
     assert exact.success, exact.message
     h = 1e-4
     fd = (_four_level_exact(p, 0.3 + h).fun - _four_level_exact(p, 0.3 - h).fun) / (2 * h)
     assert exact.grad[0] == pytest.approx(fd, rel=1e-5)
+    trunc = mlo.hypergrad(p, [np.array([0.3]), np.zeros(1), np.zeros(1), np.zeros(1)],
+                          method="truncated", tol=1e-12, lower_tol=1e-11)
+    assert trunc.success
+    assert abs(trunc.grad[0] - fd) > 1e-3 * abs(fd)
 
 
 def test_lower_maxiter_with_fixed_step_fails_with_a_finite_x():
@@ -295,3 +292,113 @@ def test_dense_truncated_recursion_reports_an_indefinite_level():
     ml = mlo.MultilevelProblem([p.upper, p.lower], dims=p.dims)
     res = mlo.hypergrad(ml, [np.zeros(3), np.zeros(6)], method="truncated")
     assert not res.success and "positive definite" in res.message
+
+
+def test_exact_mode_matches_central_differences_of_F_for_n5():
+    """n = 5 non-quadratic levels (no closed form): the curvature terms hold derivatives of
+    the best responses up to order 5, by nested central differences; the reference is
+    central differences of F with the levels solved to 1e-11."""
+    lc = make_nlevel_logcosh(5, seed=2)
+    x1 = np.array([0.2])
+    res = mlo.hypergrad(lc.problem, [x1] + [np.zeros(1)] * 4, method="exact", tol=1e-12,
+                        lower_tol=1e-11)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.grad, lc.hypergrad_fd(x1), rtol=1e-5)
+
+
+def test_declared_quadratic_lower_levels_skip_exactly_zero_terms():
+    """Levels 1-2 log-cosh, levels 3-4 quadratic and declared so: x_>2* is affine, every
+    curvature term the hypergradient needs is zero and is skipped (no third-order products,
+    no differences); the hypergradient is that of the same problem
+    undeclared (nested differences) and central differences of F."""
+    lc = make_nlevel_logcosh(4, seed=1)
+    rng = np.random.default_rng(3)
+    quads = []
+    for _ in range(2):
+        A = rng.standard_normal((4, 4))
+        quads.append((A @ A.T + 4.0 * np.eye(4), rng.standard_normal(4)))
+
+    def problem(declared):
+        lv = lc.problem.levels[:2] + [
+            mlo.Objective(quadform_grad, hvp=quadform_hvp, value=quadform_value, args=a,
+                          quadratic=declared) for a in quads]
+        return mlo.MultilevelProblem(lv, (1, 1, 1, 1))
+
+    xs = [np.array([0.3]), np.zeros(1), np.zeros(1), np.zeros(1)]
+    kw = dict(method="exact", tol=1e-12, lower_tol=1e-11)
+    dec, und = mlo.hypergrad(problem(True), xs, **kw), mlo.hypergrad(problem(False), xs, **kw)
+    assert dec.success and und.success
+    assert dec.nhvp < und.nhvp        # no products at points shifted for differences
+    np.testing.assert_allclose(dec.grad, und.grad, rtol=1e-7)
+    h = 1e-4
+
+    def F(x):
+        return mlo.hypergrad(problem(True), [np.array([x])] + xs[1:], **kw).fun
+
+    assert dec.grad[0] == pytest.approx((F(0.3 + h) - F(0.3 - h)) / (2 * h), rel=1e-6)
+    with pytest.raises(TypeError, match="quadratic must be True or False"):
+        mlo.Objective(quadform_grad, quadratic="yes")
+
+
+# counting callbacks: every call increments the level's counter array (passed in args)
+@njit
+def _cq_grad(z, P, q, cnt):
+    cnt[0] += 1
+    return P @ z + q
+
+
+@njit
+def _cq_hvp(z, v, P, q, cnt):
+    cnt[1] += 1
+    return P @ v
+
+
+@njit
+def _cq_tvp(z, u, w, P, q, cnt):
+    cnt[2] += 1
+    return np.zeros(z.shape[0])
+
+
+@njit
+def _cq_value(z, P, q, cnt):
+    cnt[3] += 1
+    return 0.5 * (z @ (P @ z)) + q @ z
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_per_level_oracle_counts_and_solve_statistics(declared):
+    """The per-level oracle counts of every method equal what counting callbacks saw; the
+    per-level solve statistics of a quadratic chain started away from its solution: with
+    the levels declared quadratic, one Newton step per middle level (exact directions),
+    level k solved k - 1 times (the trial points start from the first-order prediction,
+    exact here, so the levels below only check), each final |grad phi_k| <= lower_tol."""
+    q = make_nlevel_quadratic(n=4, dims=(2, 2, 2, 2), seed=7)
+    counters = [np.zeros(4, dtype=np.int64) for _ in range(4)]
+    p = mlo.MultilevelProblem(
+        [mlo.Objective(_cq_grad, hvp=_cq_hvp, tvp=_cq_tvp, value=_cq_value,
+                       args=(P, qq, c), quadratic=declared)
+         for P, qq, c in zip(q.P, q.q, counters)], q.dims)
+    xs = [np.random.default_rng(4).normal(size=2) for _ in range(4)]
+    g = q.hypergrad(xs[0])
+    for method in ("exact", "truncated", "fd", "itd"):
+        kw = dict(T=4) if method == "itd" else dict(lower_tol=1e-10)
+        mlo.hypergrad(p, xs, method=method, **kw)       # the one-time callback checks
+        for c in counters:
+            c[:] = 0
+        res = mlo.hypergrad(p, xs, method=method, **kw)
+        assert res.success, (method, res.message)
+        for k, c in enumerate(counters, 1):
+            assert res.oracle_calls[f"level{k}"] == dict(zip(("grad", "hvp", "tvp", "value"),
+                                                          c.tolist())), (method, k)
+        assert res.lower_nit.shape == res.lower_solves.shape == (4,)
+        if method == "itd":
+            assert list(res.lower_nit[1:]) == [4 * s for s in res.lower_solves[1:]]
+            continue
+        assert np.linalg.norm(res.grad - g) <= (1e-6 if method == "fd" else 1e-9) * \
+            np.linalg.norm(g)
+        assert np.isnan(res.lower_grad_norm[0])
+        assert np.all(res.lower_grad_norm[1:] <= 1e-10)
+        if declared and method != "fd":
+            assert list(res.lower_nit[1:3]) == [1, 1]
+            assert list(res.lower_solves) == [0, 1, 2, 3]
+            assert all(c[2] == 0 for c in counters)    # no third-order products

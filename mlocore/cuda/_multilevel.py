@@ -574,8 +574,9 @@ def multilevel_hypergrad(problem, xs, method=None, *, tol=1e-10, lower_solved=Fa
     -------
     HypergradResult
         The CPU's fields (``grad``, ``z``, ``xs``, ``fun``, ``method``, ``success``,
-        ``status``, ``message``, ``lower_nit`` per level, ``nit``, ``oracle_calls`` per level,
-        ``ngrad``, ``nhvp``; "itd": ``T``, ``step``, ``nit`` = T_2 instead of ``lower_nit``)
+        ``status``, ``message``, ``lower_nit``, ``lower_solves`` and ``lower_grad_norm`` per
+        level, ``nit``, ``oracle_calls`` per level, ``ngrad``, ``nhvp``; "itd": ``T``,
+        ``step``, ``nit`` = T_2, ``lower_nit`` the steps run per level)
         plus ``transfers``: this call's host <-> device copies (inputs, the scalars read back
         by every stopping test, line search and difference step, one finiteness check of
         grad, the outputs; "itd" also copies one power-iteration start vector per level whose

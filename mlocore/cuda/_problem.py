@@ -78,6 +78,9 @@ class DeviceObjective:
     hvp_xy : callable, optional
         ``hvp_xy(z, v_y, out, *args)``: ``out <- H_xy v_y = d/dx <grad_y g, v_y>`` (out of
         size dx), once per implicit hypergradient and once per unrolled step back.
+    quadratic : bool
+        Declares the objective quadratic in z, as ``mlocore.Objective(quadratic=True)``: the
+        n-level recursion skips the curvature terms that vanish because of it. Not checked.
 
     Notes
     -----
@@ -97,7 +100,10 @@ class DeviceObjective:
     """
 
     def __init__(self, grad, hvp=None, value=None, args=(), n_samples=None, *,
-                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None):
+                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None, quadratic=False):
+        if not isinstance(quadratic, (bool, np.bool_)):
+            raise TypeError(f"DeviceObjective quadratic must be True or False, got "
+                            f"{quadratic!r}")
         for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("grad_x", grad_x),
                          ("grad_y", grad_y), ("hvp_yy", hvp_yy), ("hvp_xy", hvp_xy)):
             if fn is None and name != "grad":
@@ -113,6 +119,7 @@ class DeviceObjective:
         self.n_samples = None if n_samples is None else int(n_samples)
         self.grad, self.hvp, self.value = grad, hvp, value
         self.grad_x, self.grad_y, self.hvp_yy, self.hvp_xy = grad_x, grad_y, hvp_yy, hvp_xy
+        self.quadratic = bool(quadratic)
         self.transfers = Transfers()
         self._args = dl.device_args(args, self.transfers, "DeviceObjective")
 

@@ -51,6 +51,10 @@ make_nonquadratic_trilevel(dims=(2, 2, 2), seed=0, scale=1.0)
     -> NonquadraticTrilevel. Log-cosh levels with a nonlinear innermost best response (the
     best-response curvature terms matter); nested reference solver ``solve_all``, ``F``,
     ``hypergrad_fd``, ``dy_dx_fd``, ``implicit_derivatives``.
+make_nlevel_logcosh(n=4, dims=None, seed=1)
+    -> NLevelLogcosh. n log-cosh plus quadratic levels, every best response nonlinear (the
+    curvature terms matter at every depth); reference ``F`` by nested solves and
+    ``hypergrad_fd`` (central differences of F).
 load_poisoning_trilevel(n_train=8, n_val=40, features=("bmi", "bp", "s5"), seed=0)
     -> PoisoningTrilevel. Trilevel hyperparameter learning with data poisoning (Sato et al.)
     on scikit-learn's diabetes data; same reference solver.
@@ -58,6 +62,7 @@ load_poisoning_trilevel(n_train=8, n_val=40, features=("bmi", "bp", "s5"), seed=
 from .cleaning import DataCleaning, load_digits_cleaning, make_cleaning
 from .logistic import (BilevelReference, LogisticHyperparameter, load_breast_cancer_logistic,
                        make_logistic, make_logistic_ijcnn1_like)
+from .nlevel_logcosh import NLevelLogcosh, make_nlevel_logcosh
 from .nlevel_quadratic import NLevelQuadratic, make_nlevel_quadratic
 from .nonquadratic_trilevel import NonquadraticTrilevel, make_nonquadratic_trilevel
 from .poisoning import PoisoningTrilevel, load_poisoning_trilevel
@@ -68,5 +73,6 @@ __all__ = ["QuadraticBilevel", "make_quadratic", "LogisticHyperparameter", "make
            "make_logistic_ijcnn1_like", "load_breast_cancer_logistic", "DataCleaning",
            "load_digits_cleaning", "make_cleaning", "BilevelReference",
            "TrilevelQuadratic", "make_trilevel_quadratic", "NLevelQuadratic",
-           "make_nlevel_quadratic", "NonquadraticTrilevel", "make_nonquadratic_trilevel",
+           "make_nlevel_quadratic", "NLevelLogcosh", "make_nlevel_logcosh",
+           "NonquadraticTrilevel", "make_nonquadratic_trilevel",
            "PoisoningTrilevel", "load_poisoning_trilevel"]

@@ -11,6 +11,8 @@ Levels k = 1..n, x_1 outermost. Every level's objective f_k is written over the 
   quadratics, closed forms; the shared ``quadform_*`` callbacks);
 - :mod:`mlocore.problems.nonquadratic_trilevel`: ``make_nonquadratic_trilevel`` (log-cosh
   levels, nonlinear innermost best response; the ``logcosh_quad_*`` callbacks);
+- :mod:`mlocore.problems.nlevel_logcosh`: ``make_nlevel_logcosh`` (n log-cosh levels, every
+  best response nonlinear; reference by central differences of F);
 - :mod:`mlocore.problems.poisoning`: ``load_poisoning_trilevel`` (trilevel hyperparameter
   learning with data poisoning).
 
@@ -28,6 +30,7 @@ from .nlevel_quadratic import (NLevelQuadratic, make_nlevel_quadratic, quadform_
 from .nonquadratic_trilevel import (NonquadraticTrilevel, make_nonquadratic_trilevel,
                                     logcosh_quad_grad, logcosh_quad_hvp, logcosh_quad_value,
                                     logcosh_quad_tvp)
+from .nlevel_logcosh import NLevelLogcosh, make_nlevel_logcosh
 from .poisoning import (PoisoningTrilevel, load_poisoning_trilevel, poison_lower_value,
                         poison_lower_grad, poison_lower_hvp, poison_lower_tvp, poison_middle_value,
                         poison_middle_grad, poison_middle_hvp, poison_middle_tvp,
@@ -39,7 +42,8 @@ __all__ = ["TrilevelQuadratic", "make_trilevel_quadratic", "tq_upper_value", "tq
            "NLevelQuadratic", "make_nlevel_quadratic", "quadform_grad", "quadform_hvp",
            "quadform_value", "quadform_tvp", "NonquadraticTrilevel",
            "make_nonquadratic_trilevel", "logcosh_quad_grad", "logcosh_quad_hvp",
-           "logcosh_quad_value", "logcosh_quad_tvp", "PoisoningTrilevel",
+           "logcosh_quad_value", "logcosh_quad_tvp", "NLevelLogcosh", "make_nlevel_logcosh",
+           "PoisoningTrilevel",
            "load_poisoning_trilevel", "poison_lower_value", "poison_lower_grad",
            "poison_lower_hvp", "poison_lower_tvp", "poison_middle_value",
            "poison_middle_grad", "poison_middle_hvp", "poison_middle_tvp",

@@ -86,6 +86,10 @@ class NLevelQuadratic:
     P : sequence of n symmetric (N, N) arrays, N = sum(dims)
     q : sequence of n (N,) arrays
     dims : sequence of n positive ints
+    declare_quadratic : bool
+        Build the levels with ``Objective(quadratic=True)``: the n-level recursion then
+        skips the best-response curvature terms (zero here) instead of evaluating them
+        (for n >= 4, nested central differences). Default False.
 
     Raises
     ------
@@ -97,7 +101,7 @@ class NLevelQuadratic:
     ----------
     problem : MultilevelProblem
         Every level uses the shared callbacks ``quadform_grad/hvp/value/tvp`` with
-        ``args = (P_k, q_k)``.
+        ``args = (P_k, q_k)``, declared ``quadratic`` when ``declare_quadratic``.
     n, dims, offsets, size : the number of levels, block sizes, block offsets, N
     P, q : tuple of ndarray
     response_maps : dict {k: (A_k, a_k)}, k = 2..n
@@ -117,7 +121,7 @@ class NLevelQuadratic:
     F_star : float or None
     """
 
-    def __init__(self, P, q, dims):
+    def __init__(self, P, q, dims, declare_quadratic=False):
         dims = _check_dims(dims)
         n = len(dims)
         if n < 2:
@@ -142,7 +146,8 @@ class NLevelQuadratic:
         self._solve()
         self.problem = MultilevelProblem(
             levels=[Objective(quadform_grad, hvp=quadform_hvp, value=quadform_value,
-                              tvp=quadform_tvp, args=(Pk, qk))
+                              tvp=quadform_tvp, args=(Pk, qk),
+                              quadratic=bool(declare_quadratic))
                     for Pk, qk in zip(self.P, self.q)],
             dims=dims)
 
@@ -257,7 +262,7 @@ class NLevelQuadratic:
         return BilevelProblem(upper=up, lower=lo, dims=self.dims)
 
 
-def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0):
+def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0, declare_quadratic=False):
     """A random n-level quadratic with strongly convex levels and a closed-form solution.
 
     Each ``P_k`` is a random symmetric positive definite matrix over the whole joint vector
@@ -275,6 +280,8 @@ def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0):
         Seed of ``numpy.random.default_rng``.
     cond : float >= 1
         Spread of the eigenvalues of each P_k.
+    declare_quadratic : bool
+        Declare the levels ``Objective(quadratic=True)`` (see :class:`NLevelQuadratic`).
 
     Returns
     -------
@@ -291,7 +298,7 @@ def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0):
     N = sum(dims)
     P = [_spd(rng, N, 1.0, float(cond)) for _ in range(n)]
     q = [rng.standard_normal(N) for _ in range(n)]
-    return NLevelQuadratic(P, q, dims)
+    return NLevelQuadratic(P, q, dims, declare_quadratic)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,9 +343,10 @@ def quadform_value_device(z, P, q):
     return _device_sum(terms)
 
 
-def _quadratic_levels(P, q, dims):
+def _quadratic_levels(P, q, dims, declared=False):
     levels = [_device_objective(quadform_grad_device, hvp=quadform_hvp_device,
-                                value=quadform_value_device, args=(Pk, qk))
+                                value=quadform_value_device, args=(Pk, qk),
+                                quadratic=declared)
               for Pk, qk in zip(P, q)]
     return _device_problem(levels, dims)
 
@@ -354,10 +362,11 @@ def nlevel_quadratic_device_problem(q):
     Returns
     -------
     DeviceMultilevelProblem
-        Levels ``f_k = z.P_k z / 2 + q_k.z`` with grad, hvp and value callbacks; the 2n arrays
-        are copied to the device once (``problem.transfers["h2d"] == 2 n``).
+        Levels ``f_k = z.P_k z / 2 + q_k.z`` with grad, hvp and value callbacks (declared
+        quadratic when q's levels are); the 2n arrays are copied to the device once
+        (``problem.transfers["h2d"] == 2 n``).
     """
     if not isinstance(q, NLevelQuadratic):
         raise TypeError("nlevel_quadratic_device_problem expects an NLevelQuadratic (from "
                         f"make_nlevel_quadratic), got {type(q).__name__}")
-    return _quadratic_levels(q.P, q.q, q.dims)
+    return _quadratic_levels(q.P, q.q, q.dims, q.problem.levels[0].quadratic)
