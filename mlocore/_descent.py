@@ -10,6 +10,7 @@ backends.
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABCMeta
 from collections import deque
@@ -37,6 +38,9 @@ _MAX_BACKTRACK = 40
 _LBFGS_MEMORY = 10
 _HZ_EPS = 1e-6
 _HZ_DELTA = 0.1
+_EPS2 = np.finfo(float).eps ** 2
+_TINY = np.finfo(float).tiny
+_EPS4 = 4.0 * np.finfo(float).eps
 #: inner tolerances of "aid" under L-BFGS, from the projected-gradient norm pg: the lower
 #: solve's ``min(max(lower_tol, min(_FORCING_MAX, _FORCING pg^2)), _FORCING pg)`` (loose far
 #: from a stationary point, where its error in F only has to stay below the decrease the
@@ -189,7 +193,8 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         if gstatus != 0 and (gstatus != _low.MAXITER or not np.all(np.isfinite(grad))):
             status, detail = gstatus, gmsg
             break
-        pg_norm = float(np.linalg.norm(x - project(x - grad)))
+        pm = x - project(x - grad)
+        pg_norm = math.sqrt(pm @ pm)
         _record(history, fun, pg_norm, t0)
         if calls is not None:
             history["oracle_calls"].append(calls())
@@ -252,7 +257,7 @@ class _Backtracking:
         pass
 
     def try_arc(self, x, fun, grad, d, t):
-        slack = 4.0 * np.finfo(float).eps * abs(fun)  # F is only known to round-off
+        slack = _EPS4 * abs(fun)  # F is only known to round-off
         for _ in range(_MAX_BACKTRACK):
             x_try = self.project(x + t * d)
             decrease = grad @ (x_try - x)
@@ -338,19 +343,28 @@ class _LBFGS(_Backtracking):
         self.reset()
 
     def reset(self):
-        self.S, self.Y = deque(maxlen=self.memory), deque(maxlen=self.memory)
+        # curvature pairs, newest last: (s, y, s^T y, whether the pair is usable on all
+        # components), the products computed once per pair
+        self.pairs = deque(maxlen=self.memory)
         self.prev = None
+
+    def add_pair(self, s, y):
+        sy = float(s @ y)
+        self.pairs.append((s, y, sy, _curvature(s, y, sy)))
 
     def _direction(self, grad, free, gamma):
         """The two-loop recursion on the free components (None without a usable pair) and
         its scaling ``s^T y / y^T y`` of the newest usable pair (``gamma`` without one)."""
-        q = np.where(free, grad, 0.0)
+        every = bool(free.all())
+        q = grad.copy() if every else np.where(free, grad, 0.0)
         pairs, scale = [], None
-        for s, y in zip(reversed(self.S), reversed(self.Y)):  # newest first
-            s, y = np.where(free, s, 0.0), np.where(free, y, 0.0)
-            if not _curvature(s, y):
+        for s, y, sy, usable in reversed(self.pairs):  # newest first
+            if not every:  # the pair restricted to the free components
+                s, y = np.where(free, s, 0.0), np.where(free, y, 0.0)
+                sy = float(s @ y)
+                usable = _curvature(s, y, sy)
+            if not usable:
                 continue
-            sy = s @ y
             if scale is None:
                 scale = sy / (y @ y)
             rho = 1.0 / sy
@@ -366,17 +380,17 @@ class _LBFGS(_Backtracking):
 
     def __call__(self, x, fun, grad):
         if self.prev is not None:
-            self.S.append(x - self.prev[0])
-            self.Y.append(grad - self.prev[1])
+            self.add_pair(x - self.prev[0], grad - self.prev[1])
         self.prev = (x.copy(), grad.copy())
         # scaling of the gradient steps: the newest usable pair on all components (a
         # Barzilai-Borwein step), else a first step of length at most 1
-        gamma = min(1.0, 1.0 / max(np.linalg.norm(grad), np.finfo(float).tiny))
-        for s, y in zip(reversed(self.S), reversed(self.Y)):
-            if _curvature(s, y):
-                gamma = (s @ y) / (y @ y)
+        gamma = min(1.0, 1.0 / max(math.sqrt(grad @ grad), _TINY))
+        for s, y, sy, usable in reversed(self.pairs):
+            if usable:
+                gamma = sy / (y @ y)
                 break
-        free = self.project(x - grad) == x - grad
+        step = x - grad
+        free = self.project(step) == step
         d, scale = self._direction(grad, free, gamma)
         if d is not None:
             d = np.where(free, d, -scale * grad)
@@ -392,10 +406,11 @@ class _LBFGS(_Backtracking):
         return out[:3]
 
 
-def _curvature(s, y):
-    """Whether the pair (s, y) has enough positive curvature for a quasi-Newton update."""
-    sy = s @ y
-    return sy > 0 and sy > np.finfo(float).eps * np.linalg.norm(s) * np.linalg.norm(y)
+def _curvature(s, y, sy=None):
+    """Whether the pair (s, y) has enough positive curvature for a quasi-Newton update:
+    ``s^T y > eps |s| |y|``."""
+    sy = s @ y if sy is None else sy
+    return bool(sy > 0 and sy * sy > _EPS2 * (s @ s) * (y @ y))
 
 
 _STEPPERS = {"lbfgs": _LBFGS, "bb": _BB, "gd": _GD}
@@ -415,10 +430,11 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
                        outer="lbfgs"):
     """The multilevel gradient method (Gu & Chen 2024, Algorithm 1) on either backend.
 
-    Each iteration re-solves levels n..2 for the current x_1, warm-started from the last
-    accepted solution, and steps on x_1 with :func:`descent_loop` (``outer``);
-    ``method="itd"`` steps on
-    the unrolled approximation of F instead (Sato et al. 2021), its inner steps fixed at the
+    Each trial point of the line search solves levels n..2 for its x_1, warm-started from
+    the last accepted solution; the hypergradient at an accepted point reuses that solution
+    (and its F), so that an iteration costs one hypergradient plus the solves of its
+    rejected trials. Steps on x_1 with :func:`descent_loop` (``outer``); ``method="itd"``
+    steps on the unrolled approximation of F instead (Sato et al. 2021), its inner steps fixed at the
     first call (power iteration there unless ``inner_step`` is given) so that F~ stays one
     function during the run. ``run`` supplies the backend: ``run.eng`` (the n-level engine:
     ``solve_from``, ``value``, ``grad_reduced``), ``run.problem``, and the hooks
@@ -430,7 +446,7 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
     """
     eng, problem = run.eng, run.problem
     d1 = problem.dims[0]
-    state = {"z": z}
+    state = {"z": z, "solved": None}  # solved: (x1 bytes, z, F) of the last F evaluation
     inner = {"steps": inner_step}
 
     def solved(x1):
@@ -447,11 +463,14 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
         if method == "itd":
             _, zz, fun, status, message = unrolled(x1, value_only=True)
             return fun, zz, status, message
+        state["solved"] = None
         try:
             zz = solved(x1)
         except LevelFailure as fail:
             return np.nan, None, fail.status, fail.detail
-        return eng.value(1, zz), zz, 0, ""
+        fun = eng.value(1, zz)
+        state["solved"] = (x1.tobytes(), zz, fun)
+        return fun, zz, 0, ""
 
     def commit(zz):
         state["z"] = zz
@@ -466,9 +485,16 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
                 state["z"] = zz
             return grad, status, message, fun
         try:
-            zz = solved(x1)
+            known = state["solved"]
+            if known is not None and known[0] == x1.tobytes():
+                # a line-search trial solved levels n..2 at x1: reuse them and F
+                _, zz, fun = known
+            else:
+                zz = solved(x1)
+                fun = None
             state["z"] = zz
-            return run.host(eng.grad_reduced(1, zz)[:d1]), 0, "", eng.value(1, zz)
+            grad = run.host(eng.grad_reduced(1, zz)[:d1])
+            return grad, 0, "", eng.value(1, zz) if fun is None else fun
         except LevelFailure as fail:
             return np.full(d1, np.nan), fail.status, fail.detail, np.nan
 

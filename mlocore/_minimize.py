@@ -42,6 +42,7 @@ class _Driver:
         self.y = y
         self.v = np.zeros(problem.dy)
         self.nfev = 0
+        self.solved = None  # (x bytes, y, F, lower options) of the last F evaluation
 
     def solve_lower(self, x, y0, method=None, maxiter=None, tol=None, step=None):
         lo = self.comp.lower
@@ -69,15 +70,34 @@ class _Driver:
         y, status, _ = self.solve_lower(x, y0)
         if status not in (_low.OK, _low.MAXITER):
             return np.nan, y, status
-        return self.upper_value(x, y), y, status
+        f = self.upper_value(x, y)
+        self.solved = (x.tobytes(), y, f, self.lower) if status == _low.OK else None
+        return f, y, status
+
+    def solved_at(self, x):
+        """``(y, F)`` from the last F evaluation if it was at x, its lower solve converged,
+        and the lower options are still those it used (then the lower solve of the
+        hypergradient at x would stop at once, at the same y), else None."""
+        known = self.solved
+        if known is None or known[3] != self.lower or known[0] != x.tobytes():
+            return None
+        return known[1], known[2]
 
     def direction(self, method, x):
         """The (hyper)gradient of the method at x; updates the warm starts."""
         if method == "aid":
-            res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
-                                self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts)
+            known = self.solved_at(x)
+            if known is None:
+                res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
+                                    self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts)
+                fun = res.fun
+            else:  # a line-search trial solved the lower level at x: reuse y and F
+                y, fun = known
+                res = implicit_call(self.comp, "cg", x, y, self.v, False, self.lower,
+                                    self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts,
+                                    value=False)
             self.y, self.v = res.y, res.v
-            return res.grad, res.status, res.message, res.fun
+            return res.grad, res.status, res.message, fun
         if method == "itd":
             res = unrolled_call(self.comp, "itd-reverse", x, self.y, self.T, self.K,
                                 self.inner_step, self.counts)

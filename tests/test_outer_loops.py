@@ -149,8 +149,8 @@ def test_line_search_failure_status():
 
 def test_skips_pairs_without_curvature():
     st = _descent._LBFGS(lambda z: z.copy(), None, None)
-    st.S.extend([np.array([1.0, 0.0]), np.array([0.0, 1.0])])
-    st.Y.extend([np.array([-1.0, 0.0]), np.array([0.0, 2.0])])  # first pair: s^T y < 0
+    st.add_pair(np.array([1.0, 0.0]), np.array([-1.0, 0.0]))  # s^T y < 0: skipped
+    st.add_pair(np.array([0.0, 1.0]), np.array([0.0, 2.0]))
     d, scale = st._direction(np.array([1.0, 1.0]), np.array([True, True]), 1.0)
     assert scale == pytest.approx(0.5)
     np.testing.assert_allclose(d, [-0.5, -0.5])
