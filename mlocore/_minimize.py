@@ -36,6 +36,7 @@ class _Driver:
         self.counts = new_counts()
         self.lower = lower
         self.tol_lin = tol_lin
+        self.atol_lin = 0.0
         self.lin_maxiter = lin_maxiter
         self.T, self.K = T, K
         self.inner_step = inner_step
@@ -89,12 +90,12 @@ class _Driver:
             known = self.solved_at(x)
             if known is None:
                 res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
-                                    self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts)
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0, self.counts)
                 fun = res.fun
             else:  # a line-search trial solved the lower level at x: reuse y and F
                 y, fun = known
                 res = implicit_call(self.comp, "cg", x, y, self.v, False, self.lower,
-                                    self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts,
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0, self.counts,
                                     value=False)
             self.y, self.v = res.y, res.v
             return res.grad, res.status, res.message, fun
@@ -229,9 +230,11 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         7.4), the variables that the projection moves taking scaled gradient steps
         (two-metric projection, Bertsekas 1982); for "aid" the lower and linear tolerances
         follow the projected-gradient norm pg: loose far from a stationary point, and
-        ``0.01 pg`` near the end, below ``lower_tol`` and ``lin_tol`` where pg is that
-        small (floors 1e-13 and 1e-14), so that the hypergradient stays accurate to the
-        stopping test. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
+        near the end ``|grad_y g| <= 0.001 pg`` and a linear residual at most ``0.01 pg``
+        (absolute), below ``lower_tol`` and ``lin_tol`` where pg is that small (floors
+        1e-13 and ``1e-14 |grad_y f|``), so that the hypergradient stays accurate to the
+        stopping test; the hypergradient at an accepted step reuses the lower solution
+        (and F) that the line search computed there. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
         projected gradient with Armijo steps. Both keep the inner tolerances fixed.
     maxiter : int
         Upper iterations.

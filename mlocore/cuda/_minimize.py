@@ -48,6 +48,7 @@ class _DeviceDriver:
         self.sess = _Session(problem)
         self.lower = lower                      # (method, tol, maxiter, step)
         self.tol_lin, self.lin_maxiter = tol_lin, lin_maxiter
+        self.atol_lin = 0.0
         self.T, self.K, self.inner_step = T, K, inner_step
         self.y = to_device("y0", y0, self.sess.counter, problem.dy)
         self.v = None
@@ -99,13 +100,13 @@ class _DeviceDriver:
             known = self.solved_at(x)
             if known is None:
                 res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, self.y),
-                                self.v, True, self.lower, self.tol_lin, 0.0,
+                                self.v, True, self.lower, self.tol_lin, self.atol_lin,
                                 self.lin_maxiter, -1.0, "device")
                 fun = res.fun
             else:  # a line-search trial solved the lower level at x: reuse y and F
                 y, fun = known
                 res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, y), self.v,
-                                False, self.lower, self.tol_lin, 0.0, self.lin_maxiter, -1.0,
+                                False, self.lower, self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
                                 "device", value=False)
             self.y, self.v = res.y, res.v
             return to_host(res.grad, sess.counter), res.status, res.message, fun
