@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult
 
 from ._callbacks import CallbackError
+from ._kernels import linalg as _kl
 from ._kernels import lower as _low
 from ._multilevel import LevelFailure
 from ._results import counts_dict, status_message
@@ -350,39 +351,32 @@ class _LBFGS(_Backtracking):
         self.reset()
 
     def reset(self):
-        # curvature pairs, newest last: (s, y, s^T y, whether the pair is usable on all
-        # components), the products computed once per pair
-        self.pairs = deque(maxlen=self.memory)
+        # curvature pairs in ring buffers (rows; allocated at the first pair), with
+        # whether each is usable on all components
+        self.S = self.Y = None
+        self.usable = deque(maxlen=self.memory)  # newest last
+        self.count, self.newest = 0, -1
         self.prev = None
 
     def add_pair(self, s, y):
+        if self.S is None:
+            self.S = np.empty((self.memory, s.shape[0]))
+            self.Y = np.empty((self.memory, s.shape[0]))
+        self.newest = (self.newest + 1) % self.memory
+        self.S[self.newest], self.Y[self.newest] = s, y
+        self.count = min(self.count + 1, self.memory)
         sy = float(s @ y)
-        self.pairs.append((s, y, sy, _curvature(s, y, sy)))
+        self.usable.append((_curvature(s, y, sy), sy, y))
 
     def _direction(self, grad, free, gamma):
         """The two-loop recursion on the free components (None without a usable pair) and
         its scaling ``s^T y / y^T y`` of the newest usable pair (``gamma`` without one)."""
-        every = bool(free.all())
-        q = grad.copy() if every else np.where(free, grad, 0.0)
-        pairs, scale = [], None
-        for s, y, sy, usable in reversed(self.pairs):  # newest first
-            if not every:  # the pair restricted to the free components
-                s, y = np.where(free, s, 0.0), np.where(free, y, 0.0)
-                sy = float(s @ y)
-                usable = _curvature(s, y, sy)
-            if not usable:
-                continue
-            if scale is None:
-                scale = sy / (y @ y)
-            rho = 1.0 / sy
-            alpha = rho * (s @ q)
-            q -= alpha * y
-            pairs.append((s, y, rho, alpha))
-        if scale is None:
+        if self.count == 0:
             return None, gamma
-        r = scale * q
-        for s, y, rho, alpha in reversed(pairs):  # oldest first
-            r += (alpha - rho * (y @ r)) * s
+        r, scale = _kl.lbfgs_two_loop(self.S, self.Y, self.count, self.newest, grad, free,
+                                      bool(free.all()), _EPS2)
+        if scale < 0.0:
+            return None, gamma
         return -r, scale
 
     def __call__(self, x, fun, grad):
@@ -392,7 +386,7 @@ class _LBFGS(_Backtracking):
         # scaling of the gradient steps: the newest usable pair on all components (a
         # Barzilai-Borwein step), else a first step of length at most 1
         gamma = min(1.0, 1.0 / max(math.sqrt(grad @ grad), _TINY))
-        for s, y, sy, usable in reversed(self.pairs):
+        for usable, sy, y in reversed(self.usable):
             if usable:
                 gamma = sy / (y @ y)
                 break
