@@ -435,13 +435,14 @@ def multilevel_descent(run, z, x1, method, step, maxiter, tol, callback, inner_s
     the last accepted solution; the hypergradient at an accepted point reuses that solution
     (and its F), so that an iteration costs one hypergradient plus the solves of its
     rejected trials. Steps on x_1 with :func:`descent_loop` (``outer``); ``method="itd"``
-    steps on the unrolled approximation of F instead (Sato et al. 2021), its inner steps fixed at the
-    first call (power iteration there unless ``inner_step`` is given) so that F~ stays one
-    function during the run. ``run`` supplies the backend: ``run.eng`` (the n-level engine:
-    ``solve_from``, ``value``, ``grad_reduced``), ``run.problem``, and the hooks
-    ``with_x(z, x1)`` (a copy of z with block 1 set to x1), ``host(a)``, ``blocks(z)`` (host
-    copies of every level's block), ``unrolled(z, steps, value_only) -> (grad on the host,
-    z, F~, status, message, steps used)`` and ``calls()`` (the cumulative oracle count).
+    steps on the unrolled approximation of F instead (Sato et al. 2021), its inner steps
+    fixed at the first call (power iteration there unless ``inner_step`` is given) so that
+    F~ stays one function during the run. ``run`` supplies the backend: ``run.eng`` (the
+    n-level engine: ``solve_from``, ``value``, ``grad_reduced``), ``run.problem``, and the
+    hooks ``with_x(z, x1)`` (a copy of z with block 1 set to x1), ``host(a)``,
+    ``blocks(z)`` (host copies of every level's block), ``unrolled(z, steps, value_only)
+    -> (grad on the host, z, F~, status, message, steps used)`` and ``calls()`` (the
+    cumulative oracle count).
 
     Returns ``(x1, fun, grad, nit, status, detail, history, z)``.
     """

@@ -90,13 +90,14 @@ class _Driver:
             known = self.solved_at(x)
             if known is None:
                 res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
-                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0, self.counts)
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
+                                    self.counts)
                 fun = res.fun
             else:  # a line-search trial solved the lower level at x: reuse y and F
                 y, fun = known
                 res = implicit_call(self.comp, "cg", x, y, self.v, False, self.lower,
-                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0, self.counts,
-                                    value=False)
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
+                                    self.counts, value=False)
             self.y, self.v = res.y, res.v
             return res.grad, res.status, res.message, fun
         if method == "itd":
@@ -234,8 +235,9 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         (absolute), below ``lower_tol`` and ``lin_tol`` where pg is that small (floors
         1e-13 and ``1e-14 |grad_y f|``), so that the hypergradient stays accurate to the
         stopping test; the hypergradient at an accepted step reuses the lower solution
-        (and F) that the line search computed there. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
-        projected gradient with Armijo steps. Both keep the inner tolerances fixed.
+        (and F) that the line search computed there. "bb": projected gradient with
+        Barzilai-Borwein trial steps. "gd": projected gradient with Armijo steps. Both keep
+        the inner tolerances fixed.
     maxiter : int
         Upper iterations.
     tol : float

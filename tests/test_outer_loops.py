@@ -304,7 +304,8 @@ def test_multilevel_iteration_costs_one_hypergradient(n, dims, seed):
     calls = np.zeros((n, 4), dtype=np.int64)
     for x, prev in points:
         h = mlo.hypergrad(p, [x] + list(prev[1:]), tol=1e-10, lower_tol=1e-10)
-        calls += [[c["grad"], c["hvp"], c["tvp"], c["value"]] for c in h.oracle_calls.values()]
+        calls += [[c["grad"], c["hvp"], c["tvp"], c["value"]]
+                  for c in h.oracle_calls.values()]
     run = np.array([[c["grad"], c["hvp"], c["tvp"], c["value"]]
                     for c in res.oracle_calls.values()])
     np.testing.assert_array_equal(run, calls)

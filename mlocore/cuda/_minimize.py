@@ -106,8 +106,8 @@ class _DeviceDriver:
             else:  # a line-search trial solved the lower level at x: reuse y and F
                 y, fun = known
                 res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, y), self.v,
-                                False, self.lower, self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
-                                "device", value=False)
+                                False, self.lower, self.tol_lin, self.atol_lin,
+                                self.lin_maxiter, -1.0, "device", value=False)
             self.y, self.v = res.y, res.v
             return to_host(res.grad, sess.counter), res.status, res.message, fun
         if method == "itd":
