@@ -65,8 +65,9 @@ def check_outer(outer):
 
 class InnerTolerances:
     """Inner tolerances of a bilevel "aid" driver (CPU or CUDA: ``drv.lower``, a
-    :class:`LowerOptions`, and ``drv.tol_lin``) that follow the projected hypergradient:
-    loose far from a stationary point, then tighter as it shrinks (see ``_FORCING``)."""
+    :class:`LowerOptions`, and the linear solve's ``drv.tol_lin`` (relative) and
+    ``drv.atol_lin`` (absolute)) that follow the projected hypergradient: loose far from a
+    stationary point, then tighter as it shrinks (see ``_FORCING``)."""
 
     def __init__(self, drv):
         self.drv = drv
