@@ -3,7 +3,8 @@ Barzilai-Borwein and scipy, and the cost of a multilevel iteration against a hyp
 
     python benchmarks/outer_loop.py               # benchmarks/results/outer-loop-<date>.txt
     python benchmarks/outer_loop.py --quick       # one timing sample
-    python benchmarks/outer_loop.py --before DIR  # also the mlocore tree in DIR, case by
+    python benchmarks/outer_loop.py --before DIR  # also the mlocore tree in DIR (e.g. a
+                                                  # git archive of an older commit), case by
                                                   # case in alternation, and after/before
 
 Each case runs in its own process (``--case I``, JSON on stdout), in turn for each tree, so
@@ -264,8 +265,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--before", help="another mlocore tree, measured case by case in turn")
+    ap.add_argument("--before-label", help="what --before is, for the results file")
+    ap.add_argument("--samples", type=int, default=15, help="timing samples per run")
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--samples", type=int, default=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case is not None:
         if args.case in BILEVEL:
@@ -282,7 +284,8 @@ def main():
         for tree, path in trees.items():
             results[tree][name] = _case(name, samples, path)
     import numpy, scipy
-    lines = [f"# benchmarks/outer_loop.py{' --before ' + args.before if args.before else ''}"
+    before = args.before_label or args.before
+    lines = [f"# benchmarks/outer_loop.py{' --before ' + before if args.before else ''}"
              f", {datetime.date.today()}, {samples} samples, python "
              f"{sys.version.split()[0]}, numpy {numpy.__version__}, scipy {scipy.__version__}"
              f", OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}", ""]
