@@ -227,14 +227,16 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
 
 
 def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
-                  counts):
+                  counts, value=True):
     """Run the implicit kernel on validated inputs and build the result (also used by
-    the optimization drivers, which keep y and v warm between calls)."""
+    the optimization drivers, which keep y and v warm between calls; ``value=False``
+    leaves out F, ``fun`` is then NaN)."""
     up, lo = comp.upper, comp.lower
+    with_value = bool(up.has_value and value)
     (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
      eta_used) = call_bound(
-        lo.bound_kernels, up, _imp.implicit_hypergrad,
-        lambda: (up.fns, up.kargs, up.has_value, lo.fns, lo.kargs, lo.flags),
+        lo.bound_kernels, (up, with_value), _imp.implicit_hypergrad,
+        lambda: (up.fns, up.kargs, with_value, lo.fns, lo.kargs, lo.flags),
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
         _SOLVERS[method], tol, atol, maxiter, eta, counts)
     out = implicit_result(method, grad=grad, x=x, y=ysol, v=v, fun=fun, status=status,

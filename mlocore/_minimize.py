@@ -36,12 +36,14 @@ class _Driver:
         self.counts = new_counts()
         self.lower = lower
         self.tol_lin = tol_lin
+        self.atol_lin = 0.0
         self.lin_maxiter = lin_maxiter
         self.T, self.K = T, K
         self.inner_step = inner_step
         self.y = y
         self.v = np.zeros(problem.dy)
         self.nfev = 0
+        self.solved = None  # (x bytes, y, F, lower options) of the last F evaluation
 
     def solve_lower(self, x, y0, method=None, maxiter=None, tol=None, step=None):
         lo = self.comp.lower
@@ -70,15 +72,35 @@ class _Driver:
         y, status, _ = self.solve_lower(x, y0)
         if status not in (_low.OK, _low.MAXITER):
             return np.nan, y, status
-        return self.upper_value(x, y), y, status
+        f = self.upper_value(x, y)
+        self.solved = (x.tobytes(), y, f, self.lower) if status == _low.OK else None
+        return f, y, status
+
+    def solved_at(self, x):
+        """``(y, F)`` from the last F evaluation if it was at x, its lower solve converged,
+        and the lower options are still those it used (then the lower solve of the
+        hypergradient at x would stop at once, at the same y), else None."""
+        known = self.solved
+        if known is None or known[3] != self.lower or known[0] != x.tobytes():
+            return None
+        return known[1], known[2]
 
     def direction(self, method, x):
         """The (hyper)gradient of the method at x; updates the warm starts."""
         if method == "aid":
-            res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
-                                self.tol_lin, 0.0, self.lin_maxiter, -1.0, self.counts)
+            known = self.solved_at(x)
+            if known is None:
+                res = implicit_call(self.comp, "cg", x, self.y, self.v, True, self.lower,
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
+                                    self.counts)
+                fun = res.fun
+            else:  # a line-search trial solved the lower level at x: reuse y and F
+                y, fun = known
+                res = implicit_call(self.comp, "cg", x, y, self.v, False, self.lower,
+                                    self.tol_lin, self.atol_lin, self.lin_maxiter, -1.0,
+                                    self.counts, value=False)
             self.y, self.v = res.y, res.v
-            return res.grad, res.status, res.message, res.fun
+            return res.grad, res.status, res.message, fun
         if method == "itd":
             res = unrolled_call(self.comp, "itd-reverse", x, self.y, self.T, self.K,
                                 self.inner_step, self.counts)
@@ -210,10 +232,13 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
         7.4), the variables that the projection moves taking scaled gradient steps
         (two-metric projection, Bertsekas 1982); for "aid" the lower and linear tolerances
         follow the projected-gradient norm pg: loose far from a stationary point, and
-        ``0.01 pg`` near the end, below ``lower_tol`` and ``lin_tol`` where pg is that
-        small (floors 1e-13 and 1e-14), so that the hypergradient stays accurate to the
-        stopping test. "bb": projected gradient with Barzilai-Borwein trial steps. "gd":
-        projected gradient with Armijo steps. Both keep the inner tolerances fixed.
+        near the end ``|grad_y g| <= 0.001 pg`` and a linear residual at most ``0.01 pg``
+        (absolute), below ``lower_tol`` and ``lin_tol`` where pg is that small (floors
+        1e-13 and ``1e-14 |grad_y f|``), so that the hypergradient stays accurate to the
+        stopping test; the hypergradient at an accepted step reuses the lower solution
+        (and F) that the line search computed there. "bb": projected gradient with
+        Barzilai-Borwein trial steps. "gd": projected gradient with Armijo steps. Both keep
+        the inner tolerances fixed.
     maxiter : int
         Upper iterations.
     tol : float

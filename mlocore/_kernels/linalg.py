@@ -185,3 +185,65 @@ def direct_core(op, b):
     x, info = cholesky_solve(A, b)
     r = b - A @ x
     return x, info, 1, np.sqrt(r @ r), n
+
+
+@njit(cache=True)
+def lbfgs_two_loop(S, Y, count, newest, grad, free, every, eps2):
+    """The L-BFGS two-loop recursion (Nocedal & Wright 2006, Algorithm 7.4) on the
+    components where ``free`` (all of them if ``every``), over the curvature pairs held in
+    the ring buffers ``S``, ``Y`` (rows; ``count`` pairs, the newest in row ``newest``).
+    A pair restricted to the free components is used only if ``s^T y > 0`` and
+    ``(s^T y)^2 > eps2 |s|^2 |y|^2``; the initial matrix is ``s^T y / y^T y`` of the newest
+    pair used.
+
+    Returns ``(r, scale)``: ``r`` approximates ``H^{-1} grad`` on the free components (zero
+    on the others) and ``scale`` is the initial matrix, or -1.0 with no usable pair.
+    """
+    m, n = S.shape
+    q = np.empty(n)
+    for j in range(n):
+        q[j] = grad[j] if every or free[j] else 0.0
+    alpha = np.zeros(m)
+    rho = np.zeros(m)
+    scale = -1.0
+    for k in range(count):  # newest first
+        i = (newest - k) % m
+        sy = 0.0
+        ss = 0.0
+        yy = 0.0
+        for j in range(n):
+            if every or free[j]:
+                sy += S[i, j] * Y[i, j]
+                ss += S[i, j] * S[i, j]
+                yy += Y[i, j] * Y[i, j]
+        if not (sy > 0.0 and sy * sy > eps2 * ss * yy):
+            continue
+        if scale < 0.0:
+            scale = sy / yy
+        rho[i] = 1.0 / sy
+        a = 0.0
+        for j in range(n):
+            if every or free[j]:
+                a += S[i, j] * q[j]
+        a *= rho[i]
+        alpha[i] = a
+        for j in range(n):
+            if every or free[j]:
+                q[j] -= a * Y[i, j]
+    if scale < 0.0:
+        return q, scale
+    for j in range(n):
+        q[j] *= scale
+    for k in range(count - 1, -1, -1):  # oldest first
+        i = (newest - k) % m
+        if rho[i] == 0.0:
+            continue
+        b = 0.0
+        for j in range(n):
+            if every or free[j]:
+                b += Y[i, j] * q[j]
+        c = alpha[i] - rho[i] * b
+        for j in range(n):
+            if every or free[j]:
+                q[j] += c * S[i, j]
+    return q, scale

@@ -238,8 +238,9 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
 
 
 def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
-              output):
-    """The CPU ``implicit_hypergrad`` kernel on the device, and the result."""
+              output, value=True):
+    """The CPU ``implicit_hypergrad`` kernel on the device, and the result (``value=False``
+    leaves out F, ``fun`` is then NaN)."""
     dx, dy, n = sess.dx, sess.dy, sess.n
     lower_nit, lower_gnorm, lower_status = 0, math.nan, _low.OK
     if solve_lower_flag:
@@ -252,7 +253,7 @@ def _implicit(sess, method, x, xd, z, v0, solve_lower_flag, lower, tol, atol, ma
     if lower_status in (_low.OK, _low.MAXITER):  # maxiter still gives a (less exact) answer
         gf = dl.empty(n)
         sess.upper.grad(z, gf)
-        if sess.upper.has_value:
+        if sess.upper.has_value and value:
             fun = sess.upper.value(z)
         op = _HyyOperator(sess, z)
         b = gf[dx:]

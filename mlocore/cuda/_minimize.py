@@ -48,11 +48,13 @@ class _DeviceDriver:
         self.sess = _Session(problem)
         self.lower = lower                      # (method, tol, maxiter, step)
         self.tol_lin, self.lin_maxiter = tol_lin, lin_maxiter
+        self.atol_lin = 0.0
         self.T, self.K, self.inner_step = T, K, inner_step
         self.y = to_device("y0", y0, self.sess.counter, problem.dy)
         self.v = None
         self.nfev = 0
         self._xh = self._xd = None
+        self.solved = None  # (x bytes, y, F, lower options) of the last F evaluation
 
     def x_device(self, x):
         """x on the device: copied (and counted) once per new point."""
@@ -79,17 +81,35 @@ class _DeviceDriver:
         if status not in (_low.OK, _low.MAXITER):
             return math.nan, y, status
         self.nfev += 1
-        return self.sess.upper.value(z), y, status
+        f = self.sess.upper.value(z)
+        self.solved = (x.tobytes(), y, f, self.lower) if status == _low.OK else None
+        return f, y, status
+
+    def solved_at(self, x):
+        """The CPU driver's ``solved_at``: ``(y, F)`` of the last F evaluation if it was at
+        x, converged, and used the current lower options, else None."""
+        known = self.solved
+        if known is None or known[3] != self.lower or known[0] != x.tobytes():
+            return None
+        return known[1], known[2]
 
     def direction(self, method, x):
         """The (hyper)gradient at x (on the host); updates the warm starts."""
         sess = self.sess
         if method == "aid":
-            res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, self.y), self.v,
-                            True, self.lower, self.tol_lin, 0.0, self.lin_maxiter, -1.0,
-                            "device")
+            known = self.solved_at(x)
+            if known is None:
+                res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, self.y),
+                                self.v, True, self.lower, self.tol_lin, self.atol_lin,
+                                self.lin_maxiter, -1.0, "device")
+                fun = res.fun
+            else:  # a line-search trial solved the lower level at x: reuse y and F
+                y, fun = known
+                res = _implicit(sess, "cg", x, self.x_device(x), self.joint(x, y), self.v,
+                                False, self.lower, self.tol_lin, self.atol_lin,
+                                self.lin_maxiter, -1.0, "device", value=False)
             self.y, self.v = res.y, res.v
-            return to_host(res.grad, sess.counter), res.status, res.message, res.fun
+            return to_host(res.grad, sess.counter), res.status, res.message, fun
         if method == "itd":
             grad, zT, _, fun, status, beta = unrolled_core(
                 sess, "itd-reverse", self.joint(x, self.y), self.T, self.K, self.inner_step)
