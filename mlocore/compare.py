@@ -34,7 +34,9 @@ _RESERVED = ("maxiter", "seed", "eval_every", "reference", "callback", "backend"
 #: statuses of a run that used its budget or converged (anything else is a failure)
 _OK = (0, 10, 20)
 _PILOT = 16
-_METRICS = ("F", "dist_to_x_star", "grad_norm_sq")
+_METRICS = ("F", "dist_to_x_star", "grad_norm_sq", "grad_mapping_sq")
+_NAMES = {"F": "F", "dist_to_x_star": "|x - x*|", "grad_norm_sq": "|grad F|^2",
+          "grad_mapping_sq": "|x - P(x - grad F)|^2"}
 
 
 class _Target:
@@ -70,7 +72,8 @@ class MethodRun:
     trace : dict of ndarray
         ``iteration``, ``samples`` and ``time`` (seconds in the compiled loops for the
         stochastic methods, since the start of the outer loop for the deterministic ones),
-        and the reference values ``F``, ``dist_to_x_star``, ``grad_norm_sq`` that exist: at
+        and the reference values that exist (``F``, ``dist_to_x_star``, ``grad_norm_sq``;
+        ``grad_mapping_sq``, ``|x - P(x - grad F)|^2``, with constraints on x): at
         the checkpoints of a stochastic run, at up to ``n_points + 1`` evenly spaced iterations
         of a deterministic one (first and last included).
     samples, oracle_calls : int
@@ -129,6 +132,14 @@ class Comparison:
         return [k for k in _METRICS
                 if all(k in r.trace for rs in self.runs.values() for r in rs)]
 
+    def _shown(self):
+        """The table's values: F, the distance, and one stationarity measure (the
+        projected-gradient mapping with constraints, else |grad F|^2)."""
+        have = self.metrics()
+        if "grad_mapping_sq" in have:
+            have.remove("grad_norm_sq")
+        return have
+
     def summary(self):
         """label -> dict: ``runs``, ``ok`` (count), and the mean and standard deviation over
         the runs (``<name>_mean``, ``<name>_std``) of ``iterations``, ``samples``, ``time``,
@@ -157,12 +168,11 @@ class Comparison:
         oracle calls, the final reference values as mean +- standard deviation over the
         seeds, and how many runs succeeded."""
         summ = self.summary()
-        metrics = self.metrics()
-        names = {"F": "F - F*" if self.F_star is not None else "F",
-                 "dist_to_x_star": "|x - x*|", "grad_norm_sq": "|grad F|^2"}
+        metrics = self._shown()
+        names = dict(_NAMES, F="F - F*" if self.F_star is not None else "F")
         w = max([6] + [len(m) for m in self.methods]) + 2
         head = (f"{'method':<{w}}{'runs':>5}{'iters':>9}{'samples':>11}{'time':>11}"
-                f"{'oracle calls':>14}" + "".join(f"{names[k] + ' (mean +- std)':>26}"
+                f"{'oracle calls':>14}" + "".join(f"{names[k] + ' (mean +- std)':>34}"
                                                   for k in metrics) + "   ok")
         seeds = ", ".join(map(str, self.seeds))
         lines = [f"budget {self.budget:,} oracle samples per run; seeds {seeds}; batch size "
@@ -176,7 +186,7 @@ class Comparison:
             for k in metrics:
                 mean, std = s[k + "_mean"], s[k + "_std"]
                 num = f"{mean:.4e}" if k != "F" or self.F_star is not None else f"{mean:.6g}"
-                line += f"{num + ' +- ' + f'{std:.1e}':>26}"
+                line += f"{num + ' +- ' + f'{std:.1e}':>34}"
             lines.append(line + f"  {s['ok']}/{s['runs']}")
         lines.append("(time: seconds in the compiled loops for the stochastic methods, of the "
                      "outer loop for the deterministic ones, run once)")
@@ -201,7 +211,8 @@ class Comparison:
         x : {"samples", "time"}
         y : {"F", "dist", "grad"}, optional
             ``F`` (``F - F*`` on a log scale when :attr:`F_star` is known), ``|x - x*|`` or
-            ``|grad F|^2``; default the distance when known, else F.
+            ``|grad F|^2`` (the projected-gradient mapping ``|x - P(x - grad F)|^2`` with
+            constraints); default the distance when known, else F.
 
         Returns
         -------
@@ -214,8 +225,9 @@ class Comparison:
         """
         if x not in ("samples", "time"):
             raise ValueError(f"x must be 'samples' or 'time', got {x!r}")
-        keys = {"F": "F", "dist": "dist_to_x_star", "grad": "grad_norm_sq"}
-        have = self.metrics()
+        have = self._shown()
+        keys = {"F": "F", "dist": "dist_to_x_star",
+                "grad": "grad_mapping_sq" if "grad_mapping_sq" in have else "grad_norm_sq"}
         if y is None:
             y = "dist" if "dist_to_x_star" in have else "F" if "F" in have else "grad"
         if y not in keys:
@@ -249,8 +261,7 @@ class Comparison:
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("oracle samples" if x == "samples" else "time (s)")
-        ax.set_ylabel({"F": "F - F*" if shift else "F", "dist_to_x_star": "|x - x*|",
-                       "grad_norm_sq": "|grad F|^2"}[key])
+        ax.set_ylabel(dict(_NAMES, F="F - F*" if shift else "F")[key])
         ax.set_title(f"budget {self.budget:,} samples; mean and range over seeds")
         ax.legend(fontsize="small")
         return ax
@@ -361,7 +372,7 @@ def _as_reference(reference, default, dx):
                     f"F(x), hypergrad(x) and/or x_star, got {type(reference).__name__}")
 
 
-def _reference_values(reference, x):
+def _reference_values(reference, x, problem):
     """The reference values at x, with the stochastic history's names."""
     out = {}
     if reference is None:
@@ -371,6 +382,9 @@ def _reference_values(reference, x):
     if hasattr(reference, "hypergrad"):
         g = np.asarray(reference.hypergrad(x), dtype=np.float64)
         out["grad_norm_sq"] = float(g @ g)
+        if problem.constrained:
+            gm = x - problem.project(x - g)
+            out["grad_mapping_sq"] = float(gm @ gm)
     xs = getattr(reference, "x_star", None)
     if xs is not None:
         out["dist_to_x_star"] = float(np.linalg.norm(x - xs))
@@ -473,13 +487,16 @@ def _deterministic_run(label, method, problem, x0, y0, budget, opts, reference, 
     h = probe.history
     s = np.asarray(h["upper_calls"]) * n_up + np.asarray(h["lower_calls"]) * n_low
     K = M if samples_of(probe) <= budget else int(np.count_nonzero(s <= budget)) - 1
+    used = samples_of(probe) if M == 1 else None
     while True:
         if K < 1:
+            first = int(s[min(1, len(s) - 1)]) if used is None else used
             raise ValueError(f"budget = {budget} oracle samples is below one iteration of "
-                             f"method {label!r} ({int(s[min(1, len(s) - 1)])} samples)")
+                             f"method {label!r} (a run with maxiter=1 uses at least {first} samples)")
         xs = [problem.project(as_vector("x0", x0, problem.dx))]
         settings, res = call(K, xs)
-        if samples_of(res) <= budget:
+        used = samples_of(res)
+        if used <= budget:
             break
         K -= 1
     h = res.history
@@ -491,7 +508,7 @@ def _deterministic_run(label, method, problem, x0, y0, budget, opts, reference, 
     keep = np.unique(np.round(np.linspace(0, n - 1, min(n, n_points + 1))).astype(np.int64))
     trace = {"iteration": keep, "samples": s[keep],
              "time": np.asarray(h["time"], dtype=np.float64)[keep]}
-    vals = [_reference_values(reference, xs[i]) for i in keep]
+    vals = [_reference_values(reference, xs[i], problem) for i in keep]
     for k in _METRICS:
         if vals and k in vals[0]:
             trace[k] = np.array([v[k] for v in vals])

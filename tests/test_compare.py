@@ -1,6 +1,7 @@
 """mlocore.compare_methods: equal sample budgets, runs identical to direct minimize_bilevel
 calls, reproducible from seeds, the table and the plot."""
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -56,6 +57,9 @@ def test_runs_are_the_direct_minimize_bilevel_runs(comp, quad, start):
                     assert np.array_equal(run.trace[key], res.history[key])
             else:
                 assert run.problem is quad.problem and run.seed is None
+                h = res.history  # per-level cumulative calls, all calls of the iteration
+                assert np.array_equal(h["upper_calls"] + h["lower_calls"], h["oracle_calls"])
+                assert h["upper_calls"][0] > 0 and np.all(np.diff(h["lower_calls"]) > 0)
                 assert run.trace["dist_to_x_star"][-1] == np.linalg.norm(res.x - quad.x_star)
                 assert run.trace["F"][-1] == quad.F(res.x)
     summ = comp.summary()
@@ -211,3 +215,23 @@ def test_bad_input(quad, start, kw, err, match):
 def test_bad_problem(start):
     with pytest.raises(TypeError, match="problem must be an mlocore.BilevelProblem"):
         mlo.compare_methods(object(), *start, ["soba"], budget=1000)
+
+
+def test_constrained_problem_object(quad, start):
+    x0, y0 = start
+    box = dict(dims=(3, 5), bounds=(-0.3, 0.3))
+    obj = SimpleNamespace(
+        problem=mlo.BilevelProblem(quad.problem.upper, quad.problem.lower, **box),
+        stochastic_problem=mlo.BilevelProblem(quad.stochastic_problem.upper,
+                                              quad.stochastic_problem.lower, **box),
+        F=quad.F, hypergrad=quad.hypergrad)
+    c = mlo.compare_methods(obj, x0, y0, ["soba", "det-aid"], budget=10000, seeds=1,
+                            batch_size=BATCH)
+    assert c.metrics() == ["F", "grad_norm_sq", "grad_mapping_sq"]
+    assert "|x - P(x - grad F)|^2" in c.table() and "|grad F|^2" not in c.table()
+    for label in ("soba", "det-aid"):
+        run = c.runs[label][0]
+        x = run.result.x
+        assert np.all(np.abs(x) <= 0.3)
+        gm = x - np.clip(x - quad.hypergrad(x), -0.3, 0.3)
+        assert run.final["grad_mapping_sq"] == pytest.approx(gm @ gm, rel=1e-12)
