@@ -32,7 +32,7 @@ DETERMINISTIC_PREFIX = "det-"
 #: options that :func:`compare_methods` sets itself
 _RESERVED = ("maxiter", "seed", "eval_every", "reference", "callback", "backend", "output")
 #: statuses of a run that used its budget or converged (anything else is a failure)
-_OK = (0, 10, 20)
+_OK = (0, 10, 20, 99)
 _PILOT = 16
 _METRICS = ("F", "dist_to_x_star", "grad_norm_sq", "grad_mapping_sq")
 _NAMES = {"F": "F", "dist_to_x_star": "|x - x*|", "grad_norm_sq": "|grad F|^2",
@@ -81,16 +81,23 @@ class MethodRun:
     time : float
         Seconds (``result.time`` for the stochastic methods, the last trace time for the
         deterministic ones).
+    halvings : int
+        Halvings of the default steps after a divergence (stochastic methods).
+    note : str or None
+        Where a run with halvings was stopped (see :func:`compare_methods`).
     ok : bool
-        The run used its budget or converged (status 0, 10 or 20), not a failure.
+        The run used its budget or converged (status 0, 10 or 20; 99 where the comparison
+        stopped it at its last checkpoint within the budget, after step halvings), not a
+        failure.
     """
 
     def __init__(self, label, method, stochastic, seed, problem, settings, result, trace,
-                 samples, oracle_calls, time):
+                 samples, oracle_calls, time, note=None, halvings=0, spent=False):
         self.label, self.method, self.stochastic, self.seed = label, method, stochastic, seed
         self.problem, self.settings, self.result, self.trace = problem, settings, result, trace
         self.samples, self.oracle_calls, self.time = int(samples), int(oracle_calls), time
-        self.ok = int(result.status) in _OK
+        self.note, self.halvings = note, int(halvings)
+        self.ok = int(result.status) in _OK and not spent
 
     @property
     def final(self):
@@ -172,7 +179,7 @@ class Comparison:
         names = dict(_NAMES, F="F - F*" if self.F_star is not None else "F")
         w = max([6] + [len(m) for m in self.methods]) + 2
         head = (f"{'method':<{w}}{'runs':>5}{'iters':>9}{'samples':>11}{'time':>11}"
-                f"{'oracle calls':>14}" + "".join(f"{names[k] + ' (mean +- std)':>34}"
+                f"{'oracle calls':>14}" + "".join(f"{names[k] + ' (mean +- std)':>38}"
                                                   for k in metrics) + "   ok")
         seeds = ", ".join(map(str, self.seeds))
         lines = [f"budget {self.budget:,} oracle samples per run; seeds {seeds}; batch size "
@@ -186,10 +193,17 @@ class Comparison:
             for k in metrics:
                 mean, std = s[k + "_mean"], s[k + "_std"]
                 num = f"{mean:.4e}" if k != "F" or self.F_star is not None else f"{mean:.6g}"
-                line += f"{num + ' +- ' + f'{std:.1e}':>34}"
+                line += f"{num + ' +- ' + f'{std:.1e}':>38}"
             lines.append(line + f"  {s['ok']}/{s['runs']}")
         lines.append("(time: seconds in the compiled loops for the stochastic methods, of the "
                      "outer loop for the deterministic ones, run once)")
+        for label in self.methods:
+            halved = [r for r in self.runs[label] if r.halvings]
+            if halved:
+                lines.append(f"{label}: default steps halved after a divergence (" + ", ".join(
+                    f"seed {r.seed}: {r.halvings}x" + (f", {r.note}" if "failed" in r.note
+                                                       else "") for r in halved)
+                    + "); the run stops at its last checkpoint within the budget")
         return "\n".join(lines)
 
     def __str__(self):
@@ -406,50 +420,76 @@ def _total(res):
     return int(sum(res.oracle_samples.values()))
 
 
+class _StopAt:
+    """``callback`` that ends a run (StopIteration) at the checkpoint with iteration ``nit``
+    and iterate ``x`` (bit for bit): one point of one trajectory, whatever the rewinds
+    after a divergence that revisit the same iteration with other steps."""
+
+    def __init__(self, nit, x):
+        self.nit, self.x = int(nit), np.array(x, dtype=np.float64)
+
+    def __call__(self, inter):
+        if inter.nit == self.nit and np.array_equal(inter.x, self.x):
+            raise StopIteration
+
+    def __repr__(self):
+        return f"_StopAt(nit={self.nit})"
+
+
 class _StochasticPlan:
     """Iterations of a stochastic method within the budget.
 
     A short pilot (first seed) estimates the samples per iteration, hence the number of
-    iterations K that fit and the checkpoint spacing ``eval_every`` (shared by the seeds:
-    the rewinds after a divergence resume from checkpoints, so the spacing is part of the
-    run). Per seed, a probe run without reference past the budget gives the samples at each
-    checkpoint; K is then the last iteration within the budget (linear in the last
-    checkpoint interval), and the recorded run with ``maxiter = K`` is checked to be within
-    the budget (K is lowered otherwise).
+    iterations that fit and the checkpoint spacing ``eval_every`` (shared by the seeds: the
+    rewinds after a divergence resume from checkpoints, so the spacing is part of the run).
+    Per seed, a probe run without reference and without step halvings (``backtrack=0``)
+    past the budget gives the samples at each checkpoint. If it crosses the budget before
+    any divergence, K is the last iteration within the budget (linear in the last checkpoint
+    interval) and the recorded run has ``maxiter = K`` (checked, and K lowered, if beyond
+    the budget). If it diverges first, the real run halves its default steps and resumes
+    from a checkpoint (the wasted work counts): a second probe, with the halvings, finds its
+    last checkpoint within the budget, where the recorded run is stopped by a callback
+    (status 99).
     """
 
     def __init__(self, label, method, problem, x0, y0, budget, opts, seed, n_points):
         self.label, self.method, self.problem = label, method, problem
         self.x0, self.y0, self.budget, self.opts = x0, y0, budget, opts
         pilot = minimize_bilevel(problem, x0, y0, method, maxiter=_PILOT, eval_every=_PILOT,
-                                 seed=seed, **opts)
+                                 seed=seed, **dict(opts, backtrack=0))
         per_iter = max(_total(pilot) / max(pilot.nit, 1), 1.0)
         self.k_est = max(1, int(budget / per_iter))
         self.eval_every = max(1, self.k_est // n_points)
 
-    def _call(self, seed, maxiter, reference):
+    def _call(self, seed, maxiter, reference, **extra):
         settings = dict(method=self.method, maxiter=maxiter, eval_every=self.eval_every,
-                        seed=seed, **self.opts)
+                        seed=seed, **dict(self.opts, **extra))
         return settings, minimize_bilevel(self.problem, self.x0, self.y0, reference=reference,
                                           **settings)
 
-    def run(self, seed, reference):
-        budget, E = self.budget, self.eval_every
-        probe_ref = reference if self.opts.get("tol") is not None else None
-        M = self.k_est + self.k_est // 4 + 2 * E
+    def _probe(self, seed, M, reference, **extra):
+        """A run past the budget (maxiter doubled until it is spent or the run stops)."""
         for _ in range(30):
-            _, probe = self._call(seed, M, probe_ref)
-            if _total(probe) > budget or probe.status not in (10, 20):
-                break
+            _, probe = self._call(seed, M, reference, **extra)
+            if _total(probe) > self.budget or probe.status not in (10, 20):
+                return probe, M
             M *= 2
+        return probe, M
+
+    def run(self, seed, reference):
+        budget = self.budget
+        probe_ref = reference if self.opts.get("tol") is not None else None
+        probe, M = self._probe(seed, self.k_est + self.k_est // 4 + 2 * self.eval_every,
+                               probe_ref, backtrack=0)
         its = np.asarray(probe.history["iteration"])
         s = np.asarray(probe.history["samples"])
-        if _total(probe) <= budget:  # stopped by itself (converged, diverged) within budget
-            return self._call(seed, M, reference)
+        if _total(probe) <= budget and probe.status != 13:  # converged (tol) within budget
+            return self._call(seed, M, reference) + (None, 0)
         j = int(np.nonzero(s <= budget)[0][-1])
+        if probe.status == 13 and j + 1 == len(s):  # diverged before the budget ran out
+            return self._with_halvings(seed, M, reference, probe_ref)
         k_lo, s_lo = int(its[j]), int(s[j])
-        k_hi, s_hi = (int(its[j + 1]), int(s[j + 1])) if j + 1 < len(s) else \
-            (int(probe.nit) + 1, _total(probe))
+        k_hi, s_hi = int(its[j + 1]), int(s[j + 1])
         rate = max((s_hi - s_lo) / max(k_hi - k_lo, 1), 1e-300)
         K = k_lo + min(k_hi - k_lo - 1, int((budget - s_lo) // rate))
         for attempt in range(4):
@@ -460,12 +500,39 @@ class _StochasticPlan:
             settings, res = self._call(seed, K, reference)
             over = _total(res) - budget
             if over <= 0:
-                return settings, res
+                return settings, res, None, 0
             K = k_lo if attempt == 2 or K == k_lo + 1 else \
                 max(k_lo, K - max(1, math.ceil(over / rate)))
             if K == k_lo and k_lo == 0:
                 K = 0
         raise RuntimeError(f"method {self.label!r}: no run within the budget found")
+
+    def _with_halvings(self, seed, M, reference, probe_ref):
+        log = []
+        probe, M = self._probe(seed, M, probe_ref,
+                               callback=lambda inter: log.append((inter.nit, inter.x)))
+        if _total(probe) <= self.budget:  # stopped for good (diverged again) within budget
+            settings, res = self._call(seed, M, reference)
+            return settings, res, None, int(res.step_reductions)
+        its = np.asarray(probe.history["iteration"])
+        s = np.asarray(probe.history["samples"])
+        j = int(np.nonzero(s <= self.budget)[0][-1])
+        if j == 0:  # all spent on work discarded by the halvings: the run is back at x0
+            settings, res = self._call(seed, 0, reference)
+            return settings, res, ("the budget went into runs discarded by halvings of the "
+                                   "default steps: back at x0, failed"), \
+                int(probe.step_reductions)
+        # the kept checkpoints are the last callback calls with their iterations, in order
+        pos = len(log)
+        for e in range(len(s) - 1, j - 1, -1):
+            pos = max(i for i in range(pos) if log[i][0] == its[e])
+        settings, res = self._call(seed, M, reference, callback=_StopAt(its[j], log[pos][1]))
+        if _total(res) > self.budget or res.status != 99:
+            raise RuntimeError(f"method {self.label!r}: the run stopped at its last "
+                               f"checkpoint within the budget did not reproduce the probe "
+                               f"(status {res.status}, {_total(res)} samples)")
+        return settings, res, "stopped at its last checkpoint within the budget", \
+            int(res.step_reductions)
 
 
 def _deterministic_run(label, method, problem, x0, y0, budget, opts, reference, n_points,
@@ -624,10 +691,12 @@ def compare_methods(problem, x0, y0, methods, *, budget, seeds=3, batch_size=Non
         plan = _StochasticPlan(label, method, sp, x0, y0, budget, opts, seeds[0], n_points)
         runs[label] = []
         for seed in seeds:
-            settings, res = plan.run(seed, ref)
+            settings, res, note, halvings = plan.run(seed, ref)
             trace = {k: np.asarray(v) for k, v in res.history.items()
                      if k in ("iteration", "samples", "time") + _METRICS}
+            spent = settings["maxiter"] == 0  # budget wasted on discarded runs: failed
             runs[label].append(MethodRun(label, method, True, seed, sp, settings, res, trace,
-                                         _total(res), sum(res.oracle_calls.values()),
-                                         float(res.time)))
+                                         budget if spent else _total(res),
+                                         sum(res.oracle_calls.values()), float(res.time),
+                                         note, halvings, spent))
     return Comparison(labels, runs, budget, seeds, batch_size, ref, _F_star(ref))

@@ -235,3 +235,24 @@ def test_constrained_problem_object(quad, start):
         assert np.all(np.abs(x) <= 0.3)
         gm = x - np.clip(x - quad.hypergrad(x), -0.3, 0.3)
         assert run.final["grad_mapping_sq"] == pytest.approx(gm @ gm, rel=1e-12)
+
+
+def test_budget_with_step_halvings(quad, start, monkeypatch):
+    """Default steps that diverge: the run halves them and resumes from a checkpoint (the
+    discarded work counts); it is stopped at its last checkpoint within the budget."""
+    from mlocore.stochastic import _driver
+    lipschitz = _driver._CpuRun.lipschitz
+    monkeypatch.setattr(_driver._CpuRun, "lipschitz",
+                        lambda self, which: lipschitz(self, which) / 40.0)
+    x0, y0 = start
+    c = mlo.compare_methods(quad, x0, y0, ["soba"], budget=20000, seeds=2, batch_size=BATCH)
+    for run in c.runs["soba"]:
+        assert run.halvings > 0 and run.result.status == 99 and run.ok
+        assert run.samples <= 20000
+        res = mlo.minimize_bilevel(run.problem, x0, y0, reference=quad, **run.settings)
+        assert np.array_equal(res.x, run.result.x) and _samples(res, quad) == run.samples
+        assert np.array_equal(res.history["dist_to_x_star"], run.trace["dist_to_x_star"])
+        # without the stop, the run goes on past the budget
+        free = {k: v for k, v in run.settings.items() if k != "callback"}
+        assert _samples(mlo.minimize_bilevel(run.problem, x0, y0, **free), quad) > 20000
+    assert "default steps halved after a divergence" in c.table()
