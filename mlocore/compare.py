@@ -85,6 +85,9 @@ class MethodRun:
         Halvings of the default steps after a divergence (stochastic methods).
     note : str or None
         Where a run with halvings was stopped (see :func:`compare_methods`).
+    spent : bool
+        The halvings discarded the whole budget: the run is back at x0 (``result`` is the
+        run with ``maxiter=0``), counted as failed.
     ok : bool
         The run used its budget or converged (status 0, 10 or 20; 99 where the comparison
         stopped it at its last checkpoint within the budget, after step halvings), not a
@@ -96,7 +99,7 @@ class MethodRun:
         self.label, self.method, self.stochastic, self.seed = label, method, stochastic, seed
         self.problem, self.settings, self.result, self.trace = problem, settings, result, trace
         self.samples, self.oracle_calls, self.time = int(samples), int(oracle_calls), time
-        self.note, self.halvings = note, int(halvings)
+        self.note, self.halvings, self.spent = note, int(halvings), bool(spent)
         self.ok = int(result.status) in _OK and not spent
 
     @property
@@ -200,10 +203,10 @@ class Comparison:
         for label in self.methods:
             halved = [r for r in self.runs[label] if r.halvings]
             if halved:
-                lines.append(f"{label}: default steps halved after a divergence (" + ", ".join(
-                    f"seed {r.seed}: {r.halvings}x" + (f", {r.note}" if "failed" in r.note
-                                                       else "") for r in halved)
-                    + "); the run stops at its last checkpoint within the budget")
+                lines.append(f"{label}: default steps halved after a divergence, " + "; ".join(
+                    f"seed {r.seed} {r.halvings}x" + (" (all the budget discarded: failed)"
+                                                      if r.spent else "") for r in halved)
+                    + " (a run stops at its last checkpoint within the budget)")
         return "\n".join(lines)
 
     def __str__(self):
