@@ -31,6 +31,8 @@ __all__ = ["compare_methods", "Comparison", "MethodRun", "DETERMINISTIC_PREFIX"]
 DETERMINISTIC_PREFIX = "det-"
 #: options that :func:`compare_methods` sets itself
 _RESERVED = ("maxiter", "seed", "eval_every", "reference", "callback", "backend", "output")
+_WHY = ("maxiter from the budget, seed from seeds, eval_every from n_points, reference and "
+        "callback for the traces; CPU runs")
 #: statuses of a run that used its budget or converged (anything else is a failure)
 _OK = (0, 10, 20, 99)
 _PILOT = 16
@@ -340,7 +342,7 @@ def _check_options(options, labels, common):
     for name in _RESERVED:
         if name in common:
             raise ValueError(f"compare_methods sets {name!r} itself; got {name}="
-                             f"{common[name]!r}")
+                             f"{common[name]!r} ({_WHY})")
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -356,7 +358,7 @@ def _check_options(options, labels, common):
         for name in _RESERVED:
             if name in opts:
                 raise ValueError(f"compare_methods sets {name!r} itself; got "
-                                 f"options[{label!r}][{name!r}] = {opts[name]!r}")
+                                 f"options[{label!r}][{name!r}] = {opts[name]!r} ({_WHY})")
     return options
 
 
@@ -556,13 +558,15 @@ def _deterministic_run(label, method, problem, x0, y0, budget, opts, reference, 
     _, probe = call(M)
     h = probe.history
     s = np.asarray(h["upper_calls"]) * n_up + np.asarray(h["lower_calls"]) * n_low
-    K = M if samples_of(probe) <= budget else int(np.count_nonzero(s <= budget)) - 1
+    within = samples_of(probe) <= budget or not len(s)  # (no history: failed at x0)
+    K = M if within else int(np.count_nonzero(s <= budget)) - 1
     used = samples_of(probe) if M == 1 else None
     while True:
         if K < 1:
             first = int(s[min(1, len(s) - 1)]) if used is None else used
             raise ValueError(f"budget = {budget} oracle samples is below one iteration of "
-                             f"method {label!r} (a run with maxiter=1 uses at least {first} samples)")
+                             f"method {label!r} (a run with maxiter=1 uses at least "
+                             f"{first} samples)")
         xs = [problem.project(as_vector("x0", x0, problem.dx))]
         settings, res = call(K, xs)
         used = samples_of(res)
@@ -645,6 +649,12 @@ def compare_methods(problem, x0, y0, methods, *, budget, seeds=3, batch_size=Non
 
     Notes
     -----
+    Where the default steps of a stochastic method diverge, the driver halves them and
+    resumes from a checkpoint (``backtrack``; the discarded work counts): such a run is
+    stopped at its last checkpoint within the budget by a callback in its settings (status
+    99, ``run.halvings``, a footnote of the table); one whose halvings used up the whole
+    budget counts as failed.
+
     Fair budgets in samples, several seeds and mean +- spread follow the benchmarking
     practice of Dagreou et al. (2022, "A framework for bilevel optimization that enables
     stochastic and global variance reduction algorithms", benchopt's bilevel benchmark).
