@@ -265,16 +265,17 @@ class Comparison:
             _, ax = plt.subplots(figsize=(6.4, 4.4))
         shift = self.F_star if key == "F" and self.F_star is not None else 0.0
         log = key != "F" or self.F_star is not None
-        for label in self.methods:
+        for i, label in enumerate(self.methods):
+            style = ("-", "--", ":", "-.")[i // 10 % 4]  # the default color cycle has 10
             xs = [np.asarray(r.trace[x], dtype=np.float64) for r in self.runs[label]]
             ys = [np.asarray(r.trace[key], dtype=np.float64) - shift for r in self.runs[label]]
             if len(xs) == 1:
-                line, = ax.plot(xs[0], ys[0], label=label)
+                ax.plot(xs[0], ys[0], style, label=label)
                 continue
             lo, hi = max(a[0] for a in xs), min(a[-1] for a in xs)
             grid = np.linspace(lo, hi, 200) if hi > lo else np.array([lo])
             vals = np.array([np.interp(grid, a, b) for a, b in zip(xs, ys)])
-            line, = ax.plot(grid, vals.mean(axis=0), label=f"{label} ({len(xs)} seeds)")
+            line, = ax.plot(grid, vals.mean(axis=0), style, label=f"{label} ({len(xs)} seeds)")
             ax.fill_between(grid, vals.min(axis=0), vals.max(axis=0), alpha=0.2,
                             color=line.get_color(), linewidth=0)
         if log:
