@@ -256,3 +256,27 @@ def test_budget_with_step_halvings(quad, start, monkeypatch):
         free = {k: v for k, v in run.settings.items() if k != "callback"}
         assert _samples(mlo.minimize_bilevel(run.problem, x0, y0, **free), quad) > 20000
     assert "default steps halved after a divergence" in c.table()
+
+
+def test_budget_spent_on_discarded_runs(quad, start, monkeypatch):
+    """A method whose halvings discard the whole budget before a kept checkpoint: back at
+    x0, counted as failed (the probes are stand-ins with that history)."""
+    from scipy.optimize import OptimizeResult
+    from mlocore import compare
+
+    def probe(self, seed, M, reference, **extra):
+        diverged = "backtrack" in extra  # the probe without halvings diverges at once
+        hist = {"iteration": np.array([0] if diverged else [0, 10]),
+                "samples": np.array([0] if diverged else [0, 5000])}
+        return OptimizeResult(history=hist, status=13 if diverged else 20,
+                              oracle_samples={"lower_grad": 400 if diverged else 5000},
+                              step_reductions=0 if diverged else 6), M
+
+    monkeypatch.setattr(compare._StochasticPlan, "_probe", probe)
+    x0, y0 = start
+    c = mlo.compare_methods(quad, x0, y0, ["soba"], budget=3000, seeds=1, batch_size=BATCH)
+    run = c.runs["soba"][0]
+    assert run.spent and not run.ok and run.halvings == 6 and run.samples == 3000
+    assert np.array_equal(run.result.x, x0) and run.settings["maxiter"] == 0
+    assert "seed 0 6x (all the budget discarded: failed)" in c.table()
+    assert c.summary()["soba"]["ok"] == 0
