@@ -13,6 +13,7 @@ Public API at a glance::
     minimize_multilevel(problem, x0s, method="exact")
     HyperObjective(problem, y0)            # (F(x), grad F(x)) for scipy.optimize.minimize
     mlocore.linalg.cg / neumann / solve_direct
+    compare_methods(problem, x0, y0, ["soba", "det-aid", ..], budget=, seeds=)  # .table(), .plot()
     mlocore.problems                        # benchmark problems with known solutions
 """
 from ._callbacks import CallbackError
@@ -22,10 +23,12 @@ from ._minimize import HyperObjective, minimize_bilevel, minimize_multilevel
 from ._problem import Ball, BilevelProblem, MultilevelProblem, Objective
 from .stochastic import Schedule
 from ._results import HypergradResult
+from .compare import Comparison, compare_methods
 from . import linalg
 
 __version__ = "0.1.0"
 
 __all__ = ["Objective", "BilevelProblem", "MultilevelProblem", "hypergrad", "solve_lower", "HypergradResult",
            "minimize_bilevel", "minimize_multilevel", "HyperObjective", "Ball", "Schedule",
-           "CallbackError", "linalg", "backend", "get_backend", "set_backend"]
+           "CallbackError", "linalg", "backend", "get_backend", "set_backend",
+           "compare_methods", "Comparison"]

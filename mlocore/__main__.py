@@ -5,10 +5,11 @@ The embedded default: l2-regularized logistic regression on scikit-learn's breas
 feature. It prints (1) each hypergradient method at the starting lambda with its error against
 the dense direct solve, its steady-state time, and its oracle calls, then (2) learns lambda by
 L-BFGS-B on (F, grad F) with warm-started inner solves and reports validation and test loss,
-then (3) runs mlocore's AID driver, (4) every stochastic method on minibatches, (5) where
-a CUDA GPU is present, the same hypergradients on the GPU against the CPU, and (6) K-fold
-cross-validation of the penalties, many bilevel problems at once on a local Dask cluster
-(``examples/cross_validation.py``), against the serial loop.
+then (3) runs mlocore's AID driver, (4) every stochastic method on minibatches, (5) a few
+methods at the same budget of oracle samples over 3 seeds (``mlocore.compare_methods``),
+(6) where a CUDA GPU is present, the same hypergradients on the GPU against the CPU, and (7)
+K-fold cross-validation of the penalties, many bilevel problems at once on a local Dask
+cluster (``examples/cross_validation.py``), against the serial loop.
 Without scikit-learn it says so and runs on synthetic data of the same shape.
 """
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", action="store_true", help="use synthetic data")
     parser.add_argument("--stochastic-iters", type=int, default=2000,
                         help="upper iterations of each stochastic method (default 2000)")
+    parser.add_argument("--budget", type=int, default=200000,
+                        help="oracle samples per run of the comparison (default 200000)")
     parser.add_argument("--no-cluster", action="store_true",
                         help="skip the cross-validation on a local Dask cluster")
     args = parser.parse_args(argv)
@@ -163,10 +166,13 @@ def main(argv=None):
     if hasattr(data, "stochastic_problem"):
         _stochastic_table(mlo, data, x0, y0, out.fun, args.seed, args.stochastic_iters)
 
-    # (5) the CUDA backend on the same problem, where there is a GPU
+    # (5) a few methods at the same budget of oracle samples, over seeds
+        _comparison_section(mlo, data, x0, y0, args.budget)
+
+    # (6) the CUDA backend on the same problem, where there is a GPU
     _cuda_section(mlo, data, x0, y0)
 
-    # (6) many problems at once: K-fold cross-validation on a local Dask cluster
+    # (7) many problems at once: K-fold cross-validation on a local Dask cluster
     if not args.no_cluster:
         _cluster_section(args.seed)
     return 0
@@ -224,6 +230,25 @@ def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
               f"and checkpoints)")
     print("  (|grad F|^2 is the projected-gradient mapping |x - P(x - grad F)|^2; loop time "
           "excludes compiling and the reference evaluations)")
+
+
+def _comparison_section(mlo, data, x0, y0, budget, batch_size=32):
+    import types
+    box = (-8.0, 8.0)
+    sp, p = data.stochastic_problem, data.problem
+    boxed = types.SimpleNamespace(  # both forms with the bounds, the data's exact F
+        problem=mlo.BilevelProblem(p.upper, p.lower, dims=p.dims, bounds=box),
+        stochastic_problem=mlo.BilevelProblem(sp.upper, sp.lower, dims=sp.dims, bounds=box),
+        F=data.F, hypergrad=data.hypergrad)
+    methods = ["soba", "saba", "stocbio", "mrbo", "det-aid"]
+    t0 = time.perf_counter()
+    comp = mlo.compare_methods(boxed, x0, y0, methods, budget=budget, seeds=3,
+                               batch_size=batch_size)
+    print(f"\nmlocore.compare_methods: {', '.join(methods)} at the same budget "
+          f"({time.perf_counter() - t0:.1f} s; F = validation loss, bounds [-8, 8]; det-aid "
+          "counts n_samples per full-batch call):")
+    print("  " + comp.table().replace("\n", "\n  "))
+    print("  (comp.plot(x='samples' | 'time') draws the convergence curves with matplotlib)")
 
 
 def _cuda_section(mlo, data, x0, y0):

@@ -155,7 +155,7 @@ def multilevel_descent_options(problem, *, maxiter, tol, step, callback, lin_tol
 
 
 def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, callback,
-                 extra, calls=None, outer="bb", inner=None):
+                 extra, calls=None, outer="bb", inner=None, record=None):
     """The outer loop shared by the bilevel and multilevel drivers (both backends).
 
     ``direction(x) -> (grad, status, detail, F or nan)`` updates the caller's warm starts;
@@ -168,7 +168,9 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
     caller's inner tolerances from the projected-gradient norm (``inner.tighten()`` restores
     the tight ones, and a failed line search retries with them). Stops when
     ``|x - P(x - grad)| <= tol``. ``calls()``, if given, returns the cumulative oracle count
-    recorded in the history. Returns ``(x, fun, grad, nit, status, detail, history)``.
+    recorded in the history; ``record()``, if given, a dict of further values recorded
+    under its keys at each iteration. Returns ``(x, fun, grad, nit, status, detail,
+    history)``.
     """
     history = {"fun": [], "grad_norm": [], "time": []}
     if calls is not None:
@@ -207,6 +209,9 @@ def descent_loop(project, x, direction, F_eval, commit, step, maxiter, tol, call
         _record(history, fun, pg_norm, t0)
         if calls is not None:
             history["oracle_calls"].append(calls())
+        if record is not None:
+            for key, val in record().items():
+                history.setdefault(key, []).append(val)
         if it > 0 and callback is not None:
             inter = OptimizeResult(x=x.copy(), fun=fun, jac=grad.copy(), nit=nit, **extra())
             try:

@@ -16,7 +16,7 @@ from ._multilevel import (MULTILEVEL_MODES, MultilevelEngine, as_joint,
                           unrolled_multilevel_hypergrad)
 from ._options import LowerOptions
 from ._problem import MultilevelProblem
-from ._results import counts_dict, new_counts, status_message
+from ._results import counts_dict, level_calls, new_counts, status_message
 from .stochastic import STOCHASTIC_METHODS, minimize_stochastic
 from ._validation import as_vector, check_backend, check_choice, check_cpu_output
 from .cuda._drivers import DeviceHyperObjective
@@ -260,7 +260,9 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
     scipy.optimize.OptimizeResult
         ``x``, ``fun`` (F(x) when ``upper.value`` exists), ``jac`` (last hypergradient),
         ``nit``, ``nfev``, ``success``, ``status``, ``message``, ``y`` (lower solution),
-        ``oracle_calls``, ``history`` (per-iteration ``fun``, ``grad_norm``, ``time``).
+        ``oracle_calls``, ``history`` (per-iteration ``fun``, ``grad_norm``, ``time``, and
+        the cumulative ``oracle_calls``, ``upper_calls`` and ``lower_calls``: all oracle
+        calls, those of the upper and of the lower objective, block callbacks included).
     """
     if getattr(problem, "on_device", False) or \
             check_backend(backend, "minimize_bilevel") == "cuda":  # DeviceBilevelProblem
@@ -286,7 +288,7 @@ def minimize_deterministic(problem, x0, y0, method="aid", *, step=None, maxiter=
     x, fun, grad, nit, status, detail, history = descent_loop(
         problem.project, x, direction, F_eval, commit, step, maxiter, tol, callback,
         lambda: {"y": drv.y.copy()}, calls=lambda: int(drv.counts.sum()), outer=outer,
-        inner=inner)
+        inner=inner, record=lambda: level_calls(drv.counts))
     if problem.upper.value is not None and (step is not None or status != 0):
         fun, drv.y, _ = drv.F(x, drv.y)  # F at the returned x, lower level solved
     return OptimizeResult(

@@ -58,6 +58,12 @@ def counts_dict(counts: np.ndarray) -> dict:
     return dict(zip(COUNTER_NAMES, counts.tolist()))
 
 
+def level_calls(counts: np.ndarray) -> dict:
+    """``{"upper_calls", "lower_calls"}``: the oracle calls of each level in ``counts``."""
+    up = sum(int(c) for name, c in zip(COUNTER_NAMES, counts) if name.startswith("upper"))
+    return {"upper_calls": up, "lower_calls": int(counts[:N_COUNTERS].sum()) - up}
+
+
 class HypergradResult(OptimizeResult):
     """Result of :func:`mlocore.hypergrad` (a ``scipy.optimize.OptimizeResult``).
 
