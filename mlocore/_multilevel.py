@@ -62,7 +62,7 @@ import math
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from ._callbacks import call_kernel
+from ._callbacks import call_bound, call_kernel
 from ._config import DENSE_LEVELS_MAX_SIZE, DENSE_LEVELS_SMALL_SIZE, FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low
@@ -498,9 +498,9 @@ class MultilevelEngine(LevelRecursion):
         c = self.comp[-1]
         o = self.off[-2]
         counts6 = new_counts()
-        y, status, nit, gnorm, _ = call_kernel(
-            _low.solve_lower_kernel, c.fns, c.kargs, c.flags, z[:o].copy(), z[o:].copy(),
-            method, tol, maxiter, step, counts6)
+        y, status, nit, gnorm, _ = call_bound(
+            c.bound_kernels, None, _low.solve_lower_kernel, lambda: (c.fns, c.kargs, c.flags),
+            z[:o].copy(), z[o:].copy(), method, tol, maxiter, step, counts6)
         self._fold(counts6)
         out = z.copy()
         out[o:] = y

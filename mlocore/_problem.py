@@ -53,8 +53,10 @@ class Objective:
         third-order products). The n-level recursion then knows, without evaluating them,
         that the best-response curvature terms of the levels above it vanish when every
         level below them is quadratic too (docs/mathematics.md section 3), and skips them:
-        this is exact, not an approximation, as long as the declaration is true. mlocore
-        does not check it. Default False.
+        this is exact, not an approximation, as long as the declaration is true. It is
+        checked once, at the first point the problem is used at: the gradient must be affine
+        along a probe direction (:func:`check_quadratic_declaration`, three gradient calls);
+        a false declaration is a :class:`CallbackError`. Default False.
 
     Notes
     -----
@@ -114,7 +116,8 @@ class Objective:
 
     def __setattr__(self, name, value):
         # a changed callback invalidates the compiled form and the one-time checks
-        if name in _CALLBACK_NAMES and getattr(self, "_compiled", None) is not None:
+        if (name in _CALLBACK_NAMES or name == "quadratic") \
+                and getattr(self, "_compiled", None) is not None:
             object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, name, value)
 
@@ -195,6 +198,7 @@ class CompiledObjective:
         self.has_value = bool(flags & HAS_VALUE)
         self.has_tvp = objective.tvp is not None
         self.blocks = objective.blocks
+        self.quadratic = bool(getattr(objective, "quadratic", False))
         self._bundle = BundleCache(FnTuple(funcs, fntypes))
         self.checked_dx = None  #: the dx of the bilevel problem it was checked for
         #: kernel entry points bound to these callbacks (:func:`~mlocore._callbacks.call_bound`)
@@ -236,6 +240,9 @@ class CompiledObjective:
                                  "which only a BilevelProblem uses; give the levels of a "
                                  "multilevel problem the joint callbacks only")
             self._check_blocks(z, dx, g)
+        if self.quadratic:
+            check_quadratic_declaration(
+                self.role, lambda w: self._call("grad", self.grad, w), z)
         return g
 
     def _check_blocks(self, z, dx, g):
@@ -246,6 +253,41 @@ class CompiledObjective:
 
     def has_hvp_block(self):
         return bool(self.flags & (HAS_HVP_YY | HAS_HVP_XY))
+
+
+#: probe step of the quadratic declaration check, relative to ``1 + max |z|``
+QUADRATIC_PROBE_STEP = 0.1
+#: largest accepted second difference of a declared-quadratic gradient, relative to the
+#: first difference (round-off is ~1e-15 of it; any curvature of the Hessian along the
+#: probe shows as ~ step * |D^3| / |D^2|)
+QUADRATIC_PROBE_RTOL = 1e-6
+
+
+def check_quadratic_declaration(role, grad, z):
+    """Check ``Objective(quadratic=True)`` at z: a quadratic objective has an affine
+    gradient, so ``grad(z + d) + grad(z - d) - 2 grad(z)`` vanishes to round-off. ``grad``
+    maps a host vector to a host vector (three calls, not counted as oracle calls); ``d`` is
+    a fixed, dense probe direction of length ``QUADRATIC_PROBE_STEP (1 + max |z|)``.
+
+    Raises
+    ------
+    CallbackError
+        The second difference exceeds ``QUADRATIC_PROBE_RTOL`` times the first: the
+        declaration is false, and the curvature terms it lets the recursion skip are not zero.
+    """
+    n = z.shape[0]
+    d = np.cos(1.3 * np.arange(n) + 0.7)
+    d *= QUADRATIC_PROBE_STEP * (1.0 + np.max(np.abs(z))) / np.linalg.norm(d)
+    g0, gp, gm = grad(z.copy()), grad(z + d), grad(z - d)
+    second = np.linalg.norm(gp + gm - 2.0 * g0)
+    first = np.linalg.norm(gp - gm)
+    if not second <= QUADRATIC_PROBE_RTOL * first + 1e-300:
+        raise CallbackError(
+            f"{role} is declared quadratic (quadratic=True) but its gradient is not affine: "
+            f"|grad(z+d) + grad(z-d) - 2 grad(z)| = {second:.3e} against "
+            f"|grad(z+d) - grad(z-d)| = {first:.3e} (relative {second / max(first, 1e-300):.1e}"
+            f", accepted {QUADRATIC_PROBE_RTOL:g}) along a probe of length "
+            f"{np.linalg.norm(d):.3g}; remove the declaration")
 
 
 def check_block_oracles(role, blocks, z, dx, call, has_hvp, g=None, v=None):

@@ -539,3 +539,17 @@ def test_cpu_and_device_engines_agree_in_every_mode(method):
     _check_against_cpu(res, ref)
     np.testing.assert_allclose(res.grad, q.hypergrad(x1), rtol=0,
                                atol=1e-6 if method == "fd" else 1e-10)
+
+
+def test_false_quadratic_declaration_is_refused_on_the_device():
+    """The device check of DeviceObjective(quadratic=True) is the CPU's probe (gradient
+    affine along a probe direction): a log-cosh level declared quadratic is refused,
+    naming the level, before any curvature term is skipped."""
+    nt = make_nonquadratic_trilevel(dims=(1, 1, 1), seed=0, scale=2.0)
+    dp = nonquadratic_trilevel_device_problem(nt)
+    lv = list(dp.levels)
+    o = lv[2]
+    lv[2] = DeviceObjective(o.grad, hvp=o.hvp, value=o.value, args=o.args, quadratic=True)
+    wrong = DeviceMultilevelProblem(lv, nt.dims)
+    with pytest.raises(CallbackError, match="level3 is declared quadratic"):
+        mlo.hypergrad(wrong, _starts(nt.dims, [0.4]), method="exact")

@@ -340,6 +340,23 @@ def test_declared_quadratic_lower_levels_skip_exactly_zero_terms():
         mlo.Objective(quadform_grad, quadratic="yes")
 
 
+def test_false_quadratic_declaration_is_a_clear_error():
+    """A log-cosh level declared quadratic would make the recursion skip curvature terms
+    that are not zero (a wrong hypergradient): the first-point probe refuses it, naming
+    the level; the same level undeclared works."""
+    lc = make_nlevel_logcosh(3, seed=1)
+    lv = lc.problem.levels
+    xs = [np.array([0.3]), np.zeros(1), np.zeros(1)]
+    for k in (1, 2):
+        wrong = list(lv)
+        o = lv[k]
+        wrong[k] = mlo.Objective(o.grad, hvp=o.hvp, value=o.value, args=o.args,
+                                 quadratic=True)
+        with pytest.raises(mlo.CallbackError, match=rf"level{k + 1} is declared quadratic"):
+            mlo.hypergrad(mlo.MultilevelProblem(wrong, lc.problem.dims), xs)
+    assert mlo.hypergrad(lc.problem, xs).success
+
+
 # counting callbacks: every call increments the level's counter array (passed in args)
 @njit
 def _cq_grad(z, P, q, cnt):

@@ -26,8 +26,8 @@ import numpy as np
 
 from .._callbacks import CallbackError
 from .._config import FD_REL_STEP
-from .._problem import (BilevelProblem, check_block_oracles, parse_bilevel_dims,
-                        parse_constraints)
+from .._problem import (BilevelProblem, check_block_oracles, check_quadratic_declaration,
+                        parse_bilevel_dims, parse_constraints)
 from .._kernels.oracles import (LOWER_GRAD, LOWER_GRAD_Y, LOWER_HVP, LOWER_HVP_XY,
                                 LOWER_HVP_YY, LOWER_VALUE, UPPER_GRAD, UPPER_GRAD_X,
                                 UPPER_GRAD_Y, UPPER_HVP, UPPER_VALUE)
@@ -80,7 +80,9 @@ class DeviceObjective:
         size dx), once per implicit hypergradient and once per unrolled step back.
     quadratic : bool
         Declares the objective quadratic in z, as ``mlocore.Objective(quadratic=True)``: the
-        n-level recursion skips the curvature terms that vanish because of it. Not checked.
+        n-level recursion skips the curvature terms that vanish because of it. Checked once at
+        the first point, as on the CPU (three gradient calls whose inputs and outputs are
+        copied between host and device, counted).
 
     Notes
     -----
@@ -417,6 +419,15 @@ class DeviceOracle:
                                  "which only a DeviceBilevelProblem uses; give the levels of a "
                                  "multilevel problem the joint callbacks only")
             self._check_blocks(z, int(dx))
+        if getattr(self.obj, "quadratic", False):
+            check_quadratic_declaration(self.role, self._host_grad, to_host(z, self.counter))
+
+    def _host_grad(self, zh):
+        """grad at a host point, as a host vector (copies counted; for one-time checks)."""
+        zd = to_device(f"{self.role}.grad input", zh, self.counter, self.n)
+        out = dl.empty(self.n)
+        self._call("grad", self.obj.grad, zd, out)
+        return to_host(out, self.counter)
 
     def _check_blocks(self, z, dx):
         """The CPU's block check (:func:`~mlocore._problem.check_block_oracles`) on host
