@@ -22,6 +22,7 @@ def q():
 def run(q, method, problem=None, **kw):
     kw.setdefault("seed", 1)
     kw.setdefault("batch_size", 32)
+    kw.setdefault("average", 0.0)  # these tests follow the last iterate
     return mlo.minimize_bilevel(q.stochastic_problem if problem is None else problem,
                                 X0, Y0, method=method, reference=q, **kw)
 
@@ -193,10 +194,10 @@ def test_saba_running_mean_does_not_drift(q):
 def test_hessian_free_converges(q):
     res = run(q, "hessian-free", maxiter=5000)
     assert res.status == 20
-    assert dist(q, res) < 4.5     # measured 3.06 (from 15.2); stochastic bias, see docs
+    assert dist(q, res) < 4.5     # measured 3.2 (from 15.2); stochastic bias, see docs
     c = res.oracle_calls
     assert c["lower_hvp"] == c["lower_hvp_yy"] == c["lower_hvp_xy"] == c["upper_hvp"] == 0
-    assert c["lower_grad_y"] == 5000 * 10 * (5 + 1)  # the library problem's grad_y block
+    assert c["lower_grad_y"] == 5000 * 20 * (5 + 1)  # the library problem's grad_y block
 
 
 def test_hessian_free_without_hvp_callbacks(q):

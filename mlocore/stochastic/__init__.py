@@ -59,7 +59,8 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
                     upper_batch_size=None, sampler=None, step=None, inner_step=None,
                     inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
                     eval_every=None, tol=None, callback=None, reference=None,
-                    backtrack=None, backend=None, output="numpy", **method_options):
+                    backtrack=None, backend=None, output="numpy", average=None,
+                    **method_options):
     """Stochastic bilevel methods on the device for a :class:`~mlocore.cuda.DeviceBilevelProblem`
     (:func:`mlocore.minimize_bilevel` routes device problems here).
 
@@ -111,4 +112,5 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
                     inner_step=inner_step, inner_steps=inner_steps,
                     neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
                     eval_every=eval_every, tol=tol, callback=callback, reference=reference,
-                    backtrack=backtrack, backend=backend, output=output, **method_options)
+                    backtrack=backtrack, backend=backend, output=output, average=average,
+                    **method_options)

@@ -25,6 +25,9 @@ from ._sampling import (ALPHA0, BETA0, DIVERGED, OK, Q_TERMS, T_INNER, draw, fin
                         upper_step)
 from ._spec import MethodSpec, work_v
 
+#: default CG iterations per step (``neumann_terms``): one, from the warm start
+AID_CG_STEPS = 1
+
 
 @njit(cache=True)
 def run_aid(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
@@ -170,6 +173,6 @@ class DeviceAid(DeviceMethod):
         return self.r.v
 
 
-SPEC = MethodSpec(run_aid, alpha_power=0.5, inner_steps=10,
+SPEC = MethodSpec(run_aid, alpha_power=0.5, inner_steps=10, neumann_terms=AID_CG_STEPS,
                   uses=("inner_steps", "neumann_terms"), setup=work_v,
                   doc="stochastic AID-BiO: CG on a minibatch Hessian", device=DeviceAid)

@@ -373,7 +373,7 @@ class DeviceSaba(DeviceMethod):
         return self.work
 
 
-SPEC = MethodSpec(run_saba, alpha_power=0.0, beta_power=0.0, sampler="batches",
+SPEC = MethodSpec(run_saba, alpha_power=0.0, beta_power=0.0, sampler="batches", average=0.0,
                   beta_safety=1.0 / 3.0,
                   uses=(), options={"memory_init": "full"}, setup=_setup_saba,
                   doc="Dagreou et al. 2022: SOBA with SAGA tables on fixed minibatches",

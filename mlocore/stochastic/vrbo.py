@@ -110,7 +110,7 @@ class DeviceVrbo(DeviceEstimates):
 
 
 SPEC = MethodSpec(
-    run_vrbo, sampler="batches", uses=("neumann_terms", "neumann_step"),
+    run_vrbo, sampler="batches", uses=("neumann_terms", "neumann_step"), average=0.0,
     options={"period": None}, setup=_setup_vrbo,
     doc="Yang, Ji & Liang 2021: SPIDER recursions with a full-batch refresh every period",
     device=DeviceVrbo)
