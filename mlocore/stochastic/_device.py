@@ -823,8 +823,8 @@ class DeviceRun:
         self._scalars = dl.Scalars(self.counter)
         self._buf = dl.empty(dx + 2)
         self.method = self.spec.device(self)
-        self.acc = dl.zeros(n)         # running sum of the averaged iterates (x, y)
-        saved = (self.z, self.wv, self.states, self.hrng, self.acc) + \
+        self.avg_sum = dl.zeros(n)     # running sum of the averaged iterates (x, y)
+        saved = (self.z, self.wv, self.states, self.hrng, self.avg_sum) + \
             self.samp_u.state_arrays() + self.samp_l.state_arrays() + tuple(self.method.saved)
         self.rewind = DeviceRewind(saved)
 
@@ -857,7 +857,7 @@ class DeviceRun:
             for it in range(m):
                 self.method.iteration(k + it)
                 if k + it >= s:  # tail averaging: acc += (x, y) after the iteration
-                    dl.axpy_into(self.acc, self.acc, 1.0, self.z)
+                    dl.axpy_into(self.avg_sum, self.avg_sum, 1.0, self.z)
             cuda.synchronize()
             dt = time.perf_counter() - t0
             x_new, zz, vsum = self._read_checkpoint()
@@ -881,16 +881,17 @@ class DeviceRun:
 
     def averaged(self, k):
         """``(x, y, x_host)``: the mean of the iterates after iterations ``avg_start .. k -
-        1`` in the output's type and a host copy of x (counted transfers), or None before
-        the window."""
+        1`` in the output's type and a host copy of x (one counted transfer of (x, y)), or
+        None before the window."""
         m = k - self.avg_start
         if m <= 0:
             return None
         out = dl.empty(self.n)
-        dl.scale_into(out, 1.0 / m, self.acc)
-        x_host = _cdevice.to_host(out[:self.dx], self.counter)
+        dl.scale_into(out, 1.0 / m, self.avg_sum)
+        host = _cdevice.to_host(out, self.counter)
+        x_host = host[:self.dx].copy()
         if self.output == "numpy":
-            return x_host, _cdevice.to_host(out[self.dx:], self.counter), x_host
+            return x_host, host[self.dx:].copy(), x_host
         return out[:self.dx], out[self.dx:], x_host
 
     def finish(self, x_host):
