@@ -67,6 +67,20 @@ def test_tail_average_is_the_mean_of_the_last_iterates(q):
             _run(q, "soba", 3, maxiter=2, average=bad)
 
 
+def test_tail_average_survives_the_rewinds_after_divergence():
+    """SABA's default steps blow up here (tests/test_stochastic.py); the halvings rewind to
+    the last checkpoint, and the average (over the whole run) is that of the kept path."""
+    qq = make_quadratic(dx=10, dy=20, n_outer=1000, n_inner=1000, seed=0)
+    xs = {}
+    res = mlo.minimize_bilevel(qq.stochastic_problem, np.zeros(10), np.zeros(20),
+                               method="saba", batch_size=64, maxiter=3000, eval_every=1,
+                               seed=1, average=1.0, callback=lambda r: xs.update({r.nit: r.x}))
+    assert res.status == 20 and res.step_reductions >= 1
+    assert res.average == {"fraction": 1.0, "iterations": 3000}
+    kept = np.mean([xs[k] for k in range(1, 3001)], axis=0)  # re-run iterations overwrite
+    np.testing.assert_allclose(res.x, kept, rtol=1e-13, atol=1e-15)
+
+
 def test_step_search_is_counted_and_reproducible(q):
     kw = dict(maxiter=200, step="auto")
     res = _run(q, "stocbio", 4, **kw)
