@@ -12,6 +12,13 @@ loop ``value_function_loop``) and primal step on the normalized Lagrangian::
 with the same minibatch estimate ``c_k`` of ``g(x_k, y_k) - v_a(x_k)``. ``work = [yhat
 (dy), rho]``: the final multiplier is ``res.state["work"][-1]`` (``MULTIPLIER_INDEX``) and
 ``res.multiplier``.
+
+Defaults (chosen by measurement; the formulation and the projected dual ascent are the
+paper's): ``dual_step = 0.1``, ``constraint_tol = 1e-3``, ``rho0 = 1``, the penalty method's
+schedules, and the tail average of the last half (``average=0.5``). On ``make_quadratic(5,
+10)`` (batch 16, 3000 iterations, seeds 0-2) the returned x is 0.10-0.18 |x*| from x* (the
+multiplier reaches about 15; the full-batch run reaches 3.2% with a multiplier of 32 after
+20000 iterations); dual steps 0.3-3 and rho0 = 10-50 did not do better in that budget.
 """
 import numpy as np
 from numba import njit
