@@ -7,7 +7,11 @@ upper samples, closed-form x*), batch 16, 3000 iterations from (0, 0), seeds 0, 
 relative distance ``|x - x*| / |x*|`` of the returned x for
 
 * ``before``: the former defaults (last iterate; AID with 10 CG iterations per step;
-  Hessian-free with T = 10 and the lower schedule's offset 100), expressed as options;
+  Hessian-free with T = 10 and the lower schedule's offset 100; penalty with rho = 10 and
+  ``alpha ~ k^-3/5``, ``beta ~ k^-2/5``), expressed as options. The penalty methods' loop
+  itself changed (yhat's last step shares the (x, y) step's batch): their ``before`` runs the
+  current loop with the former options; the former loop's distances (measured at commit
+  8b60207, before these changes) are printed below the table;
 * ``defaults``: the current defaults (tail average over the last half, except SABA / VRBO);
 * ``auto``: ``step="auto"`` (its 3 x 3 grid runs 300 iterations per trial).
 
@@ -40,6 +44,11 @@ def former_defaults(problem, method, x0, y0, seed):
     """The options that reproduce the defaults before the tail average / AID / PZOBO
     changes."""
     opts = {"average": 0.0}
+    if method == "penalty":
+        base = mlo.minimize_bilevel(problem, x0, y0, method=method, maxiter=0, batch_size=16,
+                                    seed=seed).steps
+        opts.update(rho=10.0, step=Schedule(base["alpha"].initial, 0.6, 100.0),
+                    inner_step=Schedule(base["beta"].initial, 0.4, 100.0))
     if method == "aid":
         opts["neumann_terms"] = 10
     if method == "hessian-free":
@@ -75,6 +84,9 @@ def quadratic_table(maxiter, out):
         out(f"{m:13s} {fmt(cols['before']):>22s} {fmt(cols['defaults']):>22s} "
             f"{fmt(cols['auto']):>22s} {calls['auto'] / calls['defaults']:14.2f} "
             f"{times['auto'] / times['defaults']:13.2f}")
+    out("former penalty loop (yhat on its own batches, the minibatch test of c > 0), former "
+        "defaults, last iterate: penalty 0.2221 0.2491 0.2298, primal-dual 0.1517 0.2120 "
+        "0.0993")
 
 
 def other_problems(maxiter, out):

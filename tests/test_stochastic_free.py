@@ -259,15 +259,15 @@ def _vf_reference(q, n, alpha, beta, T, rho, a1=0.0, a2=0.0, dual=False, ds=0.0,
     x, y = X0.copy(), Y0.copy()
     yh = Y0.copy()
     for _ in range(n):
-        for _t in range(T):
+        for _t in range(T - 1):
             yh = yh - beta * (grads(q.lower_means, x, yh)[1] + a1 * yh)
         fx, fy = grads(q.upper_means, x, y)
         c = value(q.lower_means, x, y) - value(q.lower_means, x, yh) - 0.5 * a1 * yh @ yh - a2
-        w = rho if (dual or c > 0) else 0.0
+        w = rho if (dual or c > 0 or (a1 == 0 and a2 == 0)) else 0.0
         gx, gy = grads(q.lower_means, x, y)
-        hx, _ = grads(q.lower_means, x, yh)
-        x, y = (x - alpha * (fx + w * (gx - hx)) / (1 + rho),
-                y - beta * (fy + w * gy) / (1 + rho))
+        hx, hy = grads(q.lower_means, x, yh)   # the last yhat step: simultaneous
+        x, y, yh = (x - alpha * (fx + w * (gx - hx)) / (1 + rho),
+                    y - beta * (fy + w * gy) / (1 + rho), yh - beta * (hy + a1 * yh))
         if dual:
             rho = max(0.0, rho + ds * (c - eps))
     return x, y, yh, rho
