@@ -127,18 +127,19 @@ def _value_function_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inne
     x, y = np.array(x0, float), np.array(y0, float)
     yh = y.copy()
     for _ in range(n_iter):
-        for _t in range(inner_steps):
+        for _t in range(inner_steps - 1):
             _, g = low.grad(x, yh, rng.integers(0, low.n, size=batch_size))
             yh = yh - beta * (g + a1 * yh)
         il = rng.integers(0, low.n, size=batch_size)
         fx, fy = up.grad(x, y, rng.integers(0, up.n, size=batch_size))
         c = low.value(x, y, il) - low.value(x, yh, il) - 0.5 * a1 * yh @ yh - a2
-        w = rho if (dual or c > 0) else 0.0
+        w = rho if (dual or c > 0 or (a1 == 0 and a2 == 0)) else 0.0
         s = 1.0 / (1.0 + rho)
+        hx, hy = low.grad(x, yh, il)    # the last yhat step shares the batch il
         if w:
             gx, gy = low.grad(x, y, il)
-            hx, _ = low.grad(x, yh, il)
             fx, fy = fx + w * (gx - hx), fy + w * gy
+        yh = yh - beta * (hy + a1 * yh)
         x = x - alpha * s * fx
         y = y - beta * s * fy
         if dual:

@@ -257,7 +257,7 @@ def validate(q, method, n_iter=5, alpha=None, beta=None, **loop_kw):
     if beta is not None:
         kw["inner_step"] = beta
     res = mlo.minimize_bilevel(q.stochastic_problem, x0, y0, method=method, batch_size=n,
-                               seed=0, maxiter=n_iter, **opts, **kw)
+                               seed=0, maxiter=n_iter, average=0.0, **opts, **kw)
     loop_opts = {"inner_steps": T, "neumann_terms": Q, "eta": res.steps["neumann_step"]}
     loop_opts = {k: v for k, v in loop_opts.items() if k in LOOP_OPTIONS[method]}
     x, y = NUMPY_LOOPS[method](q, x0, y0, n_iter, n, 0, res.steps["alpha"],

@@ -151,13 +151,25 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
     sampler : {"uniform", "batches"}
         Uniform sampling with replacement, or fixed contiguous minibatches of one shuffled
         order visited in a random order each epoch (SABA's and VRBO's default).
-    step, inner_step : float or Schedule
+    step, inner_step : float or Schedule, or step="auto"
         Upper step alpha_k and lower step beta_k. A number is the initial step of the
         method's default decay; default initial steps ``0.5 / L_F`` and ``1 / L_g`` from
-        full-batch power iterations at (x0, y0).
+        full-batch power iterations at (x0, y0). ``step="auto"``: a counted search first
+        runs the 3 x 3 grid (1/3, 1, 3) x the default initial upper and lower steps (the
+        upper ones only when ``inner_step`` is given) for ``ceil(0.1 maxiter)`` iterations
+        each, from (x0, y0) with the same seed, scores each trial by ``reference.F`` at its
+        returned x (when the reference has F) or else by the full-batch ``F(x) = f(x,
+        y*(x))`` (a lower solve, then the upper value callback on all samples), and runs
+        the best pair for maxiter. Its grid, scores, oracle calls, samples and time are in
+        ``result.step_search``; the result's counts, ``time`` and history include them.
     inner_steps, neumann_terms, neumann_step
-        T lower steps per upper step; Q Neumann terms (or CG iterations for "aid");
-        the Neumann step eta (default ``1 / L_g``).
+        T lower steps per upper step; Q Neumann terms (or CG iterations for "aid",
+        default 1); the Neumann step eta (default ``1 / L_g``).
+    average : float or bool, optional
+        Tail averaging (Polyak & Juditsky 1992): ``result.x, result.y`` are the means of
+        the iterates over the last ``average`` fraction of the iterations (True: 0.5).
+        Default: 0.5, except 0 (the last iterate) for "saba" and "vrbo", which converge
+        without a noise ball. ``result.x_last, result.y_last`` are the last iterates.
     seed : int
         Seeds the samplers and every random draw: same seed, same result bit for bit. By
         default a fresh seed, reported as ``result.seed``.
@@ -189,7 +201,10 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         ``oracle_samples`` (per oracle kind), ``history`` (arrays per checkpoint:
         ``iteration``, ``time``, ``oracle_calls``, ``samples`` and the reference values),
         ``steps`` (the final schedules), ``step_reductions`` (halvings after divergence),
-        ``time`` (seconds in the compiled loops, wasted ones included).
+        ``time`` (seconds in the compiled loops, wasted ones included), ``x_last`` and
+        ``y_last``, ``average`` (``fraction`` and ``iterations`` averaged), and with
+        ``step="auto"`` ``step_search``. ``fun`` and ``jac`` are taken at the returned x;
+        the history follows the iterates.
     """
     stochastic = method not in BILEVEL_METHODS or (
         method in ("aid", "alternating") and options.get("batch_size") is not None)

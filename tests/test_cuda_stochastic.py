@@ -20,6 +20,7 @@ import mlocore as mlo
 from mlocore._callbacks import CallbackError
 from mlocore.cuda._device import is_device_array
 from mlocore.cuda._problem import DeviceBilevelProblem, DeviceObjective
+from mlocore.stochastic import METHODS
 from mlocore.stochastic import minimize_device as minimize_stochastic
 from mlocore.problems import make_quadratic
 from mlocore.problems.cuda_callbacks import quad_grad_device, quad_hvp_device
@@ -124,14 +125,15 @@ def test_full_batch_matches_cpu_with_exact_transfers(quad, method):
         np.testing.assert_allclose(r.state["work"].copy_to_host(), c.state["work"],
                                    rtol=0, atol=1e-10)
     # x0, y0 in; per checkpoint (4, the start included) one read-back; y at the end; the
-    # first run on a problem checks each level's callbacks (one read-back each)
+    # first run on a problem checks each level's callbacks (one read-back each); the tail
+    # average (x, y) once
     assert r.transfers["h2d"] == 2
-    assert r.transfers["d2h"] == 2 + 4 + 1
+    assert r.transfers["d2h"] == 2 + 4 + 1 + 1
     np.testing.assert_array_equal(x0, X0)
     np.testing.assert_array_equal(y0, Y0)
     r2 = _dev(problem, quad, method, **kw)
-    assert r2.transfers == {"h2d": 2, "d2h": 5, "h2d_bytes": 40,
-                            "d2h_bytes": 4 * 8 * (2 + 2) + 3 * 8}
+    assert r2.transfers == {"h2d": 2, "d2h": 6, "h2d_bytes": 40,
+                            "d2h_bytes": 4 * 8 * (2 + 2) + 3 * 8 + 5 * 8}
     np.testing.assert_array_equal(r2.x, r.x)
 
 
@@ -153,8 +155,8 @@ def test_deterministic_upper_level_and_device_inputs(quad):
     np.testing.assert_allclose(r.y.copy_to_host(), c.y, rtol=0, atol=1e-10)
     assert r.oracle_samples == c.oracle_samples and r.oracle_samples["upper_grad"] == 6
     # nothing copied in; read-backs: deterministic upper check (grad and hvp), lower check,
-    # and three checkpoints; outputs stay on the device
-    assert r.transfers["h2d"] == 0 and r.transfers["d2h"] == 2 + 1 + 3
+    # three checkpoints, and the tail average (x, y) for fun; outputs stay on the device
+    assert r.transfers["h2d"] == 0 and r.transfers["d2h"] == 2 + 1 + 3 + 1
     np.testing.assert_array_equal(xd.copy_to_host(), X0)
     np.testing.assert_array_equal(yd.copy_to_host(), Y0)
 
@@ -185,9 +187,10 @@ def test_minibatch_reproducible_per_seed_and_chunking(quad, dev):
     np.testing.assert_array_equal(a.y, b.y)
     assert np.abs(a.x - c.x).max() > 1e-6
     assert a.oracle_samples["lower_grad"] == 8 * 2 and a.batch_size == (2, 2)
-    # generator states copied in once, x0 and y0; one read-back per checkpoint, y
-    assert a.transfers["h2d"] == 3 and a.transfers["d2h"] == 2 + 1
-    assert b.transfers["d2h"] == 4 + 1
+    # generator states copied in once, x0 and y0; one read-back per checkpoint, y, the
+    # tail average (x, y)
+    assert a.transfers["h2d"] == 3 and a.transfers["d2h"] == 2 + 1 + 1
+    assert b.transfers["d2h"] == 4 + 1 + 1
 
 
 @pytest.mark.parametrize("method", ["soba", "stocbio"])
@@ -404,9 +407,10 @@ def test_new_methods_full_batch_match_cpu(quad, dev, method):
     _assert_same_run(r, c, 1e-10)
     _assert_same_state(r, c, method)
     # x0, y0 in; read-backs: per checkpoint, y at the end, and for AID (eta's default from
-    # the full-batch L_g, as on the CPU) one power iteration
+    # the full-batch L_g, as on the CPU) one power iteration; the tail average (x, y)
     assert r.transfers["h2d"] == 2
-    assert r.transfers["d2h"] == 3 + 1 + (1 if method == "aid" else 0)
+    averaged = 1 if METHODS[method].average else 0   # SABA returns the last iterate
+    assert r.transfers["d2h"] == 3 + 1 + averaged + (1 if method == "aid" else 0)
 
 
 @pytest.mark.parametrize("method,options", [("saba", {"memory_init": "full"}),
@@ -578,13 +582,15 @@ def test_variance_methods_match_cpu(quad, dev, method, sampling):
         assert r.oracle_samples["upper_grad"] == r.oracle_calls["upper_grad"] * 8
         assert r.transfers["h2d"] == 2
     # read-backs: per checkpoint and y at the end (and the callback checks of a first run);
-    # none per iteration, except the penalty methods' value callbacks (their own, uncounted)
-    assert r.transfers["d2h"] == 3 + 1 + checks
+    # none per iteration, except the penalty methods' value callbacks (their own, uncounted);
+    # the tail average (x, y) once, except for VRBO (the last iterate)
+    assert r.transfers["d2h"] == 3 + 1 + (1 if METHODS[method].average else 0) + checks
 
 
 CONVERGE_OPTIONS = {"sustain": dict(momentum=0.5, inner_momentum=0.5),
                     "mrbo": dict(momentum=0.5, inner_momentum=0.5),
-                    "vrbo": dict(sampler="uniform", period=4)}
+                    "vrbo": dict(sampler="uniform", period=4),
+                    "penalty": dict(rho=10.0)}  # the former default: 20 iterations suffice
 
 
 @pytest.mark.parametrize("method", VARIANCE_METHODS)
@@ -689,3 +695,29 @@ def test_gradient_only_methods_without_lower_hvp(quad, method):
     c = _vcpu(quad, method, **kw)
     assert r.oracle_calls["lower_hvp"] == c.oracle_calls["lower_hvp"] == 0
     _assert_same_variance_run(r, c, 1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Tail averaging and step="auto" on the device
+# ---------------------------------------------------------------------------------------
+def test_step_search_and_average_match_cpu(quad, dev):
+    """Fixed minibatches (the CPU's batches): the device's step search (grid, scores, choice,
+    counts) and tail-averaged result equal the CPU's; reproducible from the seed."""
+    kw = dict(batch_size=4, sampler="batches", maxiter=20, eval_every=5, seed=3, step="auto")
+    r = minimize_stochastic(dev, X0, Y0, "soba", **kw)
+    c = mlo.minimize_bilevel(quad.stochastic_problem, X0, Y0, method="soba", **kw)
+    rs, cs = r.step_search, c.step_search
+    assert rs["iterations"] == cs["iterations"] == 2 and len(rs["grid"]) == 9
+    np.testing.assert_allclose(rs["grid"], cs["grid"], rtol=1e-12)
+    np.testing.assert_allclose(rs["scores"], cs["scores"], rtol=1e-8)
+    assert rs["best"] == cs["best"] and rs["score"] == cs["score"]
+    assert rs["oracle_calls"] == cs["oracle_calls"] and r.oracle_calls == c.oracle_calls
+    assert r.average == c.average == {"fraction": 0.5, "iterations": 10}
+    np.testing.assert_allclose(r.x, c.x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.y, c.y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.x_last, c.x_last, rtol=0, atol=1e-12)
+    again = minimize_stochastic(dev, X0, Y0, "soba", **kw)
+    np.testing.assert_array_equal(again.x, r.x)
+    assert again.step_search["scores"] == rs["scores"]
+    with pytest.raises(ValueError, match="got 'fast'"):
+        minimize_stochastic(dev, X0, Y0, "soba", maxiter=2, step="fast")

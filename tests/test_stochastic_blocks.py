@@ -35,7 +35,7 @@ def q():
 def _run(problem, method):
     return mlo.minimize_bilevel(problem, np.zeros(DX), np.zeros(DY), method=method,
                                 batch_size=4, step=0.1, inner_step=0.2, maxiter=MAXITER,
-                                eval_every=2, seed=7, **OPTIONS.get(method, {}))
+                                eval_every=2, seed=7, average=0.0, **OPTIONS.get(method, {}))
 
 
 @pytest.mark.parametrize("method", STOCHASTIC_METHODS)

@@ -19,6 +19,7 @@ def q():
 
 def _run(q, method, **kw):
     kw.setdefault("seed", 1)
+    kw.setdefault("average", 0.0)  # these tests follow the last iterate
     return mlo.minimize_bilevel(q.stochastic_problem, np.zeros(DX), np.zeros(DY),
                                 method=method, **kw)
 
@@ -214,7 +215,7 @@ def test_vrbo_full_batch_equals_dense_recursion(q):
 def test_deterministic_objectives_equal_full_batch(q):
     """Objectives without n_samples (callbacks get no idx; VRBO's full batch is the one
     'sample') give the full-batch run."""
-    kw = dict(maxiter=6, step=0.05, inner_step=0.3, seed=4)
+    kw = dict(maxiter=6, step=0.05, inner_step=0.3, seed=4, average=0.0)
     for method, extra in (("vrbo", dict(period=2)), ("mrbo", {}), ("stable", {})):
         det = mlo.minimize_bilevel(q.problem, np.zeros(DX), np.zeros(DY), method=method,
                                    **kw, **extra)

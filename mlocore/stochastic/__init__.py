@@ -59,7 +59,8 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
                     upper_batch_size=None, sampler=None, step=None, inner_step=None,
                     inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
                     eval_every=None, tol=None, callback=None, reference=None,
-                    backtrack=None, backend=None, output="numpy", **method_options):
+                    backtrack=None, backend=None, output="numpy", average=None,
+                    **method_options):
     """Stochastic bilevel methods on the device for a :class:`~mlocore.cuda.DeviceBilevelProblem`
     (:func:`mlocore.minimize_bilevel` routes device problems here).
 
@@ -83,9 +84,12 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
         ``directions``, ``rho``, ...).
     maxiter, batch_size, upper_batch_size, step, inner_step, inner_steps, neumann_terms,
     neumann_step, seed, eval_every, tol, callback, reference, backtrack
-        As on the CPU (numbers or :class:`mlocore.Schedule` for the steps; default steps
-        from Lipschitz estimates computed on the device, halved on divergence up to
-        ``backtrack`` times).
+        As on the CPU (numbers or :class:`mlocore.Schedule` for the steps, or
+        ``step="auto"``, the counted step search; default steps from Lipschitz estimates
+        computed on the device, halved on divergence up to ``backtrack`` times).
+    average : float or bool, optional
+        Tail averaging as on the CPU (an accumulator on the device, one kernel per averaged
+        iteration; the mean is read back once, a counted transfer).
     sampler : {"uniform", "batches"}
         Default: the method's (as on the CPU; "batches" for SABA, which needs it).
         "uniform": with replacement, drawn on the device (``numba.cuda.random``, seeded by
@@ -100,7 +104,8 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
     scipy.optimize.OptimizeResult
         The CPU driver's fields (``x, y, fun, jac, nit, success, status, message, method,
         seed, oracle_calls, oracle_samples, history, steps, step_reductions, batch_size,
-        time, state``) plus ``transfers`` (and ``multiplier`` for "primal-dual").
+        time, state, x_last, y_last, average``, ``step_search`` with ``step="auto"``) plus
+        ``transfers`` (and ``multiplier`` for "primal-dual").
         ``state["work"]`` (a device array) is v (SOBA, AID), SABA's work array in the CPU
         layout (the host copy unpacks with :func:`saba_tables`) or the CPU's work layout of
         SUSTAIN / MRBO / VRBO / STABLE / penalty / primal-dual; empty for the others.
@@ -111,4 +116,5 @@ def minimize_device(problem, x0, y0, method, *, maxiter=1000, batch_size=None,
                     inner_step=inner_step, inner_steps=inner_steps,
                     neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
                     eval_every=eval_every, tol=tol, callback=callback, reference=reference,
-                    backtrack=backtrack, backend=backend, output=output, **method_options)
+                    backtrack=backtrack, backend=backend, output=output, average=average,
+                    **method_options)

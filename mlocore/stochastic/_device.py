@@ -823,8 +823,9 @@ class DeviceRun:
         self._scalars = dl.Scalars(self.counter)
         self._buf = dl.empty(dx + 2)
         self.method = self.spec.device(self)
-        saved = (self.z, self.wv, self.states, self.hrng) + self.samp_u.state_arrays() + \
-            self.samp_l.state_arrays() + tuple(self.method.saved)
+        self.avg_sum = dl.zeros(n)     # running sum of the averaged iterates (x, y)
+        saved = (self.z, self.wv, self.states, self.hrng, self.avg_sum) + \
+            self.samp_u.state_arrays() + self.samp_l.state_arrays() + tuple(self.method.saved)
         self.rewind = DeviceRewind(saved)
 
     def beta_at(self, k):
@@ -852,8 +853,11 @@ class DeviceRun:
         with _quiet_simulated_arithmetic():
             if m > 0:
                 self.method.prepare()
+            s = self.avg_start
             for it in range(m):
                 self.method.iteration(k + it)
+                if k + it >= s:  # tail averaging: acc += (x, y) after the iteration
+                    dl.axpy_into(self.avg_sum, self.avg_sum, 1.0, self.z)
             cuda.synchronize()
             dt = time.perf_counter() - t0
             x_new, zz, vsum = self._read_checkpoint()
@@ -874,6 +878,21 @@ class DeviceRun:
 
     def xy_copies(self, x_host):
         return x_host.copy(), _dcopy(self.z[self.dx:])
+
+    def averaged(self, k):
+        """``(x, y, x_host)``: the mean of the iterates after iterations ``avg_start .. k -
+        1`` in the output's type and a host copy of x (one counted transfer of (x, y)), or
+        None before the window."""
+        m = k - self.avg_start
+        if m <= 0:
+            return None
+        out = dl.empty(self.n)
+        dl.scale_into(out, 1.0 / m, self.avg_sum)
+        host = _cdevice.to_host(out, self.counter)
+        x_host = host[:self.dx].copy()
+        if self.output == "numpy":
+            return x_host, host[self.dx:].copy(), x_host
+        return out[:self.dx], out[self.dx:], x_host
 
     def finish(self, x_host):
         dx, dy, z = self.dx, self.dy, self.z
@@ -977,3 +996,22 @@ class DeviceEstimates(DeviceMethod):
 
     def state_work(self):
         return self.work
+
+
+def full_upper_F(problem, x, y):
+    """``F(x) = f(x, y*(x))`` on the full batches, a host float: y*(x) from a full-batch
+    lower solve warm-started at y, then the upper value callback on all samples (the score
+    of a ``step="auto"`` trial; its transfers are not a run's)."""
+    full = _cproblem.DeviceBilevelProblem(problem.upper.full_batch(),
+                                          problem.lower.full_batch(), problem.dims)
+    full._checked = True
+    method = "newton-cg" if problem.lower.hvp is not None else "agd"
+    ys = solve_lower(full, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                     method=method, tol=1e-8, output="numpy").y
+    obj = problem.upper
+    z = cuda.to_device(np.concatenate([np.asarray(x, dtype=np.float64), ys]))
+    args = (z,)
+    if obj.n_samples is not None:
+        args += (_device_arange(obj.n_samples),)
+    return _cproblem.call_device_callback("upper", "value", lambda *a: float(obj.value(*a)),
+                                          args + tuple(obj.args))

@@ -28,13 +28,14 @@ from .._hypergrad import _compiled, hypergrad, solve_lower
 from .._kernels.oracles import N_COUNTERS
 from .._problem import Ball, BilevelProblem
 from .._results import status_message
-from .._validation import as_vector, check_backend, check_choice, check_cpu_output
+from .._validation import as_vector, check_backend, check_choice, check_cpu_output, check_int
 from ..cuda._session import check_problem_backend
 from . import _device
 from . import _sampling as _sk
-from ._spec import (DEFAULT_BATCH, SAMPLERS, Context, _divergence_detail, _norm,
-                    _record_checkpoint, Rewind, _run_summary, _stop_at_checkpoint,
-                    default_steps, parse_run_options, power_on_differences)
+from ._spec import (AUTO_FACTORS, AUTO_FRACTION, DEFAULT_BATCH, SAMPLERS, Context, Schedule,
+                    _divergence_detail, _norm, _record_checkpoint, _reference_values, Rewind,
+                    _run_summary, _stop_at_checkpoint, check_auto_steps, default_steps,
+                    parse_average, parse_run_options, power_on_differences)
 
 __all__ = ["minimize", "estimate_lipschitz", "check_sampled_callbacks"]
 
@@ -264,7 +265,9 @@ class _CpuRun:
         self.largs = _kernel_args(self.problem.lower, self.comp.lower)
         # everything a kernel call changes is saved, except the oracle counters (the wasted
         # work stays counted, as does its time)
-        self.rewind = Rewind((self.x, self.y, work, self.rng) + tuple(self.samp_u)
+        # the running sum of the averaged iterates (x, y) travels with the saved states
+        self.acc = np.zeros(self.x.shape[0] + self.y.shape[0])
+        self.rewind = Rewind((self.x, self.y, work, self.rng, self.acc) + tuple(self.samp_u)
                               + tuple(self.samp_l))
 
     def _run(self, k0, n):
@@ -280,7 +283,23 @@ class _CpuRun:
 
     def advance(self, k, n):
         t0 = time.perf_counter()
-        st, done = self._run(k, n)
+        s = self.avg_start
+        if k + n <= s:
+            st, done = self._run(k, n)
+        else:  # inside the averaging window: one iteration per call, then add (x, y)
+            st, done, j = _sk.OK, 0, k
+            if k < s:
+                st, done = self._run(k, s - k)
+                j = s
+            dx = self.x.shape[0]
+            while st == _sk.OK and j < k + n:
+                st, d = self._run(j, 1)
+                if st == _sk.OK:
+                    self.acc[:dx] += self.x
+                    self.acc[dx:] += self.y
+                    d = 1
+                done = j - k + d
+                j += 1
         dt = time.perf_counter() - t0
         failed = f"non-finite iterate at iteration {k + int(done) + 1}" if st != _sk.OK \
             else None
@@ -296,6 +315,16 @@ class _CpuRun:
 
     def xy_copies(self, x):
         return x.copy(), self.y.copy()
+
+    def averaged(self, k):
+        """``(x, y, x)``: the mean of the iterates after iterations ``avg_start .. k - 1``, or
+        None before the window."""
+        m = k - self.avg_start
+        if m <= 0:
+            return None
+        dx = self.x.shape[0]
+        xa = self.acc[:dx] / m
+        return xa, self.acc[dx:] / m, xa
 
     def finish(self, x_host):
         extras = {} if self.spec.result is None else self.spec.result(self.work)
@@ -349,10 +378,134 @@ def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, bat
              upper_batch_size=None, sampler=None, step=None, inner_step=None,
              inner_steps=None, neumann_terms=None, neumann_step=None, seed=None,
              eval_every=None, tol=None, callback=None, reference=None, backtrack=None,
-             backend=None, output="numpy", **method_options):
+             backend=None, output="numpy", average=None, **method_options):
     """Run ``methods[method]`` (a :class:`~mlocore.stochastic._spec.MethodSpec`) on the CPU,
     or on the device for a device problem, ``backend="cuda"`` or ``device_only`` (the
-    device entry point, which refuses CPU problems)."""
+    device entry point, which refuses CPU problems). ``step="auto"`` first runs the counted
+    step search (:func:`_step_search`)."""
+    opts = dict(maxiter=maxiter, batch_size=batch_size, upper_batch_size=upper_batch_size,
+                sampler=sampler, inner_steps=inner_steps, neumann_terms=neumann_terms,
+                neumann_step=neumann_step, seed=seed, eval_every=eval_every, tol=tol,
+                callback=callback, reference=reference, backtrack=backtrack,
+                backend=backend, output=output, average=average, **method_options)
+    if not check_auto_steps(step, inner_step):
+        return _minimize_once(methods, device_only, problem, x0, y0, method, step=step,
+                              inner_step=inner_step, **opts)
+    return _step_search(methods, device_only, problem, x0, y0, method, inner_step, opts)
+
+
+def _full_upper_F(problem, x, y, device):
+    """The trial score ``F(x) = f(x, y*(x))`` on the full batches: y*(x) from a full-batch
+    lower solve warm-started at y (tol 1e-8), then the mean of the upper sample values.
+    Neither is a counted oracle call of the run."""
+    obj = problem.upper
+    if device:
+        return _device.full_upper_F(problem, x, y)
+    x = np.asarray(x, dtype=np.float64)
+    ys = solve_lower(problem, x, np.asarray(y, dtype=np.float64), tol=1e-8).y
+    z = np.concatenate([x, ys])
+    if obj.n_samples is None:
+        return float(obj.value(z, *obj.args))
+    return float(obj.value(z, np.arange(obj.n_samples, dtype=np.int64), *obj.args))
+
+
+def _add_counts(a, b):
+    return {key: a[key] + b[key] for key in a}
+
+
+def _step_search(methods, device_only, problem, x0, y0, method, inner_step, opts):
+    """``step="auto"``: trial runs on the grid ``AUTO_FACTORS`` times the default initial
+    upper and lower steps (upper only when ``inner_step`` is given), each for
+    ``ceil(AUTO_FRACTION maxiter)`` iterations from (x0, y0) with the run's seed (common
+    random numbers), scored by ``reference.F`` at the trial's returned x when the
+    reference has F, else by the full-batch ``F(x) = f(x, y*(x))`` (a lower solve
+    warm-started at the trial's y, then the upper value callback on all samples);
+    the best pair (ties: the first in the grid) runs the full budget. A trial that diverges
+    (status 13) or scores non-finite scores inf; when all do, the default steps run. The
+    trials' oracle calls, samples and time are added to the result's totals (and to its
+    history) and reported in ``res.step_search``."""
+    reference = opts["reference"]
+    device = device_only or getattr(problem, "on_device", False) or opts["backend"] == "cuda"
+    if reference is not None and hasattr(reference, "F"):
+        score_name = "reference.F(x)"
+
+        def score(res):
+            x = res.x if isinstance(res.x, np.ndarray) else res.x.copy_to_host()
+            return float(reference.F(x))
+    else:
+        if problem.upper.value is None:
+            raise ValueError("step='auto' scores the trial runs by the upper objective: it "
+                             "needs the upper objective's value callback or a reference "
+                             "with F(x); got neither")
+        score_name = "full-batch F(x) = f(x, y*(x))"
+
+        def score(res):
+            return _full_upper_F(problem, res.x, res.y, device)
+    seed = opts["seed"]
+    if seed is None:  # one seed for the trials and the final run
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    maxiter = check_int("maxiter", opts["maxiter"], 0)
+    trial_iters = max(1, int(np.ceil(AUTO_FRACTION * maxiter)))
+    trial_opts = dict(opts, maxiter=trial_iters, seed=seed, tol=None, callback=None,
+                      reference=None, eval_every=None, output="numpy")
+    # the default schedules (a zero-iteration run computes them as a full run would)
+    base = _minimize_once(methods, device_only, problem, x0, y0, method, step=None,
+                          inner_step=inner_step, **dict(trial_opts, maxiter=0))
+    alpha, beta = base.steps["alpha"], base.steps["beta"]
+    beta_factors = AUTO_FACTORS if inner_step is None else (None,)
+    grid, scores, trials = [], [], []
+    calls = samples = None
+    elapsed = score_time = 0.0
+    for fa in AUTO_FACTORS:
+        for fb in beta_factors:
+            a = dataclasses.replace(alpha, initial=alpha.initial * fa)
+            b = inner_step if fb is None else dataclasses.replace(beta,
+                                                                  initial=beta.initial * fb)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                res = _minimize_once(methods, device_only, problem, x0, y0, method, step=a,
+                                     inner_step=b, **trial_opts)
+            t0 = time.perf_counter()
+            val = score(res) if res.status != 13 else np.inf
+            score_time += time.perf_counter() - t0
+            val = float(val) if val is not None and np.isfinite(val) else np.inf
+            grid.append((a.initial, beta.initial * fb if fb is not None else
+                         (b.initial if isinstance(b, Schedule) else float(b))))
+            scores.append(val)
+            trials.append((a, b))
+            calls = res.oracle_calls if calls is None else _add_counts(calls, res.oracle_calls)
+            samples = res.oracle_samples if samples is None else \
+                _add_counts(samples, res.oracle_samples)
+            elapsed += res.time
+    best = int(np.argmin(scores)) if np.isfinite(np.min(scores)) else None
+    if best is None:
+        a_best, b_best = None, inner_step
+    else:
+        a_best, b_best = trials[best]
+    res = _minimize_once(methods, device_only, problem, x0, y0, method, step=a_best,
+                         inner_step=b_best, **dict(opts, seed=seed))
+    elapsed += score_time
+    search = {"grid": grid, "scores": scores, "best": best, "score": score_name,
+              "iterations": trial_iters, "oracle_calls": calls, "oracle_samples": samples,
+              "time": elapsed, "score_time": score_time}
+    res.step_search = search
+    res.oracle_calls = _add_counts(res.oracle_calls, calls)
+    res.oracle_samples = _add_counts(res.oracle_samples, samples)
+    res.time = res.time + elapsed
+    hist = res.history
+    hist["oracle_calls"] = hist["oracle_calls"] + sum(calls.values())
+    hist["samples"] = hist["samples"] + sum(samples.values())
+    hist["time"] = hist["time"] + elapsed
+    return res
+
+
+def _minimize_once(methods, device_only, problem, x0, y0, method, *, maxiter=1000,
+                   batch_size=None, upper_batch_size=None, sampler=None, step=None,
+                   inner_step=None, inner_steps=None, neumann_terms=None, neumann_step=None,
+                   seed=None, eval_every=None, tol=None, callback=None, reference=None,
+                   backtrack=None, backend=None, output="numpy", average=None,
+                   **method_options):
+    """One run with numeric (or default) steps."""
     where = "minimize_bilevel (stochastic methods)"
     device = device_only or getattr(problem, "on_device", False) or \
         check_backend(backend, where) == "cuda"
@@ -374,6 +527,7 @@ def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, bat
             neumann_terms=neumann_terms, neumann_step=neumann_step, seed=seed,
             eval_every=eval_every, tol=tol, callback=callback, reference=reference,
             backtrack=backtrack, method_options=method_options)
+    avg_fraction, avg_start = parse_average(spec, average, maxiter)
     if device:
         run = _device.DeviceRun(spec, method, problem, x0, y0, batch_size, upper_batch_size,
                                 sampler, seed, step, inner_step, DEFAULT_BATCH, output)
@@ -386,6 +540,7 @@ def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, bat
     work, fextra, iextra = (np.zeros(0), [], []) if spec.setup is None else \
         spec.setup(ctx, extra)
     run.build(alpha, beta, eta, T, Q, work, fextra, iextra)
+    run.avg_start = avg_start
     halvable = [i for i, (given, s) in enumerate(((step, alpha.initial),
                                                   (inner_step, beta.initial),
                                                   (neumann_step, eta)))
@@ -398,6 +553,15 @@ def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, bat
     status, detail, calls, samples, hist = _run_summary(status, detail, tol, reductions,
                                                         counts, history)
     x, y, extras, state_work, tail = run.finish(run.rewind.extra_last)
+    x_last, y_last = x, y
+    averaged = run.averaged(k)
+    n_avg = 0
+    if averaged is not None:
+        x, y, x_host = averaged
+        n_avg = k - avg_start
+        current_ref = _reference_values(reference, x_host, problem)
+        if "transfers" in tail:
+            tail["transfers"] = run.counter.as_dict()
     alpha0, beta0, eta0 = run.steps()
     return OptimizeResult(
         x=x, y=y, fun=current_ref.get("F", np.nan), jac=current_ref.get("_grad"), nit=k,
@@ -407,4 +571,5 @@ def minimize(methods, device_only, problem, x0, y0, method, *, maxiter=1000, bat
                "beta": dataclasses.replace(beta, initial=beta0),
                "neumann_step": eta0},
         step_reductions=reductions, **extras, batch_size=run.batch_size, time=elapsed,
-        state={"work": state_work}, **tail)
+        state={"work": state_work}, x_last=x_last, y_last=y_last,
+        average={"fraction": avg_fraction, "iterations": n_avg}, **tail)

@@ -27,6 +27,14 @@ DEFAULT_BACKTRACK = 8
 BLOWUP_FACTOR = 1.0e3
 BLOWUP_GROWTH = 4.0
 SAMPLERS = {"uniform": _sk.UNIFORM, "batches": _sk.BATCHES}
+#: default tail averaging: the returned (x, y) is the mean of the iterates over the last
+#: DEFAULT_AVERAGE of the iterations (Polyak & Juditsky 1992), for methods whose steps
+#: leave a noise ball (``MethodSpec.average``)
+DEFAULT_AVERAGE = 0.5
+#: ``step="auto"``: multiplicative grid around the default initial upper / lower steps,
+#: each trial run for AUTO_FRACTION of maxiter
+AUTO_FACTORS = (1.0 / 3.0, 1.0, 3.0)
+AUTO_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,9 @@ class MethodSpec:
     doc: str = ""
     device: type = None         # the device loop (a DeviceMethod subclass)
     gradient_only: bool = False  # on the device: no lower hvp needed when steps are given
+    average: float = DEFAULT_AVERAGE  # default tail-averaging fraction (0: last iterate)
+    alpha_offset: float = DEFAULT_OFFSET  # offsets of the decaying default schedules
+    beta_offset: float = DEFAULT_OFFSET
 
 
 def work_v(ctx, opts):
@@ -100,8 +111,8 @@ class Context:
         return self._lipschitz(which)
 
 
-def _as_schedule(name, value, default_power, default_initial):
-    off = DEFAULT_OFFSET if default_power > 0 else 1.0
+def _as_schedule(name, value, default_power, default_initial, offset=DEFAULT_OFFSET):
+    off = offset if default_power > 0 else 1.0
     if value is None:
         return Schedule(default_initial(), default_power, off)
     if isinstance(value, Schedule):
@@ -117,9 +128,10 @@ def default_steps(spec, step, inner_step, neumann_step, lipschitz):
     defaults come from ``lipschitz(which)`` ("upper": L_F, "lower": L_g over minibatches,
     "lower_full": the full-batch L_g)."""
     alpha = _as_schedule("step", step, spec.alpha_power,
-                         lambda: spec.alpha_safety * STEP_SAFETY / lipschitz("upper"))
+                         lambda: spec.alpha_safety * STEP_SAFETY / lipschitz("upper"),
+                         spec.alpha_offset)
     beta = _as_schedule("inner_step", inner_step, spec.beta_power,
-                        lambda: spec.beta_safety / lipschitz("lower"))
+                        lambda: spec.beta_safety / lipschitz("lower"), spec.beta_offset)
     eta = check_positive("neumann_step", neumann_step) if neumann_step is not None else \
         (1.0 / lipschitz("lower_full")
          if "neumann_step" in spec.uses or "neumann_terms" in spec.uses
@@ -314,6 +326,38 @@ def _stationarity(ref):
     F)|^2`` with constraints (``grad F`` need not vanish on the boundary), else ``|grad
     F|^2``; inf without a reference hypergradient."""
     return ref.get("grad_mapping_sq", ref.get("grad_norm_sq", np.inf))
+
+
+def parse_average(spec, average, maxiter):
+    """The iteration from which iterates are averaged (``maxiter`` for none): ``average`` is
+    None (the method's default), a bool (True: DEFAULT_AVERAGE) or a fraction in [0, 1] of
+    the final iterations."""
+    if average is None:
+        frac = spec.average
+    elif isinstance(average, bool):
+        frac = DEFAULT_AVERAGE if average else 0.0
+    elif isinstance(average, numbers.Real) and 0.0 <= float(average) <= 1.0:
+        frac = float(average)
+    else:
+        raise ValueError(f"average must be None, a bool or a fraction in [0, 1], got "
+                         f"{average!r}")
+    return frac, maxiter - int(round(frac * maxiter))
+
+
+def check_auto_steps(step, inner_step):
+    """``step`` may be "auto" (the counted search of the driver); other strings, and a string
+    ``inner_step``, are errors. Returns whether the search is asked for."""
+    if isinstance(inner_step, str):
+        raise ValueError(f"inner_step must be None, a positive number or mlocore.Schedule, "
+                         f"got {inner_step!r} (step='auto' searches the upper and lower "
+                         f"steps together; an explicit inner_step restricts it to the upper "
+                         f"step)")
+    if isinstance(step, str):
+        if step != "auto":
+            raise ValueError(f"step must be None, 'auto', a positive number or "
+                             f"mlocore.Schedule, got {step!r}")
+        return True
+    return False
 
 
 def parse_run_options(spec, method, *, maxiter, batch_size, upper_batch_size, sampler,

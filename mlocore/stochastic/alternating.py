@@ -8,6 +8,10 @@ Iteration k (lower batches xi_t, upper batch zeta)::
 Biased unless ``grad_y f = 0`` at the solution: the hypergradient's implicit term
 ``-H_xy H_yy^{-1} grad_y f`` is dropped (see e.g. Ghadimi & Wang 2018, "Approximation
 methods for bilevel programming", for the corrected double loop).
+
+Defaults (mlocore's): T = 1, ``alpha ~ k^-1/2`` from ``0.5/L_F`` (offset 100), the tail
+average of the last half (``average=0.5``). The bias stays: on ``make_quadratic(5, 10)``
+the returned x is about 0.6 |x*| from x*.
 """
 import numpy as np
 from numba import njit

@@ -9,6 +9,14 @@ Iteration k (lower batches xi_t, xi'_j, xi''; upper batch zeta; q uniform on {0.
 
 v is unbiased for the truncated series ``eta sum_{q<Q} (I - eta H_yy)^q grad_y f`` (q HVPs).
 The loop is StocBiO's (:func:`mlocore.stochastic.stocbio.neumann_loop`).
+
+Defaults. From the paper: T lower steps per upper step, the randomized Neumann estimator,
+steps of order ``1/sqrt(k)``. Chosen by measurement: T = 10, Q = 10, ``eta = 1/L_g``,
+``alpha_0 = 0.5/L_F`` with ``alpha ~ (100/(100 + k))^(1/2)``, and the tail average of the
+last half (``average=0.5``, Polyak & Juditsky 1992; not in the paper). On
+``make_quadratic(5, 10)`` (batch 16, 3000 iterations, seeds 0-2;
+benchmarks/stochastic_defaults.py) the relative distance to x* went from 0.09-0.20 (last
+iterate) to 0.017-0.040.
 """
 from numba import njit
 

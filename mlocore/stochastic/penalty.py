@@ -4,17 +4,35 @@ loop it shares with the primal-dual method (:mod:`mlocore.stochastic.primal_dual
 
 With ``v_a(x) = min_y g(x, y) + a1/2 |y|^2 + a2`` the problem is ``min_{x, y} f(x, y) + rho
 max(0, g(x, y) - v_a(x))``. Iteration k: ``yhat`` (the minimizer defining ``v_a``,
-warm-started) takes T SGD steps on ``g(x, .) + a1/2 |.|^2``; then, on one lower batch xi
-and one upper batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and::
+warm-started) takes T - 1 SGD steps on ``g(x, .) + a1/2 |.|^2``; then, on one lower batch
+xi and one upper batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and,
+simultaneously (all at the current point, with the same xi)::
 
-    x <- P(x - alpha_k (grad_x f + rho [c > 0] (grad_x g(x, y) - grad_x g(x, yhat)))
-            / (1 + rho))
-    y <- y - beta_k (grad_y f + rho [c > 0] grad_y g(x, y)) / (1 + rho)
+    x    <- P(x - alpha_k (grad_x f + rho [c > 0] (grad_x g(x, y) - grad_x g(x, yhat)))
+              / (1 + rho))
+    y    <- y - beta_k (grad_y f + rho [c > 0] grad_y g(x, y)) / (1 + rho)
+    yhat <- yhat - beta_k (grad_y g(x, yhat) + a1 yhat)         (its T-th step)
 
-(Danskin's theorem: ``grad v_a(x) = grad_x g(x, yhat)``). ``work = [yhat (dy)]``. On the
+``[c > 0]`` is 1 when ``a1 = a2 = 0``: then ``g(x, y) - v_a(x) >= 0`` for every (x, y), so
+``max(0, .)`` is the identity and no minibatch test decides it. (Danskin's theorem: ``grad
+v_a(x) = grad_x g(x, yhat)``). ``work = [yhat (dy)]``. On the
 device the lower ``value`` callback (a host float) is called twice per iteration (each call
 reads back; the callback's own read-backs are not counted), and with ``a1 > 0`` ``|yhat|^2``
 is read back once per iteration (counted).
+
+Defaults (all chosen by measurement; the penalty formulation is the paper's): rho = 30,
+T = 1, constant steps ``0.5/L_F``, ``1/L_g``, and the tail average of the last half
+(``average=0.5``). The penalized problem's solution is not x*: on ``make_quadratic(5, 10)``
+(full batch, 30000 iterations) it lies 8.8% of |x*| from x* for rho = 10, 4.4% for 20,
+2.9% for 30. With batch 16 and 3000 iterations (seeds 0-2) the former loop (the yhat steps
+on their own batches before the (x, y) step, the minibatch test of ``c > 0`` also for
+``a1 = a2 = 0``, rho = 10, ``alpha ~ k^-3/5``, ``beta ~ k^-2/5``) returned x at 0.22-0.25
+|x*| from x*, 0.13-0.20 with rho = 30: the test ``c > 0`` on a minibatch fails on about half
+the batches near the solution (halving the effective rho), and ``rho (grad_x g(x, y) -
+grad_x g(x, yhat))`` with independent noises in y and yhat has a variance growing with rho.
+With the shared batch and no test: 0.065-0.076 for rho = 10, 0.033-0.046 for rho = 20 (the
+decaying steps), 0.013-0.020 for rho = 30 with constant steps (0.08-0.10 with the decaying
+ones, whose x-rate ``alpha_k / (1 + rho)`` is too slow).
 """
 import math
 
@@ -29,6 +47,8 @@ from ._sampling import (ALPHA0, BETA0, DIVERGED, N_FPAR, OK, T_INNER, draw, fini
                         upper_grad)
 from ._spec import MethodSpec
 
+#: the penalty method's default weight (see :func:`_setup_penalty`)
+PENALTY_RHO = 30.0
 VF_A1, VF_A2, VF_RHO, VF_DUAL_STEP, VF_EPS = N_FPAR, N_FPAR + 1, N_FPAR + 2, N_FPAR + 3, \
     N_FPAR + 4
 
@@ -57,7 +77,7 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
         beta = step_at(fpar, BETA0, k)
         alpha = step_at(fpar, ALPHA0, k)
         # yhat: T SGD steps on g(x, .) + a1/2 |.|^2 (warm-started)
-        for t in range(T):
+        for t in range(T - 1):
             joint_into(zh, x, yhat)
             idx, _ = draw(samp_l, rng)
             g = lower_grad_y(lfns, largs, lflags, zh, dx, idx, counts)
@@ -71,11 +91,13 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
         gv = svalue(lfns, largs, z, idx_l, counts, LOWER_VALUE)
         hv = svalue(lfns, largs, zh, idx_l, counts, LOWER_VALUE)
         c = gv - hv - 0.5 * a1 * (yhat @ yhat) - a2
-        w = rho if (dual or c > 0.0) else 0.0
+        w = rho if (dual or c > 0.0 or (a1 == 0.0 and a2 == 0.0)) else 0.0
         s = 1.0 / (1.0 + rho)
+        gh = sgrad(lfns, largs, zh, idx_l, counts, LOWER_GRAD)
+        for i in range(dy):
+            yhat[i] -= beta * (gh[dx + i] + a1 * yhat[i])
         if w != 0.0:
             gg = sgrad(lfns, largs, z, idx_l, counts, LOWER_GRAD)
-            gh = sgrad(lfns, largs, zh, idx_l, counts, LOWER_GRAD)
             for p in range(dx):
                 x[p] -= alpha * s * (gf[p] + w * (gg[p] - gh[p]))
             for i in range(dy):
@@ -97,16 +119,18 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
 @njit(cache=True)
 def run_penalty(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar, ipar, samp_u,
                 samp_l, rng, proj, k0, n_iter, counts):
-    """Value-function penalty (lecture eqs. 26-28): per iteration, T warm-started SGD steps
-    on ``yhat`` for ``g(x, .) + a1/2 |.|^2``; then, with one lower batch xi and one upper
-    batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and one projected
-    SGD step on the normalized penalty ``(f + rho max(0, c)) / (1 + rho)``::
+    """Value-function penalty (lecture eqs. 26-28): per iteration, T - 1 warm-started SGD
+    steps on ``yhat`` for ``g(x, .) + a1/2 |.|^2``; then, with one lower batch xi and one
+    upper batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and, at the
+    current point and on the same xi, one projected SGD step on the normalized penalty
+    ``(f + rho max(0, c)) / (1 + rho)`` and yhat's T-th step::
 
         x <- P(x - alpha_k (grad_x f + rho [c > 0] (grad_x g(x, y) - grad_x g(x, yhat)))
                 / (1 + rho))
         y <- y - beta_k (grad_y f + rho [c > 0] grad_y g(x, y)) / (1 + rho)
+        yhat <- yhat - beta_k (grad_y g(x, yhat) + a1 yhat)
 
-    (Danskin: ``grad v_a(x) = grad_x g(x, yhat)``)."""
+    (``[c > 0] = 1`` when ``a1 = a2 = 0``; Danskin: ``grad v_a(x) = grad_x g(x, yhat)``)."""
     return value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fpar,
                                ipar, samp_u, samp_l, rng, proj, k0, n_iter, counts, False)
 
@@ -125,13 +149,18 @@ def _setup_penalty(ctx, opts):
 
     With ``v_a(x) = min_y g(x, y) + a1/2 |y|^2 + a2`` the problem is
     ``min_{x, y} f(x, y) + rho max(0, g(x, y) - v_a(x))``. Iteration k: ``yhat`` (the
-    minimizer defining ``v_a``, warm-started, in ``work[:dy]``, starting at y0) takes T SGD
-    steps on ``g(x, .) + a1/2 |.|^2`` with step ``beta_k``; then, on one lower batch xi and one
-    upper batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and::
+    minimizer defining ``v_a``, warm-started, in ``work[:dy]``, starting at y0) takes T - 1
+    SGD steps on ``g(x, .) + a1/2 |.|^2`` with step ``beta_k``; then, on one lower batch xi and
+    one upper batch zeta, ``c = g(x, y; xi) - g(x, yhat; xi) - a1/2 |yhat|^2 - a2`` and, at
+    the current point with the same xi (common random numbers: the difference of the two
+    lower gradients then carries no sample noise of its own)::
 
         x <- P(x - alpha_k (grad_x f + rho [c > 0] (grad_x g(x, y) - grad_x g(x, yhat)))
                 / (1 + rho))
         y <- y - beta_k (grad_y f + rho [c > 0] grad_y g(x, y)) / (1 + rho)
+        yhat <- yhat - beta_k (grad_y g(x, yhat) + a1 yhat)
+
+    ``[c > 0] = 1`` when ``a1 = a2 = 0`` (``g - v_a >= 0`` everywhere).
 
     (Danskin's theorem: ``grad v_a(x) = grad_x g(x, yhat)``). Dividing by ``1 + rho``
     minimizes the same function scaled by a constant, whose smoothness is bounded
@@ -139,17 +168,17 @@ def _setup_penalty(ctx, opts):
 
     Parameters
     ----------
-    rho : float, default 10
+    rho : float, default 30
         Penalty weight. The penalized solution is biased: for a strongly convex g and
         ``a1 = a2 = 0`` its y sits at ``y*(x) - H_yy^{-1} grad_y f / rho`` and the x-bias is
         O(1/rho), while the penalized problem's conditioning (hence the iterations needed)
         grows like rho. rho must also be large enough for ``f + rho (g - v)`` to be bounded
         below in y (``grad^2_yy f + rho H_yy`` positive definite): on mlocore's stochastic
-        quadratic rho = 1 diverges. The default 10 is this trade-off for a few thousand
-        iterations (on ``make_quadratic(5, 10, 200, 200)``, full batch, the limit is at
-        distance 6.4 from x* for rho = 10 and about 0.5 for rho = 100, but rho = 100 needs
-        about ten times more iterations); raise rho together with maxiter for accuracy, or
-        use "primal-dual", which adapts the weight.
+        quadratic rho = 1 diverges. The default 30 is this trade-off for a few thousand
+        iterations (module docstring; on ``make_quadratic(5, 10, 200, 200)``, full batch,
+        the limit is at distance 6.4 from x* for rho = 10 and about 0.5 for rho = 100, but
+        rho = 100 needs about ten times more iterations); raise rho together with maxiter
+        for accuracy.
     a1 : float, default 0
         Smoothing of the value function (>= 0). ``a1 > 0`` or ``a2 > 0`` make the constraint
         strictly feasible (useful for the primal-dual method) but enlarge the feasible set
@@ -161,9 +190,10 @@ def _setup_penalty(ctx, opts):
     Notes
     -----
     Assumptions: f, g smooth; the value function differentiable (strongly convex g, or
-    ``a1 > 0``); x projected, y unconstrained. ``max(0, c)`` is evaluated on a minibatch
-    (a biased estimate of the constraint's activity). Per iteration: T + 2 lower gradients
-    (T when the penalty is inactive), 2 lower values, 1 upper gradient.
+    ``a1 > 0``); x projected, y unconstrained. With ``a1 > 0`` or ``a2 > 0``, ``max(0, c)`` is
+    evaluated on a minibatch (a biased estimate of the constraint's activity). Per
+    iteration: T + 1 lower gradients (T when the penalty is inactive), 2 lower values, 1
+    upper gradient.
     """
     a1, a2 = value_function_options(ctx, opts)
     rho = check_positive("rho", opts["rho"], allow_zero=True)
@@ -209,6 +239,7 @@ class DeviceValueFunction(DeviceMethod):
     def __init__(self, r):
         super().__init__(r)
         self.a1, self.a2, rho, self.dual_step, self.eps = (float(a) for a in r.fextra)
+        self.exact = self.a1 == 0.0 and self.a2 == 0.0  # g - v >= 0: no activity test
         if self.dual:
             rho = float(r.work_host[r.dy])
         self.rho = np.array([rho])
@@ -225,7 +256,7 @@ class DeviceValueFunction(DeviceMethod):
         dx, dy, n, z, zh = r.dx, r.dy, r.n, r.z, self.zh
         beta, alpha = r.beta_at(k), r.alpha_at(k)
         dl.copy(z[:dx], zh[:dx])
-        for _ in range(r.T):
+        for _ in range(r.T - 1):
             r.lower.grad(zh, r.samp_l.draw(), r.gg)
             launch(_yhat_step_kernel, dy, zh, r.gg, dx, beta, self.a1)
         idx_l = r.samp_l.draw()
@@ -239,13 +270,14 @@ class DeviceValueFunction(DeviceMethod):
             yy = float(self.sc.read()[dl.S_AUX])
         c = gv - hv - 0.5 * self.a1 * yy - self.a2
         rho = float(self.rho[0])
-        w = rho if (self.dual or c > 0.0) else 0.0
+        w = rho if (self.dual or c > 0.0 or self.exact) else 0.0
         s = 1.0 / (1.0 + rho)
+        r.lower.grad(zh, idx_l, self.gh)
         if w != 0.0:
             r.lower.grad(z, idx_l, r.gg)
-            r.lower.grad(zh, idx_l, self.gh)
         launch(_vf_step_kernel, n, z, r.gf, r.gg, self.gh, dx, alpha, beta, s, w,
                 1 if w != 0.0 else 0)
+        launch(_yhat_step_kernel, dy, zh, self.gh, dx, beta, self.a1)
         self.project()
         if self.dual:
             new = rho + self.dual_step * (c - self.eps)
@@ -267,9 +299,9 @@ class DeviceValueFunction(DeviceMethod):
         return {"multiplier": float(self.rho[0])} if self.dual else {}
 
 
-SPEC = MethodSpec(run_penalty, alpha_power=0.6, beta_power=0.4, inner_steps=1,
+SPEC = MethodSpec(run_penalty, alpha_power=0.0, beta_power=0.0, inner_steps=1,
                   uses=("inner_steps",),
-                  options={"rho": 10.0, "a1": 0.0, "a2": 0.0}, setup=_setup_penalty,
+                  options={"rho": PENALTY_RHO, "a1": 0.0, "a2": 0.0}, setup=_setup_penalty,
                   needs_value=True,
                   doc="value-function penalty f + rho max(0, g - v_a), lecture eq. 28",
                   device=DeviceValueFunction, gradient_only=True)

@@ -17,6 +17,9 @@ Work layout (``res.state["work"]``, :func:`saba_tables` unpacks it): see
 :func:`saba_layout`: ``[v (dy) | filled flag (1) | lower means (2dy+dx) | upper means
 (dy+dx) | lower table (nb_l rows of 2dy+dx) | upper table (nb_u rows of dy+dx)]``; a lower
 row is ``(grad_y g_j, H_yy,j v, H_xy,j v)``, an upper row ``(grad_y f_i, grad_x f_i)``.
+
+Defaults: constant steps (as in the paper) ``0.5/L_F`` and ``1/(3 L_g)`` (chosen by
+measurement); the last iterate is returned (``average=0``): SABA converges linearly to x*.
 """
 import numpy as np
 from numba import njit
@@ -373,7 +376,7 @@ class DeviceSaba(DeviceMethod):
         return self.work
 
 
-SPEC = MethodSpec(run_saba, alpha_power=0.0, beta_power=0.0, sampler="batches",
+SPEC = MethodSpec(run_saba, alpha_power=0.0, beta_power=0.0, sampler="batches", average=0.0,
                   beta_safety=1.0 / 3.0,
                   uses=(), options={"memory_init": "full"}, setup=_setup_saba,
                   doc="Dagreou et al. 2022: SOBA with SAGA tables on fixed minibatches",

@@ -10,6 +10,13 @@ Iteration k (lower batch xi, upper batch zeta)::
 
 with ``rho = beta`` and ``gamma = alpha`` schedules (mlocore's sign convention: v tends to
 ``H_yy^{-1} grad_y f``). ``work = v`` (``res.state["work"]``).
+
+Defaults. From the paper: the joint steps and decaying steps ``gamma ~ k^-3/5``, ``rho ~
+k^-2/5``. Chosen by measurement: the initial steps ``0.5/L_F``, ``1/L_g``, the offset 100,
+and the tail average of the last half (``average=0.5``, Polyak & Juditsky 1992; not in the
+paper). On ``make_quadratic(5, 10)`` (batch 16, 3000 iterations, seeds 0-2;
+benchmarks/stochastic_defaults.py) the relative distance to x* went from 0.10-0.21 (last
+iterate) to 0.012-0.015.
 """
 import numpy as np
 from numba import njit

@@ -15,6 +15,13 @@ horizon K), ``tau = 0.1``, ``hessian_floor = 1e-3 L_g``. Only the Hessians are a
 the upper gradient noise is that of SGD, so with constant steps x ends in an SGD noise
 ball; pass ``step=Schedule(a, 0.5, 100)`` for a decaying step.
 
+From the paper: the update and constant steps; chosen by measurement: ``0.5/L_F``,
+``1/L_g``, tau, the floor, and the tail average of the last half (``average=0.5``, Polyak &
+Juditsky 1992; not in the paper), which removes most of that noise ball: on
+``make_quadratic(5, 10)`` (batch 16, 3000 iterations, seeds 0-2;
+benchmarks/stochastic_defaults.py) the relative distance to x* went from 0.09-0.27 (last
+iterate) to 0.014-0.025.
+
 ``fpar = [..., tau, hessian_floor]``; ``work = [started, H_yy (dy*dy, row major), H_xy
 (dx*dy, row major)]``. On the device the eigendecomposition runs in one thread (cyclic
 Jacobi, ``O(dy^3)`` per sweep: meant for moderate dy, as STABLE itself is).

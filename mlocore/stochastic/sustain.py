@@ -10,7 +10,12 @@ grad_y f``, q uniform on {0..Q-1} (the same q at both points)::
     h_f^k = Fhat(z_k; B_k) + (1 - eta_f^k) (h_f^{k-1} - Fhat(z_{k-1}; B_k))
     y_{k+1} = y_k - beta_k h_g^k,    x_{k+1} = P(x_k - alpha_k h_f^k)
 
-Defaults as MRBO's: steps ``~ (100 + k)^(-1/3)``, momentum weights ``0.02 (s_k / s_0)^2``.
+Defaults as MRBO's: steps ``~ (100 + k)^(-1/3)``, momentum weights ``0.02 (s_k / s_0)^2``
+(the form from the paper, the constants chosen by measurement), and the tail average of the
+last half (``average=0.5``, Polyak & Juditsky 1992; not in the paper). On
+``make_quadratic(5, 10)`` (batch 16, 3000 iterations, seeds 0-2;
+benchmarks/stochastic_defaults.py) the relative distance to x* was 0.018-0.061 for the last
+iterate and 0.013-0.046 for the average.
 """
 from .mrbo import double_momentum_spec
 
