@@ -106,7 +106,9 @@ class MethodRun:
 
     @property
     def final(self):
-        """The reference values at the last point of the trace."""
+        """The reference values at the last point of the trace: the run's answer
+        ``result.x`` (for stochastic methods with ``average > 0``, the tail average; the
+        earlier points of the trace are the iterates at the checkpoints)."""
         return {k: float(self.trace[k][-1]) for k in _METRICS if k in self.trace}
 
     def __repr__(self):
@@ -590,6 +592,20 @@ def _deterministic_run(label, method, problem, x0, y0, budget, opts, reference, 
     return settings, res, trace, samples_of(res), float(trace["time"][-1])
 
 
+def _end_at_returned_point(trace, res, reference, problem):
+    """The history's checkpoints hold the last iterates; a run that returns a tail average
+    (``res.average["iterations"] > 0``) ends at that average: its reference values replace
+    the last point's, so that the trace ends where the run's answer ``res.x`` is."""
+    avg = res.get("average") or {}
+    if not avg.get("iterations") or not len(trace.get("iteration", ())):
+        return
+    vals = _reference_values(reference, res.x, problem)
+    for k in _METRICS:
+        if k in trace and k in vals:
+            trace[k] = np.array(trace[k], dtype=np.float64)
+            trace[k][-1] = vals[k]
+
+
 def compare_methods(problem, x0, y0, methods, *, budget, seeds=3, batch_size=None,
                     reference=None, options=None, n_points=20, **common):
     """Run several bilevel methods on one problem with the same budget of oracle samples
@@ -708,6 +724,7 @@ def compare_methods(problem, x0, y0, methods, *, budget, seeds=3, batch_size=Non
             settings, res, note, halvings = plan.run(seed, ref)
             trace = {k: np.asarray(v) for k, v in res.history.items()
                      if k in ("iteration", "samples", "time") + _METRICS}
+            _end_at_returned_point(trace, res, ref, sp)
             spent = settings["maxiter"] == 0  # budget wasted on discarded runs: failed
             runs[label].append(MethodRun(label, method, True, seed, sp, settings, res, trace,
                                          budget if spent else _total(res),

@@ -53,8 +53,13 @@ def test_runs_are_the_direct_minimize_bilevel_runs(comp, quad, start):
             if run.stochastic:
                 assert run.problem is quad.stochastic_problem
                 assert run.settings["seed"] == run.seed and run.settings["batch_size"] == BATCH
-                for key in ("samples", "iteration", "F", "dist_to_x_star"):
+                for key in ("samples", "iteration"):
                     assert np.array_equal(run.trace[key], res.history[key])
+                # checkpoints: the iterates; the last point: the returned (averaged) x
+                for key in ("F", "dist_to_x_star"):
+                    assert np.array_equal(run.trace[key][:-1], res.history[key][:-1])
+                assert run.trace["F"][-1] == quad.F(res.x)
+                assert run.trace["dist_to_x_star"][-1] == np.linalg.norm(res.x - quad.x_star)
             else:
                 assert run.problem is quad.problem and run.seed is None
                 h = res.history  # per-level cumulative calls, all calls of the iteration
@@ -251,7 +256,9 @@ def test_budget_with_step_halvings(quad, start, monkeypatch):
         assert run.samples <= 20000
         res = mlo.minimize_bilevel(run.problem, x0, y0, reference=quad, **run.settings)
         assert np.array_equal(res.x, run.result.x) and _samples(res, quad) == run.samples
-        assert np.array_equal(res.history["dist_to_x_star"], run.trace["dist_to_x_star"])
+        d = run.trace["dist_to_x_star"]  # ends at the returned (tail-averaged) x
+        assert np.array_equal(res.history["dist_to_x_star"][:-1], d[:-1])
+        assert d[-1] == np.linalg.norm(res.x - quad.x_star)
         # without the stop, the run goes on past the budget
         free = {k: v for k, v in run.settings.items() if k != "callback"}
         assert _samples(mlo.minimize_bilevel(run.problem, x0, y0, **free), quad) > 20000
