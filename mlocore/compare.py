@@ -22,7 +22,7 @@ from ._minimize import minimize_bilevel
 from ._problem import BilevelProblem
 from ._validation import as_vector
 from .stochastic import STOCHASTIC_METHODS
-from .stochastic._spec import DEFAULT_BATCH
+from .stochastic._spec import DEFAULT_BATCH, _reference_values
 
 __all__ = ["compare_methods", "Comparison", "MethodRun", "DETERMINISTIC_PREFIX"]
 
@@ -392,25 +392,6 @@ def _as_reference(reference, default, dx):
         return _Target(F=reference)
     raise TypeError(f"reference must be x* (an array), a callable F(x) or an object with "
                     f"F(x), hypergrad(x) and/or x_star, got {type(reference).__name__}")
-
-
-def _reference_values(reference, x, problem):
-    """The reference values at x, with the stochastic history's names."""
-    out = {}
-    if reference is None:
-        return out
-    if hasattr(reference, "F"):
-        out["F"] = float(reference.F(x))
-    if hasattr(reference, "hypergrad"):
-        g = np.asarray(reference.hypergrad(x), dtype=np.float64)
-        out["grad_norm_sq"] = float(g @ g)
-        if problem.constrained:
-            gm = x - problem.project(x - g)
-            out["grad_mapping_sq"] = float(gm @ gm)
-    xs = getattr(reference, "x_star", None)
-    if xs is not None:
-        out["dist_to_x_star"] = float(np.linalg.norm(x - xs))
-    return out
 
 
 def _F_star(reference):
