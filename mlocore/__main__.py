@@ -39,11 +39,8 @@ def _timed(fn, repeat=5):
 
 
 def _fmt_time(seconds):
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:8.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:8.2f} ms"
-    return f"{seconds:8.2f} s "
+    from mlocore.compare import format_seconds  # imported on demand, as the demo's others
+    return format_seconds(seconds)
 
 
 def main(argv=None):

@@ -195,7 +195,7 @@ class Comparison:
         for label in self.methods:
             s = summ[label]
             line = (f"{label:<{w}}{s['runs']:>5}{s['iterations_mean']:>9.0f}"
-                    f"{s['samples_mean']:>11.0f}{_fmt_time(s['time_mean']):>11}"
+                    f"{s['samples_mean']:>11.0f}{format_seconds(s['time_mean']):>11}"
                     f"{s['oracle_calls_mean']:>14.0f}")
             for k in metrics:
                 mean, std = s[k + "_mean"], s[k + "_std"]
@@ -289,7 +289,8 @@ class Comparison:
         return ax
 
 
-def _fmt_time(t):
+def format_seconds(t):
+    """A duration for tables: microseconds, milliseconds or seconds (also used by the demo)."""
     if t < 1e-3:
         return f"{t * 1e6:.0f} us"
     if t < 1.0:
