@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import call_bound
+from ._callbacks import CallbackError, call_bound
 from ._descent import (BILEVEL_METHODS, HyperObjectiveBase, descent_loop, descent_options,
                        driver_closures, multilevel_descent, multilevel_descent_options)
 from ._hypergrad import _check_problem, _compiled, implicit_call, unrolled_call
@@ -25,6 +25,22 @@ from .cuda._minimize import minimize_bilevel as _minimize_cuda
 
 __all__ = ["minimize_bilevel", "minimize_deterministic", "minimize_multilevel", "HyperObjective", "BILEVEL_METHODS"]
 
+
+
+def _solve_lower(comp, x, y0, method, tol, maxiter, step, counts):
+    """The compiled lower solve from y0; returns ``(y, status, |grad_y g|)``."""
+    lo = comp.lower
+    y, status, nit, gnorm, _ = call_bound(
+        lo.bound_kernels, None, _low.solve_lower_kernel,
+        lambda: (lo.fns, lo.kargs, lo.flags), x, y0, method, tol, maxiter, step, counts)
+    return y, int(status), gnorm
+
+
+def _upper_value(comp, x, y, counts):
+    """``f(x, y)`` by the compiled value callback (counted)."""
+    up = comp.upper
+    counts[UPPER_VALUE] += 1
+    return float(up.value(np.concatenate([x, y]), *up.args))
 
 
 class _Driver:
@@ -46,21 +62,14 @@ class _Driver:
         self.solved = None  # (x bytes, y, F, lower options) of the last F evaluation
 
     def solve_lower(self, x, y0, method=None, maxiter=None, tol=None, step=None):
-        lo = self.comp.lower
-        m = self.lower.code if method is None else method
-        y, status, nit, gnorm, _ = call_bound(
-            lo.bound_kernels, None, _low.solve_lower_kernel,
-            lambda: (lo.fns, lo.kargs, lo.flags), x, y0, m,
-            self.lower.tol if tol is None else tol,
-            self.lower.maxiter if maxiter is None else maxiter,
-            self.lower.step if step is None else step, self.counts)
-        return y, int(status), gnorm
+        return _solve_lower(self.comp, x, y0, self.lower.code if method is None else method,
+                            self.lower.tol if tol is None else tol,
+                            self.lower.maxiter if maxiter is None else maxiter,
+                            self.lower.step if step is None else step, self.counts)
 
     def upper_value(self, x, y):
-        up = self.comp.upper
-        self.counts[UPPER_VALUE] += 1
         self.nfev += 1
-        return float(up.value(np.concatenate([x, y]), *up.args))
+        return _upper_value(self.comp, x, y, self.counts)
 
     def upper_grad(self, x, y):
         up = self.comp.upper
@@ -443,6 +452,10 @@ class HyperObjective(HyperObjectiveBase):
     y, v : ndarray
         Current warm starts (the lower solution at the last x).
     ncalls : int
+        Hypergradients computed.
+    nsolves : int
+        Lower-level solves (a hypergradient at an x where :meth:`fun` solved the lower
+        level reuses that solve).
     oracle_calls : dict
         Accumulated over all calls.
     last : HypergradResult
@@ -450,6 +463,10 @@ class HyperObjective(HyperObjectiveBase):
 
     Notes
     -----
+    ``fun`` and ``jac`` are F and grad F separately (``scipy.optimize.minimize(fobj.fun, x0,
+    jac=fobj.jac)``): at the same x they share one lower solve, and a gradient already
+    computed at x (or F) is returned without new oracle calls.
+
     A call whose lower solve or linear solve fails raises ``RuntimeError`` with the solver's
     message rather than handing scipy a NaN.
     """
@@ -475,16 +492,59 @@ class HyperObjective(HyperObjectiveBase):
         self.v = np.zeros(problem.dy)
         self._counts = new_counts()
         self._comp = None
+        self.nsolves = 0
+        # (x bytes, F, grad or None, whether the lower solve at x converged) of the last x
+        self._point = None
 
-    def __call__(self, x):
+    def _prepare(self, x):
         x = as_vector("x", x, self.problem.dx)
         if self._comp is None:
             self._comp = _compiled(self.problem, x, self.y)
-        res = implicit_call(self._comp, self.method, x, self.y, self.v, True, self.lower,
-                            self.tol, 0.0, self.maxiter, -1.0, self._counts)
+        known = self._point
+        return x, (known if known is not None and known[0] == x.tobytes() else None)
+
+    def __call__(self, x):
+        x, known = self._prepare(x)
+        if known is not None and known[3] and known[2] is None:  # fun(x) solved the lower level at x: reuse it
+            res = implicit_call(self._comp, self.method, x, self.y, self.v, False,
+                                self.lower, self.tol, 0.0, self.maxiter, -1.0, self._counts,
+                                value=False)
+            res.fun = known[1]
+        else:
+            self.nsolves += 1
+            res = implicit_call(self._comp, self.method, x, self.y, self.v, True,
+                                self.lower, self.tol, 0.0, self.maxiter, -1.0, self._counts)
         out = self._accept(res)
         self.y, self.v = res.y, res.v
+        self._point = (x.tobytes(), out[0], out[1], res.lower_status == _low.OK)
         return out
+
+    def fun(self, x):
+        """F(x) alone: a lower solve (warm-started) and the upper value, or the value
+        already known at x; a later :meth:`jac` or call at x reuses that solve."""
+        x, known = self._prepare(x)
+        if known is not None:
+            return known[1]
+        self.nsolves += 1
+        y, status, gnorm = _solve_lower(self._comp, x, self.y, self.lower.code,
+                                        self.lower.tol, self.lower.maxiter, self.lower.step,
+                                        self._counts)
+        if status not in (_low.OK, _low.MAXITER):
+            raise RuntimeError(f"lower solve at x failed: {status_message(status)}")
+        f = _upper_value(self._comp, x, y, self._counts)
+        if not np.isfinite(f):
+            raise CallbackError(f"F is not finite at x (|grad_y g| = {gnorm:.3e})")
+        self.y = y
+        self._point = (x.tobytes(), f, None, status == _low.OK)
+        return f
+
+    def jac(self, x):
+        """grad F(x): the hypergradient already known at x, or one that reuses the lower
+        solve of :meth:`fun` at x (else a full call)."""
+        _, known = self._prepare(x)
+        if known is not None and known[2] is not None:
+            return known[2].copy()
+        return self(x)[1]
 
 
 HyperObjective.register(DeviceHyperObjective)

@@ -112,3 +112,41 @@ def test_bounds_forms_give_lb_and_ub():
     p = q.problem(bounds=(-1.0, None))  # one pair for all, None = unbounded
     np.testing.assert_array_equal(p.lb, [-1.0, -1.0])
     assert np.all(np.isinf(p.ub))
+
+
+def test_hyperobjective_fun_and_jac_share_the_lower_solve(quad_problem):
+    """fun then jac at one x: one lower solve, the oracle calls and values of one call
+    (bit for bit: the same kernels from the same warm starts); repeated fun or jac at that
+    x costs nothing; a call after fun reuses its solve."""
+    x = np.array([0.1, -0.2, 0.3])
+    shared, plain = mlo.HyperObjective(quad_problem, np.zeros(6)), \
+        mlo.HyperObjective(quad_problem, np.zeros(6))
+    f, g = shared.fun(x), shared.jac(x)
+    fp, gp = plain(x)
+    assert f == fp and np.array_equal(g, gp)
+    assert shared.oracle_calls == plain.oracle_calls
+    assert (shared.nsolves, shared.ncalls) == (1, 1)
+    assert shared.fun(x) == f and np.array_equal(shared.jac(x), g)
+    assert shared.oracle_calls == plain.oracle_calls
+    x2 = x + 0.05
+    f2 = shared.fun(x2)
+    f2c, g2c = shared(x2)
+    assert f2c == f2 and shared.nsolves == 2 and shared.ncalls == 2
+    fp2, gp2 = plain(x2)
+    assert f2 == pytest.approx(fp2, rel=1e-12)
+    np.testing.assert_allclose(g2c, gp2, rtol=1e-9, atol=1e-12)
+
+
+def test_scipy_with_separate_fun_and_jac(quad, quad_problem):
+    """scipy calls fun and jac at the same points: one lower solve and one hypergradient
+    per point, the run of jac=True."""
+    fobj = mlo.HyperObjective(quad_problem, np.zeros(6))
+    res = so.minimize(fobj.fun, np.zeros(3), jac=fobj.jac, method="L-BFGS-B",
+                      options={"gtol": 1e-10})
+    assert fobj.nsolves == fobj.ncalls == res.nfev == res.njev
+    ref_obj = mlo.HyperObjective(quad_problem, np.zeros(6))
+    ref = so.minimize(ref_obj, np.zeros(3), jac=True, method="L-BFGS-B",
+                      options={"gtol": 1e-10})
+    np.testing.assert_array_equal(res.x, ref.x)
+    assert fobj.oracle_calls == ref_obj.oracle_calls
+    np.testing.assert_allclose(res.x, quad.x_star, atol=1e-7)
