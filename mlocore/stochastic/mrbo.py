@@ -170,7 +170,8 @@ def double_momentum_spec(momentum, randomized, doc, step_safety):
     sum, default ``alpha0 = step_safety * STEP_SAFETY / L_F``."""
     return MethodSpec(
         run_double_momentum, alpha_power=MOMENTUM_STEP_POWER,
-        beta_power=MOMENTUM_STEP_POWER, alpha_safety=step_safety, uses=("neumann_terms", "neumann_step"),
+        beta_power=MOMENTUM_STEP_POWER, alpha_safety=step_safety,
+        uses=("neumann_terms", "neumann_step"),
         options={"momentum": momentum[0], "inner_momentum": momentum[1]},
         setup=_momentum_setup(randomized), doc=doc, device=DeviceDoubleMomentum)
 
