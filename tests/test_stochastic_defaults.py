@@ -146,3 +146,21 @@ def test_step_search_validation(q):
     with pytest.raises(ValueError, match="needs the upper objective's value callback"):
         mlo.minimize_bilevel(no_value, np.zeros(DX), np.zeros(DY), method="soba",
                              maxiter=2, step="auto")
+
+
+
+@pytest.mark.parametrize("method, factor", [("mrbo", "MRBO_STEP_SAFETY"),
+                                            ("sustain", "SUSTAIN_STEP_SAFETY")])
+def test_momentum_methods_default_upper_step_is_shortened(q, method, factor):
+    """alpha0 = factor * STEP_SAFETY / L_F with L_F the full-batch estimate at x0 (SOBA's
+    default without the factor)."""
+    from mlocore.stochastic import mrbo, sustain
+    from mlocore.stochastic._driver import estimate_lipschitz
+    from mlocore.stochastic._spec import STEP_SAFETY
+    c = getattr(mrbo if method == "mrbo" else sustain, factor)
+    assert 0.0 < c < 1.0
+    L_F = estimate_lipschitz(q.stochastic_problem, np.zeros(DX), np.zeros(DY), "upper")
+    a = _run(q, method, 0, maxiter=0).steps["alpha"]
+    assert a.initial == pytest.approx(c * STEP_SAFETY / L_F, rel=1e-12)
+    plain = _run(q, "soba", 0, maxiter=0).steps["alpha"].initial
+    assert a.initial == pytest.approx(c * plain, rel=1e-12)
