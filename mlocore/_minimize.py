@@ -505,7 +505,8 @@ class HyperObjective(HyperObjectiveBase):
 
     def __call__(self, x):
         x, known = self._prepare(x)
-        if known is not None and known[3] and known[2] is None:  # fun(x) solved the lower level at x: reuse it
+        # fun(x) solved the lower level at x (and converged): reuse that solve
+        if known is not None and known[3] and known[2] is None:
             res = implicit_call(self._comp, self.method, x, self.y, self.v, False,
                                 self.lower, self.tol, 0.0, self.maxiter, -1.0, self._counts,
                                 value=False)
@@ -533,7 +534,8 @@ class HyperObjective(HyperObjectiveBase):
             raise RuntimeError(f"lower solve at x failed: {status_message(status)}")
         f = _upper_value(self._comp, x, y, self._counts)
         if not np.isfinite(f):
-            raise CallbackError(f"F is not finite at x (|grad_y g| = {gnorm:.3e})")
+            raise CallbackError(f"F(x) = {f} at x; expected a finite value "
+                                f"(lower solve |grad_y g| = {gnorm:.3e})")
         self.y = y
         self._point = (x.tobytes(), f, None, status == _low.OK)
         return f

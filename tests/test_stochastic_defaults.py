@@ -148,7 +148,6 @@ def test_step_search_validation(q):
                              maxiter=2, step="auto")
 
 
-
 @pytest.mark.parametrize("method, factor", [("mrbo", "MRBO_STEP_SAFETY"),
                                             ("sustain", "SUSTAIN_STEP_SAFETY")])
 def test_momentum_methods_default_upper_step_is_shortened(q, method, factor):

@@ -12,8 +12,9 @@ grad_y f``, q uniform on {0..Q-1} (the same q at both points)::
 
 Defaults as MRBO's: steps ``~ (100 + k)^(-1/3)`` (but ``s_0 = 0.4 * 0.5 / L_F``, measured:
 F 0.105 on the breast cancer problem of ``python -m mlocore``, 0.168 with ``0.5 / L_F``),
-momentum weights ``0.02 (s_k / s_0)^2`` (the form from the paper, the constants chosen by measurement), and the tail average of the
-last half (``average=0.5``, Polyak & Juditsky 1992; not in the paper). On
+momentum weights ``0.02 (s_k / s_0)^2`` (the form from the paper, the constants chosen by
+measurement), and the tail average of the last half (``average=0.5``, Polyak & Juditsky
+1992; not in the paper). On
 ``make_quadratic(5, 10)`` (batch 16, 3000 iterations, seeds 0-2;
 benchmarks/stochastic_defaults.py) the relative distance to x* was 0.018-0.061 for the last
 iterate and 0.013-0.046 for the average.
