@@ -174,6 +174,21 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
         "itd": inner loops run) and ``lower_grad_norm`` (``|grad phi_k|`` where the solve
         of the given point left it; NaN for level 1, with ``lower_solved`` and for "itd").
     """
+    if type(problem) is not BilevelProblem or check_backend(backend, "hypergrad") != "cpu":
+        return _dispatch(problem, x, y, method, tol=tol, atol=atol, maxiter=maxiter, v0=v0,
+                         eta=eta, lower_solved=lower_solved, lower_method=lower_method,
+                         lower_tol=lower_tol, lower_maxiter=lower_maxiter,
+                         lower_step=lower_step, T=T, K=K, step=step, fd_step=fd_step,
+                         backend=backend, output=output)
+    check_cpu_output(output)
+    return _bilevel(problem, x, y, method, tol, atol, maxiter, v0, eta, lower_solved,
+                    lower_method, lower_tol, lower_maxiter, lower_step, T, K, step, fd_step)
+
+
+def _dispatch(problem, x, y, method, *, tol, atol, maxiter, v0, eta, lower_solved,
+              lower_method, lower_tol, lower_maxiter, lower_step, T, K, step, fd_step, backend,
+              output):
+    """:func:`hypergrad` for device problems, the CUDA backend, n levels and subclasses."""
     if getattr(problem, "device_multilevel", False):  # DeviceMultilevelProblem
         return _multilevel_cuda(problem, x, method, tol=tol, lower_solved=lower_solved,
                                 lower_tol=lower_tol, lower_maxiter=lower_maxiter,
@@ -208,11 +223,16 @@ def hypergrad(problem, x, y=None, method=None, *, tol=1e-10, atol=0.0, maxiter=N
                                     lower_maxiter=100 if lower_maxiter is None else lower_maxiter,
                                     fd_step=fd_step)
     _check_problem(problem)
-    opts = hypergrad_options(method, problem.dy, tol=tol, atol=atol, maxiter=maxiter,
-                             v0_given=v0 is not None, eta=eta, lower_solved=lower_solved,
-                             lower_method=lower_method, lower_tol=lower_tol,
-                             lower_maxiter=lower_maxiter, lower_step=lower_step, T=T, K=K,
-                             step=step, fd_step=fd_step)
+    return _bilevel(problem, x, y, method, tol, atol, maxiter, v0, eta, lower_solved,
+                    lower_method, lower_tol, lower_maxiter, lower_step, T, K, step, fd_step)
+
+
+def _bilevel(problem, x, y, method, tol, atol, maxiter, v0, eta, lower_solved, lower_method,
+             lower_tol, lower_maxiter, lower_step, T, K, step, fd_step):
+    """:func:`hypergrad` of a CPU bilevel problem (options validated here)."""
+    opts = hypergrad_options(method, problem.dy, tol, atol, maxiter, v0 is not None, eta,
+                             lower_solved, lower_method, lower_tol, lower_maxiter, lower_step,
+                             T, K, step, fd_step)
     if y is None:
         raise TypeError("hypergrad(problem, x, y): y, the lower-level start, is required")
     x = as_vector("x", x, problem.dx)

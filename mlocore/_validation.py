@@ -11,6 +11,9 @@ from . import _backend
 __all__ = ["as_vector", "check_positive", "check_int", "check_choice", "check_backend"]
 
 
+_FLOAT64 = np.dtype(np.float64)  # arrays from compiled code carry equal, not identical, dtypes
+
+
 def as_vector(name: str, value, size: int | None = None) -> np.ndarray:
     """Return a fresh C-contiguous float64 copy of a finite 1-D array.
 
@@ -18,11 +21,18 @@ def as_vector(name: str, value, size: int | None = None) -> np.ndarray:
     inputs are refused with a message that says what was received and what is expected.
     The copy means the caller's array is never modified.
     """
-    if type(value) is np.ndarray and value.dtype == np.float64 and value.ndim == 1 \
+    if type(value) is np.ndarray and value.dtype == _FLOAT64 and value.ndim == 1 \
             and (size is None or value.shape[0] == size):
         out = value.copy()  # fast path: only the copy and one finiteness test
-        if math.isfinite(out.dot(out)):  # |out|^2 finite implies every entry finite
-            return out
+        # a finite sum (small arrays: of Python floats, cheaper than a BLAS call) or a finite
+        # |out|^2 implies every entry finite; an overflow falls through to the full test
+        if out.shape[0] <= 64:
+            if math.isfinite(sum(out.tolist())):
+                return out
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if math.isfinite(out.dot(out)):
+                    return out
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be a real float64 array, got dtype={arr.dtype}; "

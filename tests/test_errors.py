@@ -6,6 +6,7 @@ from scipy.special import expit
 
 import mlocore as mlo
 from mlocore import CallbackError
+from mlocore._validation import as_vector
 
 from conftest import (DenseQuadratic, quad_lower_grad, quad_lower_hvp, quad_upper_grad,
                       quad_upper_value)
@@ -68,6 +69,42 @@ def test_bad_arrays(q, quad_problem, x, y, exc, match):
 def test_integer_arrays_are_accepted(q, quad_problem):
     res = mlo.hypergrad(quad_problem, np.array([1, 0, 0]), np.zeros(6, dtype=np.int32))
     np.testing.assert_allclose(res.grad, q.hypergrad(np.array([1.0, 0, 0])), rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad, first, n_bad", [((np.inf, -np.inf), 1, 2), ((1.0, np.nan), 4, 1)])
+@pytest.mark.parametrize("size", [6, 100])  # the small-array and the BLAS finiteness test
+def test_non_finite_entries_are_refused(bad, first, n_bad, size):
+    y = np.ones(size)
+    y[[1, 4]] = bad  # inf - inf: a NaN sum; 1 + NaN: a NaN sum
+    with pytest.raises(ValueError, match=f"y must be finite.*at index {first} .{n_bad} non-fin"):
+        as_vector("y", y, size)
+
+
+@pytest.mark.parametrize("size", [6, 100])
+def test_finite_entries_whose_sum_overflows_are_accepted(size):
+    y = np.full(size, 1e308)
+    out = as_vector("y", y, size)
+    np.testing.assert_array_equal(out, y)
+    assert out is not y and out.flags.c_contiguous and out.flags.writeable
+
+
+def test_arrays_from_compiled_code_and_other_byte_orders_are_accepted(q, quad_problem):
+    y = mlo.solve_lower(quad_problem, np.zeros(3), np.zeros(6)).y  # a dtype made by Numba
+    swapped = y.astype(y.dtype.newbyteorder(">"))
+    ref = mlo.hypergrad(quad_problem, np.zeros(3), y, lower_solved=True)
+    res = mlo.hypergrad(quad_problem, np.zeros(3), swapped, lower_solved=True)
+    np.testing.assert_array_equal(res.grad, ref.grad)
+    assert res.y.dtype.byteorder in "=|" and res.y is not swapped
+
+
+def test_validated_options_are_memoized_by_type(quad_problem):
+    """A memo hit must not let through a value of another type that compares equal."""
+    x, y = np.zeros(3), np.zeros(6)
+    mlo.hypergrad(quad_problem, x, y, tol=1, maxiter=5)  # valid: memoized
+    with pytest.raises(TypeError, match="tol must be a real number, got True"):
+        mlo.hypergrad(quad_problem, x, y, tol=True, maxiter=5)
+    with pytest.raises(TypeError, match="maxiter must be an integer, got 5.0"):
+        mlo.hypergrad(quad_problem, x, y, tol=1, maxiter=5.0)
 
 
 def test_bad_options(quad_problem):
