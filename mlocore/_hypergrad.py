@@ -12,8 +12,8 @@ from ._options import (HYPERGRAD_METHODS, LOWER_METHODS, LowerOptions, hypergrad
                        reject_unused)
 from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
-from ._results import (HypergradResult, add_counts, counts_dict, implicit_result, new_counts,
-                       status_message)
+from ._results import (HypergradResult, add_counts, counts_dict, implicit_result_from,
+                       new_counts, status_message)
 from ._validation import as_vector, check_backend, check_cpu_output
 from .cuda._implicit import hypergrad as _hypergrad_cuda
 from .cuda._implicit import solve_lower as _solve_lower_cuda
@@ -253,18 +253,12 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
     leaves out F, ``fun`` is then NaN)."""
     up, lo = comp.upper, comp.lower
     with_value = bool(up.has_value and value)
-    (grad, ysol, v, fun, status, lstatus, lnit, lgnorm, info, nit, res,
-     eta_used) = call_bound(
+    out = implicit_result_from(method, x, call_bound(
         lo.bound_kernels, (up, with_value), _imp.implicit_hypergrad,
         lambda: (up.fns, up.kargs, with_value, lo.fns, lo.kargs, lo.flags),
         x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
-        _SOLVERS[method], tol, atol, maxiter, eta, counts)
-    out = implicit_result(method, grad=grad, x=x, y=ysol, v=v, fun=fun, status=status,
-                          lower_status=lstatus, lower_nit=lnit, lower_grad_norm=lgnorm,
-                          info=info, nit=nit, residual=res, eta=eta_used,
-                          solved_lower=solve_lower_flag)
-    add_counts(out, counts)
-    return out
+        _SOLVERS[method], tol, atol, maxiter, eta, counts), solve_lower_flag)
+    return add_counts(out, counts)
 
 
 def _unrolled(comp, method, x, y, T, K, beta, counts):

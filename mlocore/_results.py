@@ -97,17 +97,27 @@ def implicit_result(method, *, grad, x, y, v, fun, status, lower_status, lower_n
                     lower_grad_norm, info, nit, residual, eta, solved_lower):
     """The :class:`HypergradResult` of an implicit hypergradient (both backends): the
     message names the lower solve's and the linear solve's outcome."""
+    return implicit_result_from(method, x, (grad, y, v, fun, status, lower_status, lower_nit,
+                                            lower_grad_norm, info, nit, residual, eta),
+                                solved_lower)
+
+
+def implicit_result_from(method, x, out, solved_lower):
+    """:func:`implicit_result` from the output tuple of the implicit kernel, ``(grad, y, v,
+    fun, status, lower_status, lower_nit, lower_grad_norm, lin_info, lin_nit,
+    lin_residual, eta)``."""
+    grad, y, v, fun, status, lower_status, lower_nit, lower_gnorm, info, nit, res, eta = out
     detail = ""
     if solved_lower:
-        detail = f"Lower level: |grad_y g| = {lower_grad_norm:.3e} after {lower_nit} iterations."
+        detail = f"Lower level: |grad_y g| = {lower_gnorm:.3e} after {lower_nit} iterations."
     if status == LINEAR_FAILED:
         detail += (f" Linear solve ({method}): {linear_info_message(info)}, "
-                   f"residual {residual:.3e}.")
+                   f"residual {res:.3e}.")
     return HypergradResult(
         grad=grad, x=x, y=y, v=v, fun=fun, method=method, success=status == 0,
         status=int(status), message=status_message(status, detail), nit=int(nit),
-        lin_info=int(info), lin_residual=float(residual), lower_nit=int(lower_nit),
-        lower_grad_norm=float(lower_grad_norm), lower_status=int(lower_status),
+        lin_info=int(info), lin_residual=float(res), lower_nit=int(lower_nit),
+        lower_grad_norm=float(lower_gnorm), lower_status=int(lower_status),
         eta=float(eta) if method == "neumann" else None)
 
 

@@ -44,11 +44,9 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, lflags, x, y0, v0,
             counts)
     else:
         y = y0.copy()
-    grad = np.full(dx, np.nan)
-    v = v0.copy()
     if lower_status != OK and lower_status != 1:  # maxiter still gives a (less exact) answer
-        return grad, y, v, np.nan, lower_status, lower_status, lower_nit, lower_gnorm, 0, 0, \
-            np.nan, eta
+        return np.full(dx, np.nan), y, v0.copy(), np.nan, lower_status, lower_status, \
+            lower_nit, lower_gnorm, 0, 0, np.nan, eta
     z = joint(x, y)
     gf = grad_of(ufns, uargs, z, counts, UPPER_GRAD)
     fun = value_of(ufns, uargs, z, counts, UPPER_VALUE) if u_has_value else np.nan
@@ -62,8 +60,8 @@ def implicit_hypergrad(ufns, uargs, u_has_value, lfns, largs, lflags, x, y0, v0,
         if eta <= 0.0:
             lam, _ = power_iteration(op, dy, POWER_ITERS)
             if not (lam > 0.0):
-                return grad, y, v, fun, INDEFINITE, lower_status, lower_nit, lower_gnorm, 0, \
-                    0, np.nan, eta
+                return np.full(dx, np.nan), y, v0.copy(), fun, INDEFINITE, lower_status, \
+                    lower_nit, lower_gnorm, 0, 0, np.nan, eta
             eta = 1.0 / (LIPSCHITZ_SAFETY * lam)
         v, info, nit, res, _ = neumann_core(op, b, v0, eta, rtol, atol, maxiter, None)
     grad = gf[:dx] - lower_xy_matvec(v, lfns, largs, lflags, z, dx, counts)
