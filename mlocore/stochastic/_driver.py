@@ -32,10 +32,11 @@ from .._validation import as_vector, check_backend, check_choice, check_cpu_outp
 from ..cuda._session import check_problem_backend
 from . import _device
 from . import _sampling as _sk
-from ._spec import (AUTO_FACTORS, AUTO_FRACTION, DEFAULT_BATCH, SAMPLERS, Context, Schedule,
-                    _divergence_detail, _norm, _record_checkpoint, _reference_values, Rewind,
-                    _run_summary, _stop_at_checkpoint, check_auto_steps, default_steps,
-                    parse_average, parse_run_options, power_on_differences)
+from ._spec import (AUTO_FACTORS, AUTO_FRACTION, AUTO_STEP_OUT, DEFAULT_BATCH, SAMPLERS,
+                    Context, Schedule, _divergence_detail, _norm, _record_checkpoint,
+                    _reference_values, Rewind, _run_summary, _stop_at_checkpoint,
+                    check_auto_steps, default_steps, parse_average, parse_run_options,
+                    power_on_differences)
 
 __all__ = ["minimize", "estimate_lipschitz", "check_sampled_callbacks"]
 
@@ -420,7 +421,13 @@ def _step_search(methods, device_only, problem, x0, y0, method, inner_step, opts
     random numbers), scored by ``reference.F`` at the trial's returned x when the
     reference has F, else by the full-batch ``F(x) = f(x, y*(x))`` (a lower solve
     warm-started at the trial's y, then the upper value callback on all samples);
-    the best pair (ties: the first in the grid) runs the full budget. A trial that diverges
+    a best pair at the smallest upper factor is followed by one trial with an upper step
+    ``AUTO_STEP_OUT`` times smaller (the upper default ``0.5 / L_F`` is the guess: ``L_F``
+    at x0 can be far below its value where the run goes, e.g. the breast-cancer penalties;
+    the lower default is a stability bound, and short trials favour large steps, whose
+    noise floor shows later, so the grid grows only there); the best pair (ties: the first
+    tried) runs the
+    full budget, its steps halved on divergence as the defaults are. A trial that diverges
     (status 13) or scores non-finite scores inf; when all do, the default steps run. The
     trials' oracle calls, samples and time are added to the result's totals (and to its
     history) and reported in ``res.step_search``."""
@@ -453,37 +460,49 @@ def _step_search(methods, device_only, problem, x0, y0, method, inner_step, opts
                           inner_step=inner_step, **dict(trial_opts, maxiter=0))
     alpha, beta = base.steps["alpha"], base.steps["beta"]
     beta_factors = AUTO_FACTORS if inner_step is None else (None,)
-    grid, scores, trials = [], [], []
+    grid, scores, trials, factors = [], [], [], []
     calls = samples = None
     elapsed = score_time = 0.0
+
+    def run_trial(fa, fb):
+        nonlocal calls, samples, elapsed, score_time
+        a = dataclasses.replace(alpha, initial=alpha.initial * fa)
+        b = inner_step if fb is None else dataclasses.replace(beta, initial=beta.initial * fb)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = _minimize_once(methods, device_only, problem, x0, y0, method, step=a,
+                                 inner_step=b, **trial_opts)
+        t0 = time.perf_counter()
+        val = score(res) if res.status != 13 else np.inf
+        score_time += time.perf_counter() - t0
+        val = float(val) if val is not None and np.isfinite(val) else np.inf
+        grid.append((a.initial, beta.initial * fb if fb is not None else
+                     (b.initial if isinstance(b, Schedule) else float(b))))
+        scores.append(val)
+        trials.append((a, b))
+        factors.append((fa, fb))
+        calls = res.oracle_calls if calls is None else _add_counts(calls, res.oracle_calls)
+        samples = res.oracle_samples if samples is None else \
+            _add_counts(samples, res.oracle_samples)
+        elapsed += res.time
+
     for fa in AUTO_FACTORS:
         for fb in beta_factors:
-            a = dataclasses.replace(alpha, initial=alpha.initial * fa)
-            b = inner_step if fb is None else dataclasses.replace(beta,
-                                                                  initial=beta.initial * fb)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                res = _minimize_once(methods, device_only, problem, x0, y0, method, step=a,
-                                     inner_step=b, **trial_opts)
-            t0 = time.perf_counter()
-            val = score(res) if res.status != 13 else np.inf
-            score_time += time.perf_counter() - t0
-            val = float(val) if val is not None and np.isfinite(val) else np.inf
-            grid.append((a.initial, beta.initial * fb if fb is not None else
-                         (b.initial if isinstance(b, Schedule) else float(b))))
-            scores.append(val)
-            trials.append((a, b))
-            calls = res.oracle_calls if calls is None else _add_counts(calls, res.oracle_calls)
-            samples = res.oracle_samples if samples is None else \
-                _add_counts(samples, res.oracle_samples)
-            elapsed += res.time
+            run_trial(fa, fb)
+    if np.isfinite(np.min(scores)):  # the best at the smallest upper step: one step out
+        fa, fb = factors[int(np.argmin(scores))]
+        if fa == AUTO_FACTORS[0]:
+            run_trial(fa / AUTO_STEP_OUT, fb)
     best = int(np.argmin(scores)) if np.isfinite(np.min(scores)) else None
     if best is None:
         a_best, b_best = None, inner_step
     else:
         a_best, b_best = trials[best]
+    # the chosen steps stay scaled defaults: halved on divergence as the defaults are
     res = _minimize_once(methods, device_only, problem, x0, y0, method, step=a_best,
-                         inner_step=b_best, **dict(opts, seed=seed))
+                         inner_step=b_best, _searched=(best is not None,
+                                                       best is not None and inner_step is None),
+                         **dict(opts, seed=seed))
     elapsed += score_time
     search = {"grid": grid, "scores": scores, "best": best, "score": score_name,
               "iterations": trial_iters, "oracle_calls": calls, "oracle_samples": samples,
@@ -504,8 +523,9 @@ def _minimize_once(methods, device_only, problem, x0, y0, method, *, maxiter=100
                    inner_step=None, inner_steps=None, neumann_terms=None, neumann_step=None,
                    seed=None, eval_every=None, tol=None, callback=None, reference=None,
                    backtrack=None, backend=None, output="numpy", average=None,
-                   **method_options):
-    """One run with numeric (or default) steps."""
+                   _searched=(False, False), **method_options):
+    """One run with numeric (or default) steps; ``_searched`` marks the upper and lower
+    steps that :func:`_step_search` chose (scaled defaults, halvable on divergence)."""
     where = "minimize_bilevel (stochastic methods)"
     device = device_only or getattr(problem, "on_device", False) or \
         check_backend(backend, where) == "cuda"
@@ -544,7 +564,7 @@ def _minimize_once(methods, device_only, problem, x0, y0, method, *, maxiter=100
     halvable = [i for i, (given, s) in enumerate(((step, alpha.initial),
                                                   (inner_step, beta.initial),
                                                   (neumann_step, eta)))
-                if given is None and s > 0]
+                if (given is None or (i < 2 and _searched[i])) and s > 0]
     counts = run.counts
     status, k, detail, elapsed, current_ref, history = _run_loop(
         run, counts, maxiter, eval_every, backtrack, halvable, tol, callback, reference,

@@ -35,6 +35,9 @@ DEFAULT_AVERAGE = 0.5
 #: each trial run for AUTO_FRACTION of maxiter
 AUTO_FACTORS = (1.0 / 3.0, 1.0, 3.0)
 AUTO_FRACTION = 0.1
+#: a best trial at the smallest upper factor is followed by one trial with an upper step
+#: this factor smaller
+AUTO_STEP_OUT = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
