@@ -259,7 +259,8 @@ def _average_kernel(zbar, z, dx, gam):
 class DeviceValueFunction(DeviceMethod):
     """``value_function_loop`` on the device: yhat is the
     y block of the joint vector zh = (x, yhat) (state), the multiplier a host scalar (the
-    host decides the penalty's activity from the value callbacks' host floats anyway)."""
+    host decides the penalty's activity from the value callbacks' host floats anyway); for
+    the primal-dual method the running averages ybar, yhatbar are the y blocks of za, zb."""
 
     dual = False
 
