@@ -121,18 +121,19 @@ def hessian_free_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inner_s
 
 
 def _value_function_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inner_steps,
-                          a1, a2, rho, dual_step, eps, dual):
+                          a1, a2, rho, dual_step, eps, dual, gamma=1.0):
     rng = np.random.default_rng(seed)
     low, up = _levels(q)
     x, y = np.array(x0, float), np.array(y0, float)
-    yh = y.copy()
+    yh, ybar, yhbar = y.copy(), y.copy(), y.copy()
     for _ in range(n_iter):
         for _t in range(inner_steps - 1):
             _, g = low.grad(x, yh, rng.integers(0, low.n, size=batch_size))
             yh = yh - beta * (g + a1 * yh)
         il = rng.integers(0, low.n, size=batch_size)
         fx, fy = up.grad(x, y, rng.integers(0, up.n, size=batch_size))
-        c = low.value(x, y, il) - low.value(x, yh, il) - 0.5 * a1 * yh @ yh - a2
+        yc, yhc = (ybar, yhbar) if dual else (y, yh)   # primal-dual: at the averages
+        c = low.value(x, yc, il) - low.value(x, yhc, il) - 0.5 * a1 * yhc @ yhc - a2
         w = rho if (dual or c > 0 or (a1 == 0 and a2 == 0)) else 0.0
         s = 1.0 / (1.0 + rho)
         hx, hy = low.grad(x, yh, il)    # the last yhat step shares the batch il
@@ -143,6 +144,7 @@ def _value_function_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inne
         x = x - alpha * s * fx
         y = y - beta * s * fy
         if dual:
+            ybar, yhbar = ybar + gamma * (y - ybar), yhbar + gamma * (yh - yhbar)
             rho = max(0.0, rho + dual_step * (c - eps))
     return x
 
@@ -155,7 +157,10 @@ def penalty_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inner_steps=
 
 
 def primal_dual_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta, inner_steps=1,
-                      dual_step=0.1, constraint_tol=1e-3, rho0=1.0, a1=0.0, a2=0.0):
-    """Primal-dual: the penalty step on the Lagrangian, then projected dual ascent."""
+                      dual_step=0.5, constraint_tol=1e-3, rho0=1.0, a1=0.0, a2=0.0,
+                      constraint_average=0.01):
+    """Primal-dual: the penalty step on the Lagrangian, the running averages of y and yhat,
+    then projected dual ascent on the constraint at the averages."""
     return _value_function_numpy(q, x0, y0, n_iter, batch_size, seed, alpha, beta,
-                                 inner_steps, a1, a2, rho0, dual_step, constraint_tol, True)
+                                 inner_steps, a1, a2, rho0, dual_step, constraint_tol, True,
+                                 constraint_average)

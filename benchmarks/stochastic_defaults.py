@@ -8,7 +8,9 @@ relative distance ``|x - x*| / |x*|`` of the returned x for
 
 * ``before``: the former defaults (last iterate; AID with 10 CG iterations per step;
   Hessian-free with T = 10 and the lower schedule's offset 100; penalty with rho = 10 and
-  ``alpha ~ k^-3/5``, ``beta ~ k^-2/5``), expressed as options. The penalty methods' loop
+  ``alpha ~ k^-3/5``, ``beta ~ k^-2/5``; primal-dual with ``dual_step = 0.1``, the constraint
+  at the iterates (``constraint_average = 1``) and the same decaying steps), expressed as
+  options. The penalty methods' loop
   itself changed (yhat's last step shares the (x, y) step's batch): their ``before`` runs the
   current loop with the former options; the former loop's distances (measured at commit
   8b60207, before these changes) are printed below the table;
@@ -48,6 +50,12 @@ def former_defaults(problem, method, x0, y0, seed):
         base = mlo.minimize_bilevel(problem, x0, y0, method=method, maxiter=0, batch_size=16,
                                     seed=seed).steps
         opts.update(rho=10.0, step=Schedule(base["alpha"].initial, 0.6, 100.0),
+                    inner_step=Schedule(base["beta"].initial, 0.4, 100.0))
+    if method == "primal-dual":  # constraint_average = 1: c at the iterates y, yhat
+        base = mlo.minimize_bilevel(problem, x0, y0, method=method, maxiter=0, batch_size=16,
+                                    seed=seed).steps
+        opts.update(dual_step=0.1, constraint_average=1.0,
+                    step=Schedule(base["alpha"].initial, 0.6, 100.0),
                     inner_step=Schedule(base["beta"].initial, 0.4, 100.0))
     if method == "aid":
         opts["neumann_terms"] = 10

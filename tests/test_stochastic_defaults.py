@@ -1,10 +1,9 @@
 """Defaults and ``step="auto"`` of the stochastic methods on the stochastic quadratic
 (``make_quadratic(dx=5, dy=10, seed=0)``: 100 lower and 50 upper samples, closed-form x*):
 batch 16, 3000 iterations from (0, 0), seeds 0, 1, 2; the returned iterate within 5% of
-|x*| (relative distance). "alternating" ignores the implicit term (biased by design);
-"primal-dual" does not reach 5% in this budget (its multiplier grows too slowly;
-docs/mathematics.md, "Defaults") and is held to its measured bound.
-Also: the tail average, and the counted, reproducible step search.
+|x*| (relative distance). "alternating" ignores the implicit term (biased by design).
+Also: the tail average, the counted, reproducible step search, and the momentum methods'
+shortened default upper step (on the data-cleaning problem).
 """
 import numpy as np
 import pytest
@@ -17,9 +16,6 @@ from mlocore.stochastic._spec import AUTO_FACTORS, AUTO_FRACTION, AUTO_STEP_OUT
 DX, DY = 5, 10
 MAXITER, BATCH, SEEDS = 3000, 16, (0, 1, 2)
 TOL = 0.05
-#: measured relative distances (defaults / auto, seeds 0-2): primal-dual 0.069-0.088 /
-#: 0.052-0.069 (benchmarks/results/stochastic-defaults-2026-12-07.txt)
-PENALIZED_BOUND = {"primal-dual": 0.12}
 CHECKED = [m for m in STOCHASTIC_METHODS if m != "alternating"]
 
 
@@ -41,13 +37,12 @@ def _rel(q, x):
 @pytest.mark.parametrize("step", [None, "auto"])
 @pytest.mark.parametrize("method", CHECKED)
 def test_defaults_reach_five_percent_of_x_star(q, method, step):
-    bound = PENALIZED_BOUND.get(method, TOL)
     errs = []
     for seed in SEEDS:
         res = _run(q, method, seed, step=step)
         assert res.status == 20 and res.step_reductions == 0
         errs.append(_rel(q, res.x))
-    assert max(errs) < bound, (method, step, errs)
+    assert max(errs) < TOL, (method, step, errs)
 
 
 def test_tail_average_is_the_mean_of_the_last_iterates(q):
@@ -184,3 +179,23 @@ def test_momentum_methods_default_upper_step_is_shortened(q, method, factor):
     assert a.initial == pytest.approx(c * STEP_SAFETY / L_F, rel=1e-12)
     plain = _run(q, "soba", 0, maxiter=0).steps["alpha"].initial
     assert a.initial == pytest.approx(c * plain, rel=1e-12)
+
+
+@pytest.mark.parametrize("method, bound", [("mrbo", 0.80), ("sustain", 0.88)])
+def test_momentum_methods_default_upper_step_decreases_the_cleaning_objective(method, bound):
+    """On ``make_cleaning()`` (200 sample weights; batch 32, 300 iterations from x = 0) the
+    default step decreases F: mean over seeds 0-2 of F(x) / F(x0) measured 0.731 (MRBO) /
+    0.794 (SUSTAIN) with the shortened steps, 0.859 / 0.957 with ``STEP_SAFETY / L_F``
+    (factor 1; SOBA's default step), whose first steps follow the momentum estimator's early
+    error."""
+    from mlocore.problems import make_cleaning
+    p = make_cleaning()
+    P = p.stochastic_problem
+    x0, y0 = np.zeros(P.dx), np.zeros(P.dy)
+    ratios = []
+    for seed in SEEDS:
+        res = mlo.minimize_bilevel(P, x0, y0, method=method, maxiter=300, batch_size=32,
+                                   seed=seed)
+        assert res.status == 20 and res.step_reductions == 0
+        ratios.append(p.F(res.x) / p.F(x0))
+    assert np.mean(ratios) < bound, ratios

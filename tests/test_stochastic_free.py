@@ -255,29 +255,35 @@ def test_penalty_bias_shrinks_with_rho(q):
     assert d100 < 0.2 * d10
 
 
-def _vf_reference(q, n, alpha, beta, T, rho, a1=0.0, a2=0.0, dual=False, ds=0.0, eps=0.0):
+def _vf_reference(q, n, alpha, beta, T, rho, a1=0.0, a2=0.0, dual=False, ds=0.0, eps=0.0,
+                  gam=0.0):
+    """The penalty loop; ``dual``: c at the running averages ybar, yhbar (weight gam) and
+    dual ascent on rho."""
     x, y = X0.copy(), Y0.copy()
-    yh = Y0.copy()
+    yh, ybar, yhbar = Y0.copy(), Y0.copy(), Y0.copy()
     for _ in range(n):
         for _t in range(T - 1):
             yh = yh - beta * (grads(q.lower_means, x, yh)[1] + a1 * yh)
         fx, fy = grads(q.upper_means, x, y)
-        c = value(q.lower_means, x, y) - value(q.lower_means, x, yh) - 0.5 * a1 * yh @ yh - a2
+        yc, yhc = (ybar, yhbar) if dual else (y, yh)
+        c = value(q.lower_means, x, yc) - value(q.lower_means, x, yhc) \
+            - 0.5 * a1 * yhc @ yhc - a2
         w = rho if (dual or c > 0 or (a1 == 0 and a2 == 0)) else 0.0
         gx, gy = grads(q.lower_means, x, y)
         hx, hy = grads(q.lower_means, x, yh)   # the last yhat step: simultaneous
         x, y, yh = (x - alpha * (fx + w * (gx - hx)) / (1 + rho),
                     y - beta * (fy + w * gy) / (1 + rho), yh - beta * (hy + a1 * yh))
         if dual:
+            ybar, yhbar = ybar + gam * (y - ybar), yhbar + gam * (yh - yhbar)
             rho = max(0.0, rho + ds * (c - eps))
-    return x, y, yh, rho
+    return x, y, yh, ybar, yhbar, rho
 
 
 def test_penalty_full_batch_matches_numpy(q):
     n, alpha, beta, T, rho, a1 = 8, 0.1, 0.5, 2, 3.0, 0.01
     res = run(q, "penalty", batch_size=200, maxiter=n, step=mlo.Schedule(alpha),
               inner_step=mlo.Schedule(beta), inner_steps=T, rho=rho, a1=a1, a2=0.05)
-    x, y, yh, _ = _vf_reference(q, n, alpha, beta, T, rho, a1=a1, a2=0.05)
+    x, y, yh, _, _, _ = _vf_reference(q, n, alpha, beta, T, rho, a1=a1, a2=0.05)
     assert_rel(res.x, x)
     assert_rel(res.y, y)
     assert_rel(res.state["work"], yh)
@@ -287,20 +293,25 @@ def test_primal_dual_full_batch_matches_numpy(q):
     n, alpha, beta, T = 8, 0.1, 0.5, 2
     res = run(q, "primal-dual", batch_size=200, maxiter=n, step=mlo.Schedule(alpha),
               inner_step=mlo.Schedule(beta), inner_steps=T, dual_step=0.5,
-              constraint_tol=0.01, rho0=2.0, a1=0.01)
-    x, y, yh, rho = _vf_reference(q, n, alpha, beta, T, 2.0, a1=0.01, dual=True, ds=0.5,
-                                  eps=0.01)
+              constraint_tol=0.01, rho0=2.0, a1=0.01, constraint_average=0.3)
+    x, y, yh, ybar, yhbar, rho = _vf_reference(q, n, alpha, beta, T, 2.0, a1=0.01, dual=True,
+                                               ds=0.5, eps=0.01, gam=0.3)
     assert_rel(res.x, x)
     assert_rel(res.y, y)
-    assert_rel(res.state["work"][:DY], yh)
-    assert_rel(res.state["work"][-1], rho)       # the multiplier's documented position
+    work = res.state["work"]                     # [yhat, ybar, yhatbar, rho]
+    assert work.shape == (3 * DY + 1,)
+    assert_rel(work[:DY], yh)
+    assert_rel(work[DY:2 * DY], ybar)
+    assert_rel(work[2 * DY:3 * DY], yhbar)
+    assert_rel(work[-1], rho)                    # the multiplier's documented position
+    assert abs(rho - 2.0) > 1e-3                 # the dual ascent moved it
 
 
 def test_primal_dual_converges(q):
     res = run(q, "primal-dual", maxiter=5000)
     rho = res.state["work"][-1]
-    assert dist(q, res) < 3.0     # measured 1.74 (from 15.2)
-    assert 1.0 < rho < 100.0      # measured 12.2: a finite multiplier
+    assert dist(q, res) < 3.0     # measured 1.76 (from 15.2)
+    assert 1.0 < rho < 100.0      # measured 53.4: a finite multiplier
 
 
 def test_value_function_methods_need_lower_value(q):
@@ -332,7 +343,8 @@ def test_same_seed_and_eval_every_bit_identical(q, method):
 @pytest.mark.parametrize("method, bad", [
     ("saba", {"memory_init": "ones"}), ("hessian-free", {"directions": 0}),
     ("hessian-free", {"smoothing": -1.0}), ("penalty", {"rho": -1.0}),
-    ("primal-dual", {"dual_step": 0.0}), ("primal-dual", {"a1": -0.1})])
+    ("primal-dual", {"dual_step": 0.0}), ("primal-dual", {"a1": -0.1}),
+    ("primal-dual", {"constraint_average": 0.0}), ("primal-dual", {"constraint_average": 1.5})])
 def test_invalid_options(q, method, bad):
     with pytest.raises(ValueError):
         run(q, method, maxiter=1, **bad)

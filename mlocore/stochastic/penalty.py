@@ -51,6 +51,8 @@ from ._spec import MethodSpec
 PENALTY_RHO = 30.0
 VF_A1, VF_A2, VF_RHO, VF_DUAL_STEP, VF_EPS = N_FPAR, N_FPAR + 1, N_FPAR + 2, N_FPAR + 3, \
     N_FPAR + 4
+#: the primal-dual method's weight of the running averages of y and yhat
+VF_GAMMA = N_FPAR + 5
 
 
 @njit(cache=True)
@@ -62,16 +64,24 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
     a1 = fpar[VF_A1]
     a2 = fpar[VF_A2]
     yhat = work[:dy]
-    if dual:
-        rho = work[dy]
+    if dual:  # work = [yhat, ybar, yhatbar, rho]: c at the running averages
+        ybar = work[dy:2 * dy]
+        hbar = work[2 * dy:3 * dy]
+        rho = work[3 * dy]
         dual_step = fpar[VF_DUAL_STEP]
         eps = fpar[VF_EPS]
+        gam = fpar[VF_GAMMA]
     else:
+        ybar = work[:dy]
+        hbar = work[:dy]
         rho = fpar[VF_RHO]
         dual_step = 0.0
         eps = 0.0
+        gam = 0.0
     z = np.empty(dx + dy)
     zh = np.empty(dx + dy)
+    za = np.empty(dx + dy)
+    zb = np.empty(dx + dy)
     for it in range(n_iter):
         k = k0 + it
         beta = step_at(fpar, BETA0, k)
@@ -88,9 +98,16 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
         idx_l, _ = draw(samp_l, rng)
         idx_u, _ = draw(samp_u, rng)
         gf = upper_grad(ufns, uargs, uflags, z, dx, idx_u, counts)
-        gv = svalue(lfns, largs, z, idx_l, counts, LOWER_VALUE)
-        hv = svalue(lfns, largs, zh, idx_l, counts, LOWER_VALUE)
-        c = gv - hv - 0.5 * a1 * (yhat @ yhat) - a2
+        if dual:
+            joint_into(za, x, ybar)
+            joint_into(zb, x, hbar)
+            gv = svalue(lfns, largs, za, idx_l, counts, LOWER_VALUE)
+            hv = svalue(lfns, largs, zb, idx_l, counts, LOWER_VALUE)
+            c = gv - hv - 0.5 * a1 * (hbar @ hbar) - a2
+        else:
+            gv = svalue(lfns, largs, z, idx_l, counts, LOWER_VALUE)
+            hv = svalue(lfns, largs, zh, idx_l, counts, LOWER_VALUE)
+            c = gv - hv - 0.5 * a1 * (yhat @ yhat) - a2
         w = rho if (dual or c > 0.0 or (a1 == 0.0 and a2 == 0.0)) else 0.0
         s = 1.0 / (1.0 + rho)
         gh = sgrad(lfns, largs, zh, idx_l, counts, LOWER_GRAD)
@@ -109,8 +126,11 @@ def value_function_loop(ufns, uargs, lfns, largs, uflags, lflags, x, y, work, fp
                 y[i] -= beta * s * gf[dx + i]
         project(x, proj)
         if dual:
+            for i in range(dy):
+                ybar[i] += gam * (y[i] - ybar[i])
+                hbar[i] += gam * (yhat[i] - hbar[i])
             rho = max(0.0, rho + dual_step * (c - eps))
-            work[dy] = rho
+            work[3 * dy] = rho
         if not (finite(x) and finite(y) and finite(yhat) and np.isfinite(rho)):
             return DIVERGED, it
     return OK, n_iter
@@ -197,7 +217,7 @@ def _setup_penalty(ctx, opts):
     """
     a1, a2 = value_function_options(ctx, opts)
     rho = check_positive("rho", opts["rho"], allow_zero=True)
-    return ctx.y0.copy(), [a1, a2, rho, 0.0, 0.0], []
+    return ctx.y0.copy(), [a1, a2, rho, 0.0, 0.0, 0.0], []
 
 
 
@@ -229,19 +249,28 @@ def _vf_step_kernel(z, gf, gg, gh, dx, alpha, beta, s, w, active):
                 z[i] -= beta * s * gf[i]
 
 
+@cuda.jit
+def _average_kernel(zbar, z, dx, gam):
+    """``zbar += gam (z - zbar)`` on the y block (the running averages of y and yhat)."""
+    for i in range(dx + cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        zbar[i] += gam * (z[i] - zbar[i])
+
+
 class DeviceValueFunction(DeviceMethod):
     """``value_function_loop`` on the device: yhat is the
     y block of the joint vector zh = (x, yhat) (state), the multiplier a host scalar (the
-    host decides the penalty's activity from the value callbacks' host floats anyway)."""
+    host decides the penalty's activity from the value callbacks' host floats anyway); for
+    the primal-dual method the running averages ybar, yhatbar are the y blocks of za, zb."""
 
     dual = False
 
     def __init__(self, r):
         super().__init__(r)
-        self.a1, self.a2, rho, self.dual_step, self.eps = (float(a) for a in r.fextra)
+        self.a1, self.a2, rho, self.dual_step, self.eps, self.gam = \
+            (float(a) for a in r.fextra)
         self.exact = self.a1 == 0.0 and self.a2 == 0.0  # g - v >= 0: no activity test
         if self.dual:
-            rho = float(r.work_host[r.dy])
+            rho = float(r.work_host[3 * r.dy])
         self.rho = np.array([rho])
         self.bad = np.zeros(1, dtype=np.int64)
         self.zh = dl.empty(r.n)
@@ -249,6 +278,11 @@ class DeviceValueFunction(DeviceMethod):
         self.gh = dl.empty(r.n)
         self.check = self.zh
         self.saved = (self.zh, self.rho, self.bad)
+        if self.dual:  # (x, ybar), (x, yhatbar): the running averages, starting at y0
+            self.za, self.zb = dl.empty(r.n), dl.empty(r.n)
+            dl.copy(r.z, self.za)
+            dl.copy(r.z, self.zb)
+            self.saved += (self.za, self.zb)
         self.sc = dl.Scalars(r.counter) if self.a1 != 0.0 else None
 
     def iteration(self, k):
@@ -262,11 +296,16 @@ class DeviceValueFunction(DeviceMethod):
         idx_l = r.samp_l.draw()
         idx_u = r.samp_u.draw()
         r.upper.grad(z, idx_u, r.gf)
-        gv = r.lower.value(z, idx_l)
-        hv = r.lower.value(zh, idx_l)
+        zv, zhv = z, zh
+        if self.dual:  # c at the running averages
+            zv, zhv = self.za, self.zb
+            dl.copy(z[:dx], zv[:dx])
+            dl.copy(z[:dx], zhv[:dx])
+        gv = r.lower.value(zv, idx_l)
+        hv = r.lower.value(zhv, idx_l)
         yy = 0.0
         if self.sc is not None:  # |yhat|^2 (one counted read-back)
-            self.sc.dot(zh[dx:], zh[dx:], dl.S_AUX)
+            self.sc.dot(zhv[dx:], zhv[dx:], dl.S_AUX)
             yy = float(self.sc.read()[dl.S_AUX])
         c = gv - hv - 0.5 * self.a1 * yy - self.a2
         rho = float(self.rho[0])
@@ -280,6 +319,8 @@ class DeviceValueFunction(DeviceMethod):
         launch(_yhat_step_kernel, dy, zh, self.gh, dx, beta, self.a1)
         self.project()
         if self.dual:
+            launch(_average_kernel, dy, self.za, z, dx, self.gam)
+            launch(_average_kernel, dy, self.zb, zh, dx, self.gam)
             new = rho + self.dual_step * (c - self.eps)
             if not math.isfinite(new):
                 self.bad[0] = 1
@@ -289,10 +330,13 @@ class DeviceValueFunction(DeviceMethod):
         return self.bad[0] == 0
 
     def state_work(self):
-        out = dl.empty(self.r.dy + (1 if self.dual else 0))
-        dl.copy(self.zh[self.r.dx:], out[:self.r.dy])
+        dx, dy = self.r.dx, self.r.dy
+        out = dl.empty(3 * dy + 1 if self.dual else dy)
+        dl.copy(self.zh[dx:], out[:dy])
         if self.dual:
-            dl.fill(out[self.r.dy:], float(self.rho[0]))
+            dl.copy(self.za[dx:], out[dy:2 * dy])
+            dl.copy(self.zb[dx:], out[2 * dy:3 * dy])
+            dl.fill(out[3 * dy:], float(self.rho[0]))
         return out
 
     def result(self):
