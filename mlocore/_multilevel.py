@@ -511,7 +511,8 @@ class MultilevelEngine(LevelRecursion):
         if c.hvp_block is None:
             return self.hvp(k, z, v)[rlo:rhi]
         off = self.off
-        support = [j for j in range(1, self.n + 1) if np.any(v[off[j - 1]:off[j]])]
+        # the blocks (1-based) holding the nonzero entries of v
+        support = np.unique(np.searchsorted(off, np.flatnonzero(v), side="right")).tolist()
         rows = [i for i in range(1, self.n + 1) if off[i - 1] >= rlo and off[i] <= rhi]
         if len(support) * len(rows) > self.n:
             return self.hvp(k, z, v)[rlo:rhi]

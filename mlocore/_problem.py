@@ -54,10 +54,11 @@ class Objective:
         objective's Hessian over z applied to the direction that is ``v_j`` (length d_j) in
         block x_j and zero elsewhere; ``i`` and ``j`` are 1-based level indices (int64). It
         must equal ``hvp(z, w)[x_i]`` with ``w = (0, .., v_j, .., 0)``. The CPU recursion
-        calls it instead of ``hvp`` wherever a product's direction lies in one block,
-        once per block of the result it needs: the lower solver's and block solver's
-        products ``H_nn v_n`` of level n, the cross blocks of level n in the adjoints and
-        tangents, and level n's columns of the dense form.
+        calls it for the Hessian products of the innermost level n, once per pair of
+        blocks, where that takes at most n calls: ``H_nn v`` in its solvers, the cross
+        blocks ``H[x_<n, x_n] v`` and ``H[x_n, x_<n] s`` of the adjoints and tangents, and
+        level n's columns in dense form (docs/mathematics.md section 3); the other levels'
+        products stay joint.
     grad_block : callable, optional
         ``grad_block(z, i, *args) -> grad_{x_i} f`` (length d_i, i 1-based), the block x_i
         of ``grad``; the innermost level's solver calls it (i = n) instead of ``grad``.
@@ -84,10 +85,10 @@ class Objective:
     a disagreement is a :class:`CallbackError` that names the callback. ``grad_x``,
     ``grad_y``, ``hvp_yy`` and ``hvp_xy`` are used by :class:`BilevelProblem`;
     ``hvp_block`` and ``grad_block`` by the CPU engine of :class:`MultilevelProblem` (every
-    pair ``(i, j)`` is checked at the first point). Blocks of a stochastic objective take the index array as the joint callbacks
-    do (``hvp_yy(z, v_y, idx, *args)``); the CPU stochastic methods call them where a step
-    needs one block, with the same random draws as with the joint callbacks, and check them
-    once more on a minibatch.
+    pair ``(i, j)`` is checked at the first point). Blocks of a stochastic objective take
+    the index array as the joint callbacks do (``hvp_yy(z, v_y, idx, *args)``); the CPU
+    stochastic methods call them where a step needs one block, with the same random draws
+    as with the joint callbacks, and check them once more on a minibatch.
     """
 
     def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None, *,

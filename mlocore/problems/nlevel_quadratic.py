@@ -30,8 +30,9 @@ from ._multilevel_base import (_c64, _check_dims, _check_int, _device_empty, _de
 
 __all__ = ["NLevelQuadratic", "make_nlevel_quadratic", "quadform_grad", "quadform_hvp",
            "quadform_value", "quadform_tvp", "quadblock_grad", "quadblock_hvp",
-           "quadblock_value", "quadblock_tvp", "quadblock_hvp_block", "quadblock_grad_block", "quadform_grad_device", "quadform_hvp_device",
-           "quadform_value_device", "nlevel_quadratic_device_problem"]
+           "quadblock_value", "quadblock_tvp", "quadblock_hvp_block", "quadblock_grad_block",
+           "quadform_grad_device", "quadform_hvp_device", "quadform_value_device",
+           "nlevel_quadratic_device_problem"]
 
 
 # =======================================================================================
