@@ -454,10 +454,13 @@ class MultilevelEngine(LevelRecursion):
             # level n as the kernels' lower objective: with its block oracles as grad_y /
             # hvp_yy / hvp_xy when it has them
             self.inner = self.comp[-1].innermost(self.off) or self.comp[-1]
+            self._off_arr = np.array(self.off, dtype=np.int64)
+            self._block_of = {o: k for k, o in enumerate(self.off)}
         else:
             self.comp, self.counts, self.lower_nit = shared.comp, shared.counts, \
                 shared.lower_nit
-            self.inner = shared.inner
+            self.inner, self._off_arr = shared.inner, shared._off_arr
+            self._block_of = shared._block_of
         self._init_solver()
 
     def _shared_state(self):
@@ -511,24 +514,22 @@ class MultilevelEngine(LevelRecursion):
         if c.hvp_block is None:
             return self.hvp(k, z, v)[rlo:rhi]
         off = self.off
-        # the blocks (1-based) holding the nonzero entries of v
-        support = np.unique(np.searchsorted(off, np.flatnonzero(v), side="right")).tolist()
-        rows = [i for i in range(1, self.n + 1) if off[i - 1] >= rlo and off[i] <= rhi]
-        if len(support) * len(rows) > self.n:
+        # the blocks (1-based) holding the nonzero entries of v; the blocks i0..i1 of the rows
+        support = [j for j in range(1, self.n + 1) if v[off[j - 1]:off[j]].any()]
+        i0, i1 = self._block_of[rlo] + 1, self._block_of[rhi]
+        if len(support) * (i1 - i0 + 1) > self.n:
             return self.hvp(k, z, v)[rlo:rhi]
-        out = np.zeros(rhi - rlo)
+        rows = c.hvp_rows()
+        out = None
         for j in support:
-            vj = v[off[j - 1]:off[j]].copy()
-            for i in rows:
-                lo, hi = off[i - 1], off[i]
-                self.counts[k - 1, _HVP_BLOCK] += 1
-                h = c.hvp_block(z, vj, i, j, *c.args)
-                if h.shape != (hi - lo,):
-                    raise CallbackError(f"callback {c.role}.hvp_block returned shape "
-                                        f"{h.shape} for i={i}, j={j}; expected "
-                                        f"({hi - lo},), the size of x_{i}")
-                out[lo - rlo:hi - rlo] += h
-        return out
+            self.counts[k - 1, _HVP_BLOCK] += i1 - i0 + 1
+            try:
+                h = rows(z, v[off[j - 1]:off[j]].copy(), j, i0, i1, self._off_arr,
+                         *c.args)
+            except ValueError as exc:
+                raise CallbackError(f"{exc} (for j={j})") from None
+            out = h if out is None else out + h
+        return np.zeros(rhi - rlo) if out is None else out
 
     def oracle_calls(self):
         return calls_dict(self.counts, [bool(c.level_blocks) for c in self.comp])

@@ -228,7 +228,7 @@ class CompiledObjective:
                 objective.grad_block, f"{role}.grad_block", (VEC, numba.int64) + argt,
                 "vector")
         self.level_blocks = objective.level_blocks
-        self._innermost = None
+        self._innermost = self._rows = None
         self.flags = flags
         self.has_hvp = bool(flags & HAS_HVP)
         self.has_value = bool(flags & HAS_VALUE)
@@ -303,6 +303,35 @@ class CompiledObjective:
 
     def has_hvp_block(self):
         return bool(self.flags & (HAS_HVP_YY | HAS_HVP_XY))
+
+    def hvp_rows(self):
+        """``rows(z, v_j, j, i0, i1, off, *args)``: the blocks ``i0..i1`` of
+        ``hvp_block(z, v_j, i, j)`` stacked (rows ``off[i0 - 1]:off[i1]``), one compiled
+        call for a block column (None without ``hvp_block``)."""
+        if self.hvp_block is None:
+            return None
+        if self._rows is None:
+            params = "".join(f", a{i}" for i in range(len(self.args)))
+            src = (f"def hvp_rows(z, v, j, i0, i1, off{params}):\n"
+                   "    base = off[i0 - 1]\n"
+                   "    out = np.empty(off[i1] - base)\n"
+                   "    for i in range(i0, i1 + 1):\n"
+                   f"        h = _f(z, v, i, j{params})\n"
+                   "        if h.shape[0] != off[i] - off[i - 1]:\n"
+                   f"            raise ValueError('callback {self.role}.hvp_block returned an "
+                   "array whose size differs from x_i')\n"
+                   "        out[off[i - 1] - base:off[i] - base] = h\n"
+                   "    return out\n")
+            namespace = {"_f": self.hvp_block, "np": np}
+            exec(compile(src, f"<{self.role}.hvp_block rows>", "exec"), namespace)
+            argt = tuple(numba.typeof(a) for a in self.args)
+            types_ = (VEC, VEC) + (numba.int64,) * 3 + (numba.int64[::1],) + argt
+            disp, _ = compile_callback(namespace["hvp_rows"], f"{self.role}.hvp_block",
+                                       types_, "vector")
+            # the compiled entry point: no type dispatch per call (the engine passes
+            # exactly these types)
+            self._rows = disp.overloads[types_].entry_point
+        return self._rows
 
     def innermost(self, offsets):
         """The kernel-facing form of the innermost level n of a multilevel problem with
