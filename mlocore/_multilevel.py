@@ -100,7 +100,8 @@ class LevelRecursion:
     -----
     The backend interface. Oracles: ``check_at(z)``, ``grad(k, z)``, ``value(k, z)``,
     ``hvp(k, z, v)``,
-    ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``.
+    ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``;
+    optionally ``level_rows(k, z, v, rlo, rhi)`` (rows of ``hvp``, from block oracles).
     Solves: ``_innermost(z) -> (z_out, status, nit, gnorm)`` (level n for x_<n, warm-started
     from z), ``_cg(j, z, b, rtol, maxiter) -> (v, info, nit, residual)`` (block system of
     level j from zero; its operator for j < n is :meth:`block_product`).
@@ -346,9 +347,8 @@ class LevelRecursion:
 
     def level_rows(self, k, z, v, rlo, rhi):
         """Rows ``rlo:rhi`` (block boundaries) of ``Hess(f_k)(z) v``, v a joint vector: the
-        raw level product where the recursion uses only some blocks of it. Backends with
-        block oracles override it (one block call per block of the rows when v lies in
-        one block)."""
+        raw level product where the recursion uses only some blocks of it (level n's
+        cross blocks and dense columns). Backends with block oracles override it."""
         return self.hvp(k, z, v)[rlo:rhi]
 
     def hvp_reduced(self, k, z, s):
