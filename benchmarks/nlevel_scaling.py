@@ -147,7 +147,8 @@ def main():
     args = ap.parse_args()
     cap = args.cap if args.cap is not None else (3.0 if args.quick else 10.0)
     start = time.perf_counter()
-    lines = [f"benchmarks/nlevel_scaling.py{' --quick' if args.quick else ''}, "
+    flags = (" --quick" if args.quick else "") + (" --blocks-only" if args.blocks_only else "")
+    lines = [f"benchmarks/nlevel_scaling.py{flags}, "
              f"{datetime.datetime.now():%Y-%m-%d %H:%M}, numba {__import__('numba').__version__}, "
              f"numpy {np.__version__}, {os.cpu_count()} cpus, 1 BLAS thread, cap {cap:g} s "
              "per point", ""]
