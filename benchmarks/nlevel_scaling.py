@@ -21,6 +21,13 @@ tvp) summed over the levels, and the relative error of the hypergradient.
    accuracy: for each n the smallest T in 2, 4, .., 128 whose hypergradient is within
    1e-3 (and 1e-6) of the closed form, with its time and oracle calls.
 
+4. Joint against block callbacks (``make_nlevel_quadratic(..., block_oracles=True)``:
+   ``hvp_block = P[x_i, x_j] v``, ``grad_block``, against the joint ``P v``) on quadratic
+   chains large enough for the matrix-free (n = 3) and dense (n = 4) forms: one run each
+   after a warm-up, time, joint and block Hessian products summed over the levels, ratio
+   t(joint) / t(block), and the relative difference of the hypergradients.
+   ``--blocks-only`` runs this section alone.
+
 A point is skipped, printed "skipped (> cap)", when the growth of the previous points
 predicts more than ``--cap`` seconds (and so are the larger n of that configuration). The
 tables go to ``benchmarks/results/nlevel-scaling-<date>[-quick].txt``, a plot (when
@@ -99,14 +106,49 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+BLOCK_CASES = ((3, 100), (3, 300), (4, 50), (4, 60))   # (n, d): matrix-free n = 3, dense n = 4
+
+
+def block_rows(emit):
+    """Section 4: one hypergradient with joint and with block callbacks per case and mode."""
+    emit("4. joint against block callbacks (make_nlevel_quadratic, seed 0, declared "
+         "quadratic), one run each after a warm-up")
+    emit(f"{'mode':>10} {'n':>2} {'d':>4} {'joint':>10} {'block':>10} {'ratio':>6} "
+         f"{'hvp(j)':>7} {'hvp(b)':>7} {'blocks':>7} {'rel diff':>9}")
+    for n, d in BLOCK_CASES:
+        kw = dict(n=n, dims=(d,) * n, seed=0, declare_quadratic=True)
+        qj = make_nlevel_quadratic(**kw)
+        qb = make_nlevel_quadratic(block_oracles=True, **kw)
+        rng = np.random.default_rng(1)
+        xs = [rng.normal(size=d) for _ in range(n)]
+        for mode in ("exact", "truncated"):
+            for q in (qj, qb):  # warm-up: compile, first-use checks
+                mlo.hypergrad(q.problem, xs, method=mode)
+            t0 = time.perf_counter()
+            rj = mlo.hypergrad(qj.problem, xs, method=mode)
+            tj = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rb = mlo.hypergrad(qb.problem, xs, method=mode)
+            tb = time.perf_counter() - t0
+            hj = sum(c["hvp"] for c in rj.oracle_calls.values())
+            hb = sum(c["hvp"] for c in rb.oracle_calls.values())
+            nb = sum(c.get("hvp_block", 0) for c in rb.oracle_calls.values())
+            emit(f"{mode:>10} {n:>2} {d:>4} {tj * 1e3:>8.1f}ms {tb * 1e3:>8.1f}ms "
+                 f"{tj / tb:>6.2f} {hj:>7} {hb:>7} {nb:>7} {rel(rb.grad, rj.grad):>9.1e}")
+    emit()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--blocks-only", action="store_true",
+                    help="only section 4 (joint against block callbacks)")
     ap.add_argument("--cap", type=float, default=None, help="seconds per point")
     args = ap.parse_args()
     cap = args.cap if args.cap is not None else (3.0 if args.quick else 10.0)
     start = time.perf_counter()
-    lines = [f"benchmarks/nlevel_scaling.py{' --quick' if args.quick else ''}, "
+    flags = (" --quick" if args.quick else "") + (" --blocks-only" if args.blocks_only else "")
+    lines = [f"benchmarks/nlevel_scaling.py{flags}, "
              f"{datetime.datetime.now():%Y-%m-%d %H:%M}, numba {__import__('numba').__version__}, "
              f"numpy {np.__version__}, {os.cpu_count()} cpus, 1 BLAS thread, cap {cap:g} s "
              "per point", ""]
@@ -115,6 +157,13 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
+    if args.blocks_only:
+        block_rows(emit)
+        emit(f"total {time.perf_counter() - start:.0f} s")
+        name = f"nlevel-blocks-{datetime.date.today()}"
+        with open(os.path.join(HERE, "results", name + ".txt"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return
     head = (f"{'mode':>19} {'n':>2} {'time':>10} {'growth':>7} {'newton':>7} {'solves':>7} "
             f"{'grad':>8} {'hvp':>9} {'tvp':>8} {'rel err':>9}")
     # warm-up: compile the callbacks and kernels
@@ -231,6 +280,8 @@ def main():
             emit(f"{row} {T:>4} {t * 1e3:>8.2f}ms {rel(res.grad, g):>8.1e} {sum(calls(res)):>9} "
                  f"{t / te:>8.0f}")
     emit()
+
+    block_rows(emit)
 
     emit("targets (d = 5, quadratic chain):")
     t5 = times.get((5, "exact (declared)", 5))

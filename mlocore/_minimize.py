@@ -12,8 +12,8 @@ from ._descent import (BILEVEL_METHODS, HyperObjectiveBase, descent_loop, descen
 from ._hypergrad import _check_problem, _compiled, implicit_call, unrolled_call
 from ._kernels import lower as _low
 from ._kernels.oracles import UPPER_GRAD, UPPER_VALUE
-from ._multilevel import (MULTILEVEL_MODES, MultilevelEngine, as_joint,
-                          unrolled_multilevel_hypergrad)
+from ._multilevel import (_COUNT_NAMES, MULTILEVEL_MODES, MultilevelEngine, as_joint,
+                          calls_dict, unrolled_multilevel_hypergrad)
 from ._options import LowerOptions
 from ._problem import MultilevelProblem
 from ._results import counts_dict, level_calls, new_counts, status_message
@@ -390,9 +390,8 @@ def minimize_multilevel(problem, x0s, method="exact", *, step=None, maxiter=100,
         x=x1, xs=[zz[problem.block(k)].copy() for k in range(1, problem.n + 1)], z=zz,
         fun=fun, jac=grad, nit=nit, success=status == 0, status=status,
         message=status_message(status, detail), method=method,
-        oracle_calls={f"level{k}": dict(zip(("grad", "hvp", "tvp", "value"),
-                                            map(int, row)))
-                      for k, row in enumerate(calls, 1)}, history=history)
+        oracle_calls=calls_dict(calls, [bool(c.level_blocks) for c in eng.comp]),
+        history=history)
 
 
 class _CpuMultilevelRun:
@@ -426,7 +425,7 @@ class _CpuMultilevelRun:
 
 
 def _counts_array(calls):
-    return np.array([[c["grad"], c["hvp"], c["tvp"], c["value"]] for c in calls.values()],
+    return np.array([[c.get(name, 0) for name in _COUNT_NAMES] for c in calls.values()],
                     dtype=np.int64)
 
 

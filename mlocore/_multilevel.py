@@ -62,12 +62,12 @@ import math
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from ._callbacks import call_bound, call_kernel
+from ._callbacks import CallbackError, call_bound, call_kernel
 from ._config import DENSE_LEVELS_MAX_SIZE, DENSE_LEVELS_SMALL_SIZE, FD_REL_STEP
 from ._kernels import linalg as _kl
 from ._kernels import lower as _low
 from ._kernels import unrolled as _kl_unrolled
-from ._kernels.oracles import LOWER_GRAD, LOWER_HVP
+from ._kernels.oracles import LOWER_GRAD, LOWER_GRAD_Y, LOWER_HVP, LOWER_HVP_XY, LOWER_HVP_YY
 from ._problem import MultilevelProblem
 from ._results import HypergradResult, linear_info_message, new_counts, status_message
 from ._validation import as_vector, check_choice, check_int, check_positive
@@ -76,7 +76,8 @@ __all__ = ["MULTILEVEL_MODES", "multilevel_hypergrad", "LevelRecursion", "Multil
            "unrolled_multilevel_hypergrad"]
 
 MULTILEVEL_MODES = ("exact", "fd", "truncated")
-_GRAD, _HVP, _TVP, _VALUE = range(4)
+_GRAD, _HVP, _TVP, _VALUE, _GRAD_BLOCK, _HVP_BLOCK = range(6)
+_COUNT_NAMES = ("grad", "hvp", "tvp", "value", "grad_block", "hvp_block")
 FD_SHIFT_STEP = 1e-3
 UNROLLED_FD_STEP = 1e-4
 
@@ -99,7 +100,8 @@ class LevelRecursion:
     -----
     The backend interface. Oracles: ``check_at(z)``, ``grad(k, z)``, ``value(k, z)``,
     ``hvp(k, z, v)``,
-    ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``.
+    ``tvp(k, z, u, w)`` (joint vectors in, new joint vectors out), ``oracle_calls()``;
+    optionally ``level_rows(k, z, v, rlo, rhi)`` (rows of ``hvp``, from block oracles).
     Solves: ``_innermost(z) -> (z_out, status, nit, gnorm)`` (level n for x_<n, warm-started
     from z), ``_cg(j, z, b, rtol, maxiter) -> (v, info, nit, residual)`` (block system of
     level j from zero; its operator for j < n is :meth:`block_product`).
@@ -286,7 +288,8 @@ class LevelRecursion:
             for i in range(hi - lo):
                 e = np.zeros(hi)
                 e[lo + i] = 1.0
-                R[:, i] = self.hvp_reduced(k, z, e)[:hi]
+                R[:, i] = self.level_rows(k, z, e, 0, hi) if k == self.n else \
+                    self.hvp_reduced(k, z, e)[:hi]
             Rbb = 0.5 * (R[lo:hi] + R[lo:hi].T)
             try:
                 L = np.linalg.cholesky(Rbb)
@@ -322,7 +325,10 @@ class LevelRecursion:
             u = self.adjoint(k + 1, z, w[o1 - o:])
             a = self._add(w[:o1 - o], u[o:o1])
         v = self.solve_block(k + 1, z, a)
-        c = self.hvp_reduced(k + 1, z, self._embed(o1, o, v))[:o]  # cross block: C^T v
+        if k + 1 == self.n:  # cross block of level n: C^T v = H_n[x_<n, x_n] v
+            c = self.level_rows(self.n, z, self._embed(o1, o, v), 0, o)
+        else:
+            c = self.hvp_reduced(k + 1, z, self._embed(o1, o, v))[:o]  # cross block: C^T v
         return self._neg(c) if u is None else self._sub(u[:o], c)
 
     def tangent(self, k, z, s):
@@ -330,11 +336,20 @@ class LevelRecursion:
         if self.dense:
             return self._dense_at(z, k + 1)[0][k] @ s
         o, o1 = self.off[k], self.off[k + 1]
-        r = self.hvp_reduced(k + 1, z, self._embed(o1, 0, s))[o:o1]
+        if k + 1 == self.n:  # H_n[x_n, x_<n] s
+            r = self.level_rows(self.n, z, self._embed(o1, 0, s), o, o1)
+        else:
+            r = self.hvp_reduced(k + 1, z, self._embed(o1, 0, s))[o:o1]
         t = self._neg(self.solve_block(k + 1, z, r))
         if k + 1 == self.n:
             return t
         return self._join(t, self.tangent(k + 1, z, self._join(s, t)))
+
+    def level_rows(self, k, z, v, rlo, rhi):
+        """Rows ``rlo:rhi`` (block boundaries) of ``Hess(f_k)(z) v``, v a joint vector: the
+        raw level product where the recursion uses only some blocks of it (level n's
+        cross blocks and dense columns). Backends with block oracles override it."""
+        return self.hvp(k, z, v)[rlo:rhi]
 
     def hvp_reduced(self, k, z, s):
         """Hessian of phi_k (over x_<=k) times s, in this engine's mode."""
@@ -434,11 +449,18 @@ class MultilevelEngine(LevelRecursion):
         super().__init__(problem, mode, tol, lower_tol, lower_maxiter, fd_step)
         if shared is None:
             self.comp = [obj.compiled(f"level{k}") for k, obj in enumerate(problem.levels, 1)]
-            self.counts = np.zeros((self.n, 4), dtype=np.int64)
+            self.counts = np.zeros((self.n, 6), dtype=np.int64)
             self.lower_nit = np.zeros(self.n, dtype=np.int64)
+            # level n as the kernels' lower objective: with its block oracles as grad_y /
+            # hvp_yy / hvp_xy when it has them
+            self.inner = self.comp[-1].innermost(self.off) or self.comp[-1]
+            self._off_arr = np.array(self.off, dtype=np.int64)
+            self._block_of = {o: k for k, o in enumerate(self.off)}
         else:
             self.comp, self.counts, self.lower_nit = shared.comp, shared.counts, \
                 shared.lower_nit
+            self.inner, self._off_arr = shared.inner, shared._off_arr
+            self._block_of = shared._block_of
         self._init_solver()
 
     def _shared_state(self):
@@ -447,7 +469,7 @@ class MultilevelEngine(LevelRecursion):
     # -- oracles ------------------------------------------------------------------------------
     def check_at(self, z):
         for c in self.comp:
-            c.check_at(z)
+            c.check_at(z, offsets=self.off)
 
     def grad(self, k, z):
         c = self.comp[k - 1]
@@ -482,20 +504,49 @@ class MultilevelEngine(LevelRecursion):
         eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / un
         return (self.hvp(k, z + eps * u, w) - self.hvp(k, z - eps * u, w)) / (2.0 * eps)
 
+    def level_rows(self, k, z, v, rlo, rhi):
+        """Rows ``rlo:rhi`` of ``Hess(f_k)(z) v``: with level k's ``hvp_block``, the sum
+        over the blocks x_j where v is nonzero of ``hvp_block(z, v_j, i, j)``, for each
+        block x_i of the rows, when that takes at most n block calls (one block row or
+        column of the Hessian; zeros without a call when v is zero); the joint product
+        otherwise."""
+        c = self.comp[k - 1]
+        if c.hvp_block is None:
+            return self.hvp(k, z, v)[rlo:rhi]
+        off = self.off
+        # the blocks (1-based) holding the nonzero entries of v; the blocks i0..i1 of the rows
+        support = [j for j in range(1, self.n + 1) if v[off[j - 1]:off[j]].any()]
+        i0, i1 = self._block_of[rlo] + 1, self._block_of[rhi]
+        if len(support) * (i1 - i0 + 1) > self.n:
+            return self.hvp(k, z, v)[rlo:rhi]
+        rows = c.hvp_rows()
+        out = None
+        for j in support:
+            self.counts[k - 1, _HVP_BLOCK] += i1 - i0 + 1
+            try:
+                h = rows(z, v[off[j - 1]:off[j]].copy(), j, i0, i1, self._off_arr,
+                         *c.args)
+            except ValueError as exc:
+                raise CallbackError(f"{exc} (for j={j})") from None
+            out = h if out is None else out + h
+        return np.zeros(rhi - rlo) if out is None else out
+
     def oracle_calls(self):
-        return {f"level{k}": {"grad": int(c[_GRAD]), "hvp": int(c[_HVP]), "tvp": int(c[_TVP]),
-                              "value": int(c[_VALUE])}
-                for k, c in enumerate(self.counts, 1)}
+        return calls_dict(self.counts, [bool(c.level_blocks) for c in self.comp])
 
     # -- solves in the compiled kernels -------------------------------------------------------
     def _fold(self, counts6):
-        self.counts[self.n - 1, _GRAD] += counts6[LOWER_GRAD]
-        self.counts[self.n - 1, _HVP] += counts6[LOWER_HVP]
+        k = self.n - 1
+        self.counts[k, _GRAD] += counts6[LOWER_GRAD]
+        self.counts[k, _HVP] += counts6[LOWER_HVP]
+        self.counts[k, _GRAD_BLOCK] += counts6[LOWER_GRAD_Y]
+        # hvp_xy of the innermost level is n - 1 calls of hvp_block (the blocks x_<n)
+        self.counts[k, _HVP_BLOCK] += counts6[LOWER_HVP_YY] + (self.n - 1) * counts6[LOWER_HVP_XY]
 
     def lower_core(self, z, method, tol, maxiter, step):
         """Level n minimized over x_n from z's block (x_<n fixed) by the compiled
         ``solve_lower_kernel``: ``(z_out, status, nit, gnorm)``, z_out a new vector."""
-        c = self.comp[-1]
+        c = self.inner
         o = self.off[-2]
         counts6 = new_counts()
         y, status, nit, gnorm, _ = call_bound(
@@ -512,7 +563,7 @@ class MultilevelEngine(LevelRecursion):
     def _cg(self, j, z, b, rtol, maxiter):
         d = self.p.dims[j - 1]
         if j == self.n:
-            c = self.comp[-1]
+            c = self.inner
             counts6 = new_counts()
             op = (c.fns, c.kargs, c.flags, z, self.off[-2], counts6)
             v, info, nit, res, _ = call_kernel(_kl.cg_core, op, b, np.zeros(d), rtol, 0.0,
@@ -601,6 +652,17 @@ class MultilevelEngine(LevelRecursion):
     def _annotate(self, result):
         pass
 
+def calls_dict(counts, has_blocks):
+    """Per-level oracle counts ``{"level<k>": {"grad", "hvp", "tvp", "value"}}`` from the
+    ``(n, 6)`` counter array, with ``grad_block`` / ``hvp_block`` for the levels that have
+    multilevel block oracles (``has_blocks[k - 1]``)."""
+    out = {}
+    for k, row in enumerate(counts, 1):
+        names = _COUNT_NAMES if has_blocks[k - 1] else _COUNT_NAMES[:4]
+        out[f"level{k}"] = {name: int(row[i]) for i, name in enumerate(names)}
+    return out
+
+
 def as_joint(problem, xs, name="xs"):
     """Validate a list of per-level arrays and return the joint vector z."""
     if isinstance(xs, np.ndarray) and xs.ndim == 1 and xs.shape[0] == problem.size:
@@ -679,7 +741,9 @@ class UnrolledRecursion:
             v = self._power_start(hi - lo)
             lam = 0.0
             for _ in range(15):
-                w = self.hvp_unrolled(k, z, self.eng._embed(hi, lo, v))[lo:hi]
+                e = self.eng._embed(hi, lo, v)
+                w = self.eng.level_rows(k, z, e, lo, hi) if k == self.n else \
+                    self.hvp_unrolled(k, z, e)[lo:hi]
                 lam, nw = self._dot_norm(v, w)
                 if nw == 0 or not math.isfinite(nw):
                     break
@@ -827,7 +891,7 @@ class UnrolledEngine(UnrolledRecursion):
 
     def _innermost_vjp(self, z, T, beta, w):
         lo = self.off[-2]
-        c = self.eng.comp[-1]
+        c = self.eng.inner
         counts6 = new_counts()
         _, h, ok = call_kernel(_kl_unrolled.unrolled_vjp, c.fns, c.kargs, c.flags,
                                z[:lo].copy(), z[lo:].copy(), T, beta,

@@ -48,6 +48,20 @@ class Objective:
     hvp_xy : callable, optional
         ``hvp_xy(z, v_y, *args) -> H_xy v_y = d/dx <grad_y g, v_y>`` (length dx): the cross
         product, needed once per implicit hypergradient and once per unrolled step.
+    hvp_block : callable, optional
+        Block oracle of a level of a :class:`MultilevelProblem`, ``z = concat(x_1..x_n)``:
+        ``hvp_block(z, v_j, i, j, *args) -> H_ij v_j`` (length d_i), the block x_i of this
+        objective's Hessian over z applied to the direction that is ``v_j`` (length d_j) in
+        block x_j and zero elsewhere; ``i`` and ``j`` are 1-based level indices (int64). It
+        must equal ``hvp(z, w)[x_i]`` with ``w = (0, .., v_j, .., 0)``. The CPU recursion
+        calls it for the Hessian products of the innermost level n, once per pair of
+        blocks, where that takes at most n calls: ``H_nn v`` in its solvers, the cross
+        blocks ``H[x_<n, x_n] v`` and ``H[x_n, x_<n] s`` of the adjoints and tangents, and
+        level n's columns in dense form (docs/mathematics.md section 3); the other levels'
+        products stay joint.
+    grad_block : callable, optional
+        ``grad_block(z, i, *args) -> grad_{x_i} f`` (length d_i, i 1-based), the block x_i
+        of ``grad``; the innermost level's solver calls it (i = n) instead of ``grad``.
     quadratic : bool
         A declaration that the objective is quadratic in z (constant Hessian, zero
         third-order products). The n-level recursion then knows, without evaluating them,
@@ -68,21 +82,24 @@ class Objective:
     Block oracles are optional: where one is absent, mlocore slices the joint callback. Each
     given block is checked once, at the first point a problem is used at, against the joint
     callback (or central differences of ``grad`` when there is no ``hvp``): a wrong shape or
-    a disagreement is a :class:`CallbackError` that names the callback. Block oracles are
-    used by :class:`BilevelProblem`; the levels of a :class:`MultilevelProblem` use the joint
-    callbacks. Blocks of a stochastic objective take the index array as the joint callbacks
-    do (``hvp_yy(z, v_y, idx, *args)``); the CPU stochastic methods call them where a step
-    needs one block, with the same random draws as with the joint callbacks, and check them
-    once more on a minibatch.
+    a disagreement is a :class:`CallbackError` that names the callback. ``grad_x``,
+    ``grad_y``, ``hvp_yy`` and ``hvp_xy`` are used by :class:`BilevelProblem`;
+    ``hvp_block`` and ``grad_block`` by the CPU engine of :class:`MultilevelProblem` (every
+    pair ``(i, j)`` is checked at the first point). Blocks of a stochastic objective take
+    the index array as the joint callbacks do (``hvp_yy(z, v_y, idx, *args)``); the CPU
+    stochastic methods call them where a step needs one block, with the same random draws
+    as with the joint callbacks, and check them once more on a minibatch.
     """
 
     def __init__(self, grad, hvp=None, value=None, tvp=None, args=(), n_samples=None, *,
-                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None, quadratic=False):
+                 grad_x=None, grad_y=None, hvp_yy=None, hvp_xy=None, hvp_block=None,
+                 grad_block=None, quadratic=False):
         if not isinstance(quadratic, (bool, np.bool_)):
             raise TypeError(f"Objective quadratic must be True or False, got {quadratic!r}")
         for name, fn in (("grad", grad), ("hvp", hvp), ("value", value), ("tvp", tvp),
                          ("grad_x", grad_x), ("grad_y", grad_y), ("hvp_yy", hvp_yy),
-                         ("hvp_xy", hvp_xy)):
+                         ("hvp_xy", hvp_xy), ("hvp_block", hvp_block),
+                         ("grad_block", grad_block)):
             if fn is None and name != "grad":
                 continue
             if not callable(fn):
@@ -98,6 +115,7 @@ class Objective:
             n_samples = int(n_samples)
         self.grad, self.hvp, self.value, self.tvp = grad, hvp, value, tvp
         self.grad_x, self.grad_y, self.hvp_yy, self.hvp_xy = grad_x, grad_y, hvp_yy, hvp_xy
+        self.hvp_block, self.grad_block = hvp_block, grad_block
         self._args = args
         self.n_samples = n_samples
         self.quadratic = bool(quadratic)
@@ -126,6 +144,11 @@ class Objective:
         """Names of the block oracles given (``grad_x``, ``grad_y``, ``hvp_yy``, ``hvp_xy``)."""
         return tuple(n for n in _BLOCK_NAMES if getattr(self, n) is not None)
 
+    @property
+    def level_blocks(self) -> tuple:
+        """Names of the multilevel block oracles given (``hvp_block``, ``grad_block``)."""
+        return tuple(n for n in _LEVEL_BLOCK_NAMES if getattr(self, n) is not None)
+
     def __repr__(self):
         parts = [f"grad={getattr(self.grad, '__name__', self.grad)!s}"]
         for name in _CALLBACK_NAMES[1:]:
@@ -147,7 +170,8 @@ class Objective:
 
 
 _BLOCK_NAMES = ("grad_x", "grad_y", "hvp_yy", "hvp_xy")
-_CALLBACK_NAMES = ("grad", "hvp", "value", "tvp") + _BLOCK_NAMES
+_LEVEL_BLOCK_NAMES = ("hvp_block", "grad_block")
+_CALLBACK_NAMES = ("grad", "hvp", "value", "tvp") + _BLOCK_NAMES + _LEVEL_BLOCK_NAMES
 #: name -> (number of vector arguments, flag bit) of the optional callbacks in ``fns``
 _OPTIONAL = {"hvp": (2, HAS_HVP), "value": (1, HAS_VALUE), "grad_x": (1, HAS_GRAD_X),
              "grad_y": (1, HAS_GRAD_Y), "hvp_yy": (2, HAS_HVP_YY), "hvp_xy": (2, HAS_HVP_XY)}
@@ -193,6 +217,18 @@ class CompiledObjective:
         if objective.tvp is not None:
             self.tvp, _ = compile_callback(objective.tvp, f"{role}.tvp", (VEC, VEC, VEC) + argt,
                                            "vector")
+        # multilevel block oracles: the level indices are int64 after the vectors
+        self.hvp_block = self.grad_block = None
+        if objective.hvp_block is not None:
+            self.hvp_block, _ = compile_callback(
+                objective.hvp_block, f"{role}.hvp_block",
+                (VEC, VEC, numba.int64, numba.int64) + argt, "vector")
+        if objective.grad_block is not None:
+            self.grad_block, _ = compile_callback(
+                objective.grad_block, f"{role}.grad_block", (VEC, numba.int64) + argt,
+                "vector")
+        self.level_blocks = objective.level_blocks
+        self._innermost = self._rows = None
         self.flags = flags
         self.has_hvp = bool(flags & HAS_HVP)
         self.has_value = bool(flags & HAS_VALUE)
@@ -216,9 +252,11 @@ class CompiledObjective:
             raise CallbackError(f"callback {self.role}.{name} raised "
                                 f"{type(exc).__name__}: {exc}") from exc
 
-    def check_at(self, z: np.ndarray, dx: int = None):
+    def check_at(self, z: np.ndarray, dx: int = None, offsets=None):
         """Call each callback once at z and check shapes and finiteness (clear errors early);
-        with ``dx`` (bilevel problems) also each block oracle against the joint callback."""
+        with ``dx`` (bilevel problems) also each block oracle against the joint callback,
+        with ``offsets`` (the block offsets of a multilevel problem) each multilevel block
+        oracle (:func:`check_level_block_oracles`)."""
         n = z.shape[0]
         g = self._call("grad", self.grad, z.copy())
         _check_vector(f"{self.role}.grad", g, n)
@@ -238,8 +276,20 @@ class CompiledObjective:
             if dx is None:
                 raise ValueError(f"{self.role} has block oracles ({', '.join(self.blocks)}), "
                                  "which only a BilevelProblem uses; give the levels of a "
-                                 "multilevel problem the joint callbacks only")
+                                 "multilevel problem hvp_block / grad_block instead")
             self._check_blocks(z, dx, g)
+        if self.level_blocks:
+            if offsets is None:
+                raise ValueError(f"{self.role} has multilevel block oracles "
+                                 f"({', '.join(self.level_blocks)}), which only the CPU "
+                                 "engine of a MultilevelProblem uses; give a bilevel "
+                                 "problem grad_x / grad_y / hvp_yy / hvp_xy instead")
+
+            def call(name, *a):
+                return self._call(name, getattr(self, name),
+                                  *(x.copy() if isinstance(x, np.ndarray) else x for x in a))
+            check_level_block_oracles(self.role, self.level_blocks, z, offsets, call,
+                                      self.has_hvp, g)
         if self.quadratic:
             check_quadratic_declaration(
                 self.role, lambda w: self._call("grad", self.grad, w), z)
@@ -253,6 +303,95 @@ class CompiledObjective:
 
     def has_hvp_block(self):
         return bool(self.flags & (HAS_HVP_YY | HAS_HVP_XY))
+
+    def hvp_rows(self):
+        """``rows(z, v_j, j, i0, i1, off, *args)``: the blocks ``i0..i1`` of
+        ``hvp_block(z, v_j, i, j)`` stacked (rows ``off[i0 - 1]:off[i1]``), one compiled
+        call for a block column (None without ``hvp_block``)."""
+        if self.hvp_block is None:
+            return None
+        if self._rows is None:
+            params = "".join(f", a{i}" for i in range(len(self.args)))
+            src = (f"def hvp_rows(z, v, j, i0, i1, off{params}):\n"
+                   "    base = off[i0 - 1]\n"
+                   "    out = np.empty(off[i1] - base)\n"
+                   "    for i in range(i0, i1 + 1):\n"
+                   f"        h = _f(z, v, i, j{params})\n"
+                   "        if h.shape[0] != off[i] - off[i - 1]:\n"
+                   f"            raise ValueError('callback {self.role}.hvp_block returned an "
+                   "array whose size differs from x_i')\n"
+                   "        out[off[i - 1] - base:off[i] - base] = h\n"
+                   "    return out\n")
+            namespace = {"_f": self.hvp_block, "np": np}
+            exec(compile(src, f"<{self.role}.hvp_block rows>", "exec"), namespace)
+            argt = tuple(numba.typeof(a) for a in self.args)
+            types_ = (VEC, VEC) + (numba.int64,) * 3 + (numba.int64[::1],) + argt
+            disp, _ = compile_callback(namespace["hvp_rows"], f"{self.role}.hvp_block",
+                                       types_, "vector")
+            # the compiled entry point: no type dispatch per call (the engine passes
+            # exactly these types)
+            self._rows = disp.overloads[types_].entry_point
+        return self._rows
+
+    def innermost(self, offsets):
+        """The kernel-facing form of the innermost level n of a multilevel problem with
+        multilevel block oracles, as a bilevel lower objective with ``x = x_<n``,
+        ``y = x_n``: ``grad_y = grad_block(., n)``, ``hvp_yy = hvp_block(., ., n, n)`` and
+        ``hvp_xy`` = the blocks ``i < n`` of ``hvp_block(., ., i, n)`` (compiled
+        wrappers; the bilevel kernels then call them through their flags). ``None``
+        without block oracles."""
+        if not self.level_blocks:
+            return None
+        if self._innermost is None:
+            self._innermost = _InnermostBlocks(self, tuple(offsets))
+        return self._innermost
+
+
+class _InnermostBlocks:
+    """See :meth:`CompiledObjective.innermost`: ``fns``, ``kargs``, ``flags`` and
+    ``bound_kernels`` as the bilevel kernels take them."""
+
+    def __init__(self, comp, offsets):
+        n = len(offsets) - 1
+        nargs = len(comp.args)
+        argt = tuple(numba.typeof(a) for a in comp.args)
+        base = comp._bundle.fntuple
+        funcs, fntypes = list(base.funcs), list(base.nbtype.types)
+        flags = comp.flags
+        params = "".join(f", a{i}" for i in range(nargs))
+        wrappers = {}
+        if comp.grad_block is not None:
+            wrappers[FN_NAMES.index("grad_y")] = (
+                "grad_y", HAS_GRAD_Y, (VEC,) + argt,
+                f"def grad_y(z{params}):\n    return _f(z, {n}{params})\n", comp.grad_block)
+        if comp.hvp_block is not None:
+            wrappers[FN_NAMES.index("hvp_yy")] = (
+                "hvp_yy", HAS_HVP_YY, (VEC, VEC) + argt,
+                f"def hvp_yy(z, v{params}):\n    return _f(z, v, {n}, {n}{params})\n",
+                comp.hvp_block)
+            body = "".join(f"    out[{offsets[i - 1]}:{offsets[i]}] = _f(z, v, {i}, {n}{params})"
+                           f"\n" for i in range(1, n))
+            wrappers[FN_NAMES.index("hvp_xy")] = (
+                "hvp_xy", HAS_HVP_XY, (VEC, VEC) + argt,
+                f"def hvp_xy(z, v{params}):\n    out = np.empty({offsets[n - 1]})\n{body}"
+                "    return out\n", comp.hvp_block)
+        for slot, (name, bit, types_, src, target) in wrappers.items():
+            namespace = {"_f": target, "np": np}
+            exec(compile(src, f"<{comp.role}.{name} from the block oracle>", "exec"),
+                 namespace)
+            fn, ft = compile_callback(namespace[name], f"{comp.role}.{name}", types_,
+                                      "vector")
+            funcs[slot], fntypes[slot] = fn, ft
+            flags |= bit
+        self.role = comp.role
+        self.args, self.kargs = comp.args, comp.kargs
+        self.flags = flags
+        self._bundle = BundleCache(FnTuple(funcs, fntypes))
+        self.bound_kernels = {}
+
+    @property
+    def fns(self):
+        return self._bundle.get()
 
 
 #: probe step of the quadratic declaration check, relative to ``1 + max |z|``
@@ -367,6 +506,66 @@ def check_block_oracles(role, blocks, z, dx, call, has_hvp, g=None, v=None):
                 f"|{name} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, allowed "
                 f"{tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
                 "and hvp")
+
+
+def check_level_block_oracles(role, names, z, offsets, call, has_hvp, g=None):
+    """Check the multilevel block oracles ``hvp_block`` (every pair ``(i, j)``) and
+    ``grad_block`` (every i) of one level at z against its joint callbacks (``hvp``, or
+    central differences of ``grad`` without one): same shape, finite, and agreeing to 1e-8
+    relative (1e-5 against differences). ``call(name, *a)`` calls the callback ``name`` with
+    the host arguments ``a`` (z first); the directions are ``linspace(1, 2, d_j)``.
+
+    Raises
+    ------
+    CallbackError
+        A block of the wrong shape, non-finite, or disagreeing with the joint callback
+        (the message names the level's callback and the pair of levels).
+    """
+    n = len(offsets) - 1
+    N = z.shape[0]
+    if g is None:
+        g = call("grad", z)
+
+    def compare(full, got, want, i, what, tol, pair):
+        size = want.shape[0]
+        if not isinstance(got, np.ndarray) or got.shape != (size,):
+            shape = getattr(got, "shape", type(got).__name__)
+            raise CallbackError(f"callback {full} returned shape {shape} for {pair}; "
+                                f"expected ({size},), the size of x_{i}")
+        if not np.all(np.isfinite(got)):
+            raise CallbackError(f"callback {full} returned non-finite values for {pair} at "
+                                "the initial point")
+        err = float(np.linalg.norm(got - want))
+        scale = float(np.linalg.norm(want))
+        if not err <= tol * (1.0 + scale):
+            raise CallbackError(
+                f"callback {full} disagrees with the joint callback at the initial point for "
+                f"{pair}: |{full.rsplit('.', 1)[-1]} - {what}| = {err:.3e} (|{what}| = "
+                f"{scale:.3e}, allowed {tol:g} (1 + |.|)); the block oracles must compute the "
+                "blocks of grad and hvp")
+
+    if "grad_block" in names:
+        for i in range(1, n + 1):
+            lo, hi = offsets[i - 1], offsets[i]
+            compare(f"{role}.grad_block", call("grad_block", z, np.int64(i)), g[lo:hi],
+                    i, f"grad[x_{i}]", 1e-8, f"i={i}")
+    if "hvp_block" in names:
+        for j in range(1, n + 1):
+            lo, hi = offsets[j - 1], offsets[j]
+            v = np.linspace(1.0, 2.0, hi - lo)
+            w = np.zeros(N)
+            w[lo:hi] = v
+            if has_hvp:
+                h, tol, how = call("hvp", z, w), 1e-8, ""
+            else:
+                eps = FD_REL_STEP * (1.0 + np.linalg.norm(z)) / np.linalg.norm(w)
+                h = (call("grad", z + eps * w) - call("grad", z - eps * w)) / (2.0 * eps)
+                tol, how = 1e-5, ", by central differences of grad"
+            for i in range(1, n + 1):
+                a, b = offsets[i - 1], offsets[i]
+                got = call("hvp_block", z, v, np.int64(i), np.int64(j))
+                compare(f"{role}.hvp_block", got, h[a:b], i,
+                        f"hvp(z, w)[x_{i}] (w = v in x_{j}){how}", tol, f"i={i}, j={j}")
 
 
 def _check_vector(role, out, n):

@@ -8,7 +8,8 @@ Levels k = 1..n, x_1 outermost. Every level's objective f_k is written over the 
 - :mod:`mlocore.problems.trilevel_quadratic`: ``make_trilevel_quadratic`` (Giovannelli, Kent
   & Vicente's trilevel quadratic, closed forms);
 - :mod:`mlocore.problems.nlevel_quadratic`: ``make_nlevel_quadratic`` (random n-level
-  quadratics, closed forms; the shared ``quadform_*`` callbacks);
+  quadratics, closed forms; the shared ``quadform_*`` callbacks, and ``quadblock_*`` with
+  the block oracles ``hvp_block`` / ``grad_block``);
 - :mod:`mlocore.problems.nonquadratic_trilevel`: ``make_nonquadratic_trilevel`` (log-cosh
   levels, nonlinear innermost best response; the ``logcosh_quad_*`` callbacks);
 - :mod:`mlocore.problems.nlevel_logcosh`: ``make_nlevel_logcosh`` (n log-cosh levels, every
@@ -26,7 +27,9 @@ from .trilevel_quadratic import (TrilevelQuadratic, make_trilevel_quadratic, tq_
                                  tq_middle_grad, tq_middle_hvp, tq_lower_value, tq_lower_grad,
                                  tq_lower_hvp, tq_tvp)
 from .nlevel_quadratic import (NLevelQuadratic, make_nlevel_quadratic, quadform_grad,
-                               quadform_hvp, quadform_value, quadform_tvp)
+                               quadform_hvp, quadform_value, quadform_tvp, quadblock_grad,
+                               quadblock_hvp, quadblock_value, quadblock_tvp,
+                               quadblock_hvp_block, quadblock_grad_block)
 from .nonquadratic_trilevel import (NonquadraticTrilevel, make_nonquadratic_trilevel,
                                     logcosh_quad_grad, logcosh_quad_hvp, logcosh_quad_value,
                                     logcosh_quad_tvp)
@@ -40,7 +43,9 @@ __all__ = ["TrilevelQuadratic", "make_trilevel_quadratic", "tq_upper_value", "tq
            "tq_upper_hvp", "tq_upper_tvp", "tq_middle_value", "tq_middle_grad",
            "tq_middle_hvp", "tq_lower_value", "tq_lower_grad", "tq_lower_hvp", "tq_tvp",
            "NLevelQuadratic", "make_nlevel_quadratic", "quadform_grad", "quadform_hvp",
-           "quadform_value", "quadform_tvp", "NonquadraticTrilevel",
+           "quadform_value", "quadform_tvp", "quadblock_grad", "quadblock_hvp",
+           "quadblock_value", "quadblock_tvp", "quadblock_hvp_block", "quadblock_grad_block",
+           "NonquadraticTrilevel",
            "make_nonquadratic_trilevel", "logcosh_quad_grad", "logcosh_quad_hvp",
            "logcosh_quad_value", "logcosh_quad_tvp", "NLevelLogcosh", "make_nlevel_logcosh",
            "PoisoningTrilevel",

@@ -29,8 +29,10 @@ from ._multilevel_base import (_c64, _check_dims, _check_int, _device_empty, _de
                                _device_problem, _device_sum, _launch, _spd)
 
 __all__ = ["NLevelQuadratic", "make_nlevel_quadratic", "quadform_grad", "quadform_hvp",
-           "quadform_value", "quadform_tvp", "quadform_grad_device", "quadform_hvp_device",
-           "quadform_value_device", "nlevel_quadratic_device_problem"]
+           "quadform_value", "quadform_tvp", "quadblock_grad", "quadblock_hvp",
+           "quadblock_value", "quadblock_tvp", "quadblock_hvp_block", "quadblock_grad_block",
+           "quadform_grad_device", "quadform_hvp_device", "quadform_value_device",
+           "nlevel_quadratic_device_problem"]
 
 
 # =======================================================================================
@@ -58,6 +60,58 @@ def quadform_hvp(z, v, P, q):
 def quadform_tvp(z, u, w, P, q):
     """Third-order product: zero."""
     return np.zeros(z.shape[0])
+
+
+# The same quadratic with the multilevel block oracles: args ``(P, q, off)``, ``off`` the
+# int64 block offsets (0, d_1, d_1 + d_2, .., N); levels i, j are 1-based.
+@numba.njit(cache=True)
+def quadblock_value(z, P, q, off):
+    """``z.P z / 2 + q.z``."""
+    return 0.5 * (z @ (P @ z)) + q @ z
+
+
+@numba.njit(cache=True)
+def quadblock_grad(z, P, q, off):
+    """``P z + q``."""
+    return P @ z + q
+
+
+@numba.njit(cache=True)
+def quadblock_hvp(z, v, P, q, off):
+    """``P v``."""
+    return P @ v
+
+
+@numba.njit(cache=True)
+def quadblock_tvp(z, u, w, P, q, off):
+    """Third-order product: zero."""
+    return np.zeros(z.shape[0])
+
+
+@numba.njit(cache=True)
+def quadblock_hvp_block(z, v, i, j, P, q, off):
+    """``P[x_i, x_j] v`` (length d_i)."""
+    lo, hi, a = off[i - 1], off[i], off[j - 1]
+    out = np.zeros(hi - lo)
+    for r in range(lo, hi):
+        s = 0.0
+        for c in range(v.shape[0]):
+            s += P[r, a + c] * v[c]
+        out[r - lo] = s
+    return out
+
+
+@numba.njit(cache=True)
+def quadblock_grad_block(z, i, P, q, off):
+    """``(P z + q)[x_i]`` (length d_i)."""
+    lo, hi = off[i - 1], off[i]
+    out = np.empty(hi - lo)
+    for r in range(lo, hi):
+        s = q[r]
+        for c in range(z.shape[0]):
+            s += P[r, c] * z[c]
+        out[r - lo] = s
+    return out
 
 
 class NLevelQuadratic:
@@ -90,6 +144,9 @@ class NLevelQuadratic:
         Build the levels with ``Objective(quadratic=True)``: the n-level recursion then
         skips the best-response curvature terms (zero here) instead of evaluating them
         (for n >= 4, nested central differences). Default False.
+    block_oracles : bool
+        Build the levels with the multilevel block oracles ``hvp_block`` / ``grad_block``
+        (``quadblock_*`` callbacks, args ``(P_k, q_k, offsets)``). Default False.
 
     Raises
     ------
@@ -121,7 +178,7 @@ class NLevelQuadratic:
     F_star : float or None
     """
 
-    def __init__(self, P, q, dims, declare_quadratic=False):
+    def __init__(self, P, q, dims, declare_quadratic=False, block_oracles=False):
         dims = _check_dims(dims)
         n = len(dims)
         if n < 2:
@@ -144,12 +201,19 @@ class NLevelQuadratic:
         self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(dims)]))
         self.size = N
         self._solve()
-        self.problem = MultilevelProblem(
-            levels=[Objective(quadform_grad, hvp=quadform_hvp, value=quadform_value,
-                              tvp=quadform_tvp, args=(Pk, qk),
-                              quadratic=bool(declare_quadratic))
-                    for Pk, qk in zip(self.P, self.q)],
-            dims=dims)
+        if block_oracles:
+            off = np.array(self.offsets, dtype=np.int64)
+            levels = [Objective(quadblock_grad, hvp=quadblock_hvp, value=quadblock_value,
+                                tvp=quadblock_tvp, args=(Pk, qk, off),
+                                hvp_block=quadblock_hvp_block, grad_block=quadblock_grad_block,
+                                quadratic=bool(declare_quadratic))
+                      for Pk, qk in zip(self.P, self.q)]
+        else:
+            levels = [Objective(quadform_grad, hvp=quadform_hvp, value=quadform_value,
+                                tvp=quadform_tvp, args=(Pk, qk),
+                                quadratic=bool(declare_quadratic))
+                      for Pk, qk in zip(self.P, self.q)]
+        self.problem = MultilevelProblem(levels=levels, dims=dims)
 
     def _solve(self):
         n, N, off = self.n, self.size, self.offsets
@@ -262,7 +326,8 @@ class NLevelQuadratic:
         return BilevelProblem(upper=up, lower=lo, dims=self.dims)
 
 
-def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0, declare_quadratic=False):
+def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0, declare_quadratic=False,
+                          block_oracles=False):
     """A random n-level quadratic with strongly convex levels and a closed-form solution.
 
     Each ``P_k`` is a random symmetric positive definite matrix over the whole joint vector
@@ -282,6 +347,8 @@ def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0, declare_quadratic=Fa
         Spread of the eigenvalues of each P_k.
     declare_quadratic : bool
         Declare the levels ``Objective(quadratic=True)`` (see :class:`NLevelQuadratic`).
+    block_oracles : bool
+        Give the levels the block oracles ``hvp_block`` / ``grad_block``.
 
     Returns
     -------
@@ -298,7 +365,7 @@ def make_nlevel_quadratic(n=3, dims=None, seed=0, cond=4.0, declare_quadratic=Fa
     N = sum(dims)
     P = [_spd(rng, N, 1.0, float(cond)) for _ in range(n)]
     q = [rng.standard_normal(N) for _ in range(n)]
-    return NLevelQuadratic(P, q, dims, declare_quadratic)
+    return NLevelQuadratic(P, q, dims, declare_quadratic, block_oracles)
 
 
 # ---------------------------------------------------------------------------------------
