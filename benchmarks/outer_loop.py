@@ -327,7 +327,9 @@ def main():
     lines = [f"# benchmarks/outer_loop.py{' --before ' + before if args.before else ''}"
              f", {datetime.date.today()}, {samples} samples, python "
              f"{sys.version.split()[0]}, numpy {numpy.__version__}, scipy {scipy.__version__}"
-             f", OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}", ""]
+             f", OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, load average "
+             + ", ".join(f"{v:.2f}" for v in os.getloadavg()) + " at the end (shared machine)",
+             ""]
     for tree in trees:
         lines += _tables(results[tree], tree if args.before else "results") + [""]
     if args.before:
