@@ -102,6 +102,11 @@ def measure(dy, number, repeat):
     ]
     for fn in calls:
         fn()
+    for name, fn in (("bound", calls[1]), ("keyed", calls[2])):  # same arguments as hypergrad
+        g = fn()[0]
+        if not np.allclose(g, res.grad, rtol=1e-12, atol=1e-14 * np.max(np.abs(res.grad))):
+            raise RuntimeError(f"kernel, {name}: gradient differs from hypergrad's by "
+                               f"{np.max(np.abs(g - res.grad)):.3e}; kernel arguments stale?")
     t = _best(calls, number, repeat)
     return dict(dy=dy, nit=res.nit, nit_fused=nit_fused, err=err, whole=t[0], bound=t[1],
                 keyed=t[2], fused=t[3])

@@ -12,22 +12,29 @@ that both see the same machine load. BLAS runs on one thread (``OPENBLAS_NUM_THR
 unless set): on the shared 2-core machine scipy's L-BFGS-B step took ~3 ms a call with the
 default threads, far above its cost.
 
-Bilevel cases. ``minimize_bilevel(method="aid", outer=...)`` with ``outer="lbfgs"`` and
-``outer="bb"``, and ``scipy.optimize.minimize(HyperObjective(...), jac=True,
-method="L-BFGS-B")`` (``gtol`` = tol, ``ftol`` = 0; the same bounds), all from zeros:
+Bilevel cases, all from zeros: ``minimize_bilevel(method="aid", outer=...)`` with
+``outer="lbfgs"`` (row ``lbfgs``) and ``outer="bb"`` (``bb``), ``minimize_bilevel(method=
+"itd")`` with the default L-BFGS loop (``itd``; T = 100 unrolled steps, warm-started), and
+scipy's L-BFGS-B on :class:`mlocore.HyperObjective` (``gtol`` = tol, ``ftol`` = 0; the same
+bounds) through its two interfaces: ``minimize(fobj, x0, jac=True)`` (``scipy``) and
+``minimize(fobj.fun, x0, jac=fobj.jac)`` (``scipy-fj``, F and grad F as two callables that
+share one warm-started lower solve at the same x):
 
 - ``nit``: outer iterations; ``hg``: hypergradients (upper-gradient evaluations of
-  minimize_bilevel, ``HyperObjective.ncalls`` for scipy); ``ls``: lower-level solves (calls
-  of the lower solver, alone or inside a hypergradient); ``lo``: lower-level oracle calls
-  (``lower_*``); ``time``: best of the samples, in ms of process CPU time (the machine is
-  shared: CPU time leaves out the waits for a core; the first, compiling call excluded);
+  minimize_bilevel, ``HyperObjective.ncalls`` for scipy); ``ls``: lower-level solves
+  (``HyperObjective.nsolves`` for scipy; for minimize_bilevel, calls of the driver's lower
+  solve and hypergradients that solve the lower level, counted by wrapping
+  ``mlocore._minimize._solve_lower`` / ``implicit_call``, which the scipy runs check against
+  ``nsolves``); ``lo``: lower-level oracle calls (``lower_*``); ``time``: best of the
+  samples, in ms of process CPU time (the machine is shared: CPU time leaves out the waits
+  for a core; the first, compiling call excluded), for the whole run to its stopping test;
   ``F``: the final value; ``err``: ``|x - x*| / |x*|`` against the closed form (quadratics;
   the logistic problem is not convex in the penalties, and the runs may stop at different
   local minima); ``ok``: reported success.
-- ratios: bb / lbfgs and scipy / lbfgs. scipy stops where F no longer decreases in floating
-  point (``ftol = 0``), at ``err`` ~1e-7; the L-BFGS loop goes on to ``tol`` (its
-  approximate-Wolfe test needs no decrease of F) and the table also gives the iterations it
-  takes to reach scipy's final error.
+- ratios: bb, itd, scipy and scipy-fj over lbfgs, and scipy-fj over scipy. scipy stops
+  where F no longer decreases in floating point (``ftol = 0``), at ``err`` ~1e-7; the L-BFGS
+  loop goes on to ``tol`` (its approximate-Wolfe test needs no decrease of F) and the table
+  also gives the iterations it takes to reach scipy's final error.
 
 Problems: ``make_quadratic`` at three sizes / ridges (the ridge sets the conditioning), tol
 1e-10; ``make_logistic`` (per-feature penalties, box ``|lam| <= 20``), tol 1e-6.
@@ -64,23 +71,27 @@ MULTILEVEL = ("chain n=3 dims=5", "chain n=4 dims=5")
 
 
 class _LowerSolves:
-    """Counts the lower solves: calls of the lower solver kernel, and implicit-hypergradient
-    kernels asked to solve the lower level (benchmark instrumentation)."""
+    """Counts the lower solves of :func:`mlocore.minimize_bilevel` (benchmark
+    instrumentation): the CPU driver calls ``mlocore._minimize._solve_lower`` (line-search F
+    evaluations) and ``mlocore._minimize.implicit_call`` (hypergradients, which solve the
+    lower level when their ``solve_lower_flag`` is set), looked up in that module at each
+    call. :class:`mlocore.HyperObjective` counts its own (``nsolves``); run_bilevel checks
+    that this counter agrees with it on the scipy runs, so a stale hook shows up as an
+    error rather than as zeros."""
 
     def __init__(self):
-        import mlocore._hypergrad as hg
         import mlocore._minimize as mn
-        from mlocore._kernels import implicit, lower
         self.n = 0
-        solver, hyper = lower.solve_lower_kernel, implicit.implicit_hypergrad
-        for mod in (hg, mn):
-            orig = mod.call_kernel
+        solve, implicit = mn._solve_lower, mn.implicit_call
 
-            def counted(kernel, *args, _orig=orig):
-                if kernel is solver or (kernel is hyper and args[9]):
-                    self.n += 1
-                return _orig(kernel, *args)
-            mod.call_kernel = counted
+        def counted_solve(*args, **kw):
+            self.n += 1
+            return solve(*args, **kw)
+
+        def counted_implicit(comp, method, x, y, v0, solve_lower_flag, *args, **kw):
+            self.n += bool(solve_lower_flag)
+            return implicit(comp, method, x, y, v0, solve_lower_flag, *args, **kw)
+        mn._solve_lower, mn.implicit_call = counted_solve, counted_implicit
 
 
 def _best(fn, samples):
@@ -117,29 +128,42 @@ def run_bilevel(i, samples):
     solves = _LowerSolves()
     x0, y0 = np.zeros(p.dx), np.zeros(p.dy)
     rows = {}
-    for outer in ("lbfgs", "bb"):
-        res, ms = _best(lambda: mlo.minimize_bilevel(p, x0, y0, method="aid", tol=tol,
-                                                     outer=outer), samples)
+    for loop, method, outer in (("lbfgs", "aid", "lbfgs"), ("bb", "aid", "bb"),
+                                ("itd", "itd", "lbfgs")):
+        def run(method=method, outer=outer):
+            return mlo.minimize_bilevel(p, x0, y0, method=method, tol=tol, outer=outer)
+        res, ms = _best(run, samples)
         solves.n = 0
-        res = mlo.minimize_bilevel(p, x0, y0, method="aid", tol=tol, outer=outer)
+        res = run()
+        if solves.n == 0:
+            raise RuntimeError(f"{loop}: no lower solve counted (stale instrumentation?)")
         c = res.oracle_calls
-        rows[outer] = dict(x=res.x, fun=res.fun, nit=res.nit, ok=bool(res.success), ms=ms,
-                           hg=max(c["upper_grad"], c["upper_grad_x"], c["upper_grad_y"]),
-                           ls=solves.n, lo=_lower_calls(c))
+        rows[loop] = dict(x=res.x, fun=res.fun, nit=res.nit, ok=bool(res.success), ms=ms,
+                          hg=max(c["upper_grad"], c["upper_grad_x"], c["upper_grad_y"]),
+                          ls=solves.n, lo=_lower_calls(c))
+    scipy_bounds = None if bounds is None else list(zip(*bounds))
+    options = {"gtol": tol, "ftol": 0.0, "maxiter": 1000}
 
-    def scipy_run():
+    def scipy_run(pair):
         fobj = mlo.HyperObjective(p, y0)
-        r = so.minimize(fobj, x0, jac=True, method="L-BFGS-B",
-                        bounds=None if bounds is None else list(zip(*bounds)),
-                        options={"gtol": tol, "ftol": 0.0, "maxiter": 1000})
+        if pair:  # F and grad F as two callables sharing the lower solve at x
+            r = so.minimize(fobj.fun, x0, jac=fobj.jac, method="L-BFGS-B",
+                            bounds=scipy_bounds, options=options)
+        else:
+            r = so.minimize(fobj, x0, jac=True, method="L-BFGS-B", bounds=scipy_bounds,
+                            options=options)
         return r, fobj
 
-    _, ms = _best(scipy_run, samples)
-    solves.n = 0
-    res, fobj = scipy_run()
-    rows["scipy"] = dict(x=res.x, fun=float(res.fun), nit=int(res.nit), ok=bool(res.success),
-                         ms=ms, hg=fobj.ncalls, ls=solves.n,
-                         lo=_lower_calls(fobj.oracle_calls))
+    for loop, pair in (("scipy", False), ("scipy-fj", True)):
+        _, ms = _best(lambda: scipy_run(pair), samples)
+        solves.n = 0
+        res, fobj = scipy_run(pair)
+        if solves.n != fobj.nsolves:
+            raise RuntimeError(f"{loop}: counted {solves.n} lower solves, HyperObjective "
+                               f"reports nsolves = {fobj.nsolves}")
+        rows[loop] = dict(x=res.x, fun=float(res.fun), nit=int(res.nit), ok=bool(res.success),
+                          ms=ms, hg=fobj.ncalls, ls=fobj.nsolves, nfev=int(res.nfev),
+                          lo=_lower_calls(fobj.oracle_calls))
     for r in rows.values():
         x = r.pop("x")
         r["err"] = None if x_star is None else float(np.linalg.norm(x - x_star)
@@ -206,13 +230,13 @@ def _bilevel_lines(name, rows):
     lines = []
     for loop, r in rows.items():
         err = "-" if r["err"] is None else f"{r['err']:.1e}"
-        lines.append(f"{name:<30}{loop:<7}{r['nit']:>5}{r['hg']:>5}{r['ls']:>5}{r['lo']:>7}"
+        lines.append(f"{name:<30}{loop:<9}{r['nit']:>5}{r['hg']:>5}{r['ls']:>5}{r['lo']:>7}"
                      f"{r['ms']:>9.2f}{r['fun']:>15.10f}{err:>9}{'y' if r['ok'] else 'n':>3}")
     return lines
 
 
 def _tables(results, label):
-    lines = [f"## {label}", "", f"{'problem':<30}{'loop':<7}{'nit':>5}{'hg':>5}{'ls':>5}"
+    lines = [f"## {label}", "", f"{'problem':<30}{'loop':<9}{'nit':>5}{'hg':>5}{'ls':>5}"
              f"{'lo':>7}{'time ms':>9}{'F':>15}{'err':>9}{'ok':>3}"]
     for name in BILEVEL:
         lines += _bilevel_lines(name, results[name])
@@ -222,15 +246,30 @@ def _tables(results, label):
         k = results[name]["lbfgs"].get("nit_scipy_err")
         if k is not None:
             lines.append(f"{name:<30}{k:>4} (scipy {results[name]['scipy']['nit']})")
-    lines += ["", "ratios to lbfgs; bb stops at maxiter=100 where its ok is n",
-              f"{'problem':<30}{'bb hg':>7}{'bb t':>7}{'scipy hg':>9}{'scipy ls':>9}"
-              f"{'scipy lo':>9}{'scipy t':>8}"]
+    lines += ["", "ratios to lbfgs (aid); bb and itd stop at maxiter=100 where their ok is n; "
+              "fj: scipy with fun=fobj.fun, jac=fobj.jac",
+              f"{'problem':<30}{'bb hg':>7}{'bb t':>7}{'itd hg':>7}{'itd t':>7}"
+              f"{'scipy hg':>9}{'ls':>6}{'lo':>6}{'t':>6}{'fj hg':>7}{'ls':>6}{'lo':>6}"
+              f"{'t':>6}"]
     for name in BILEVEL:
         r = results[name]
-        lb, bb, sc = r["lbfgs"], r["bb"], r["scipy"]
-        lines.append(f"{name:<30}{bb['hg'] / lb['hg']:>7.2f}{bb['ms'] / lb['ms']:>7.2f}"
-                     f"{sc['hg'] / lb['hg']:>9.2f}{sc['ls'] / lb['ls']:>9.2f}"
-                     f"{sc['lo'] / lb['lo']:>9.2f}{sc['ms'] / lb['ms']:>8.2f}")
+        lb = r["lbfgs"]
+        cols = [r["bb"]["hg"] / lb["hg"], r["bb"]["ms"] / lb["ms"],
+                r["itd"]["hg"] / lb["hg"], r["itd"]["ms"] / lb["ms"]]
+        line = f"{name:<30}" + "".join(f"{v:>7.2f}" for v in cols)
+        for loop in ("scipy", "scipy-fj"):
+            sc = r[loop]
+            line += (f"{sc['hg'] / lb['hg']:>{9 if loop == 'scipy' else 7}.2f}"
+                     f"{sc['ls'] / lb['ls']:>6.2f}{sc['lo'] / lb['lo']:>6.2f}"
+                     f"{sc['ms'] / lb['ms']:>6.2f}")
+        lines.append(line)
+    lines += ["", "scipy-fj / scipy (same L-BFGS-B iterates: nsolves and time of the two "
+              "interfaces)", f"{'problem':<30}{'nit':>5}{'nfev':>6}{'ls':>6}{'lo':>6}{'t':>6}"]
+    for name in BILEVEL:
+        a, b = results[name]["scipy-fj"], results[name]["scipy"]
+        lines.append(f"{name:<30}{a['nit'] / b['nit']:>5.2f}{a['nfev'] / b['nfev']:>6.2f}"
+                     f"{a['ls'] / b['ls']:>6.2f}{a['lo'] / b['lo']:>6.2f}"
+                     f"{a['ms'] / b['ms']:>6.2f}")
     lines += ["", "multilevel: the run against the hypergradients along its path (hg: how "
               "many; ratio run / hypergradients)",
               f"{'problem':<22}{'nit':>4}{'err':>9}{'time ms':>9}{'hg':>4}{'hg ms':>8}"
@@ -288,7 +327,9 @@ def main():
     lines = [f"# benchmarks/outer_loop.py{' --before ' + before if args.before else ''}"
              f", {datetime.date.today()}, {samples} samples, python "
              f"{sys.version.split()[0]}, numpy {numpy.__version__}, scipy {scipy.__version__}"
-             f", OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}", ""]
+             f", OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, load average "
+             + ", ".join(f"{v:.2f}" for v in os.getloadavg()) + " at the end (shared machine)",
+             ""]
     for tree in trees:
         lines += _tables(results[tree], tree if args.before else "results") + [""]
     if args.before:
