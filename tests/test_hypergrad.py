@@ -179,3 +179,41 @@ def test_lower_tolerance_is_scale_invariant():
     res = mlo.hypergrad(big.problem(), x, np.zeros(6), method="cg")
     assert res.success, res.message
     np.testing.assert_allclose(res.grad, q.hypergrad(x), rtol=1e-7)
+
+
+# a point of the demo's L-BFGS-B run on the breast-cancer penalties (11 of 30 at a bound of
+# [-8, 8], cond(H_yy) = 2.6e6) and the previous lower solution, its warm start
+_BC_X = np.array([
+    4.47539184393178, 5.193946481975259, 2.750843749927119, -3.516235899554309,
+    -4.840552106379247, -8.0, 5.127032317647912, -6.651623493284303, -8.0, 7.149438128350101,
+    -8.0, -8.0, 5.464244812099675, 3.2336437386081625, 3.4816460285293096, -5.21232717118795,
+    7.86255275956267, 6.918537118511866, -8.0, 8.0, -2.915587715510035, -8.0,
+    4.4002434229387495, 6.131904079694109, -8.0, -8.0, 4.411461728564989, -8.0, -8.0,
+    6.460855014075946])
+_BC_Y0 = np.array([
+    -1.566018470195394e-05, 7.358095793323188e-06, -0.00014969234551659848,
+    -0.39224488326574264, 0.18900633781125759, 1.9568348508190552, -1.8349862433390823e-05,
+    -3.758972267791454, 0.6749408954506645, 3.33562907162087e-06, -3.677136337137816,
+    1.203205367353335, -1.00974050458097e-05, -0.0001648906149975137, -0.0001398422249526752,
+    0.5037978844344526, 1.7434593251926033e-06, 2.3480089561566474e-06, 0.27154689534398085,
+    4.338741920863935e-06, -0.20392480370882055, -2.7577132933583828, -5.3517648382674234e-05,
+    -8.277846838364171e-06, -0.368936305026266, -0.5092315986963438, -2.881499244537823e-05,
+    -2.4024661199725412, -1.1838326952397253, 4.108371427170211e-06])
+
+
+def test_newton_cg_retries_a_step_whose_cg_stopped_at_its_budget():
+    """From this warm start, Newton-CG's 2 dy + 20 CG iterations stopped with a residual of
+    ~0.3 and the line search on |grad_y g| failed (status 4 at |grad| = 1.7e-8); the step is
+    retried with a longer CG. The solution is checked against dense Newton steps."""
+    pytest.importorskip("sklearn")
+    from mlocore.problems import load_breast_cancer_logistic
+    p = load_breast_cancer_logistic(seed=0).problem
+    res = mlo.solve_lower(p, _BC_X, _BC_Y0, tol=1e-10)
+    assert res.success and res.status == 0, res.message
+    lo, d = p.lower, p.dy
+    y = _BC_Y0.copy()
+    for _ in range(6):  # dense Newton: quadratic convergence from this start (|g| 2e-2)
+        z = np.concatenate([_BC_X, y])
+        H = np.column_stack([lo.hvp_yy(z, e, *lo.args) for e in np.eye(d)])
+        y = y - np.linalg.solve(H, lo.grad_y(z, *lo.args))
+    np.testing.assert_allclose(res.y, y, rtol=0, atol=1e-8 * np.linalg.norm(y))

@@ -18,6 +18,22 @@ NEWTON_CG = 2
 
 ROUNDOFF_FLOOR = 1e-13
 
+
+@njit(cache=True)
+def newton_cg_budget(dy):
+    """CG iterations of a Newton-CG step: ``2 dy + 20`` (n iterations solve exactly in exact
+    arithmetic; round-off delays CG when H_yy is ill-conditioned)."""
+    return 2 * dy + 20
+
+
+@njit(cache=True)
+def newton_cg_retry_budget(budget, dy):
+    """A step whose CG stopped at its budget and whose direction the line search rejects is
+    retried with 4x the budget, up to ``20 (dy + 10)`` (e.g. logistic penalties e^-8..e^8:
+    cond(H_yy) ~ 3e6, where 2 dy + 20 iterations leave a residual of 0.3); 0: no retry."""
+    cap = 20 * (dy + 10)
+    return 0 if budget >= cap else min(4 * budget, cap)
+
 OK = 0
 MAXITER = 1
 NONFINITE = 2
@@ -93,11 +109,12 @@ def solve_lower_kernel(lfns, largs, flags, x, y0, method, tol, maxiter, step, co
     # which the Newton direction is a descent direction; no value callback needed)
     dx = x.shape[0]
     dy = y.shape[0]
+    budget = newton_cg_budget(dy)
     for k in range(maxiter):
         z = joint(x, y)
         op = (lfns, largs, flags, z, dx, counts)
         forcing = min(0.5, np.sqrt(gnorm))
-        d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, 2 * dy + 20, (), None)
+        d, info, _, _, _ = cg_core(op, -g, np.zeros(dy), forcing, 0.0, budget, (), None)
         if info == INFO_NEGATIVE_CURVATURE:
             return y, INDEFINITE, k, gnorm, step
         if info == INFO_BREAKDOWN and not np.any(d != 0.0):
@@ -113,7 +130,11 @@ def solve_lower_kernel(lfns, largs, flags, x, y0, method, tol, maxiter, step, co
                 break
             t *= 0.5
         if not accepted:
-            return y, LINESEARCH, k, gnorm, step
+            retry = newton_cg_retry_budget(budget, dy) if info > 0 else 0
+            if retry == 0:
+                return y, LINESEARCH, k, gnorm, step
+            budget = retry  # a longer CG from the same point (kept for later steps)
+            continue
         y = y_try
         g = g_try
         gnorm = gn_try

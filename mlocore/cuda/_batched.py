@@ -324,12 +324,13 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
         if gnorm <= tol:
             return OK, 0, gnorm, 0
         info = 0
+        budget = 2 * dy + 20  # mlocore._kernels.lower.newton_cg_budget
         for k in range(maxiter):
             forcing = _smaller(0.5, math.sqrt(gnorm))
             for j in range(tid, dy, nthreads):
                 gtry[j] = -g[j]  # gtry doubles as the right-hand side -g
             info, _nit, _res = block_cg(z, dirv, dx, ldata, gtry, d, False, forcing, 0.0,
-                                        2 * dy + 20, r, q, red, parity, tid, nthreads)
+                                        budget, r, q, red, parity, tid, nthreads)
             if info == INFO_NEGATIVE_CURVATURE:
                 return INDEFINITE, k, gnorm, info
             if info == INFO_BREAKDOWN:
@@ -355,6 +356,11 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
                 for j in range(tid, dy, nthreads):
                     y[j] = ysave[j]
                 cuda.syncthreads()
+                # CG stopped at its budget: retry with 4x, up to 20 (dy + 10)
+                # (mlocore._kernels.lower.newton_cg_retry_budget)
+                if info > 0 and budget < 20 * (dy + 10):
+                    budget = _smaller(4 * budget, 20 * (dy + 10))
+                    continue
                 return LINESEARCH, k, gnorm, info
             for j in range(tid, dy, nthreads):
                 g[j] = gtry[j]

@@ -123,11 +123,12 @@ def _newton_cg(sess, z, g, gnorm, gbuf, tol, maxiter, step):
     z_try = _copy_joint(z, n)  # x block set once; the y block is overwritten per trial
     g_try_buf = dl.empty(n)
     neg_g = dl.empty(dy)
+    budget = _low.newton_cg_budget(dy)
     for k in range(maxiter):
         forcing = min(0.5, math.sqrt(gnorm))
         dl.scale_into(neg_g, -1.0, g)
         d, info, _, _, _ = dl.cg_device(_HyyOperator(sess, z), neg_g, None, forcing, 0.0,
-                                        2 * dy + 20, counter=sess.counter)
+                                        budget, counter=sess.counter)
         if info == INFO_NEGATIVE_CURVATURE:
             return z, _low.INDEFINITE, k, gnorm, step
         if info == INFO_BREAKDOWN:
@@ -144,7 +145,11 @@ def _newton_cg(sess, z, g, gnorm, gbuf, tol, maxiter, step):
                 break
             t *= 0.5
         if not accepted:
-            return z, _low.LINESEARCH, k, gnorm, step
+            retry = _low.newton_cg_retry_budget(budget, dy) if info > 0 else 0
+            if retry == 0:
+                return z, _low.LINESEARCH, k, gnorm, step
+            budget = retry  # a longer CG from the same point (the CPU kernel's rule)
+            continue
         z, z_try = z_try, z
         gbuf, g_try_buf = g_try_buf, gbuf
         g, gnorm = g_try, gn_try
