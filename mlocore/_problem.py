@@ -487,25 +487,31 @@ def check_block_oracles(role, blocks, z, dx, call, has_hvp, g=None, v=None):
             if not has_hvp:
                 what += ", by central differences of grad"
         size = dx if name in ("grad_x", "hvp_xy") else dy
-        got = call(name, z, *vecs)
-        full = f"{role}.{name}"
-        if not isinstance(got, np.ndarray) or got.shape != (size,):
-            shape = getattr(got, "shape", type(got).__name__)
-            block = "x" if size == dx else "y"
-            raise CallbackError(f"callback {full} returned shape {shape}; expected "
-                                f"({size},), the size of {block}")
-        if not np.all(np.isfinite(got)):
-            raise CallbackError(f"callback {full} returned non-finite values at the "
-                                "initial point")
-        want = want_fn()
-        err = float(np.linalg.norm(got - want))
-        scale = float(np.linalg.norm(want))
-        if not err <= tol * (1.0 + scale):
-            raise CallbackError(
-                f"callback {full} disagrees with the joint callback at the initial point: "
-                f"|{name} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, allowed "
-                f"{tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
-                "and hvp")
+        _compare_block(f"{role}.{name}", call(name, z, *vecs), want_fn, what, tol,
+                       "x" if size == dx else "y", size)
+
+
+def _compare_block(full, got, want_fn, what, tol, block, size, pair=""):
+    """A block oracle's output ``got`` against the joint callback's block ``want_fn()``
+    (length ``size``, the size of x-block ``block``): same shape, finite, and within
+    ``tol (1 + |want|)``; ``pair`` names the block indices in the messages."""
+    at = f" for {pair}" if pair else ""
+    if not isinstance(got, np.ndarray) or got.shape != (size,):
+        shape = getattr(got, "shape", type(got).__name__)
+        raise CallbackError(f"callback {full} returned shape {shape}{at}; expected "
+                            f"({size},), the size of {block}")
+    if not np.all(np.isfinite(got)):
+        raise CallbackError(f"callback {full} returned non-finite values{at} at the "
+                            "initial point")
+    want = want_fn()
+    err = float(np.linalg.norm(got - want))
+    scale = float(np.linalg.norm(want))
+    if not err <= tol * (1.0 + scale):
+        raise CallbackError(
+            f"callback {full} disagrees with the joint callback at the initial point{at}: "
+            f"|{full.rsplit('.', 1)[-1]} - {what}| = {err:.3e} (|{what}| = {scale:.3e}, "
+            f"allowed {tol:g} (1 + |.|)); the block oracles must compute the blocks of grad "
+            "and hvp")
 
 
 def check_level_block_oracles(role, names, z, offsets, call, has_hvp, g=None):
@@ -527,22 +533,7 @@ def check_level_block_oracles(role, names, z, offsets, call, has_hvp, g=None):
         g = call("grad", z)
 
     def compare(full, got, want, i, what, tol, pair):
-        size = want.shape[0]
-        if not isinstance(got, np.ndarray) or got.shape != (size,):
-            shape = getattr(got, "shape", type(got).__name__)
-            raise CallbackError(f"callback {full} returned shape {shape} for {pair}; "
-                                f"expected ({size},), the size of x_{i}")
-        if not np.all(np.isfinite(got)):
-            raise CallbackError(f"callback {full} returned non-finite values for {pair} at "
-                                "the initial point")
-        err = float(np.linalg.norm(got - want))
-        scale = float(np.linalg.norm(want))
-        if not err <= tol * (1.0 + scale):
-            raise CallbackError(
-                f"callback {full} disagrees with the joint callback at the initial point for "
-                f"{pair}: |{full.rsplit('.', 1)[-1]} - {what}| = {err:.3e} (|{what}| = "
-                f"{scale:.3e}, allowed {tol:g} (1 + |.|)); the block oracles must compute the "
-                "blocks of grad and hvp")
+        _compare_block(full, got, lambda: want, what, tol, f"x_{i}", want.shape[0], pair)
 
     if "grad_block" in names:
         for i in range(1, n + 1):
