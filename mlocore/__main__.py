@@ -207,7 +207,8 @@ def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
     print(f"\nStochastic methods (minibatches of {batch_size}, {maxiter} upper iterations, "
           f"seed {seed}, bounds [-8, 8]); F = validation loss at the returned x (a tail "
           f"average where the method averages), L-BFGS-B reached {f_best:.5f}; default steps, "
-          f"and step='auto' (a counted 3x3 step search, 10% of maxiter per trial):")
+          f"and step='auto' (a counted 3x3 step search, one more trial when the smallest upper "
+          f"step wins, 10% of maxiter per trial):")
     print(f"  {'method':<14}{'F start':>10}{'F final':>10}{'F auto':>10}{'|grad F|^2':>12}"
           f"{'loop time':>12}{'samples':>10}  status")
     for name in METHODS:
@@ -231,8 +232,9 @@ def _stochastic_table(mlo, data, x0, y0, f_best, seed, maxiter, batch_size=32):
               f"and checkpoints)")
     print("  (|grad F|^2 is the projected-gradient mapping |x - P(x - grad F)|^2 at the last "
           "checkpoint, default steps; loop time and samples of the default-step run, "
-          "excluding compiling and the reference evaluations; the search costs about 0.9x "
-          "the budget more)")
+          "excluding compiling and the reference evaluations; the search costs 0.9-1.0x "
+          "the budget more; 'alternating' drops the implicit term, and the validation loss "
+          "does not depend on lambda directly: grad_x f = 0, it does not move)")
 
 
 def _comparison_section(mlo, data, x0, y0, budget, batch_size=32):
