@@ -228,7 +228,8 @@ class CompiledObjective:
                 objective.grad_block, f"{role}.grad_block", (VEC, numba.int64) + argt,
                 "vector")
         self.level_blocks = objective.level_blocks
-        self._innermost = self._rows = None
+        self._innermost = {}  # level offsets -> _InnermostBlocks
+        self._rows = None
         self.flags = flags
         self.has_hvp = bool(flags & HAS_HVP)
         self.has_value = bool(flags & HAS_VALUE)
@@ -342,9 +343,10 @@ class CompiledObjective:
         without block oracles."""
         if not self.level_blocks:
             return None
-        if self._innermost is None:
-            self._innermost = _InnermostBlocks(self, tuple(offsets))
-        return self._innermost
+        offsets = tuple(int(o) for o in offsets)  # one wrapper per layout of the levels
+        if offsets not in self._innermost:
+            self._innermost[offsets] = _InnermostBlocks(self, offsets)
+        return self._innermost[offsets]
 
 
 class _InnermostBlocks:

@@ -46,7 +46,7 @@ def linear_info_message(info: int) -> str:
 
 
 def status_message(status: int, detail: str = "") -> str:
-    if not detail and status in STATUS_MESSAGES:
+    if not detail and type(status) is int and status in STATUS_MESSAGES:
         return STATUS_MESSAGES[status]
     msg = STATUS_MESSAGES.get(int(status), f"Unknown status {status}.")
     return " ".join(f"{msg} {detail}".split())

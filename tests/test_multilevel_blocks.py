@@ -200,3 +200,66 @@ def test_block_oracles_of_the_wrong_problem_kind_are_rejected():
     p.levels[1].hvp_yy = quadblock_hvp
     with pytest.raises(ValueError, match="give the levels of a multilevel problem hvp_block"):
         mlo.hypergrad(p, [np.zeros(d) for d in dims], method="exact")
+
+
+# a last level usable at any number of levels (equal sizes d): 0.5 |x_n - A x_1|^2 + 0.5
+# sum log cosh(x_n), args (A, d); its blocks are found from z's length
+@njit(cache=True)
+def any_n_grad(z, A, d):
+    g = np.zeros(z.shape[0])
+    r = z[-d:] - A @ z[:d]
+    g[:d] = -(A.T @ r)
+    g[-d:] += r + 0.5 * np.tanh(z[-d:])
+    return g
+
+
+@njit(cache=True)
+def any_n_hvp(z, v, A, d):
+    h = np.zeros(z.shape[0])
+    r = v[-d:] - A @ v[:d]
+    h[:d] = -(A.T @ r)
+    h[-d:] += r + 0.5 * v[-d:] / np.cosh(z[-d:]) ** 2
+    return h
+
+
+@njit(cache=True)
+def any_n_hvp_block(z, v, i, j, A, d):
+    n = z.shape[0] // d
+    h = np.zeros(z.shape[0])
+    w = np.zeros(z.shape[0])
+    w[(j - 1) * d:j * d] = v
+    h = any_n_hvp(z, w, A, d)
+    return h[(i - 1) * d:i * d].copy() if (i == 1 or i == n) else np.zeros(d)
+
+
+@njit(cache=True)
+def any_n_grad_block(z, i, A, d):
+    return any_n_grad(z, A, d)[(i - 1) * d:i * d].copy()
+
+
+@njit(cache=True)
+def any_n_upper(z, A, d):  # levels 1..n-1: 0.5 |z - 1|^2
+    return z - 1.0
+
+
+@njit(cache=True)
+def any_n_upper_hvp(z, v, A, d):
+    return v.copy()
+
+
+def test_one_block_objective_in_problems_of_different_depth():
+    """A level objective's compiled block wrappers depend on the layout of the problem it is
+    the last level of: reusing it at another depth must not reuse the first layout."""
+    d, A = 2, np.array([[1.0, 0.5], [-0.3, 0.8]])
+    last_blocks = mlo.Objective(any_n_grad, hvp=any_n_hvp, args=(A, d),
+                                hvp_block=any_n_hvp_block, grad_block=any_n_grad_block)
+    last_joint = mlo.Objective(any_n_grad, hvp=any_n_hvp, args=(A, d))
+    for n in (2, 3, 2):
+        upper = [mlo.Objective(any_n_upper, hvp=any_n_upper_hvp, args=(A, d))
+                 for _ in range(n - 1)]
+        xs = [np.full(d, 0.5)] * n
+        rb = mlo.hypergrad(mlo.MultilevelProblem(upper + [last_blocks], [d] * n), xs)
+        rj = mlo.hypergrad(mlo.MultilevelProblem(upper + [last_joint], [d] * n), xs)
+        assert rb.success and rj.success, (n, rb.message, rj.message)
+        assert _close(rb.grad, rj.grad), (n, rb.grad, rj.grad)
+        assert rb.oracle_calls[f"level{n}"]["grad_block"] > 0

@@ -130,7 +130,7 @@ def solve_lower_kernel(lfns, largs, flags, x, y0, method, tol, maxiter, step, co
                 break
             t *= 0.5
         if not accepted:
-            retry = newton_cg_retry_budget(budget, dy) if info > 0 else 0
+            retry = newton_cg_retry_budget(budget, dy) if info > 0 and k + 1 < maxiter else 0
             if retry == 0:
                 return y, LINESEARCH, k, gnorm, step
             budget = retry  # a longer CG from the same point (kept for later steps)

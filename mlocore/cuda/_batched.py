@@ -358,7 +358,7 @@ def _build_kernels(upper_grad, lower_grad, lower_hvp, upper_value):
                 cuda.syncthreads()
                 # CG stopped at its budget: retry with 4x, up to 20 (dy + 10)
                 # (mlocore._kernels.lower.newton_cg_retry_budget)
-                if info > 0 and budget < 20 * (dy + 10):
+                if info > 0 and budget < 20 * (dy + 10) and k + 1 < maxiter:
                     budget = _smaller(4 * budget, 20 * (dy + 10))
                     continue
                 return LINESEARCH, k, gnorm, info

@@ -145,7 +145,8 @@ def _newton_cg(sess, z, g, gnorm, gbuf, tol, maxiter, step):
                 break
             t *= 0.5
         if not accepted:
-            retry = _low.newton_cg_retry_budget(budget, dy) if info > 0 else 0
+            retry = _low.newton_cg_retry_budget(budget, dy) \
+                if info > 0 and k + 1 < maxiter else 0
             if retry == 0:
                 return z, _low.LINESEARCH, k, gnorm, step
             budget = retry  # a longer CG from the same point (the CPU kernel's rule)
