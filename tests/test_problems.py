@@ -453,3 +453,35 @@ def test_breast_cancer_without_sklearn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r'pip install "mlocore\[data\]"'):
         load_breast_cancer_logistic()
+
+
+def test_logistic_curvature_cache_is_exact():
+    """The lower callbacks of LogisticHyperparameter.problem keep D = s (1 - s) / n between
+    products at one w: bit for bit the plain callbacks, at points visited in any order
+    (a changed w, a changed lam with the same w, back to an earlier w)."""
+    from mlocore.problems import logistic as lg
+    data = make_logistic(n_train=40, n_val=20, n_features=4, seed=3)
+    X, t = data.X_train, data.t_train
+    cache = lg.new_curvature_cache(X)
+    rng = np.random.default_rng(0)
+    z1, z2 = rng.normal(size=8), rng.normal(size=8)
+    z3 = z1.copy()
+    z3[:4] += 1.0  # same w, other lam: the cache must serve it (D depends on w only)
+    for z in (z1, z1, z2, z3, z1, z2):
+        v = rng.normal(size=8)
+        np.testing.assert_array_equal(lg.logistic_lower_hvp_yy_cached(z, v[4:], X, t, cache),
+                                      lg.logistic_lower_hvp_yy(z, v[4:], X, t))
+        np.testing.assert_array_equal(lg.logistic_lower_hvp_cached(z, v, X, t, cache),
+                                      lg.logistic_lower_hvp(z, v, X, t))
+        np.testing.assert_array_equal(cache[1:5], z[4:])  # the cache holds the last w
+    plain = mlo.BilevelProblem(
+        data.problem.upper,
+        mlo.Objective(lg.logistic_lower_grad, hvp=lg.logistic_lower_hvp,
+                      value=lg.logistic_lower_value, args=(X, t),
+                      grad_y=lg.logistic_lower_grad_y, hvp_yy=lg.logistic_lower_hvp_yy,
+                      hvp_xy=lg.logistic_lower_hvp_xy), dims=(4, 4))
+    for lam in (np.zeros(4), np.linspace(-2, 1, 4)):
+        a = mlo.hypergrad(data.problem, lam, np.zeros(4))
+        b = mlo.hypergrad(plain, lam, np.zeros(4))
+        np.testing.assert_array_equal(a.grad, b.grad)
+        np.testing.assert_array_equal(a.y, b.y)

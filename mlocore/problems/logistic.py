@@ -42,7 +42,10 @@ __all__ = ["LogisticHyperparameter", "BilevelReference", "make_logistic",
            "logistic_lower_grad", "logistic_lower_hvp", "logistic_lower_value",
            "logistic_upper_grad", "logistic_upper_hvp", "logistic_upper_value",
            "logistic_lower_grad_y", "logistic_lower_hvp_yy", "logistic_lower_hvp_xy",
-           "logistic_upper_grad_x", "logistic_upper_grad_y",
+           "logistic_upper_grad_x", "logistic_upper_grad_y", "new_curvature_cache",
+           "logistic_lower_grad_cached", "logistic_lower_hvp_cached",
+           "logistic_lower_value_cached", "logistic_lower_grad_y_cached",
+           "logistic_lower_hvp_yy_cached", "logistic_lower_hvp_xy_cached",
            "logistic_sample_lower_grad", "logistic_sample_lower_hvp",
            "logistic_sample_lower_value", "logistic_sample_upper_grad",
            "logistic_sample_upper_hvp", "logistic_sample_upper_value",
@@ -237,6 +240,100 @@ def logistic_upper_grad(z, X, t):
 def logistic_upper_hvp(z, v, X, t):
     """Hessian of the validation log-loss over z times v."""
     return _loss_hvp(z, v, X, t)
+
+
+# ---------------------------------------------------------------------------------------
+# The lower objective with its curvature weights kept between calls: args (X, t, cache),
+# cache = new_curvature_cache(X). A CG solve multiplies by H_ww(z) many times at one z;
+# D = s (1 - s) / n at that z (one mat-vec and n sigmoids) is computed at the first product
+# and reused while w is unchanged, so that a product costs the two mat-vecs X v, X^T q.
+# Results are bit for bit those of the callbacks above. One cache per problem: the kernels
+# hold the GIL, so threads of one process do not interleave their products.
+# ---------------------------------------------------------------------------------------
+def new_curvature_cache(X):
+    """The ``cache`` argument of the ``logistic_lower_*_cached`` callbacks for data X
+    (``[valid, w (d), D / n (n)]``, invalid until the first product)."""
+    n, d = np.shape(X)
+    return np.zeros(1 + d + n)
+
+
+@numba.njit(cache=True)
+def _curvature_weights(z, X, cache):
+    """``s (1 - s) / n`` at the w of z (``s = sigmoid(X w)``), from the cache when it holds
+    that w (compared entry by entry), else computed and stored."""
+    n, d = X.shape
+    same = cache[0] == 1.0
+    if same:
+        for j in range(d):
+            if cache[1 + j] != z[d + j]:
+                same = False
+                break
+    D = cache[1 + d:]
+    if not same:
+        s = _weights(X, np.ascontiguousarray(z[d:]))
+        for i in range(n):
+            D[i] = s[i] * (1.0 - s[i]) / n
+        cache[1:1 + d] = z[d:]
+        cache[0] = 1.0
+    return D
+
+
+@numba.njit(cache=True)
+def _loss_hvp_w_cached(z, vw, X, cache):
+    """:func:`_loss_hvp_w` with the weights from the cache."""
+    D = _curvature_weights(z, X, cache)
+    q = X @ vw
+    for i in range(q.shape[0]):
+        q[i] *= D[i]
+    return X.T @ q
+
+
+@numba.njit(cache=True)
+def logistic_lower_value_cached(z, X, t, cache):
+    """:func:`logistic_lower_value` (args ``(X, t, cache)``)."""
+    return logistic_lower_value(z, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_lower_grad_cached(z, X, t, cache):
+    """:func:`logistic_lower_grad` (args ``(X, t, cache)``)."""
+    return logistic_lower_grad(z, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_lower_grad_y_cached(z, X, t, cache):
+    """:func:`logistic_lower_grad_y` (args ``(X, t, cache)``)."""
+    return logistic_lower_grad_y(z, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_lower_hvp_xy_cached(z, v, X, t, cache):
+    """:func:`logistic_lower_hvp_xy` (args ``(X, t, cache)``)."""
+    return logistic_lower_hvp_xy(z, v, X, t)
+
+
+@numba.njit(cache=True)
+def logistic_lower_hvp_yy_cached(z, v, X, t, cache):
+    """:func:`logistic_lower_hvp_yy` with the curvature weights kept between calls."""
+    d = X.shape[1]
+    out = _loss_hvp_w_cached(z, v, X, cache)
+    for j in range(d):
+        out[j] += np.exp(z[j]) * v[j]
+    return out
+
+
+@numba.njit(cache=True)
+def logistic_lower_hvp_cached(z, v, X, t, cache):
+    """:func:`logistic_lower_hvp` with the curvature weights kept between calls."""
+    d = X.shape[1]
+    out = np.zeros(2 * d)
+    out[d:] = _loss_hvp_w_cached(z, np.ascontiguousarray(v[d:]), X, cache)
+    for j in range(d):
+        e = np.exp(z[j])
+        w = z[d + j]
+        out[j] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
+        out[d + j] += e * w * v[j] + e * v[d + j]
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,10 +813,13 @@ class LogisticHyperparameter:
             upper=Objective(logistic_upper_grad, hvp=logistic_upper_hvp,
                             value=logistic_upper_value, args=(self.X_val, self.t_val),
                             grad_x=logistic_upper_grad_x, grad_y=logistic_upper_grad_y),
-            lower=Objective(logistic_lower_grad, hvp=logistic_lower_hvp,
-                            value=logistic_lower_value, args=(self.X_train, self.t_train),
-                            grad_y=logistic_lower_grad_y, hvp_yy=logistic_lower_hvp_yy,
-                            hvp_xy=logistic_lower_hvp_xy),
+            lower=Objective(logistic_lower_grad_cached, hvp=logistic_lower_hvp_cached,
+                            value=logistic_lower_value_cached,
+                            args=(self.X_train, self.t_train,
+                                  new_curvature_cache(self.X_train)),
+                            grad_y=logistic_lower_grad_y_cached,
+                            hvp_yy=logistic_lower_hvp_yy_cached,
+                            hvp_xy=logistic_lower_hvp_xy_cached),
             dims=(d, d))
         self.stochastic_problem = BilevelProblem(
             upper=Objective(logistic_sample_upper_grad, hvp=logistic_sample_upper_hvp,
