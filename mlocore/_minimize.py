@@ -168,8 +168,10 @@ def minimize_bilevel(problem, x0, y0, method="aid", **options):
         upper ones only when ``inner_step`` is given) for ``ceil(0.1 maxiter)`` iterations
         each, from (x0, y0) with the same seed, scores each trial by ``reference.F`` at its
         returned x (when the reference has F) or else by the full-batch ``F(x) = f(x,
-        y*(x))`` (a lower solve, then the upper value callback on all samples), and runs
-        the best pair for maxiter. Its grid, scores, oracle calls, samples and time are in
+        y*(x))`` (a lower solve, then the upper value callback on all samples); when the
+        smallest upper factor wins, one more trial with a 3x smaller upper step; then the
+        best pair runs for maxiter, its steps halved on divergence as the defaults are.
+        Its grid, scores, oracle calls, samples and time are in
         ``result.step_search``; the result's counts, ``time`` and history include them.
     inner_steps, neumann_terms, neumann_step
         T lower steps per upper step; Q Neumann terms (or CG iterations for "aid",
