@@ -30,7 +30,7 @@ from numba.core.errors import NumbaExperimentalFeatureWarning, NumbaError
 from ._kernels.oracles import OracleBundle, make_bundle
 
 __all__ = ["CallbackError", "compile_callback", "missing_callback", "placeholder", "call_kernel",
-           "call_bound", "FnTuple"]
+           "call_bound", "call_bound_typed", "FnTuple"]
 
 VEC = types.float64[::1]
 IDX = types.int64[::1]
@@ -379,7 +379,13 @@ def call_bound(cache, owner, kernel, fixed, *varying):
     before the kernel's own entry (a few microseconds less than :func:`call_kernel` on
     kernels with ~20 arguments). Entries are dropped when a callback was recompiled.
     """
-    key = (kernel, owner, tuple(map(type, varying)))
+    return call_bound_typed(cache, owner, kernel, fixed, tuple(map(type, varying)), varying)
+
+
+def call_bound_typed(cache, owner, kernel, fixed, varying_types, varying):
+    """:func:`call_bound` with ``varying_types == tuple(map(type, varying))`` given by a
+    caller that holds it already (validated options keep the types of their values)."""
+    key = (kernel, owner, varying_types)
     hit = cache.get(key)
     if hit is None or hit[0] != _GENERATION[0]:
         fixed = tuple(fixed())

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import OptimizeResult
 
-from ._callbacks import call_bound
+from ._callbacks import call_bound, call_bound_typed
 from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
-from ._options import (HYPERGRAD_METHODS, LOWER_METHODS, LowerOptions, hypergrad_options,
-                       reject_unused)
+from ._options import (HYPERGRAD_METHODS, LINEAR_SOLVERS, LOWER_METHODS, LowerOptions,
+                       hypergrad_options, reject_unused)
 from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
 from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, add_counts, counts_dict, implicit_result_from,
@@ -20,8 +20,6 @@ from .cuda._implicit import solve_lower as _solve_lower_cuda
 from .cuda._multilevel import multilevel_hypergrad as _multilevel_cuda
 
 __all__ = ["solve_lower", "hypergrad", "HYPERGRAD_METHODS", "LOWER_METHODS"]
-
-_SOLVERS = {"direct": _imp.DIRECT, "cg": _imp.CG, "neumann": _imp.NEUMANN}
 
 
 def _check_problem(problem):
@@ -242,8 +240,8 @@ def _bilevel(problem, x, y, method, tol, atol, maxiter, v0, eta, lower_solved, l
     if opts.unrolled:
         return _unrolled(comp, opts.method, x, y, opts.T, opts.K, opts.beta, counts)
     v0 = np.zeros(problem.dy) if v0 is None else as_vector("v0", v0, problem.dy)
-    return implicit_call(comp, opts.method, x, y, v0, opts.solve_lower, opts.lower, opts.tol,
-                         opts.atol, opts.maxiter, opts.eta, counts)
+    return _implicit(comp, opts.method, x, (x, y, v0) + opts.kernel_scalars + (counts,),
+                     opts.kernel_types, counts, opts.solve_lower, True)
 
 
 def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, maxiter, eta,
@@ -251,14 +249,23 @@ def implicit_call(comp, method, x, y, v0, solve_lower_flag, lower, tol, atol, ma
     """Run the implicit kernel on validated inputs and build the result (also used by
     the optimization drivers, which keep y and v warm between calls; ``value=False``
     leaves out F, ``fun`` is then NaN)."""
+    scalars = (solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
+               LINEAR_SOLVERS[method], tol, atol, maxiter, eta)
+    varying = (x, y, v0) + scalars + (counts,)
+    return _implicit(comp, method, x, varying, tuple(map(type, varying)), counts,
+                     solve_lower_flag, value)
+
+
+def _implicit(comp, method, x, varying, varying_types, counts, solve_lower_flag, value):
+    """:func:`implicit_call` on the kernel's per-call arguments ``varying`` (from x to
+    counts) and their Python types."""
     up, lo = comp.upper, comp.lower
     with_value = bool(up.has_value and value)
-    out = implicit_result_from(method, x, call_bound(
+    out = call_bound_typed(
         lo.bound_kernels, (up, with_value), _imp.implicit_hypergrad,
         lambda: (up.fns, up.kargs, with_value, lo.fns, lo.kargs, lo.flags),
-        x, y, v0, solve_lower_flag, lower.code, lower.tol, lower.maxiter, lower.step,
-        _SOLVERS[method], tol, atol, maxiter, eta, counts), solve_lower_flag)
-    return add_counts(out, counts)
+        varying_types, varying)
+    return implicit_result_from(method, x, out, solve_lower_flag, counts)
 
 
 def _unrolled(comp, method, x, y, T, K, beta, counts):

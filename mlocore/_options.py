@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import namedtuple
 from types import SimpleNamespace
 
+import numpy as np
+
+from ._kernels import implicit as _imp
 from ._kernels import lower as _low
 from ._validation import check_choice, check_int, check_positive
 
@@ -19,6 +22,8 @@ __all__ = ["LOWER_METHODS", "IMPLICIT_METHODS", "UNROLLED_METHODS", "HYPERGRAD_M
 LOWER_METHODS = {"gd": _low.GD, "agd": _low.AGD, "newton-cg": _low.NEWTON_CG}
 #: implicit hypergradients: the linear solver of ``H_yy v = grad_y f``
 IMPLICIT_METHODS = ("direct", "cg", "neumann")
+#: linear solvers of the implicit methods, with their codes in :mod:`mlocore._kernels.implicit`
+LINEAR_SOLVERS = {"direct": _imp.DIRECT, "cg": _imp.CG, "neumann": _imp.NEUMANN}
 #: unrolled (iterative) differentiation through T lower gradient steps
 UNROLLED_METHODS = ("itd-forward", "itd-reverse")
 HYPERGRAD_METHODS = IMPLICIT_METHODS + UNROLLED_METHODS
@@ -77,7 +82,13 @@ class HypergradOptions(SimpleNamespace):
     """Validated options of a bilevel :func:`mlocore.hypergrad` call (both backends):
     ``method``, ``unrolled``, ``tol``, ``atol``, ``T``, ``K``, ``beta`` (unrolled) and
     ``lower`` (:class:`LowerOptions`), ``solve_lower``, ``maxiter``, ``eta`` (-1.0: the
-    default ``1/L``) (implicit)."""
+    default ``1/L``) (implicit).
+
+    Implicit options also hold ``kernel_scalars``, the scalar arguments of the CPU kernel
+    :func:`mlocore._kernels.implicit.implicit_hypergrad` (from ``solve_lower`` to ``eta``),
+    and ``kernel_types``, the Python types of all its per-call arguments ``(x, y, v0,
+    *kernel_scalars, counts)`` when the arrays are validated ones (``np.ndarray``).
+    """
 
 
 _MEMO: dict = {}
@@ -138,4 +149,9 @@ def _hypergrad_options(method, dy, tol, atol, maxiter, v0_given, eta, lower_solv
     opts.maxiter = default_linear_maxiter(method, dy) if maxiter is None else \
         check_int("maxiter", maxiter, 0)
     opts.eta = -1.0 if eta is None else check_positive("eta", eta)
+    low = opts.lower
+    opts.kernel_scalars = (opts.solve_lower, low.code, low.tol, low.maxiter, low.step,
+                           LINEAR_SOLVERS[method], opts.tol, opts.atol, opts.maxiter, opts.eta)
+    opts.kernel_types = ((np.ndarray,) * 3 + tuple(map(type, opts.kernel_scalars))
+                         + (np.ndarray,))
     return opts

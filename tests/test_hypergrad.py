@@ -217,3 +217,32 @@ def test_newton_cg_retries_a_step_whose_cg_stopped_at_its_budget():
         H = np.column_stack([lo.hvp_yy(z, e, *lo.args) for e in np.eye(d)])
         y = y - np.linalg.solve(H, lo.grad_y(z, *lo.args))
     np.testing.assert_allclose(res.y, y, rtol=0, atol=1e-8 * np.linalg.norm(y))
+
+
+@pytest.mark.parametrize("n", [11, 22])
+def test_count_fields_match_counter_names(n):
+    from mlocore._kernels.oracles import COUNTER_NAMES
+    from mlocore._results import add_counts, counts_dict
+
+    counts = np.arange(1, n + 1, dtype=np.int64) ** 2
+    calls = dict(zip(COUNTER_NAMES, counts.tolist()))
+    assert counts_dict(counts) == calls and list(counts_dict(counts)) == list(COUNTER_NAMES)
+    out = add_counts(mlo.HypergradResult(), counts)
+    assert out.oracle_calls == calls
+    assert out.ngrad == sum(c for k, c in calls.items() if "grad" in k)
+    assert out.nhvp == sum(c for k, c in calls.items() if "hvp" in k)
+
+
+def test_repeated_call_with_int_and_float_options(quad, quad_problem):
+    # validated options carry the kernel's argument types: tol=1 (int) and maxiter as a
+    # NumPy integer run the float / int kernel slots as their Python float / int values
+    x = np.array([0.3, -1.0, 2.0])
+    y = quad.y_star(x) + 0.1
+    pairs = [((0.5, 3), (0.5, np.int64(3))), ((1.0, 3), (1, 3)), ((1e-3, 2), (1e-3, np.int32(2)))]
+    for (tol_a, it_a), (tol_b, it_b) in pairs:
+        a = mlo.hypergrad(quad_problem, x, y, lower_solved=True, tol=tol_a, maxiter=it_a)
+        b = mlo.hypergrad(quad_problem, x, y, lower_solved=True, tol=tol_b, maxiter=it_b)
+        assert list(a) == list(b) and a.nit == b.nit and a.lin_info == b.lin_info
+        np.testing.assert_array_equal(a.grad, b.grad)
+        np.testing.assert_array_equal(a.v, b.v)
+        assert a.oracle_calls == b.oracle_calls and a.message == b.message
