@@ -172,14 +172,20 @@ def logistic_lower_grad(z, X, t):
 @numba.njit(cache=True)
 def logistic_lower_hvp(z, v, X, t):
     """Hessian of the lower objective over z = (lam, w) times v (cross terms included)."""
-    d = X.shape[1]
     out = _loss_hvp(z, v, X, t)
+    _add_penalty_hvp(z, v, out, X.shape[1])
+    return out
+
+
+@numba.njit(cache=True)
+def _add_penalty_hvp(z, v, out, d):
+    """Set the lam block of out and add to its w block the Hessian of the penalty
+    ``1/2 sum_j exp(lam_j) w_j^2`` times v."""
     for j in range(d):
         e = np.exp(z[j])
         w = z[d + j]
         out[j] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
         out[d + j] += e * w * v[j] + e * v[d + j]
-    return out
 
 
 @numba.njit(cache=True)
@@ -328,11 +334,7 @@ def logistic_lower_hvp_cached(z, v, X, t, cache):
     d = X.shape[1]
     out = np.zeros(2 * d)
     out[d:] = _loss_hvp_w_cached(z, np.ascontiguousarray(v[d:]), X, cache)
-    for j in range(d):
-        e = np.exp(z[j])
-        w = z[d + j]
-        out[j] = 0.5 * e * w * w * v[j] + e * w * v[d + j]
-        out[d + j] += e * w * v[j] + e * v[d + j]
+    _add_penalty_hvp(z, v, out, d)
     return out
 
 
