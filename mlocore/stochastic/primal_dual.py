@@ -110,11 +110,9 @@ def _setup_primal_dual(ctx, opts):
     ds = check_positive("dual_step", opts["dual_step"])
     eps = check_positive("constraint_tol", opts["constraint_tol"], allow_zero=True)
     rho0 = check_positive("rho0", opts["rho0"], allow_zero=True)
-    gam = opts["constraint_average"]
-    if isinstance(gam, bool) or not (isinstance(gam, (int, float, np.floating))
-                                     and 0.0 < gam <= 1.0):
-        raise ValueError(f"constraint_average must be a number in (0, 1], got {gam!r}")
-    gam = float(gam)
+    gam = check_positive("constraint_average", opts["constraint_average"])
+    if gam > 1.0:
+        raise ValueError(f"constraint_average must be in (0, 1], got {gam!r}")
     dy = ctx.dy
     work = np.empty(3 * dy + 1)
     for b in range(3):   # yhat, ybar, yhatbar start at y0
