@@ -10,11 +10,12 @@ from ._kernels import lower as _low
 from ._kernels import unrolled as _itd
 from ._options import (HYPERGRAD_METHODS, LINEAR_SOLVERS, LOWER_METHODS, LowerOptions,
                        hypergrad_options, reject_unused)
-from ._multilevel import multilevel_hypergrad, unrolled_multilevel_hypergrad
+from ._multilevel import (MULTILEVEL_MODES, multilevel_hypergrad,
+                          unrolled_multilevel_hypergrad)
 from ._problem import BilevelProblem, MultilevelProblem
 from ._results import (HypergradResult, add_counts, counts_dict, implicit_result_from,
                        new_counts, status_message)
-from ._validation import as_vector, check_backend, check_cpu_output
+from ._validation import as_vector, check_backend, check_choice, check_cpu_output
 from .cuda._implicit import hypergrad as _hypergrad_cuda
 from .cuda._implicit import solve_lower as _solve_lower_cuda
 from .cuda._multilevel import multilevel_hypergrad as _multilevel_cuda
@@ -201,8 +202,10 @@ def _dispatch(problem, x, y, method, *, tol, atol, maxiter, v0, eta, lower_solve
                                backend=backend, T=T, K=K, step=step, fd_step=fd_step,
                                output=output)
     check_cpu_output(output)
-    unrolled = method is not None and method.startswith("itd")
+    unrolled = isinstance(method, str) and method.startswith("itd")
     if isinstance(problem, MultilevelProblem):
+        check_choice("method", "exact" if method is None else method,
+                     MULTILEVEL_MODES + ("itd",))
         reject_unused(method or "exact", maxiter=maxiter is not None, v0=v0 is not None,
                        eta=eta is not None, atol=atol != 0.0,
                        lower_method=lower_method != "newton-cg",

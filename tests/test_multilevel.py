@@ -172,8 +172,11 @@ def test_multilevel_bad_input(nonquad):
         mlo.hypergrad(p, [x, np.zeros(2)])
     with pytest.raises(ValueError, match=r"xs\[1\] must have shape \(2,\)"):
         mlo.hypergrad(p, [x, np.zeros(3), np.zeros(2)])
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method 'cg'; expected one of 'exact', "
+                       "'fd', 'truncated', 'itd'"):
         mlo.hypergrad(p, starts(p, x), method="cg")
+    with pytest.raises(ValueError, match="unknown method 3"):  # not a string
+        mlo.hypergrad(p, starts(p, x), method=3)
     with pytest.raises(TypeError, match="no y"):
         mlo.hypergrad(p, x, np.zeros(2))
     # dims that do not match what the callbacks expect of z
