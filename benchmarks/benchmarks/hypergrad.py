@@ -101,3 +101,51 @@ class LowerSolve:
         return lower_solve_error(self.case, self._solve().y)
 
     track_lower_error.unit = "relative error"
+
+
+class LogisticHPO:
+    """One hypergradient of the per-feature logistic-regression penalties (the library's
+    ``make_logistic``) from the solved lower point, CG to 1e-10: mlocore against the same
+    CG hypergradient written with SciPy (a ``LinearOperator`` whose weights are computed once
+    per hypergradient, as its users write it)."""
+
+    params = ([(1000, 10), (1000, 100), (10000, 10)], ["mlocore", "scipy"])
+    param_names = ["n_train_d", "how"]
+    timeout = 300
+
+    def setup(self, n_train_d, how):
+        import numpy as np
+
+        import mlocore as mlo
+        from mlocore.problems import make_logistic
+        n, d = n_train_d
+        self.data = make_logistic(n_train=n, n_val=n // 4, n_features=d, seed=0)
+        self.lam = np.linspace(-5.0, -1.0, d)
+        self.w = mlo.solve_lower(self.data.problem, self.lam, np.zeros(d), tol=1e-12).y
+        self.mlo, self.how = mlo, how
+        self.run()  # compile / load outside the timing
+
+    def run(self):
+        self.grad = self._mlocore() if self.how == "mlocore" else self._scipy()
+
+    def _mlocore(self):
+        return self.mlo.hypergrad(self.data.problem, self.lam, self.w, method="cg",
+                                  lower_solved=True, tol=1e-10).grad
+
+    def _scipy(self):
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator, cg
+        from scipy.special import expit
+        X, Xv, tv = self.data.X_train, self.data.X_val, self.data.t_val
+        n, d = X.shape
+        e = np.exp(self.lam)
+        s = expit(X @ self.w)
+        dd = s * (1.0 - s) / n
+        H = LinearOperator((d, d), matvec=lambda p: X.T @ (dd * (X @ p)) + e * p,
+                           dtype=np.float64)
+        b = Xv.T @ (expit(Xv @ self.w) - tv) / Xv.shape[0]
+        v, info = cg(H, b, rtol=1e-10, atol=0.0, maxiter=10 * d)
+        return -e * self.w * v
+
+    def time_hypergrad(self, n_train_d, how):
+        self.run()
