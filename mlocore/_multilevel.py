@@ -652,6 +652,7 @@ class MultilevelEngine(LevelRecursion):
     def _annotate(self, result):
         pass
 
+
 def calls_dict(counts, has_blocks):
     """Per-level oracle counts ``{"level<k>": {"grad", "hvp", "tvp", "value"}}`` from the
     ``(n, 6)`` counter array, with ``grad_block`` / ``hvp_block`` for the levels that have

@@ -323,12 +323,10 @@ class CompiledObjective:
                    "array whose size differs from x_i')\n"
                    "        out[off[i - 1] - base:off[i] - base] = h\n"
                    "    return out\n")
-            namespace = {"_f": self.hvp_block, "np": np}
-            exec(compile(src, f"<{self.role}.hvp_block rows>", "exec"), namespace)
             argt = tuple(numba.typeof(a) for a in self.args)
             types_ = (VEC, VEC) + (numba.int64,) * 3 + (numba.int64[::1],) + argt
-            disp, _ = compile_callback(namespace["hvp_rows"], f"{self.role}.hvp_block",
-                                       types_, "vector")
+            disp, _ = _compile_wrapper("hvp_rows", src, self.hvp_block,
+                                       f"{self.role}.hvp_block", types_)
             # the compiled entry point: no type dispatch per call (the engine passes
             # exactly these types)
             self._rows = disp.overloads[types_].entry_point
@@ -347,6 +345,15 @@ class CompiledObjective:
         if offsets not in self._innermost:
             self._innermost[offsets] = _InnermostBlocks(self, offsets)
         return self._innermost[offsets]
+
+
+def _compile_wrapper(name, src, target, role, types_):
+    """Compile the generated source ``src`` of the function ``name``, which calls the block
+    oracle ``target`` as ``_f`` (wrappers of a level's arity), for the types ``types_``:
+    ``(dispatcher, first-class function type)`` as :func:`compile_callback` gives them."""
+    namespace = {"_f": target, "np": np}
+    exec(compile(src, f"<{role} from the block oracle>", "exec"), namespace)
+    return compile_callback(namespace[name], role, types_, "vector")
 
 
 class _InnermostBlocks:
@@ -378,11 +385,7 @@ class _InnermostBlocks:
                 f"def hvp_xy(z, v{params}):\n    out = np.empty({offsets[n - 1]})\n{body}"
                 "    return out\n", comp.hvp_block)
         for slot, (name, bit, types_, src, target) in wrappers.items():
-            namespace = {"_f": target, "np": np}
-            exec(compile(src, f"<{comp.role}.{name} from the block oracle>", "exec"),
-                 namespace)
-            fn, ft = compile_callback(namespace[name], f"{comp.role}.{name}", types_,
-                                      "vector")
+            fn, ft = _compile_wrapper(name, src, target, f"{comp.role}.{name}", types_)
             funcs[slot], fntypes[slot] = fn, ft
             flags |= bit
         self.role = comp.role

@@ -140,11 +140,11 @@ if tuple(_calls_dict(range(N_COUNTERS))) != COUNTER_NAMES:  # pragma: no cover
 
 def count_fields(counts):
     """The fields that :func:`add_counts` sets, as a dict."""
-    c = counts.tolist()
-    calls = _calls_dict(c)
-    return {"oracle_calls": calls,
-            "ngrad": c[0] + c[3] + c[6] + c[7] + c[8],  # grad, lower_grad, the grad blocks
-            "nhvp": c[2] + c[4] + c[9] + c[10]}  # upper_hvp, lower_hvp, the hvp blocks
+    c = _calls_dict(counts.tolist())
+    return {"oracle_calls": c,
+            "ngrad": (c["upper_grad"] + c["lower_grad"] + c["upper_grad_x"]
+                      + c["upper_grad_y"] + c["lower_grad_y"]),
+            "nhvp": c["upper_hvp"] + c["lower_hvp"] + c["lower_hvp_yy"] + c["lower_hvp_xy"]}
 
 
 def add_counts(out, counts):

@@ -480,6 +480,10 @@ def test_logistic_curvature_cache_is_exact():
                       value=lg.logistic_lower_value, args=(X, t),
                       grad_y=lg.logistic_lower_grad_y, hvp_yy=lg.logistic_lower_hvp_yy,
                       hvp_xy=lg.logistic_lower_hvp_xy), dims=(4, 4))
+    with pytest.raises(ValueError, match="does not fit X"):
+        lg.logistic_lower_hvp_yy_cached(z1, z1[4:], X, t, np.zeros(5))
+    with pytest.raises(ValueError, match="2-D data matrix.*got shape \\(40,\\)"):
+        lg.new_curvature_cache(X[:, 0])
     for lam in (np.zeros(4), np.linspace(-2, 1, 4)):
         a = mlo.hypergrad(data.problem, lam, np.zeros(4))
         b = mlo.hypergrad(plain, lam, np.zeros(4))

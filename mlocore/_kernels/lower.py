@@ -18,11 +18,17 @@ NEWTON_CG = 2
 
 ROUNDOFF_FLOOR = 1e-13
 
+OK = 0
+MAXITER = 1
+NONFINITE = 2
+INDEFINITE = 3
+LINESEARCH = 4
+
 
 @njit(cache=True)
 def newton_cg_budget(dy):
-    """CG iterations of a Newton-CG step: ``2 dy + 20`` (n iterations solve exactly in exact
-    arithmetic; round-off delays CG when H_yy is ill-conditioned)."""
+    """CG iterations of a Newton-CG step: ``2 dy + 20`` (dy iterations solve exactly in
+    exact arithmetic; round-off delays CG when H_yy is ill-conditioned)."""
     return 2 * dy + 20
 
 
@@ -33,12 +39,6 @@ def newton_cg_retry_budget(budget, dy):
     cond(H_yy) ~ 3e6, where 2 dy + 20 iterations leave a residual of 0.3); 0: no retry."""
     cap = 20 * (dy + 10)
     return 0 if budget >= cap else min(4 * budget, cap)
-
-OK = 0
-MAXITER = 1
-NONFINITE = 2
-INDEFINITE = 3
-LINESEARCH = 4
 
 
 @njit(cache=True)

@@ -259,8 +259,11 @@ def logistic_upper_hvp(z, v, X, t):
 def new_curvature_cache(X):
     """The ``cache`` argument of the ``logistic_lower_*_cached`` callbacks for data X
     (``[valid, w (d), D / n (n)]``, invalid until the first product)."""
-    n, d = np.shape(X)
-    return np.zeros(1 + d + n)
+    shape = np.shape(X)
+    if len(shape) != 2:
+        raise ValueError(f"X must be a 2-D data matrix (samples x features), got shape "
+                         f"{shape}")
+    return np.zeros(1 + shape[0] + shape[1])
 
 
 @numba.njit(cache=True)
@@ -268,6 +271,9 @@ def _curvature_weights(z, X, cache):
     """``s (1 - s) / n`` at the w of z (``s = sigmoid(X w)``), from the cache when it holds
     that w (compared entry by entry), else computed and stored."""
     n, d = X.shape
+    if cache.shape[0] != 1 + d + n:
+        raise ValueError("the curvature cache does not fit X: make it with "
+                         "new_curvature_cache(X)")
     same = cache[0] == 1.0
     if same:
         for j in range(d):

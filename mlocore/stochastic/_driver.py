@@ -426,8 +426,8 @@ def _step_search(methods, device_only, problem, x0, y0, method, inner_step, opts
     at x0 can be far below its value where the run goes, e.g. the breast-cancer penalties;
     the lower default is a stability bound, and short trials favour large steps, whose
     noise floor shows later, so the grid grows only there); the best pair (ties: the first
-    tried) runs the
-    full budget, its steps halved on divergence as the defaults are. A trial that diverges
+    tried) runs the full budget, its steps halved on divergence as the defaults are. A
+    trial that diverges
     (status 13) or scores non-finite scores inf; when all do, the default steps run. The
     trials' oracle calls, samples and time are added to the result's totals (and to its
     history) and reported in ``res.step_search``."""
